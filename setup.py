@@ -1,0 +1,41 @@
+"""Builds megatron_miniplm and its C++ (pybind11) extension, megatron_miniplm._cpp."""
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+ext_modules = [
+    Pybind11Extension(
+        "megatron_miniplm._cpp",
+        sorted(["csrc/bindings.cpp", "csrc/difference.cpp"]),
+        include_dirs=["csrc"],
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+    ),
+]
+
+setup(
+    name="megatron-miniplm",
+    version="0.1.0",
+    description="Megatron-style pre-training with MiniPLM knowledge distillation (Difference Sampling)",
+    packages=find_packages(include=["megatron_miniplm", "megatron_miniplm.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "numpy",
+        "sentencepiece",
+        "tokenizers",
+        "transformers",
+        "psutil",  # dist_checkpointing.save hangs without it
+        "tqdm",
+        "zstandard",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine", "apex"],
+        "hf": ["gguf", "accelerate", "safetensors"],
+        "report": ["matplotlib"],
+        "dev": ["pytest", "gguf", "accelerate", "safetensors", "matplotlib"],
+    },
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+    zip_safe=False,
+)
