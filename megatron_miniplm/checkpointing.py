@@ -1,0 +1,58 @@
+"""Model checkpoints with megatron-core's dist_checkpointing, resharded on load.
+
+A checkpoint saved at one TP/PP layout loads at any other: each rank writes
+and reads only its own shards of the global tensors. The model config is kept
+beside the shards (``model_config.json``), so loading needs no model flags.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from megatron_miniplm.models.config import ModelConfig
+
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+def save_model(model_chunks: list, directory: str, config: ModelConfig | None = None) -> None:
+    """Collective: every rank calls it. ``directory`` must exist and be empty."""
+    from megatron.core import dist_checkpointing
+
+    state = _sharded_model_state(model_chunks)
+    dist_checkpointing.save(state, directory)
+    if config is not None and torch.distributed.get_rank() == 0:
+        config.save(os.path.join(directory, MODEL_CONFIG_FILE))
+    torch.distributed.barrier()
+
+
+def load_model(model_chunks: list, directory: str, strict: bool = True) -> None:
+    """Collective: fills ``model_chunks`` (this rank's slices) from a checkpoint of any layout."""
+    from megatron.core import dist_checkpointing
+
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    loaded = dist_checkpointing.load(_sharded_model_state(model_chunks), directory)
+    for i, chunk in enumerate(_unwrap(model_chunks)):
+        chunk.load_state_dict(loaded[_chunk_key(i, len(model_chunks))], strict=strict)
+
+
+def load_model_config(directory: str) -> ModelConfig:
+    path = os.path.join(directory, MODEL_CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no model config beside the checkpoint")
+    return ModelConfig.load(path)
+
+
+def _unwrap(model_chunks: list) -> list:
+    return [getattr(chunk, "module", chunk) for chunk in model_chunks]
+
+
+def _chunk_key(index: int, count: int) -> str:
+    return "model" if count == 1 else f"model{index}"
+
+
+def _sharded_model_state(model_chunks: list) -> dict:
+    chunks = _unwrap(model_chunks)
+    return {_chunk_key(i, len(chunks)): c.sharded_state_dict() for i, c in enumerate(chunks)}

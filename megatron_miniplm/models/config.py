@@ -1,0 +1,161 @@
+"""Typed model configs and the named presets of the paper, its teachers, and tests.
+
+All models are decoder-only transformers of the Qwen / Llama family: RMSNorm,
+SwiGLU MLP, RoPE, no bias except (optionally) on the QKV projection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    vocab_size: int
+    num_query_groups: Optional[int] = None  # GQA key/value heads; None = one per attention head
+    max_position_embeddings: int = 4096
+    rotary_base: float = 1_000_000.0
+    norm_epsilon: float = 1e-6
+    qkv_bias: bool = True
+    tie_embeddings: bool = True
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+    name: str = "custom"
+    # Published size, in parameters, for the report; None where the paper's
+    # name is nominal rather than a count (see PRESET_NOTES).
+    published_params: Optional[int] = None
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden size {self.hidden_size} is not divisible by "
+                f"{self.num_attention_heads} attention heads"
+            )
+        if self.num_attention_heads % self.kv_heads != 0:
+            raise ValueError(
+                f"{self.num_attention_heads} attention heads are not divisible by "
+                f"{self.kv_heads} key/value heads"
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
+        """Vocabulary padded so that TP divides it.
+
+        The padding multiple does not depend on TP when TP divides
+        ``make_vocab_size_divisible_by`` (TP = 1, 2, 4, 8 with the default 128),
+        so a checkpoint keeps its shapes when resharded across those sizes.
+        """
+        multiple = self.make_vocab_size_divisible_by
+        if multiple % tensor_parallel_size != 0:
+            multiple *= tensor_parallel_size
+        return -(-self.vocab_size // multiple) * multiple
+
+    def check_tensor_parallel(self, tensor_parallel_size: int) -> None:
+        for what, count in (("attention heads", self.num_attention_heads),
+                            ("key/value heads", self.kv_heads)):
+            if count % tensor_parallel_size != 0:
+                raise ValueError(
+                    f"tensor-model-parallel-size {tensor_parallel_size} does not divide the "
+                    f"{count} {what} of model '{self.name}'"
+                )
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**data)
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def load(cls, path: str) -> "ModelConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+QWEN_VOCAB = 151_936
+SMOLLM_VOCAB = 49_152
+
+
+def _qwen(name, hidden, ffn, layers, heads, *, tied=True, published=None) -> ModelConfig:
+    return ModelConfig(
+        name=name, num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
+        num_attention_heads=heads, vocab_size=QWEN_VOCAB, qkv_bias=True,
+        tie_embeddings=tied, rotary_base=1_000_000.0, max_position_embeddings=32768,
+        published_params=published,
+    )
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # MiniPLM's reference model and students (the method doc's table). Tied
+    # embeddings, as in MiniPLM's released student configs; counts include the
+    # embedding matrix once.
+    "qwen-104M": _qwen("qwen-104M", 512, 1408, 8, 8, published=104_000_000),
+    "qwen-200M": _qwen("qwen-200M", 768, 2112, 12, 12, published=200_000_000),
+    "qwen-300M": _qwen("qwen-300M", 768, 2112, 18, 12),
+    "qwen-500M": _qwen("qwen-500M", 1024, 2816, 24, 16),
+    "qwen-1.2B": _qwen("qwen-1.2B", 1536, 4224, 24, 16),
+    # Teachers, as published by Qwen (untied embeddings).
+    "qwen1.5-0.5B": _qwen("qwen1.5-0.5B", 1024, 2816, 24, 16, tied=False, published=620_000_000),
+    "qwen1.5-1.8B": _qwen("qwen1.5-1.8B", 2048, 5504, 24, 16, tied=False, published=1_840_000_000),
+    "qwen1.5-4B": _qwen("qwen1.5-4B", 2560, 6912, 40, 20, tied=False, published=3_950_000_000),
+    # Llama style with GQA and tied embeddings: the demo's real teacher.
+    "smollm2-135M": ModelConfig(
+        name="smollm2-135M", num_layers=30, hidden_size=576, ffn_hidden_size=1536,
+        num_attention_heads=9, num_query_groups=3, vocab_size=SMOLLM_VOCAB,
+        rotary_base=100_000.0, norm_epsilon=1e-5, qkv_bias=False, tie_embeddings=True,
+        max_position_embeddings=8192, init_method_std=0.041666666666666664,
+        published_params=135_000_000,
+    ),
+    # Tiny presets for tests and the CPU demo.
+    "tiny": ModelConfig(
+        name="tiny", num_layers=2, hidden_size=64, ffn_hidden_size=176,
+        num_attention_heads=4, vocab_size=512, max_position_embeddings=512,
+    ),
+    "tiny-gqa": ModelConfig(
+        name="tiny-gqa", num_layers=2, hidden_size=64, ffn_hidden_size=160,
+        num_attention_heads=4, num_query_groups=2, vocab_size=512, qkv_bias=False,
+        rotary_base=10_000.0, max_position_embeddings=512,
+    ),
+    "tiny-untied": ModelConfig(
+        name="tiny-untied", num_layers=4, hidden_size=64, ffn_hidden_size=176,
+        num_attention_heads=4, vocab_size=512, tie_embeddings=False, max_position_embeddings=512,
+    ),
+}
+
+PRESET_NOTES = {
+    "qwen-300M": "paper's name is nominal: the table's shape gives 247M with tied embeddings",
+    "qwen-500M": "paper's name is nominal: the table's shape gives 464M tied (619M untied)",
+    "qwen-1.2B": "paper's name is nominal: the table's shape gives 927M tied (1.16B untied)",
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset '{name}'; choose from: {', '.join(PRESETS)}") from None

@@ -1,0 +1,153 @@
+"""Build a megatron-core ``GPTModel`` from a ``ModelConfig``.
+
+Attention backend: Transformer Engine's fused attention when it is importable
+on a GPU, else PyTorch SDPA on a GPU, else megatron's local (unfused) spec on
+the CPU, where it is the fastest of the three.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_miniplm import platform
+from megatron_miniplm.models.config import ModelConfig
+
+AttentionBackend = Literal["auto", "local", "sdpa", "te"]
+
+
+def _have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_attention_backend(backend: AttentionBackend) -> str:
+    if backend != "auto":
+        return backend
+    if not platform.cuda_available():
+        return "local"
+    return "te" if _have_transformer_engine() else "sdpa"
+
+
+def transformer_config(
+    config: ModelConfig,
+    *,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    bf16: bool = False,
+):
+    """The megatron ``TransformerConfig`` of a model at a parallel layout."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config.check_tensor_parallel(tensor_parallel_size)
+    if config.num_layers % pipeline_parallel_size != 0:
+        raise ValueError(
+            f"pipeline-model-parallel-size {pipeline_parallel_size} does not divide the "
+            f"{config.num_layers} layers of model '{config.name}'"
+        )
+    on_gpu = platform.cuda_available()
+    return TransformerConfig(
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        ffn_hidden_size=config.ffn_hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.kv_heads,
+        kv_channels=config.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=config.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=config.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=config.init_method_std,
+        attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        pipeline_dtype=params_dtype,
+        params_dtype=params_dtype,
+        bf16=bf16,
+        use_cpu_initialization=not on_gpu,
+        # Fused kernels exist only on CUDA.
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        sequence_parallel=False,
+    )
+
+
+def layer_spec(config: ModelConfig, backend: AttentionBackend = "auto"):
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    backend = resolve_attention_backend(backend)
+    if backend == "te":
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if backend == "sdpa":
+        from megatron_miniplm.models.attention import SDPAttention
+
+        spec = copy.deepcopy(spec)
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    elif backend != "local":
+        raise ValueError(f"unknown attention backend '{backend}' (auto, local, sdpa, te)")
+    return spec
+
+
+def build_model(
+    config: ModelConfig,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    bf16: bool = False,
+    attention_backend: AttentionBackend = "auto",
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    initialize: bool = True,
+):
+    """A ``GPTModel`` for this rank's tensor/pipeline slice.
+
+    Needs megatron's parallel state (``megatron_miniplm.parallel.initialize``);
+    ``pre_process`` / ``post_process`` default to this rank's pipeline stage.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    platform.apply()
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    tcfg = transformer_config(
+        config, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+        params_dtype=params_dtype, bf16=bf16,
+    )
+    tcfg.perform_initialization = initialize
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage()
+    model = GPTModel(
+        config=tcfg,
+        transformer_layer_spec=layer_spec(config, attention_backend),
+        vocab_size=config.padded_vocab_size(tp),
+        max_sequence_length=config.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=config.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(config.rotary_base),
+    )
+    model.miniplm_config = config
+    return model

@@ -1,0 +1,235 @@
+"""Let megatron-core run on a machine without CUDA (CPU + gloo).
+
+megatron-core assumes CUDA in a few places: scratch buffers on
+``torch.cuda.current_device()``, ``device="cuda"`` literals (schedules' token
+counters, optimizer found-inf / grad-norm tensors), ``torch.cuda.synchronize``
+and streams, ``tensor.cuda()``, and an RNG tracker that reads and writes the
+CUDA generator. On a CPU-only machine every one of those raises.
+
+``apply()`` redirects them to the CPU, and only when CUDA is unavailable, so a
+GPU run is never touched. The redirection is scoped: each ``megatron.core``
+module sees a ``torch`` whose ``cuda`` namespace and tensor factories map the
+CUDA device to the CPU; user code keeps the real ``torch``. The one global
+change is ``Tensor.cuda`` returning the tensor itself, which on a CPU-only
+build would otherwise only raise.
+
+Not redirected (no clean way): megatron's fp16/bf16 and distributed optimizer
+wrappers accept a parameter only if ``param.type()`` names a CUDA tensor; on
+CPU use the fp32 optimizer path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.abc
+import importlib.machinery
+import logging
+import sys
+import types
+import warnings
+
+import torch
+
+_CPU = torch.device("cpu")
+_MEGATRON_PREFIX = "megatron.core"
+_applied = False
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    """The device this process computes on: its CUDA device, else the CPU."""
+    if cuda_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return _CPU
+
+
+def _is_cuda(dev) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    return isinstance(dev, int) and not isinstance(dev, bool)  # an int means a CUDA ordinal
+
+
+def _on_cpu(factory):
+    @functools.wraps(factory)
+    def wrapper(*args, **kwargs):
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = _CPU
+        kwargs.pop("pin_memory", None)
+        return factory(*args, **kwargs)
+
+    return wrapper
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream / Event: CPU work is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args):
+        pass
+
+    def wait_event(self, *args):
+        pass
+
+    def record_event(self, *args):
+        return _NullStream()
+
+    def record(self, *args):
+        pass
+
+    def wait(self, *args):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+def _cpu_cuda_namespace() -> types.SimpleNamespace:
+    """What megatron's ``torch.cuda`` resolves to on CPU; anything else falls through."""
+    real = torch.cuda
+
+    class CpuCuda(types.SimpleNamespace):
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    return CpuCuda(
+        is_available=lambda: False,
+        current_device=lambda: _CPU,
+        device_count=lambda: 0,
+        synchronize=lambda *a, **k: None,
+        empty_cache=lambda: None,
+        Stream=_NullStream,
+        Event=_NullStream,
+        stream=lambda *a, **k: contextlib.nullcontext(),
+        current_stream=lambda *a, **k: _NullStream(),
+        default_stream=lambda *a, **k: _NullStream(),
+        get_rng_state=lambda *a, **k: torch.get_rng_state(),
+        set_rng_state=lambda state, *a, **k: torch.set_rng_state(state),
+        manual_seed=torch.manual_seed,
+        manual_seed_all=torch.manual_seed,
+        memory_allocated=lambda *a, **k: 0,
+        max_memory_allocated=lambda *a, **k: 0,
+        memory_reserved=lambda *a, **k: 0,
+        max_memory_reserved=lambda *a, **k: 0,
+        reset_peak_memory_stats=lambda *a, **k: None,
+    )
+
+
+_FACTORIES = (
+    "empty", "empty_like", "zeros", "zeros_like", "ones", "ones_like", "full", "full_like",
+    "tensor", "as_tensor", "arange", "rand", "randn", "randint", "randperm", "eye",
+)
+
+
+def _cpu_torch_module() -> types.ModuleType:
+    """A view of ``torch`` in which CUDA means the CPU, for megatron modules only."""
+
+    class CpuTorch(types.ModuleType):
+        def __getattr__(self, name):  # attributes added to torch after the copy
+            return getattr(torch, name)
+
+    proxy = CpuTorch("torch")
+    proxy.__dict__.update({k: v for k, v in vars(torch).items() if not k.startswith("__")})
+    for name in _FACTORIES:
+        setattr(proxy, name, _on_cpu(getattr(torch, name)))
+    proxy.cuda = _cpu_cuda_namespace()
+    return proxy
+
+
+def _patch_module(module: types.ModuleType, cpu_torch: types.ModuleType) -> None:
+    if getattr(module, "torch", None) is torch:
+        module.torch = cpu_torch
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Gives megatron.core modules imported after ``apply()`` the CPU view of torch."""
+
+    def __init__(self, cpu_torch):
+        self.cpu_torch = cpu_torch
+
+    def find_spec(self, fullname, path, target=None):
+        if not fullname.startswith(_MEGATRON_PREFIX):
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+        cpu_torch = self.cpu_torch
+
+        def patched_exec(module):
+            exec_module(module)
+            _patch_module(module, cpu_torch)
+
+        spec.loader.exec_module = patched_exec
+        return spec
+
+
+def _cpu_rng_tracker_functions():
+    """The RNG tracker's get/set state, routed to the CPU generator."""
+    import megatron.core.tensor_parallel.random as mp_random
+
+    mp_random._get_cuda_rng_state = lambda *a, clone=False, **k: (
+        torch.get_rng_state().clone() if clone else torch.get_rng_state()
+    )
+    mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # The tracker warns whenever the CPU generator moves inside its fork; on CPU
+    # the CPU generator *is* the tracked generator, so the warning is noise.
+    logging.getLogger(mp_random.__name__).setLevel(logging.ERROR)
+
+
+def _clip_grads_on_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's fp32 clipping asserts ``torch.cuda.FloatTensor`` grads; same math on CPU."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if coeff < 1.0 and grads:
+        torch._foreach_mul_([g.detach() for g in grads], coeff)
+
+
+def _cpu_grad_clipping():
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.optimizer.optimizer as optimizer
+
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grads_on_cpu
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grads_on_cpu
+
+
+def quiet_optional_dependency_warnings() -> None:
+    """apex and Transformer Engine are optional by design: their absence is not news."""
+    for message in ("Transformer Engine and Apex are not installed",
+                    "Apex is not installed", "full scope is deprecated"):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def apply() -> bool:
+    """Redirect megatron-core's CUDA assumptions to the CPU when CUDA is absent.
+
+    Idempotent; returns True when the CPU redirection is active. Call it before
+    building models (``megatron_miniplm.parallel.initialize`` does).
+    """
+    global _applied
+    quiet_optional_dependency_warnings()
+    if cuda_available():
+        return False
+    if _applied:
+        return True
+    cpu_torch = _cpu_torch_module()
+    sys.meta_path.insert(0, _PatchOnImport(cpu_torch))
+    for name, module in list(sys.modules.items()):
+        if name.startswith(_MEGATRON_PREFIX) and module is not None:
+            _patch_module(module, cpu_torch)
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    _cpu_rng_tracker_functions()
+    _cpu_grad_clipping()
+    _applied = True
+    return True

@@ -1,0 +1,1 @@
+"""Training: the megatron-core engine (DDP, optimizer, pipeline schedules) and the trainer."""
