@@ -1,0 +1,69 @@
+"""The CPU platform layer: megatron sees CUDA as the CPU, user code keeps the real torch."""
+
+import sys
+
+import pytest
+import torch
+
+from megatron_miniplm import parallel, platform
+
+
+@pytest.fixture(scope="module", autouse=True)
+def world_of_one():
+    parallel.initialize(parallel.ParallelConfig(seed=5))
+
+
+def test_applied_only_without_cuda():
+    assert not torch.cuda.is_available()
+    assert platform.apply() is True
+    assert platform.device() == torch.device("cpu")
+
+
+def test_megatron_modules_see_cpu_cuda():
+    import megatron.core.pipeline_parallel.schedules as schedules
+    import megatron.core.tensor_parallel.layers as layers
+
+    for module in (schedules, layers):
+        assert module.torch is not torch
+        assert module.torch.cuda.current_device() == torch.device("cpu")
+        assert module.torch.zeros(2, device="cuda").device.type == "cpu"
+        assert module.torch.tensor([1.0], device=0).device.type == "cpu"
+    # A megatron module imported after apply() is patched too.
+    sys.modules.pop("megatron.core.transformer.utils", None)
+    import megatron.core.transformer.utils as utils
+
+    assert utils.get_default_causal_mask(4).device.type == "cpu"
+
+
+def test_user_torch_is_untouched():
+    assert torch.cuda.current_device is not None
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.zeros(1, device="cuda")
+
+
+def test_rng_tracker_forks_the_cpu_generator():
+    from megatron.core import tensor_parallel
+
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with tracker.fork():
+        a = torch.rand(3)
+    assert torch.equal(torch.get_rng_state(), before)  # default stream restored
+    with tracker.fork():
+        b = torch.rand(3)
+    assert not torch.equal(a, b)  # the forked stream advanced
+
+
+def test_same_seed_same_init_different_seed_different():
+    from megatron_miniplm.models import get_preset
+    from megatron_miniplm.models.gpt import build_model
+
+    def weights(seed):
+        parallel.initialize(parallel.ParallelConfig(seed=seed))
+        return build_model(get_preset("tiny")).state_dict()
+
+    a, b, c = weights(1), weights(1), weights(2)
+    key = "decoder.layers.0.self_attention.linear_qkv.weight"
+    assert torch.equal(a[key], b[key])
+    assert not torch.equal(a[key], c[key])
