@@ -14,13 +14,25 @@ import torch
 from megatron_miniplm.models.config import ModelConfig
 
 MODEL_CONFIG_FILE = "model_config.json"
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """A checkpoint directory, or a training run's --save directory (its latest checkpoint)."""
+    latest = os.path.join(path, LATEST_FILE)
+    if os.path.exists(latest):
+        with open(latest) as f:
+            return os.path.join(path, f.read().strip())
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    return path
 
 
 def save_model(model_chunks: list, directory: str, config: ModelConfig | None = None) -> None:
     """Collective: every rank calls it. ``directory`` must exist and be empty."""
     from megatron.core import dist_checkpointing
 
-    state = _sharded_model_state(model_chunks)
+    state = sharded_model_state(model_chunks)
     dist_checkpointing.save(state, directory)
     if config is not None and torch.distributed.get_rank() == 0:
         config.save(os.path.join(directory, MODEL_CONFIG_FILE))
@@ -31,15 +43,14 @@ def load_model(model_chunks: list, directory: str, strict: bool = True) -> None:
     """Collective: fills ``model_chunks`` (this rank's slices) from a checkpoint of any layout."""
     from megatron.core import dist_checkpointing
 
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
-    loaded = dist_checkpointing.load(_sharded_model_state(model_chunks), directory)
+    directory = resolve_checkpoint_dir(directory)
+    loaded = dist_checkpointing.load(sharded_model_state(model_chunks), directory)
     for i, chunk in enumerate(_unwrap(model_chunks)):
         chunk.load_state_dict(loaded[_chunk_key(i, len(model_chunks))], strict=strict)
 
 
 def load_model_config(directory: str) -> ModelConfig:
-    path = os.path.join(directory, MODEL_CONFIG_FILE)
+    path = os.path.join(resolve_checkpoint_dir(directory), MODEL_CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no model config beside the checkpoint")
     return ModelConfig.load(path)
@@ -53,6 +64,6 @@ def _chunk_key(index: int, count: int) -> str:
     return "model" if count == 1 else f"model{index}"
 
 
-def _sharded_model_state(model_chunks: list) -> dict:
+def sharded_model_state(model_chunks: list) -> dict:
     chunks = _unwrap(model_chunks)
     return {_chunk_key(i, len(chunks)): c.sharded_state_dict() for i, c in enumerate(chunks)}

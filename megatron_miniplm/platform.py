@@ -27,7 +27,6 @@ import importlib.machinery
 import logging
 import sys
 import types
-import warnings
 
 import torch
 
@@ -204,13 +203,6 @@ def _cpu_grad_clipping():
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grads_on_cpu
 
 
-def quiet_optional_dependency_warnings() -> None:
-    """apex and Transformer Engine are optional by design: their absence is not news."""
-    for message in ("Transformer Engine and Apex are not installed",
-                    "Apex is not installed", "full scope is deprecated"):
-        warnings.filterwarnings("ignore", message=message)
-
-
 def apply() -> bool:
     """Redirect megatron-core's CUDA assumptions to the CPU when CUDA is absent.
 
@@ -218,7 +210,6 @@ def apply() -> bool:
     building models (``megatron_miniplm.parallel.initialize`` does).
     """
     global _applied
-    quiet_optional_dependency_warnings()
     if cuda_available():
         return False
     if _applied:

@@ -36,6 +36,9 @@ def wrap_ddp(model: torch.nn.Module, *, bf16: bool = False):
     """megatron-core DDP: bucketed grad all-reduce over the data-parallel group."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    # Read by DDP at construction: with per-token loss it sums gradients over DP
+    # (no 1/DP factor) and finalize_model_grads divides by the global token count.
+    model.config.calculate_per_token_loss = True
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -76,7 +79,7 @@ def attach_schedule_hooks(model_chunks: list) -> None:
 
     for chunk in model_chunks:
         config = chunk.config
-        config.calculate_per_token_loss = True
+        assert config.calculate_per_token_loss, "wrap the model with wrap_ddp first"
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = chunk.no_sync
         config.grad_sync_func = None
@@ -91,14 +94,18 @@ def masked_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return total, count, {"lm loss": report}
 
 
-def gpt_forward_step(data_iterator: Iterator[dict], model):
-    """Schedule forward step for batches of {tokens, labels, loss_mask, position_ids}."""
+def gpt_forward_step(data_iterator: Iterator[dict], model, autocast_bf16: bool = False):
+    """Schedule forward step for batches of {tokens, labels, loss_mask, position_ids}.
+
+    ``autocast_bf16``: bf16 compute over fp32 parameters (the CPU's bf16 path).
+    """
     batch = next(data_iterator)
     device = platform.device()
     tokens = batch["tokens"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     position_ids = batch["position_ids"].to(device, non_blocking=True)
-    output = model(tokens, position_ids, None, labels=labels)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+        output = model(tokens, position_ids, None, labels=labels)
     return output, partial(masked_loss, batch["loss_mask"].to(device, non_blocking=True))
 
 

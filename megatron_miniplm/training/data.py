@@ -1,0 +1,205 @@
+"""Training samples from MiniPLM instance datasets, weighted blends and sampled blends.
+
+Sample ``i`` of a run is a pure function of (sources, weights, seed, i), so the
+data position is fully described by the number of consumed samples: a
+resumed run reads exactly what the uninterrupted run would have read, and a
+run at another DP size reads the same global batches.
+
+- A dataset prefix (one or several shards): every instance, reshuffled each epoch.
+- A weighted blend ``w1 p1 w2 p2`` (Megatron's ``--data-path`` form): each
+  sample picks a source so that the running mix tracks the weights.
+- A sampled blend from tools/difference_sample.py: its (shard, instance)
+  pairs, read in place without rewriting the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+def read_meta(prefix: str) -> dict:
+    path = prefix + ".meta.json"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: dataset meta file not found (is '{prefix}' a dataset prefix?)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
+
+
+def _shard_prefixes(prefix: str, meta: dict) -> list[str]:
+    shards = meta.get("shards")
+    if not shards:
+        return [prefix]
+    base = os.path.dirname(prefix)
+    return [s if os.path.isabs(s) else os.path.join(base, s) for s in shards]
+
+
+def _open_indexed(prefix: str):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for ext in (".bin", ".idx"):
+        if not os.path.exists(prefix + ext):
+            raise FileNotFoundError(f"{prefix}{ext}: data file not found")
+    return IndexedDataset(prefix)
+
+
+class InstanceSource:
+    """Instances of one dataset (all shards) or one sampled blend, by position."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.pairs: Optional[np.ndarray] = None  # (shard, instance) rows of a sampled blend
+        if _is_blend(prefix):
+            from megatron_miniplm.selection.blend import load_blend
+
+            self.pairs, blend_meta = load_blend(prefix)
+            base = os.path.dirname(prefix)
+            dataset_prefixes = [
+                d["prefix"] if os.path.isabs(d["prefix"]) else os.path.join(base, d["prefix"])
+                for d in blend_meta["datasets"]
+            ]
+            self.metas = [read_meta(p) for p in dataset_prefixes]
+            _check_fingerprints(prefix, blend_meta["datasets"], self.metas)
+            self.shards = [_open_indexed(p) for p in dataset_prefixes]
+            self.pairs = np.asarray(self.pairs, dtype=np.int64)
+            self.size = len(self.pairs)
+        else:
+            meta = read_meta(prefix)
+            self.metas = [meta]
+            shard_prefixes = _shard_prefixes(prefix, meta)
+            if len(shard_prefixes) > 1:
+                self.metas = [read_meta(p) for p in shard_prefixes]
+            self.shards = [_open_indexed(p) for p in shard_prefixes]
+            self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
+            self.size = int(self.offsets[-1])
+        if self.size == 0:
+            raise ValueError(f"{prefix}: no instances")
+        mode = self.metas[0].get("instance_mode", "miniplm")
+        if mode == "document":
+            raise ValueError(
+                f"{prefix}: a document-mode dataset; the trainer reads instance-mode datasets "
+                "(preprocess with --instance-mode miniplm or packed)"
+            )
+        tok = self.metas[0].get("tokenizer", {})
+        self.vocab_size = int(tok.get("vocab_size", 0))
+        self.eod_id = tok.get("eod_id")
+        pad = tok.get("pad_id")
+        self.pad_id = int(pad if pad is not None else self.eod_id)
+        self.seq_length = int(self.metas[0].get("seq_length", 0))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if self.pairs is not None:
+            shard, inst = self.pairs[index]
+        else:
+            shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
+            inst = index - self.offsets[shard]
+        return self.shards[shard][int(inst)]
+
+
+def _is_blend(prefix: str) -> bool:
+    try:
+        from megatron_miniplm.selection.blend import is_blend
+    except ImportError:
+        return False
+    return is_blend(prefix)
+
+
+def _check_fingerprints(blend: str, entries: list, metas: list) -> None:
+    for entry, meta in zip(entries, metas):
+        want, got = entry.get("fingerprint"), meta.get("fingerprint")
+        if want and got and want != got:
+            raise ValueError(
+                f"{blend}: dataset '{entry['prefix']}' has changed since the blend was built "
+                f"(fingerprint {got[:12]} != {want[:12]})"
+            )
+
+
+def parse_data_path(items: Sequence[str]) -> tuple[list[str], list[float]]:
+    """Megatron's ``--data-path``: ``P`` or ``W1 P1 W2 P2 ...``."""
+    items = list(items)
+    if len(items) == 1:
+        return items, [1.0]
+    if len(items) % 2:
+        raise ValueError(f"--data-path: expected 'PREFIX' or 'WEIGHT PREFIX' pairs, got {items}")
+    try:
+        weights = [float(w) for w in items[0::2]]
+    except ValueError:
+        raise ValueError(f"--data-path: expected 'WEIGHT PREFIX' pairs, got {items}") from None
+    if any(w <= 0 for w in weights):
+        raise ValueError("--data-path: blend weights must be positive")
+    total = sum(weights)
+    return items[1::2], [w / total for w in weights]
+
+
+@dataclass
+class SampleStream:
+    """Deterministic sample order over one or more sources."""
+
+    sources: list
+    weights: list
+    seed: int
+    shuffle: bool = True
+
+    def __post_init__(self):
+        self._blend_cache: tuple[int, np.ndarray, np.ndarray] = (0, np.empty(0), np.empty(0))
+        self._permutations: dict[tuple[int, int], np.ndarray] = {}
+
+    @classmethod
+    def from_data_path(cls, items: Sequence[str], seed: int, shuffle: bool = True) -> "SampleStream":
+        prefixes, weights = parse_data_path(items)
+        return cls([InstanceSource(p) for p in prefixes], weights, seed, shuffle)
+
+    @property
+    def vocab_size(self) -> int:
+        return max(s.vocab_size for s in self.sources)
+
+    @property
+    def pad_id(self) -> int:
+        return self.sources[0].pad_id
+
+    def _permutation(self, source: int, epoch: int) -> np.ndarray:
+        """This epoch's order of a source's instances (identity without shuffling)."""
+        key = (source, epoch)
+        if key not in self._permutations:
+            n = len(self.sources[source])
+            if len(self._permutations) >= 2 * len(self.sources):
+                self._permutations.clear()
+            if self.shuffle:
+                perm = np.random.default_rng([self.seed, source, epoch]).permutation(n)
+            else:
+                perm = np.arange(n)
+            self._permutations[key] = perm.astype(np.int64)
+        return self._permutations[key]
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        """Sample index -> (source, k-th sample drawn from that source)."""
+        if len(self.sources) == 1:
+            return 0, index
+        if index >= self._blend_cache[0]:
+            self._extend_blend(max(2 * index + 1, 1 << 16))
+        return int(self._blend_cache[1][index]), int(self._blend_cache[2][index])
+
+    def _extend_blend(self, size: int) -> None:
+        from megatron.core.datasets import helpers
+
+        source = np.zeros(size, dtype=np.int16)
+        sample = np.zeros(size, dtype=np.int64)
+        helpers.build_blending_indices(
+            source, sample, np.asarray(self.weights, dtype=np.float64), len(self.sources), size, False
+        )
+        self._blend_cache = (size, source, sample)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        source, k = self._locate(index)
+        n = len(self.sources[source])
+        return self.sources[source][int(self._permutation(source, k // n)[k % n])]

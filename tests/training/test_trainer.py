@@ -1,0 +1,142 @@
+"""tools/pretrain_gpt.py: loss falls, layouts agree, a SIGKILLed run resumes exactly, clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from corpus import pattern_instances, write_dataset
+from distributed import run_distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(REPO, "tools", "pretrain_gpt.py")
+SEQ = 32
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    train = write_dataset(str(root / "train"), pattern_instances(400, VOCAB, SEQ + 1, seed=1), VOCAB, SEQ)
+    valid = write_dataset(str(root / "valid"), pattern_instances(40, VOCAB, SEQ + 1, seed=2), VOCAB, SEQ)
+    return train, valid
+
+
+def args(corpus, *extra, iters=6):
+    train, valid = corpus
+    return ["--model-preset", "tiny", "--data-path", train, "--seq-length", str(SEQ),
+            "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(iters),
+            "--lr", "3e-3", "--lr-warmup-iters", "2", "--log-interval", "1", "--seed", "5", *extra]
+
+
+def metrics(path):
+    """Last record per iteration (a resumed run appends re-run iterations)."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            m = json.loads(line)
+            if "loss" in m:
+                out[m["iteration"]] = m
+    return out
+
+
+def _train(argv):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import pretrain_gpt
+
+    assert pretrain_gpt.main(argv) == 0
+
+
+def test_loss_falls(corpus, tmp_path):
+    m = tmp_path / "m.jsonl"
+    run_distributed(_train, 1, args(corpus, "--metrics-file", str(m), "--valid-data-path", corpus[1],
+                                    "--eval-iters", "2", "--lr", "1e-2", "--log-interval", "20",
+                                    iters=100))
+    losses = metrics(m)
+    assert len(losses) == 100
+    assert losses[100]["loss"] < 0.6 * losses[1]["loss"]
+    valid = [json.loads(l) for l in open(m) if "valid_loss" in l]
+    assert valid and valid[-1]["valid_loss"] < 0.7 * losses[1]["loss"]
+
+
+@pytest.fixture(scope="module")
+def initial_checkpoint(corpus, tmp_path_factory):
+    """Iteration-0 checkpoint at TP=1: every layout starts from the same weights."""
+    root = tmp_path_factory.mktemp("init")
+    run_distributed(_train, 1, args(corpus, "--save", str(root), iters=0))
+    return str(root)
+
+
+def _layout_losses(corpus, initial_checkpoint, tmp_path, world, *layout):
+    m = tmp_path / f"m{world}{'-'.join(layout)}.jsonl"
+    run_distributed(_train, world, args(corpus, "--load", initial_checkpoint,
+                                        "--metrics-file", str(m), *layout))
+    return metrics(m)
+
+
+def test_dp_tp_pp_match_one_process(corpus, initial_checkpoint, tmp_path):
+    ref = _layout_losses(corpus, initial_checkpoint, tmp_path, 1)
+    assert len(ref) == 6 and ref[6]["loss"] < ref[1]["loss"]
+    for layout in ([], ["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]):
+        got = _layout_losses(corpus, initial_checkpoint, tmp_path, 2, *layout)
+        for it in ref:
+            assert abs(got[it]["loss"] - ref[it]["loss"]) < 1e-4, (layout, it)
+            assert abs(got[it]["grad_norm"] - ref[it]["grad_norm"]) < 1e-3 * ref[it]["grad_norm"]
+
+
+def test_sigkill_then_resume_matches_uninterrupted(corpus, tmp_path):
+    iters = 60
+    base = args(corpus, "--save-interval", "3", iters=iters)
+    full = tmp_path / "full.jsonl"
+    subprocess.run([sys.executable, TOOL, *base, "--save", str(tmp_path / "a"),
+                    "--metrics-file", str(full)], check=True, capture_output=True)
+    killed = tmp_path / "killed.jsonl"
+    save = str(tmp_path / "b")
+    cmd = [sys.executable, TOOL, *base, "--save", save, "--load", save, "--metrics-file", str(killed)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if killed.exists() and len(metrics(killed)) >= 8:
+            break
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    seen = metrics(killed)
+    assert 8 <= len(seen) < iters, "the kill must land mid-run"
+    subprocess.run(cmd, check=True, capture_output=True)
+    want, got = metrics(full), metrics(killed)
+    assert sorted(got) == list(range(1, iters + 1))
+    for it in want:
+        assert got[it]["loss"] == pytest.approx(want[it]["loss"], abs=1e-6), it
+        assert got[it]["consumed_tokens"] == want[it]["consumed_tokens"]
+
+
+def test_interrupted_save_leaves_previous_checkpoint(corpus, tmp_path):
+    save = tmp_path / "ckpt"
+    run_distributed(_train, 1, args(corpus, "--save", str(save), iters=2))
+    (save / "iter_0000004.partial").mkdir()  # what a kill during a save leaves
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "iter_0000002"
+    m = tmp_path / "m.jsonl"
+    run_distributed(_train, 1, args(corpus, "--save", str(save), "--load", str(save),
+                                    "--metrics-file", str(m), iters=4))
+    assert sorted(metrics(m)) == [3, 4]  # resumed from iteration 2
+    assert not (save / "iter_0000004.partial").exists()
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "iter_0000004"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--global-batch-size", "7"], "not divisible by --micro-batch-size"),
+    (["--vocab-size", "100"], "exceeds the model's"),
+    (["--data-path", "/nonexistent/prefix"], "meta file not found"),
+    (["--num-attention-heads", "4", "--tensor-model-parallel-size", "3"], "does not divide"),
+])
+def test_clear_errors(corpus, extra, message):
+    result = subprocess.run([sys.executable, TOOL, *args(corpus), *extra],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]

@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Pre-train a GPT (the MiniPLM reference LM or a student) with megatron-core.
+
+    torchrun --nproc-per-node N tools/pretrain_gpt.py --model-preset qwen-200M \\
+        --data-path BLEND_OR_DATASET [--valid-data-path PREFIX] --seq-length 1024 \\
+        --micro-batch-size 8 --global-batch-size 512 --train-iters 100000 --lr 6e-4 \\
+        --min-lr 6e-5 --lr-warmup-iters 2000 --bf16 --save ckpt/ --load ckpt/ --save-interval 1000
+
+--data-path takes a dataset prefix, Megatron-style 'W1 P1 W2 P2' blends, or a
+sampled blend written by tools/difference_sample.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model-preset", help="a preset of tools/model_info.py (e.g. qwen-104M)")
+    g.add_argument("--model-config", help="a model_config.json (e.g. beside a checkpoint)")
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--ffn-hidden-size", type=int)
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--num-query-groups", type=int)
+    g.add_argument("--vocab-size", type=int, help="default: the data's vocabulary")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--rotary-base", type=float)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", required=True)
+    g.add_argument("--valid-data-path", nargs="+")
+    g.add_argument("--seq-length", type=int, default=1024)
+    g.add_argument("--data-order", choices=["shuffled", "original"], default="shuffled",
+                   help="order of training instances within each epoch")
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--global-batch-size", type=int, default=32)
+    g.add_argument("--train-iters", type=int)
+    g.add_argument("--train-tokens", type=int, help="alternative to --train-iters: token budget "
+                   "(iterations = tokens / (global batch x seq length))")
+    g.add_argument("--lr", type=float, default=6e-4)
+    g.add_argument("--min-lr", type=float, help="default: lr / 10 (the paper's cosine floor)")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int)
+    g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.98)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--seed", type=int, default=1234)
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g = p.add_argument_group("checkpointing and logging")
+    g.add_argument("--save")
+    g.add_argument("--load")
+    g.add_argument("--save-interval", type=int, default=0)
+    g.add_argument("--eval-interval", type=int, default=0)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--tensorboard-dir")
+    g.add_argument("--metrics-file", help="JSON lines, one per iteration (rank 0)")
+    g.add_argument("--peak-tflops", type=float, help="device peak for MFU where it is not known")
+    return p
+
+
+def model_config_from_args(args, data_vocab: int):
+    from megatron_miniplm.checkpointing import load_model_config
+    from megatron_miniplm.models.config import ModelConfig, get_preset
+
+    shape = dict(num_layers=args.num_layers, hidden_size=args.hidden_size,
+                 ffn_hidden_size=args.ffn_hidden_size, num_attention_heads=args.num_attention_heads)
+    if args.model_config:
+        config = ModelConfig.load(args.model_config)
+    elif args.load and os.path.exists(os.path.join(args.load, "latest_checkpointed_iteration.txt")):
+        config = load_model_config(args.load)
+    elif args.model_preset:
+        config = get_preset(args.model_preset)
+    else:
+        missing = [f"--{k.replace('_', '-')}" for k, v in shape.items() if v is None]
+        if missing:
+            raise ValueError(f"give --model-preset, --model-config, or all of: {', '.join(missing)}")
+        config = ModelConfig(**shape, vocab_size=data_vocab, name="custom")
+    changes = {k: v for k, v in shape.items() if v is not None}
+    if args.num_query_groups:
+        changes["num_query_groups"] = args.num_query_groups
+    if args.rotary_base:
+        changes["rotary_base"] = args.rotary_base
+    if args.untie_embeddings_and_output_weights:
+        changes["tie_embeddings"] = False
+    if args.vocab_size:
+        changes["vocab_size"] = args.vocab_size
+    changes["max_position_embeddings"] = max(config.max_position_embeddings, args.seq_length)
+    return config.replace(**changes)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from megatron_miniplm.training.data import SampleStream
+    from megatron_miniplm.training.engine import OptimizerSettings
+    from megatron_miniplm.training.trainer import TrainConfig, Trainer
+
+    try:
+        data_vocab = SampleStream.from_data_path(args.data_path, args.seed).vocab_size
+        model = model_config_from_args(args, data_vocab)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    if (args.train_iters is None) == (args.train_tokens is None):
+        parser.error("give exactly one of --train-iters and --train-tokens")
+    iters = args.train_iters if args.train_iters is not None else max(1, args.train_tokens // (args.global_batch_size * args.seq_length))
+    cfg = TrainConfig(
+        model=model, data_path=args.data_path, valid_data_path=args.valid_data_path,
+        seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+        global_batch_size=args.global_batch_size, train_iters=iters,
+        optimizer=OptimizerSettings(
+            lr=args.lr, min_lr=args.min_lr if args.min_lr is not None else args.lr / 10,
+            weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+            adam_eps=args.adam_eps, clip_grad=args.clip_grad, bf16=args.bf16,
+        ),
+        lr_warmup_iters=args.lr_warmup_iters, lr_decay_iters=args.lr_decay_iters,
+        lr_decay_style=args.lr_decay_style,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size, bf16=args.bf16,
+        save=args.save, load=args.load, save_interval=args.save_interval,
+        eval_interval=args.eval_interval, eval_iters=args.eval_iters, log_interval=args.log_interval,
+        tensorboard_dir=args.tensorboard_dir, metrics_file=args.metrics_file, seed=args.seed,
+        shuffle=args.data_order == "shuffled", peak_tflops=args.peak_tflops,
+    )
+    try:
+        trainer = Trainer(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    trainer.train()
+    from megatron_miniplm import parallel
+
+    parallel.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
