@@ -195,6 +195,26 @@ def _clip_grads_on_cpu(parameters, max_norm, total_norm, use_decoupled_grad=Fals
         torch._foreach_mul_([g.detach() for g in grads], coeff)
 
 
+def _cpu_autocast_linear_functions():
+    """Run megatron's linear autograd functions under the *CPU* autocast state.
+
+    They are decorated with CUDA's ``custom_fwd/custom_bwd``, so under CPU bf16
+    autocast the backward ran without autocast and multiplied a bf16 gradient
+    by an fp32 weight. Re-decorated for the CPU, the backward sees the forward's
+    autocast state (bf16 compute, fp32 parameters and gradients).
+    """
+    import megatron.core.tensor_parallel.layers as layers
+
+    for cls in vars(layers).values():
+        if not (isinstance(cls, type) and issubclass(cls, torch.autograd.Function)):
+            continue
+        for name, wrap in (("forward", torch.amp.custom_fwd), ("backward", torch.amp.custom_bwd)):
+            fn = cls.__dict__.get(name)
+            original = getattr(getattr(fn, "__func__", fn), "__wrapped__", None)
+            if original is not None:
+                setattr(cls, name, staticmethod(wrap(original, device_type="cpu")))
+
+
 def _cpu_grad_clipping():
     import megatron.core.optimizer.clip_grads as clip_grads
     import megatron.core.optimizer.optimizer as optimizer
@@ -222,5 +242,6 @@ def apply() -> bool:
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     _cpu_rng_tracker_functions()
     _cpu_grad_clipping()
+    _cpu_autocast_linear_functions()
     _applied = True
     return True
