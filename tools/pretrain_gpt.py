@@ -105,12 +105,13 @@ def model_config_from_args(args, data_vocab: int):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from megatron_miniplm.training.data import SampleStream
     from megatron_miniplm.training.engine import OptimizerSettings
     from megatron_miniplm.training.trainer import TrainConfig, Trainer
 
     try:
-        data_vocab = SampleStream.from_data_path(args.data_path, args.seed).vocab_size
+        from megatron_miniplm.training.data import InstanceSource, parse_data_path
+
+        data_vocab = max(InstanceSource(p).vocab_size for p in parse_data_path(args.data_path)[0])
         model = model_config_from_args(args, data_vocab)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))

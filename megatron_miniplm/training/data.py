@@ -81,12 +81,7 @@ class InstanceSource:
             self.size = int(self.offsets[-1])
         if self.size == 0:
             raise ValueError(f"{prefix}: no instances")
-        mode = self.metas[0].get("instance_mode", "miniplm")
-        if mode == "document":
-            raise ValueError(
-                f"{prefix}: a document-mode dataset; the trainer reads instance-mode datasets "
-                "(preprocess with --instance-mode miniplm or packed)"
-            )
+        self.instance_mode = self.metas[0].get("instance_mode", "miniplm")
         tok = self.metas[0].get("tokenizer", {})
         self.vocab_size = int(tok.get("vocab_size", 0))
         self.eod_id = tok.get("eod_id")
@@ -155,9 +150,18 @@ class SampleStream:
         self._permutations: dict[tuple[int, int], np.ndarray] = {}
 
     @classmethod
-    def from_data_path(cls, items: Sequence[str], seed: int, shuffle: bool = True) -> "SampleStream":
+    def from_data_path(cls, items: Sequence[str], seed: int, shuffle: bool = True,
+                       num_samples: int = 0, seq_length: int = 0):
+        """The stream for ``--data-path``: instance datasets and sampled blends are read
+        one instance per sample; document-mode datasets through megatron's GPTDataset."""
         prefixes, weights = parse_data_path(items)
-        return cls([InstanceSource(p) for p in prefixes], weights, seed, shuffle)
+        sources = [InstanceSource(p) for p in prefixes]
+        modes = {s.instance_mode == "document" for s in sources}
+        if len(modes) > 1:
+            raise ValueError(f"--data-path mixes document-mode and instance-mode datasets: {prefixes}")
+        if modes.pop():
+            return DocumentStream(sources, weights, seed, num_samples, seq_length)
+        return cls(sources, weights, seed, shuffle)
 
     @property
     def vocab_size(self) -> int:
@@ -203,3 +207,53 @@ class SampleStream:
         source, k = self._locate(index)
         n = len(self.sources[source])
         return self.sources[source][int(self._permutation(source, k // n)[k % n])]
+
+
+class _EodTokenizer:
+    """What megatron's GPTDataset needs of a tokenizer: the EOD id and the vocabulary size."""
+
+    def __init__(self, eod: int, vocab_size: int):
+        self.eod = eod
+        self.vocab_size = vocab_size
+        # Part of the key of megatron's on-disk index cache.
+        self.unique_identifiers = {"class": "EodTokenizer", "eod": eod, "vocab_size": vocab_size}
+
+
+class DocumentStream:
+    """Document-mode datasets, sampled the standard Megatron way (megatron-core's GPTDataset).
+
+    Documents are concatenated and cut into seq_length + 1 token windows that
+    cross document boundaries, shuffled per epoch; blends by weight. Each window
+    is returned as an instance, so the MiniPLM loss mask applies unchanged.
+    """
+
+    def __init__(self, sources: list, weights: list, seed: int, num_samples: int, seq_length: int):
+        from megatron.core.datasets.blended_megatron_dataset_builder import (
+            BlendedMegatronDatasetBuilder,
+        )
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+        if num_samples <= 0 or seq_length <= 0:
+            raise ValueError("document-mode data needs the number of samples and the sequence length")
+        self.sources = sources
+        self.pad_id = sources[0].pad_id
+        self.vocab_size = max(s.vocab_size for s in sources)
+        prefixes = []
+        for source in sources:
+            if len(source.shards) != 1:
+                raise ValueError(f"{source.prefix}: sharded document-mode datasets: give the shards")
+            prefixes.append(source.shards[0].path_prefix)
+        config = GPTDatasetConfig(
+            random_seed=seed, sequence_length=seq_length,
+            blend=(prefixes, weights if len(prefixes) > 1 else None), split="1,0,0",
+            tokenizer=_EodTokenizer(int(sources[0].eod_id), self.vocab_size),
+            reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+            create_attention_mask=False,
+        )
+        self.dataset = BlendedMegatronDatasetBuilder(
+            GPTDataset, [num_samples, 0, 0], lambda: True, config
+        ).build()[0]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        sample = self.dataset[index]
+        return np.concatenate([sample["tokens"].numpy(), sample["labels"][-1:].numpy()])

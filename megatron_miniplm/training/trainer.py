@@ -59,10 +59,15 @@ class Trainer:
             cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed,
         ))
         self._check_batch_layout()
-        self.train_data = SampleStream.from_data_path(cfg.data_path, cfg.seed, cfg.shuffle)
+        self.train_data = SampleStream.from_data_path(
+            cfg.data_path, cfg.seed, cfg.shuffle,
+            num_samples=cfg.train_iters * cfg.global_batch_size, seq_length=cfg.seq_length,
+        )
         self.valid_data = (
-            SampleStream.from_data_path(cfg.valid_data_path, cfg.seed, shuffle=False)
-            if cfg.valid_data_path else None
+            SampleStream.from_data_path(
+                cfg.valid_data_path, cfg.seed, shuffle=False,
+                num_samples=cfg.eval_iters * cfg.global_batch_size, seq_length=cfg.seq_length,
+            ) if cfg.valid_data_path else None
         )
         self._check_data(self.train_data, "--data-path")
         if self.valid_data is not None:
@@ -126,7 +131,7 @@ class Trainer:
                     f"{flag} {source.prefix}: the data's vocabulary ({source.vocab_size}) exceeds "
                     f"the model's ({self.cfg.model.vocab_size})"
                 )
-            if source.seq_length and source.seq_length > self.cfg.seq_length:
+            if source.instance_mode != "document" and source.seq_length > self.cfg.seq_length:
                 raise ValueError(
                     f"{flag} {source.prefix}: instances of up to {source.seq_length + 1} tokens "
                     f"need --seq-length >= {source.seq_length}"
