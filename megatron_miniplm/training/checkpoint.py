@@ -69,8 +69,14 @@ def save_checkpoint(
     scheduler,
     train_state: dict,
     model_config: ModelConfig,
+    tokenizer: Optional[dict] = None,
 ) -> str:
-    """Collective. Returns the published checkpoint directory."""
+    """Collective. Returns the published checkpoint directory.
+
+    ``tokenizer``: the training data's tokenizer record (dataset meta); kept in
+    ``checkpoint_info.json`` with the tokenizer files, so that scoring can check
+    the model against a dataset and the HF export ships the right tokenizer.
+    """
     from megatron.core import dist_checkpointing
 
     final = os.path.join(save_dir, checkpoint_name(iteration))
@@ -95,6 +101,7 @@ def save_checkpoint(
     dist.barrier()
     if rank == 0:
         model_config.save(os.path.join(partial, MODEL_CONFIG_FILE))
+        _write_info(partial, tokenizer)
         if os.path.exists(final):  # a re-save of the same iteration
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -104,6 +111,23 @@ def save_checkpoint(
         os.replace(tmp, os.path.join(save_dir, LATEST_FILE))
     dist.barrier()
     return final
+
+
+def _write_info(directory: str, tokenizer: Optional[dict]) -> None:
+    from megatron_miniplm.conversion.checkpoint_dir import write_info
+    from megatron_miniplm.conversion.errors import ConversionError
+    from megatron_miniplm.conversion.tokenizer_files import copy_tokenizer
+
+    record = dict(tokenizer) if tokenizer else None
+    source = (tokenizer or {}).get("path")
+    if source and os.path.exists(source):
+        try:
+            copy_tokenizer(source, os.path.join(directory, "tokenizer"))
+            record["path"] = "tokenizer/tokenizer.json"
+        except ConversionError:  # e.g. a sentencepiece .model: keep pointing at the original
+            pass
+    write_info(directory, {"source": "tools/pretrain_gpt.py", "source_format": "megatron",
+                           "architecture": None, "dtype": "fp32", "tokenizer": record})
 
 
 def load_checkpoint(load_dir: str, model_chunks: list, optimizer, scheduler) -> Optional[dict]:

@@ -223,7 +223,7 @@ class Trainer:
         save_checkpoint(
             self.cfg.save, self.iteration, self.model, self.optimizer, self.scheduler,
             {"consumed_samples": self.consumed_samples, "consumed_tokens": self.consumed_tokens},
-            self.cfg.model,
+            self.cfg.model, tokenizer=self.train_data.sources[0].metas[0].get("tokenizer"),
         )
         self._log(f" saved checkpoint at iteration {self.iteration} to {self.cfg.save}")
 
