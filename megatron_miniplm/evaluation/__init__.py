@@ -1,0 +1,1 @@
+"""Evaluation: held-out LM loss (the paper's metric) and zero-shot tasks through lm-evaluation-harness."""
