@@ -40,8 +40,9 @@ def write_dataset(prefix: str, instances: list, vocab: int, seq_length: int,
         "format_version": 1, "fingerprint": fingerprint, "num_instances": len(instances),
         "num_tokens": int(sum(len(x) for x in instances)), "instance_mode": mode,
         "seq_length": seq_length, "domains": [f"d{i}" for i in range(int(domains.max()) + 1)],
-        "tokenizer": {"name": "synthetic", "sha256": "0" * 64, "vocab_size": vocab,
+        "tokenizer": {"path": "", "name": "synthetic", "sha256": "0" * 64, "vocab_size": vocab,
                       "eod_id": EOD, "pad_id": EOD},
+        "domain_stats": {}, "inputs": [], "skipped": {},
     }
     with open(prefix + ".meta.json", "w") as f:
         json.dump(meta, f)

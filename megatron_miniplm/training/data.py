@@ -14,31 +14,14 @@ run at another DP size reads the same global batches.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 
-
-def read_meta(prefix: str) -> dict:
-    path = prefix + ".meta.json"
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: dataset meta file not found (is '{prefix}' a dataset prefix?)")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from None
-
-
-def _shard_prefixes(prefix: str, meta: dict) -> list[str]:
-    shards = meta.get("shards")
-    if not shards:
-        return [prefix]
-    base = os.path.dirname(prefix)
-    return [s if os.path.isabs(s) else os.path.join(base, s) for s in shards]
+from megatron_miniplm.data.meta import dataset_prefixes as shard_prefixes_of
+from megatron_miniplm.data.meta import read_dataset_meta
 
 
 def _open_indexed(prefix: str):
@@ -57,25 +40,17 @@ class InstanceSource:
         self.prefix = prefix
         self.pairs: Optional[np.ndarray] = None  # (shard, instance) rows of a sampled blend
         if _is_blend(prefix):
-            from megatron_miniplm.selection.blend import load_blend
+            from megatron_miniplm.selection.blend import dataset_prefixes, load_blend
 
-            self.pairs, blend_meta = load_blend(prefix)
-            base = os.path.dirname(prefix)
-            dataset_prefixes = [
-                d["prefix"] if os.path.isabs(d["prefix"]) else os.path.join(base, d["prefix"])
-                for d in blend_meta["datasets"]
-            ]
-            self.metas = [read_meta(p) for p in dataset_prefixes]
-            _check_fingerprints(prefix, blend_meta["datasets"], self.metas)
-            self.shards = [_open_indexed(p) for p in dataset_prefixes]
-            self.pairs = np.asarray(self.pairs, dtype=np.int64)
+            pairs, blend_meta = load_blend(prefix, verify=True)  # datasets unchanged, rows in range
+            self.pairs = np.asarray(pairs, dtype=np.int64)
+            shard_prefixes = dataset_prefixes(prefix, blend_meta)
+            self.metas = [read_dataset_meta(p) for p in shard_prefixes]
+            self.shards = [_open_indexed(p) for p in shard_prefixes]
             self.size = len(self.pairs)
         else:
-            meta = read_meta(prefix)
-            self.metas = [meta]
-            shard_prefixes = _shard_prefixes(prefix, meta)
-            if len(shard_prefixes) > 1:
-                self.metas = [read_meta(p) for p in shard_prefixes]
+            shard_prefixes = shard_prefixes_of(prefix)
+            self.metas = [read_dataset_meta(p) for p in shard_prefixes]
             self.shards = [_open_indexed(p) for p in shard_prefixes]
             self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
             self.size = int(self.offsets[-1])
@@ -107,16 +82,6 @@ def _is_blend(prefix: str) -> bool:
     except ImportError:
         return False
     return is_blend(prefix)
-
-
-def _check_fingerprints(blend: str, entries: list, metas: list) -> None:
-    for entry, meta in zip(entries, metas):
-        want, got = entry.get("fingerprint"), meta.get("fingerprint")
-        if want and got and want != got:
-            raise ValueError(
-                f"{blend}: dataset '{entry['prefix']}' has changed since the blend was built "
-                f"(fingerprint {got[:12]} != {want[:12]})"
-            )
 
 
 def parse_data_path(items: Sequence[str]) -> tuple[list[str], list[float]]:
