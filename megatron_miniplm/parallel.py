@@ -71,13 +71,16 @@ def initialize(config: ParallelConfig = ParallelConfig()) -> ParallelInfo:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
 
     if not dist.is_initialized():
+        init_method = None  # torchrun's MASTER_ADDR / MASTER_PORT
         if "MASTER_ADDR" not in os.environ:
             if world_size != 1:
                 raise RuntimeError("WORLD_SIZE > 1 but MASTER_ADDR is unset: launch with torchrun")
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            # A world of one on a private port, without touching os.environ: child
+            # processes (tools launched from here) must not inherit a port in use.
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
         dist.init_process_group(
             backend=backend,
+            init_method=init_method,
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(minutes=config.timeout_minutes),

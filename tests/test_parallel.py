@@ -35,3 +35,18 @@ def test_two_process_layouts(tmp_path, tp, pp, expected):
     run_distributed(_check_layout, 2, str(tmp_path), tp, pp)
     got = [open(tmp_path / f"rank{r}").read() for r in range(2)]
     assert got == expected
+
+
+def test_world_of_one_leaves_the_environment_alone(monkeypatch):
+    """Tools started from a process that initialized itself must not inherit its port."""
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    parallel.destroy()
+    parallel.initialize()
+    assert "MASTER_ADDR" not in os.environ and "MASTER_PORT" not in os.environ
+    code = "from megatron_miniplm import parallel; print(parallel.initialize().world_size)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "1", out.stderr[-2000:]
