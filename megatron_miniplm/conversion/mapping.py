@@ -1,0 +1,164 @@
+"""Tensor mapping between HF (Qwen2 / Llama) and megatron-core GPT state dicts.
+
+Both sides are whole (TP=1) tensors: megatron's dist checkpoint reshards them
+to any TP/PP on load, so the mapping never deals with parallel slices.
+
+Megatron's fused layouts (checked against a built ``GPTModel``):
+
+- ``linear_qkv`` rows are grouped per key/value group: for each of the G
+  groups, its H/G query heads, then its key head, then its value head, each
+  ``head_dim`` rows. The bias (Qwen) follows the same order.
+- ``linear_fc1`` is ``[gate; up]`` (SwiGLU), ``linear_fc2`` is ``down``.
+- The RMSNorm before attention is ``input_layernorm``, before the MLP
+  ``pre_mlp_layernorm`` (local spec; the checkpoint maps them to the
+  Transformer Engine names, so either spec loads it).
+- Embedding and output rows are padded to ``padded_vocab_size()``; the pad
+  rows are zero and are dropped on export.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, MutableMapping
+
+import torch
+
+from megatron_miniplm.conversion.errors import ConversionError
+from megatron_miniplm.models.config import ModelConfig
+
+QWEN2 = "qwen2"
+LLAMA = "llama"
+
+
+# --- fused QKV ---------------------------------------------------------------
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
+    """HF's separate q/k/v projections (weights ``[out, in]`` or biases ``[out]``) -> megatron's fused rows."""
+    head_dim = q.shape[0] // heads
+    rest = q.shape[1:]
+    q = q.reshape(groups, heads // groups, head_dim, *rest)
+    k = k.reshape(groups, 1, head_dim, *rest)
+    v = v.reshape(groups, 1, head_dim, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def split_qkv(qkv: torch.Tensor, heads: int, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of ``fuse_qkv``."""
+    per_group = heads // groups + 2
+    head_dim = qkv.shape[0] // (groups * per_group)
+    rest = qkv.shape[1:]
+    grouped = qkv.reshape(groups, per_group, head_dim, *rest)
+    q = grouped[:, : heads // groups].reshape(heads * head_dim, *rest)
+    k = grouped[:, -2].reshape(groups * head_dim, *rest)
+    v = grouped[:, -1].reshape(groups * head_dim, *rest)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+# --- vocabulary padding ------------------------------------------------------
+
+def pad_vocab(weight: torch.Tensor, padded_size: int) -> torch.Tensor:
+    if weight.shape[0] == padded_size:  # Qwen's 151,936 and SmolLM's 49,152 need no padding
+        return weight
+    if weight.shape[0] > padded_size:
+        raise ConversionError(f"vocabulary of {weight.shape[0]} rows exceeds the padded size {padded_size}")
+    out = weight.new_zeros((padded_size, *weight.shape[1:]))
+    out[: weight.shape[0]] = weight
+    return out
+
+
+# --- whole state dicts -------------------------------------------------------
+
+def _hf_layer(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def _meg_layer(i: int) -> str:
+    return f"decoder.layers.{i}."
+
+
+def hf_to_megatron(hf: MutableMapping[str, torch.Tensor], config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield megatron (key, tensor) pairs, popping the HF tensors as they are used.
+
+    Popping keeps peak memory at about one layer above the two models; any HF
+    tensor left over at the end (an o_proj bias, an MLP bias...) is a feature
+    the megatron model does not have, and is an error rather than silently dropped.
+    """
+    def take(key: str) -> torch.Tensor:
+        try:
+            return hf.pop(key)
+        except KeyError:
+            raise ConversionError(f"HF state dict has no tensor '{key}'") from None
+
+    heads, groups = config.num_attention_heads, config.kv_heads
+    padded = config.padded_vocab_size()
+    yield "embedding.word_embeddings.weight", pad_vocab(take("model.embed_tokens.weight"), padded)
+    for i in range(config.num_layers):
+        h, m = _hf_layer(i), _meg_layer(i)
+        yield m + "input_layernorm.weight", take(h + "input_layernorm.weight")
+        yield m + "self_attention.linear_qkv.weight", fuse_qkv(
+            take(h + "self_attn.q_proj.weight"), take(h + "self_attn.k_proj.weight"),
+            take(h + "self_attn.v_proj.weight"), heads, groups)
+        if config.qkv_bias:
+            yield m + "self_attention.linear_qkv.bias", fuse_qkv(
+                take(h + "self_attn.q_proj.bias"), take(h + "self_attn.k_proj.bias"),
+                take(h + "self_attn.v_proj.bias"), heads, groups)
+        yield m + "self_attention.linear_proj.weight", take(h + "self_attn.o_proj.weight")
+        yield m + "pre_mlp_layernorm.weight", take(h + "post_attention_layernorm.weight")
+        yield m + "mlp.linear_fc1.weight", torch.cat(
+            [take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")], dim=0)
+        yield m + "mlp.linear_fc2.weight", take(h + "mlp.down_proj.weight")
+    yield "decoder.final_layernorm.weight", take("model.norm.weight")
+    if config.tie_embeddings:
+        hf.pop("lm_head.weight", None)  # the same tensor as the embedding
+    else:
+        yield "output_layer.weight", pad_vocab(take("lm_head.weight"), padded)
+    if hf:
+        raise ConversionError(
+            f"HF tensors with no megatron counterpart (unsupported model features): {sorted(hf)[:8]}"
+        )
+
+
+def megatron_to_hf(meg: MutableMapping[str, torch.Tensor], config: ModelConfig, layout: str) -> dict[str, torch.Tensor]:
+    """HF state dict (Qwen2 or Llama names) of a whole megatron model, padding rows dropped.
+
+    A Qwen2 layout always has q/k/v biases and a Llama layout with biases also
+    has one on o_proj: where the megatron model has none, zeros are written,
+    which leaves the function unchanged.
+    """
+    if layout not in (QWEN2, LLAMA):
+        raise ConversionError(f"unknown HF layout '{layout}' (qwen2, llama)")
+    meg = {k: v for k, v in meg.items() if torch.is_tensor(v)}  # drop _extra_state
+
+    def take(key: str) -> torch.Tensor:
+        try:
+            return meg.pop(key)
+        except KeyError:
+            raise ConversionError(f"megatron state dict has no tensor '{key}'") from None
+
+    heads, groups, vocab = config.num_attention_heads, config.kv_heads, config.vocab_size
+    hf_bias = layout == QWEN2 or config.qkv_bias
+    out: dict[str, torch.Tensor] = {}
+    out["model.embed_tokens.weight"] = take("embedding.word_embeddings.weight")[:vocab].contiguous()
+    for i in range(config.num_layers):
+        h, m = _hf_layer(i), _meg_layer(i)
+        out[h + "input_layernorm.weight"] = take(m + "input_layernorm.weight")
+        q, k, v = split_qkv(take(m + "self_attention.linear_qkv.weight"), heads, groups)
+        out[h + "self_attn.q_proj.weight"], out[h + "self_attn.k_proj.weight"], out[h + "self_attn.v_proj.weight"] = q, k, v
+        if config.qkv_bias:
+            qb, kb, vb = split_qkv(take(m + "self_attention.linear_qkv.bias"), heads, groups)
+        elif hf_bias:
+            qb, kb, vb = q.new_zeros(q.shape[0]), k.new_zeros(k.shape[0]), v.new_zeros(v.shape[0])
+        if hf_bias:
+            out[h + "self_attn.q_proj.bias"], out[h + "self_attn.k_proj.bias"], out[h + "self_attn.v_proj.bias"] = qb, kb, vb
+        out[h + "self_attn.o_proj.weight"] = take(m + "self_attention.linear_proj.weight")
+        if layout == LLAMA and hf_bias:
+            out[h + "self_attn.o_proj.bias"] = q.new_zeros(config.hidden_size)
+        out[h + "post_attention_layernorm.weight"] = take(m + "pre_mlp_layernorm.weight")
+        gate, up = take(m + "mlp.linear_fc1.weight").chunk(2, dim=0)
+        out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate.contiguous(), up.contiguous()
+        out[h + "mlp.down_proj.weight"] = take(m + "mlp.linear_fc2.weight")
+    out["model.norm.weight"] = take("decoder.final_layernorm.weight")
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = take("output_layer.weight")[:vocab].contiguous()
+    if meg:
+        raise ConversionError(f"megatron tensors left unmapped: {sorted(meg)[:8]}")
+    return out
