@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 ext_modules = [
     Pybind11Extension(
         "megatron_miniplm._cpp",
-        sorted(["csrc/bindings.cpp", "csrc/difference.cpp"]),
+        sorted(["csrc/bindings.cpp", "csrc/difference.cpp", "csrc/gather.cpp", "csrc/select.cpp"]),
         include_dirs=["csrc"],
         cxx_std=17,
         extra_compile_args=["-O3"],
@@ -33,7 +33,8 @@ setup(
         "gpu": ["transformer-engine", "apex"],
         "hf": ["gguf", "accelerate", "safetensors"],
         "report": ["matplotlib"],
-        "dev": ["pytest", "gguf", "accelerate", "safetensors", "matplotlib"],
+        "eval": ["lm_eval==0.4.13"],
+        "dev": ["pytest", "gguf", "accelerate", "safetensors", "matplotlib", "lm_eval==0.4.13"],
     },
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},

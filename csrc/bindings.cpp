@@ -1,41 +1,293 @@
 // Python bindings of the C++ index builder: megatron_miniplm._cpp.
-// Arrays are read in place (no copies); the GIL is released while computing.
+// Arrays are read in place (no copies: wrong dtypes or layouts are refused, not
+// converted); the GIL is released while computing.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "difference.h"
+#include "gather.h"
+#include "select.h"
 
 namespace py = pybind11;
 using f64_array = py::array_t<double, py::array::c_style>;
+using i64_array = py::array_t<int64_t, py::array::c_style>;
+using i32_array = py::array_t<int32_t, py::array::c_style>;
+using u8_array = py::array_t<uint8_t, py::array::c_style>;
 
-static void check_scores(const f64_array& a, const char* name) {
-    if (a.ndim() != 2 || a.shape(1) != 2)
-        throw std::invalid_argument(std::string(name) +
-                                    ": expected a float64 array of shape [N, 2] (nll_sum, token_count)");
+namespace {
+
+std::string describe(py::handle obj) {
+    if (py::isinstance<py::array>(obj)) {
+        auto a = py::reinterpret_borrow<py::array>(obj);
+        std::string shape;
+        for (py::ssize_t d = 0; d < a.ndim(); ++d) shape += (d ? ", " : "") + std::to_string(a.shape(d));
+        return "dtype " + std::string(py::str(a.dtype())) + ", shape (" + shape + ")" +
+               (a.flags() & py::array::c_style ? "" : ", not C-contiguous");
+    }
+    return std::string(py::str(py::type::handle_of(obj).attr("__name__")));
 }
 
-static f64_array difference_scores(const f64_array& teacher, const f64_array& reference,
-                                   int num_threads) {
-    check_scores(teacher, "teacher");
-    check_scores(reference, "reference");
-    if (teacher.shape(0) != reference.shape(0))
+// The array behind `obj` without a copy, or a TypeError naming what was expected.
+template <class T>
+py::array_t<T, py::array::c_style> view(py::handle obj, const char* name, py::ssize_t ndim,
+                                        py::ssize_t cols = -1, bool writable = false) {
+    using A = py::array_t<T, py::array::c_style>;
+    const std::string want = std::string(py::str(py::dtype::of<T>())) +
+                             (ndim == 1 ? " array of shape [N]" : " array of shape [N, 2]");
+    if (!py::isinstance<A>(obj))
+        throw py::type_error(std::string(name) + ": expected a C-contiguous " + want + ", got " + describe(obj));
+    auto a = py::reinterpret_borrow<A>(obj);
+    if (a.ndim() != ndim || (cols >= 0 && a.shape(1) != cols))
+        throw std::invalid_argument(std::string(name) + ": expected a " + want + ", got " + describe(obj));
+    if (writable && !a.writeable()) throw std::invalid_argument(std::string(name) + ": array is read-only");
+    return a;
+}
+
+void check_length(py::ssize_t got, py::ssize_t want, const std::string& what) {
+    if (got != want)
+        throw std::invalid_argument(what + " has " + std::to_string(got) + " rows, expected " + std::to_string(want));
+}
+
+f64_array difference_scores(py::object teacher, py::object reference, int num_threads) {
+    auto t = view<double>(teacher, "teacher", 2, 2);
+    auto r = view<double>(reference, "reference", 2, 2);
+    if (t.shape(0) != r.shape(0))
         throw std::invalid_argument("teacher and reference scores have different lengths: " +
-                                    std::to_string(teacher.shape(0)) + " vs " +
-                                    std::to_string(reference.shape(0)));
-    const int64_t n = teacher.shape(0);
+                                    std::to_string(t.shape(0)) + " vs " + std::to_string(r.shape(0)));
+    const int64_t n = t.shape(0);
     f64_array out(n);
-    const double* t = teacher.data();
-    const double* r = reference.data();
+    const double* tp = t.data();
+    const double* rp = r.data();
     double* o = out.mutable_data();
     {
         py::gil_scoped_release release;
-        miniplm::difference_scores(t, r, o, n, 2, num_threads);
+        miniplm::difference_scores(tp, rp, o, n, 2, num_threads);
     }
     return out;
 }
+
+miniplm::ScoreKind parse_kind(const std::string& kind);
+
+py::tuple compute_scores(const std::string& kind, py::object teacher, py::object reference,
+                         py::object out, int num_threads) {
+    const miniplm::ScoreKind k = parse_kind(kind);
+    auto o = view<double>(out, "out", 1, -1, true);
+    const int64_t n = o.shape(0);
+    const double* tp = nullptr;
+    const double* rp = nullptr;
+    f64_array t, r;  // keep the views alive while computing
+    if (k != miniplm::ScoreKind::ReferenceMean) {
+        t = view<double>(teacher, "teacher", 2, 2);
+        check_length(t.shape(0), n, "teacher scores");
+        tp = t.data();
+    }
+    if (k != miniplm::ScoreKind::TeacherMean) {
+        r = view<double>(reference, "reference", 2, 2);
+        check_length(r.shape(0), n, "reference scores");
+        rp = r.data();
+    }
+    double* op = o.mutable_data();
+    miniplm::BadScores bad;
+    {
+        py::gil_scoped_release release;
+        bad = miniplm::compute_scores(k, tp, rp, op, n, num_threads);
+    }
+    return py::make_tuple(bad.count, bad.first);
+}
+
+// A planned selection; keeps the key and weight arrays alive for the writers.
+struct Selection {
+    miniplm::Plan plan;
+    miniplm::KeySpec keys;
+    py::object scores_ref, weights_ref;
+
+    std::vector<int64_t> offsets(py::object shard_offsets) const {
+        auto a = view<int64_t>(shard_offsets, "shard_offsets", 1);
+        if (a.shape(0) < 2) throw std::invalid_argument("shard_offsets: needs at least 2 entries [0, ..., n]");
+        std::vector<int64_t> v(a.data(), a.data() + a.shape(0));
+        if (v.front() != 0 || v.back() != plan.n)
+            throw std::invalid_argument("shard_offsets: must start at 0 and end at n = " + std::to_string(plan.n));
+        for (size_t s = 1; s < v.size(); ++s)
+            if (v[s] < v[s - 1]) throw std::invalid_argument("shard_offsets: must be non-decreasing");
+        return v;
+    }
+
+    void write_indices(py::object out) const {
+        auto o = view<int64_t>(out, "out", 1, -1, true);
+        check_length(o.shape(0), plan.count, "out");
+        int64_t* op = o.mutable_data();
+        py::gil_scoped_release release;
+        miniplm::write_indices(keys, plan, op, 1);
+    }
+
+    uint64_t kept_weight(py::object weights) const {
+        auto w = view<int32_t>(weights, "weights", 1);
+        check_length(w.shape(0), plan.n, "weights");
+        const int32_t* wp = w.data();
+        for (int64_t i = 0; i < plan.n; ++i)
+            if (wp[i] < 0) throw std::invalid_argument("weights: instance " + std::to_string(i) + " has a negative weight");
+        py::gil_scoped_release release;
+        return miniplm::kept_weight(keys, plan, wp);
+    }
+
+    py::object write_blend(py::object out, py::object shard_offsets, std::optional<uint64_t> shuffle_seed,
+                           int num_threads, py::object weights) const {
+        auto o = view<int64_t>(out, "out", 2, 2, true);
+        check_length(o.shape(0), plan.count, "out");
+        const auto offs = offsets(shard_offsets);
+        const int32_t* wp = nullptr;
+        i32_array w;
+        if (!weights.is_none()) {
+            w = view<int32_t>(weights, "weights", 1);
+            check_length(w.shape(0), plan.n, "weights");
+            wp = w.data();
+        }
+        int64_t* op = o.mutable_data();
+        uint64_t total;
+        {
+            py::gil_scoped_release release;
+            total = miniplm::write_blend(keys, plan, offs.data(), static_cast<int64_t>(offs.size()) - 1, op,
+                                         shuffle_seed.has_value(), shuffle_seed.value_or(0), num_threads, wp);
+        }
+        if (!wp) return py::none();
+        return py::int_(total);
+    }
+};
+
+// Pointers to per-shard [n_s, 2] float64 score arrays (None allowed when unused).
+std::vector<const double*> shard_rows(py::object arrays, const char* name, const std::vector<int64_t>& offs,
+                                      bool needed, std::vector<f64_array>& keep) {
+    const size_t S = offs.size() - 1;
+    std::vector<const double*> ptrs(S, nullptr);
+    if (!needed) return ptrs;
+    if (arrays.is_none()) throw std::invalid_argument(std::string(name) + ": scores are needed for this kind");
+    auto list = py::reinterpret_borrow<py::sequence>(arrays);
+    if (list.size() != S)
+        throw std::invalid_argument(std::string(name) + ": " + std::to_string(list.size()) + " arrays for " +
+                                    std::to_string(S) + " shards");
+    for (size_t s = 0; s < S; ++s) {
+        const std::string what = std::string(name) + "[" + std::to_string(s) + "]";
+        keep.push_back(view<double>(list[s], what.c_str(), 2, 2));
+        check_length(keep.back().shape(0), offs[s + 1] - offs[s], what);
+        ptrs[s] = keep.back().data();
+    }
+    return ptrs;
+}
+
+miniplm::ScoreKind parse_kind(const std::string& kind) {
+    if (kind == "difference") return miniplm::ScoreKind::Difference;
+    if (kind == "teacher") return miniplm::ScoreKind::TeacherMean;
+    if (kind == "reference") return miniplm::ScoreKind::ReferenceMean;
+    throw std::invalid_argument("kind must be difference, teacher or reference, got " + kind);
+}
+
+Selection select_instances(py::object scores, uint64_t capacity, py::object weights, bool ascending,
+                 std::optional<uint64_t> random_seed, std::optional<int64_t> n, int num_threads) {
+    Selection sel;
+    int64_t count;
+    if (random_seed.has_value()) {
+        if (!scores.is_none()) throw std::invalid_argument("select: pass scores or random_seed, not both");
+        if (!n.has_value() || *n < 0) throw std::invalid_argument("select: random keys need n >= 0");
+        sel.keys.seed = *random_seed;
+        count = *n;
+    } else {
+        auto s = view<double>(scores, "scores", 1);
+        sel.keys.scores = s.data();
+        sel.keys.ascending = ascending;
+        sel.scores_ref = s;
+        count = s.shape(0);
+        if (n.has_value() && *n != count) check_length(count, *n, "scores");
+    }
+    const int32_t* wp = nullptr;
+    if (!weights.is_none()) {
+        auto w = view<int32_t>(weights, "weights", 1);
+        check_length(w.shape(0), count, "weights");
+        wp = w.data();
+        sel.weights_ref = w;
+        for (int64_t i = 0; i < count; ++i)
+            if (wp[i] < 0)
+                throw std::invalid_argument("weights: instance " + std::to_string(i) + " has a negative weight");
+    }
+    py::gil_scoped_release release;
+    sel.plan = miniplm::plan_selection(sel.keys, wp, count, capacity, num_threads);
+    return sel;
+}
+
+// Scores computed while planning (one pass less than compute_scores + select).
+py::tuple select_scored(const std::string& kind, py::object teacher, py::object reference,
+                        py::object shard_offsets, py::object out, uint64_t capacity, py::object weights,
+                        bool ascending, int num_threads) {
+    miniplm::ScoredInput in;
+    in.kind = parse_kind(kind);
+    auto so = view<int64_t>(shard_offsets, "shard_offsets", 1);
+    in.shard_offsets.assign(so.data(), so.data() + so.shape(0));
+    if (in.shard_offsets.size() < 2 || in.shard_offsets.front() != 0)
+        throw std::invalid_argument("shard_offsets: needs [0, ..., n] with at least one shard");
+    for (size_t s = 1; s < in.shard_offsets.size(); ++s)
+        if (in.shard_offsets[s] < in.shard_offsets[s - 1])
+            throw std::invalid_argument("shard_offsets: must be non-decreasing");
+    const int64_t n = in.shard_offsets.back();
+    std::vector<f64_array> keep;
+    in.teacher = shard_rows(teacher, "teacher", in.shard_offsets, in.kind != miniplm::ScoreKind::ReferenceMean, keep);
+    in.reference = shard_rows(reference, "reference", in.shard_offsets, in.kind != miniplm::ScoreKind::TeacherMean, keep);
+    auto o = view<double>(out, "out", 1, -1, true);
+    check_length(o.shape(0), n, "out");
+    in.out = o.mutable_data();
+    const int32_t* wp = nullptr;
+    Selection sel;
+    if (!weights.is_none()) {
+        auto w = view<int32_t>(weights, "weights", 1);
+        check_length(w.shape(0), n, "weights");
+        wp = w.data();
+        for (int64_t i = 0; i < n; ++i)
+            if (wp[i] < 0) throw std::invalid_argument("weights: instance " + std::to_string(i) + " has a negative weight");
+        sel.weights_ref = w;
+    }
+    sel.keys.scores = in.out;
+    sel.keys.ascending = ascending;
+    sel.scores_ref = o;
+    miniplm::BadScores bad;
+    {
+        py::gil_scoped_release release;
+        sel.plan = miniplm::plan_scored_selection(in, ascending, wp, capacity, num_threads, &bad);
+    }
+    if (bad.count) return py::make_tuple(py::none(), bad.count, bad.first);
+    return py::make_tuple(py::cast(std::move(sel)), 0, -1);
+}
+
+void gather_bytes(py::list sources, py::object shard, py::object offset, py::object nbytes,
+                  py::object out, int num_threads) {
+    std::vector<u8_array> src;
+    std::vector<const uint8_t*> ptrs;
+    std::vector<int64_t> sizes;
+    for (size_t s = 0; s < sources.size(); ++s) {
+        src.push_back(view<uint8_t>(sources[s], ("sources[" + std::to_string(s) + "]").c_str(), 1));
+        ptrs.push_back(src.back().data());
+        sizes.push_back(src.back().shape(0));
+    }
+    auto sh = view<int64_t>(shard, "shard", 1);
+    auto of = view<int64_t>(offset, "offset", 1);
+    auto nb = view<int64_t>(nbytes, "nbytes", 1);
+    check_length(of.shape(0), sh.shape(0), "offset");
+    check_length(nb.shape(0), sh.shape(0), "nbytes");
+    auto o = view<uint8_t>(out, "out", 1, -1, true);
+    const int64_t rows = sh.shape(0), out_size = o.shape(0);
+    const int64_t* shp = sh.data();
+    const int64_t* ofp = of.data();
+    const int64_t* nbp = nb.data();
+    uint8_t* op = o.mutable_data();
+    py::gil_scoped_release release;
+    miniplm::gather_bytes(ptrs.data(), sizes.data(), static_cast<int64_t>(ptrs.size()), shp, ofp, nbp,
+                          rows, op, out_size, num_threads);
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_cpp, m) {
     m.doc() = "C++ kernels of megatron-miniplm (Difference Sampling index builder)";
@@ -43,4 +295,48 @@ PYBIND11_MODULE(_cpp, m) {
           py::arg("num_threads") = 0,
           "Per-instance difference score: reference mean NLL minus teacher mean NLL.\n"
           "Inputs are [N, 2] float64 arrays of (nll_sum, token_count); NaN where a count is 0.");
+    m.def("compute_scores", &compute_scores, py::arg("kind"), py::arg("teacher"), py::arg("reference"),
+          py::arg("out"), py::arg("num_threads") = 0,
+          "Writes per-instance scores into `out` ([N] float64): kind 'difference' (reference mean\n"
+          "NLL - teacher mean NLL), 'teacher' or 'reference' (that model's mean NLL). Inputs are\n"
+          "[N, 2] float64 (nll_sum, token_count). Returns (number of unusable rows, first such\n"
+          "row or -1): a non-finite value, or a count <= 0.");
+    m.def("order_key", [](double x) { return miniplm::order_key(x); }, py::arg("x"),
+          "The uint64 ranking key of a float (monotone; -0.0 == +0.0).");
+
+    py::class_<Selection>(m, "Selection",
+                          "A planned selection. Instance i is kept iff key(i) > boundary_key or\n"
+                          "(key(i) == boundary_key and i <= boundary_index).")
+        .def_property_readonly("n", [](const Selection& s) { return s.plan.n; })
+        .def_property_readonly("count", [](const Selection& s) { return s.plan.count; })
+        .def_property_readonly("weight", [](const Selection& s) { return s.plan.weight; })
+        .def_property_readonly("boundary_key", [](const Selection& s) { return s.plan.boundary_key; })
+        .def_property_readonly("boundary_index", [](const Selection& s) { return s.plan.boundary_index; })
+        .def_property_readonly("passes", [](const Selection& s) { return s.plan.passes; })
+        .def("kept_weight", &Selection::kept_weight, py::arg("weights"),
+             "Sum of weights ([N] int32, e.g. sequence lengths) over the kept instances.")
+        .def("write_indices", &Selection::write_indices, py::arg("out"),
+             "Writes the kept global indices, ascending, into out ([count] int64).")
+        .def("write_blend", &Selection::write_blend, py::arg("out"), py::arg("shard_offsets"),
+             py::arg("shuffle_seed") = py::none(), py::arg("num_threads") = 0, py::arg("weights") = py::none(),
+             "Writes (shard, instance) rows into out ([count, 2] int64): in index order, or in a\n"
+             "seeded uniform random order when shuffle_seed is given. With weights ([N] int32),\n"
+             "returns their total over the kept instances (summed in the same pass), else None.");
+
+    m.def("select", &select_instances, py::arg("scores"), py::arg("capacity"), py::kw_only(),
+          py::arg("weights") = py::none(), py::arg("ascending") = false,
+          py::arg("random_seed") = py::none(), py::arg("n") = py::none(), py::arg("num_threads") = 0,
+          "Ranks instances by score (descending, or ascending), ties by lower index, or by seeded\n"
+          "uniform random keys (scores=None, random_seed, n), and keeps the longest prefix of the\n"
+          "ranking whose weight fits `capacity`: a count of instances, or tokens when `weights`\n"
+          "([N] int32, e.g. sequence lengths) is given. Scores must be finite.");
+    m.def("select_scored", &select_scored, py::arg("kind"), py::arg("teacher"), py::arg("reference"),
+          py::arg("shard_offsets"), py::arg("out"), py::arg("capacity"), py::kw_only(),
+          py::arg("weights") = py::none(), py::arg("ascending") = false, py::arg("num_threads") = 0,
+          "compute_scores over per-shard [n_s, 2] arrays (lists, None where unused) into out ([N]\n"
+          "float64) fused with select(out, capacity, ...): returns (Selection, 0, -1), or\n"
+          "(None, number of non-finite scores, first such global index) and plans nothing.");
+    m.def("gather_bytes", &gather_bytes, py::arg("sources"), py::arg("shard"), py::arg("offset"),
+          py::arg("nbytes"), py::arg("out"), py::arg("num_threads") = 0,
+          "Copies sources[shard[r]][offset[r]:offset[r]+nbytes[r]] for every row r, back to back, into out.");
 }

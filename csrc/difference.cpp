@@ -1,35 +1,10 @@
 #include "difference.h"
 
-#include <algorithm>
 #include <cmath>
 #include <limits>
-#include <thread>
 #include <vector>
 
 namespace miniplm {
-
-int resolve_threads(int requested, int64_t n, int64_t min_chunk) {
-    int threads = requested > 0 ? requested : static_cast<int>(std::thread::hardware_concurrency());
-    threads = std::max(threads, 1);
-    const int64_t useful = std::max<int64_t>(1, n / std::max<int64_t>(min_chunk, 1));
-    return static_cast<int>(std::min<int64_t>(threads, useful));
-}
-
-template <typename Fn>
-static void parallel_for(int64_t n, int threads, Fn fn) {
-    if (threads <= 1) {
-        fn(0, n);
-        return;
-    }
-    std::vector<std::thread> pool;
-    const int64_t chunk = (n + threads - 1) / threads;
-    for (int t = 0; t < threads; ++t) {
-        const int64_t begin = t * chunk, end = std::min(n, begin + chunk);
-        if (begin >= end) break;
-        pool.emplace_back(fn, begin, end);
-    }
-    for (auto& th : pool) th.join();
-}
 
 void difference_scores(const double* teacher, const double* reference, double* out,
                        int64_t n, int64_t stride, int num_threads) {
@@ -40,6 +15,42 @@ void difference_scores(const double* teacher, const double* reference, double* o
             const double* r = reference + i * stride;
             out[i] = (t[1] > 0 && r[1] > 0) ? r[0] / r[1] - t[0] / t[1] : nan;
         }
+    });
+}
+
+namespace {
+
+template <ScoreKind kind>
+BadScores compute(const double* teacher, const double* reference, double* out, int64_t n,
+                  int num_threads) {
+    const auto bounds = split_range(n, resolve_threads(num_threads, n, 1 << 16));
+    std::vector<BadScores> bad(bounds.size() - 1);
+    run_chunks(bounds, [&](int part, int64_t begin, int64_t end) {
+        int64_t count = 0, first = -1;
+        for (int64_t i = begin; i < end; ++i) {
+            const double v = score_of<kind>(teacher + 2 * i, reference + 2 * i);
+            out[i] = v;
+            if (!std::isfinite(v)) {
+                if (first < 0) first = i;
+                ++count;
+            }
+        }
+        bad[part] = {count, first};
+    });
+    BadScores total;
+    for (const auto& b : bad) {  // chunks are in index order: the first hit is the lowest index
+        if (b.count && total.first < 0) total.first = b.first;
+        total.count += b.count;
+    }
+    return total;
+}
+
+}  // namespace
+
+BadScores compute_scores(ScoreKind kind, const double* teacher, const double* reference,
+                         double* out, int64_t n, int num_threads) {
+    return with_score_kind(kind, [&](auto k) {
+        return compute<decltype(k)::value>(teacher, reference, out, n, num_threads);
     });
 }
 

@@ -1,17 +1,60 @@
-// Difference Sampling kernels: pure C++ on raw buffers, no Python types.
+// Per-instance scores from (nll_sum, token_count) score files: pure C++ on raw buffers.
 #pragma once
+#include <cmath>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "parallel.h"
 
 namespace miniplm {
-
-// Number of worker threads to use for `n` items: `requested` if positive,
-// else the hardware concurrency, never more than one thread per `min_chunk` items.
-int resolve_threads(int requested, int64_t n, int64_t min_chunk);
 
 // difference[i] = ref_sum[i] / ref_count[i] - teacher_sum[i] / teacher_count[i].
 // Score rows are (nll_sum, token_count) pairs, `stride` doubles apart.
 // An instance with no counted token in either file gets NaN.
 void difference_scores(const double* teacher, const double* reference, double* out,
                        int64_t n, int64_t stride, int num_threads);
+
+// What a selection ranks instances by.
+enum class ScoreKind { Difference, TeacherMean, ReferenceMean };
+
+// Instances whose score is unusable: a non-finite sum or count, a count <= 0,
+// or a non-finite result. `first` is the lowest such index (-1 if none).
+struct BadScores {
+    int64_t count = 0;
+    int64_t first = -1;
+};
+
+// Mean NLL of a (sum, count) row; NaN when the row cannot give one (count <= 0,
+// NaN or infinite count); an infinite or NaN sum propagates.
+inline double mean_nll(const double* row) {
+    const double sum = row[0], count = row[1];
+    return (count > 0 && std::isfinite(count)) ? sum / count : std::numeric_limits<double>::quiet_NaN();
+}
+
+template <ScoreKind kind>
+inline double score_of(const double* teacher_row, const double* reference_row) {
+    if constexpr (kind == ScoreKind::Difference) return mean_nll(reference_row) - mean_nll(teacher_row);
+    else if constexpr (kind == ScoreKind::TeacherMean) return mean_nll(teacher_row);
+    else return mean_nll(reference_row);
+}
+
+// Calls fn(std::integral_constant<ScoreKind, kind>{}) for the runtime `kind`.
+template <class Fn>
+auto with_score_kind(ScoreKind kind, Fn&& fn) {
+    switch (kind) {
+        case ScoreKind::TeacherMean:
+            return fn(std::integral_constant<ScoreKind, ScoreKind::TeacherMean>{});
+        case ScoreKind::ReferenceMean:
+            return fn(std::integral_constant<ScoreKind, ScoreKind::ReferenceMean>{});
+        default:
+            return fn(std::integral_constant<ScoreKind, ScoreKind::Difference>{});
+    }
+}
+
+// out[i] = the score of `kind` for instance i; rows are (nll_sum, token_count).
+// `teacher` or `reference` may be null when `kind` does not read it.
+BadScores compute_scores(ScoreKind kind, const double* teacher, const double* reference,
+                         double* out, int64_t n, int num_threads);
 
 }  // namespace miniplm

@@ -31,3 +31,22 @@ def test_difference_scores_rejects_bad_shapes():
         _cpp.difference_scores(np.zeros((4, 3)), np.zeros((4, 2)))
     with pytest.raises(ValueError, match="different lengths"):
         _cpp.difference_scores(np.zeros((4, 2)), np.zeros((5, 2)))
+
+
+def test_selection_kernels_are_exported():
+    for name in ("compute_scores", "select", "gather_bytes", "order_key", "Selection"):
+        assert hasattr(_cpp, name), name
+
+
+def test_kernels_work_in_place_without_copies():
+    big = np.zeros(10)
+    scores = np.array([[2.0, 1.0], [6.0, 2.0], [1.0, 1.0]])
+    _cpp.compute_scores("teacher", scores, None, big[4:7])  # a view: results land in `big`
+    np.testing.assert_array_equal(big[4:7], [2.0, 3.0, 1.0])
+    s = np.arange(100_000, dtype=np.float64)
+    sel = _cpp.select(s, 10)
+    s[:] = 0.0  # the plan reads the caller's buffer, so the writer sees the change
+    with pytest.raises(RuntimeError, match="changed"):
+        sel.write_indices(np.empty(10, np.int64))
+    with pytest.raises(TypeError, match="float64"):
+        _cpp.select(np.arange(10, dtype=np.int64), 3)  # an int array would need a converted copy

@@ -1,0 +1,553 @@
+#include "select.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <new>
+#include <stdexcept>
+#include <string>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "parallel.h"
+#include "random.h"
+
+namespace miniplm {
+namespace {
+
+constexpr int kRadixBits = 16;                // buckets per histogram level
+constexpr int64_t kBuckets = 1LL << kRadixBits;
+constexpr int64_t kSortLimit = 1LL << 18;     // a boundary bucket this small is sorted in memory
+constexpr int64_t kMinChunk = 1LL << 16;      // fewer items per thread do not pay for a thread
+constexpr int kShuffleBucketBits = 15;        // ~32K rows per shuffle bucket: fits in L2
+constexpr uint64_t kStreamKeys = 1, kStreamBucket = 2, kStreamShuffle = 3;
+
+// Key sources: the ranking key of instance i (larger ranks first).
+struct DescKeys {
+    const double* s;
+    uint64_t operator()(int64_t i) const { return order_key(s[i]); }
+};
+struct AscKeys {
+    const double* s;
+    uint64_t operator()(int64_t i) const { return ~order_key(s[i]); }
+};
+struct RandomKeys {
+    uint64_t stream;
+    uint64_t operator()(int64_t i) const { return hash64(stream, static_cast<uint64_t>(i)); }
+};
+
+// Weights: what the capacity counts.
+struct UnitWeight {
+    static constexpr bool unit = true;
+    uint64_t operator()(int64_t) const { return 1; }
+};
+struct TokenWeight {
+    static constexpr bool unit = false;
+    const int32_t* w;
+    uint64_t operator()(int64_t i) const { return static_cast<uint64_t>(w[i]); }
+};
+
+template <class Fn>
+auto with_keys(const KeySpec& spec, Fn&& fn) {
+    if (!spec.scores) return fn(RandomKeys{stream_seed(spec.seed, kStreamKeys)});
+    if (spec.ascending) return fn(AscKeys{spec.scores});
+    return fn(DescKeys{spec.scores});
+}
+
+// An uninitialized int64 scratch array, on transparent huge pages where the OS offers
+// them (first-touch page faults otherwise cost more than the work done on the array).
+class Scratch {
+  public:
+    explicit Scratch(int64_t n) {
+        constexpr size_t kHuge = size_t{1} << 21;
+        bytes_ = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(int64_t) + kHuge - 1) / kHuge * kHuge;
+        data_ = static_cast<int64_t*>(std::aligned_alloc(kHuge, bytes_));
+        if (!data_) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+        madvise(data_, bytes_, MADV_HUGEPAGE);
+#endif
+    }
+    ~Scratch() { std::free(data_); }
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+    int64_t* data() const { return data_; }
+
+  private:
+    int64_t* data_ = nullptr;
+    size_t bytes_ = 0;
+};
+
+struct Candidate {
+    uint64_t key;
+    int64_t index;
+    uint64_t weight;
+};
+
+template <class Fn>
+auto with_weights(const int32_t* weights, Fn&& fn) {
+    if (weights) return fn(TokenWeight{weights});
+    return fn(UnitWeight{});
+}
+
+int chunk_of(const std::vector<int64_t>& bounds, int64_t i) {
+    return static_cast<int>(std::upper_bound(bounds.begin(), bounds.end(), i) - bounds.begin()) - 1;
+}
+
+// fn(shard, shard_base, begin, end) for each non-empty shard segment of [b, e).
+template <class Fn>
+inline void for_segments(const int64_t* offs, int64_t num_shards, int64_t b, int64_t e, Fn&& fn) {
+    if (b >= e) return;
+    int64_t s = std::upper_bound(offs, offs + num_shards + 1, b) - offs - 1;
+    for (int64_t seg = b; seg < e; ++s) {
+        const int64_t seg_end = std::min(e, offs[s + 1]);
+        if (seg_end > seg) fn(s, offs[s], seg, seg_end);
+        seg = std::max(seg, seg_end);
+    }
+}
+
+// The first histogram pass reads keys from the key source.
+struct PlainFirstPass {
+    static constexpr bool fused = false;
+    bool ok() const { return true; }
+};
+
+// The first histogram pass computes the scores from (sum, count) rows, writes them and
+// ranks them in the same pass; a non-finite score aborts the plan after that pass.
+struct ScoredFirstPass {
+    static constexpr bool fused = true;
+    const ScoredInput* in;
+    bool ascending;
+    std::vector<BadScores>* bad;  // per chunk
+
+    template <class Visit>
+    void operator()(int c, int64_t b, int64_t e, Visit&& visit) const {
+        const int64_t S = static_cast<int64_t>(in->shard_offsets.size()) - 1;
+        BadScores found;
+        with_score_kind(in->kind, [&](auto kind) {
+            for_segments(in->shard_offsets.data(), S, b, e, [&](int64_t s, int64_t base, int64_t sb, int64_t se) {
+                const double* t = in->teacher[s];
+                const double* r = in->reference[s];
+                for (int64_t i = sb; i < se; ++i) {
+                    const int64_t j = 2 * (i - base);
+                    const double v = score_of<decltype(kind)::value>(t + j, r + j);
+                    in->out[i] = v;
+                    if (!std::isfinite(v)) {
+                        if (found.first < 0) found.first = i;
+                        ++found.count;
+                    }
+                    const uint64_t k = order_key(v);
+                    visit(i, ascending ? ~k : k);
+                }
+            });
+            return 0;
+        });
+        (*bad)[c] = found;
+    }
+    bool ok() const {
+        for (const auto& x : *bad)
+            if (x.count) return false;
+        return true;
+    }
+};
+
+// The boundary search. The key range [lo, lo + 2^width - 1] always holds the
+// boundary: everything above it is kept (weight above_w <= capacity), and the
+// range's weight would overflow the capacity if all of it were kept too.
+template <class K, class W, class First>
+Plan plan_impl(const K& key, const W& weight, int64_t n, uint64_t capacity,
+               const First& first, const std::vector<int64_t>& bounds_in) {
+    Plan p;
+    p.n = n;
+    p.chunk_bounds = bounds_in;
+    const int T = static_cast<int>(bounds_in.size()) - 1;
+    const auto& bounds = p.chunk_bounds;
+
+    std::vector<int64_t> above_chunk(T, 0);   // kept instances above the range, per chunk
+    std::vector<int64_t> range_chunk(T);      // instances inside the range, per chunk
+    std::vector<uint64_t> range_wchunk(T, 0); // their weight (known after one level)
+    for (int c = 0; c < T; ++c) range_chunk[c] = bounds[c + 1] - bounds[c];
+    uint64_t lo = 0;
+    int width = 64;
+    int64_t range_count = n, above_n = 0;
+    uint64_t above_w = 0;
+
+    std::vector<uint64_t> cnt(static_cast<size_t>(T) * kBuckets);
+    std::vector<uint64_t> wsum(W::unit ? 0 : static_cast<size_t>(T) * kBuckets);
+    std::vector<uint64_t> merged_c(kBuckets), merged_w(kBuckets);
+
+    auto span_of = [](int w) { return w >= 64 ? ~0ULL : ((1ULL << w) - 1); };
+
+    for (bool first_level = true;; first_level = false) {
+        const uint64_t span = span_of(width);
+        const bool fused = First::fused && first_level;
+        if (!fused && range_count <= kSortLimit) {
+            // Sort the boundary bucket: (key desc, index asc), then walk the capacity.
+            std::vector<int64_t> offs(T + 1, 0);
+            for (int c = 0; c < T; ++c) offs[c + 1] = offs[c] + range_chunk[c];
+            std::vector<Candidate> cand(static_cast<size_t>(range_count));
+            std::atomic<bool> changed{false};
+            run_chunks(bounds, [&](int c, int64_t b, int64_t e) {
+                int64_t pos = offs[c];
+                const int64_t stop = offs[c + 1];
+                for (int64_t i = b; i < e; ++i) {
+                    const uint64_t k = key(i);
+                    if (k - lo <= span) {
+                        if (pos == stop) {
+                            changed = true;
+                            return;
+                        }
+                        cand[pos++] = {k, i, weight(i)};
+                    }
+                }
+                if (pos != stop) changed = true;
+            });
+            if (changed) throw std::logic_error("selection: scores changed while selecting");
+            ++p.passes;
+            std::sort(cand.begin(), cand.end(), [](const Candidate& a, const Candidate& b) {
+                return a.key != b.key ? a.key > b.key : a.index < b.index;
+            });
+            uint64_t room = capacity - above_w;
+            int64_t taken = 0;
+            p.chunk_count = above_chunk;
+            for (const auto& x : cand) {
+                if (x.weight > room) break;
+                room -= x.weight;
+                ++taken;
+                ++p.chunk_count[chunk_of(bounds, x.index)];
+            }
+            if (taken > 0) {
+                p.boundary_key = cand[taken - 1].key;
+                p.boundary_index = cand[taken - 1].index;
+            } else {  // only what lies above the range; lo + span == ~0 keeps nothing
+                p.boundary_key = lo + span;
+                p.boundary_index = -1;
+            }
+            p.count = above_n + taken;
+            p.weight = capacity - room;
+            return p;
+        }
+        if (!fused && width == 0) {
+            // A single key value with many ties: keep them in index order while they fit.
+            uint64_t room = capacity - above_w;
+            int64_t taken = 0;
+            p.chunk_count = above_chunk;
+            p.boundary_key = lo;
+            p.boundary_index = n - 1;  // unreachable by the invariant: everything fits
+            for (int c = 0; c < T; ++c) {
+                if (range_wchunk[c] <= room) {
+                    room -= range_wchunk[c];
+                    taken += range_chunk[c];
+                    p.chunk_count[c] += range_chunk[c];
+                    continue;
+                }
+                p.boundary_index = bounds[c] - 1;  // if no tie of chunk c fits
+                for (int64_t i = bounds[c]; i < bounds[c + 1]; ++i) {
+                    if (key(i) != lo) continue;
+                    const uint64_t w = weight(i);
+                    if (w > room) break;
+                    room -= w;
+                    ++taken;
+                    ++p.chunk_count[c];
+                    p.boundary_index = i;
+                }
+                break;
+            }
+            p.count = above_n + taken;
+            p.weight = capacity - room;
+            return p;
+        }
+
+        // One histogram level over the keys inside the range.
+        const int shift = std::max(width - kRadixBits, 0);
+        const int64_t nb = 1LL << (width - shift);
+        run_chunks(bounds, [&](int c, int64_t b, int64_t e) {
+            uint64_t* hc = &cnt[static_cast<size_t>(c) * kBuckets];
+            std::fill(hc, hc + nb, 0);
+            uint64_t* hw = nullptr;
+            if constexpr (!W::unit) {
+                hw = &wsum[static_cast<size_t>(c) * kBuckets];
+                std::fill(hw, hw + nb, 0);
+            }
+            auto visit = [&](int64_t i, uint64_t key_i) {
+                const uint64_t k = key_i - lo;
+                if (k <= span) {
+                    const uint64_t bucket = k >> shift;
+                    ++hc[bucket];
+                    if constexpr (!W::unit) hw[bucket] += weight(i);
+                }
+            };
+            if constexpr (First::fused) {
+                if (fused) {
+                    first(c, b, e, visit);
+                    return;
+                }
+            }
+            for (int64_t i = b; i < e; ++i) visit(i, key(i));
+        });
+        ++p.passes;
+        if (fused && !first.ok()) {  // non-finite scores: plan nothing
+            p.count = 0;
+            p.weight = 0;
+            p.boundary_key = ~0ULL;
+            p.boundary_index = -1;
+            p.chunk_count.assign(T, 0);
+            return p;
+        }
+        uint64_t total_w = 0;
+        for (int64_t b = 0; b < nb; ++b) {
+            uint64_t sc = 0, sw = 0;
+            for (int c = 0; c < T; ++c) {
+                sc += cnt[static_cast<size_t>(c) * kBuckets + b];
+                if constexpr (!W::unit) sw += wsum[static_cast<size_t>(c) * kBuckets + b];
+            }
+            merged_c[b] = sc;
+            merged_w[b] = W::unit ? sc : sw;
+            total_w += merged_w[b];
+        }
+        if (first_level && total_w <= capacity) {  // everything fits
+            p.boundary_key = 0;
+            p.boundary_index = n - 1;
+            p.chunk_count = range_chunk;
+            p.count = n;
+            p.weight = total_w;
+            return p;
+        }
+        int64_t j = -1;
+        for (int64_t b = nb - 1; b >= 0; --b) {
+            if (merged_w[b] > capacity - above_w) {
+                j = b;
+                break;
+            }
+            above_w += merged_w[b];
+            above_n += static_cast<int64_t>(merged_c[b]);
+            for (int c = 0; c < T; ++c)
+                above_chunk[c] += static_cast<int64_t>(cnt[static_cast<size_t>(c) * kBuckets + b]);
+        }
+        if (j < 0) throw std::logic_error("selection: no boundary bucket (keys changed while selecting?)");
+        lo += static_cast<uint64_t>(j) << shift;
+        width = shift;
+        range_count = static_cast<int64_t>(merged_c[j]);
+        for (int c = 0; c < T; ++c) {
+            const size_t at = static_cast<size_t>(c) * kBuckets + j;
+            range_chunk[c] = static_cast<int64_t>(cnt[at]);
+            range_wchunk[c] = W::unit ? cnt[at] : wsum[at];
+        }
+    }
+}
+
+// Walks every chunk in index order and calls emit(chunk, pos, shard, instance_in_shard,
+// global, keep) while pos < the chunk's end row: pos is the output row of the next kept
+// instance, so a call with keep == false is overwritten later (branch-free writing).
+// Returns the total weight of the kept instances; checks the plan's counts.
+template <class K, class W, class Emit>
+uint64_t emit_kept(const K& key, const W& weight, const Plan& p, const int64_t* shard_offsets,
+                   int64_t num_shards, Emit emit) {
+    const int T = static_cast<int>(p.chunk_bounds.size()) - 1;
+    std::vector<int64_t> offs(T + 1, 0);
+    for (int c = 0; c < T; ++c) offs[c + 1] = offs[c] + p.chunk_count[c];
+    std::vector<uint64_t> sums(T, 0);
+    std::atomic<bool> mismatch{false};
+    const uint64_t bk = p.boundary_key;
+    const int64_t bi = p.boundary_index;
+    run_chunks(p.chunk_bounds, [&](int c, int64_t b, int64_t e) {
+        int64_t pos = offs[c];
+        const int64_t stop = offs[c + 1];
+        uint64_t sum = 0;
+        for_segments(shard_offsets, num_shards, b, e, [&](int64_t s, int64_t base, int64_t sb, int64_t se) {
+            // Locals, not the captured counters: stores through `out` may alias an int64_t
+            // held in memory, which would force a reload per instance.
+            int64_t p = pos;
+            uint64_t acc = sum;
+            for (int64_t i = sb; i < se; ++i) {
+                const uint64_t k = key(i);
+                const bool keep = (k > bk) | ((k == bk) & (i <= bi));
+                if (p < stop) emit(c, p, s, i - base, i, keep);
+                p += keep;
+                if constexpr (!W::unit) acc += weight(i) & (0 - static_cast<uint64_t>(keep));
+            }
+            pos = p;
+            sum = acc;
+        });
+        sums[c] = sum;
+        if (pos != stop) mismatch = true;
+    });
+    if (mismatch)
+        throw std::logic_error("selection: the kept count differs from the plan (scores changed since planning?)");
+    uint64_t total = 0;
+    for (auto v : sums) total += v;
+    return total;
+}
+
+int shuffle_bucket_bits(int64_t rows) {
+    int bits = 0;
+    while (bits < 16 && (rows >> (bits + kShuffleBucketBits)) > 0) ++bits;
+    return bits;
+}
+
+}  // namespace
+
+Plan plan_selection(const KeySpec& keys, const int32_t* weights, int64_t n, uint64_t capacity,
+                    int num_threads) {
+    const auto bounds = split_range(n, resolve_threads(num_threads, n, kMinChunk));
+    return with_keys(keys, [&](const auto& key) {
+        return with_weights(weights, [&](const auto& w) {
+            return plan_impl(key, w, n, capacity, PlainFirstPass{}, bounds);
+        });
+    });
+}
+
+Plan plan_scored_selection(const ScoredInput& in, bool ascending, const int32_t* weights,
+                           uint64_t capacity, int num_threads, BadScores* bad) {
+    const int64_t S = static_cast<int64_t>(in.shard_offsets.size()) - 1;
+    const int64_t n = in.shard_offsets[S];
+    KeySpec keys;
+    keys.scores = in.out;
+    keys.ascending = ascending;
+    if (n <= kSortLimit) {  // too small for a histogram pass: score first, then plan
+        *bad = BadScores{};
+        for (int64_t s = 0; s < S; ++s) {
+            const int64_t lo = in.shard_offsets[s];
+            const BadScores b = compute_scores(in.kind, in.teacher[s], in.reference[s], in.out + lo,
+                                               in.shard_offsets[s + 1] - lo, 1);
+            if (b.count && bad->first < 0) bad->first = lo + b.first;
+            bad->count += b.count;
+        }
+        if (bad->count) {
+            Plan p;
+            p.n = n;
+            p.boundary_key = ~0ULL;
+            p.chunk_bounds = split_range(n, 1);
+            p.chunk_count.assign(1, 0);
+            return p;
+        }
+        return plan_selection(keys, weights, n, capacity, num_threads);
+    }
+    const auto bounds = split_range(n, resolve_threads(num_threads, n, kMinChunk));
+    std::vector<BadScores> per_chunk(bounds.size() - 1);
+    const ScoredFirstPass first{&in, ascending, &per_chunk};
+    Plan p = with_keys(keys, [&](const auto& key) {
+        return with_weights(weights, [&](const auto& w) {
+            return plan_impl(key, w, n, capacity, first, bounds);
+        });
+    });
+    *bad = BadScores{};
+    for (const auto& b : per_chunk) {
+        if (b.count && bad->first < 0) bad->first = b.first;
+        bad->count += b.count;
+    }
+    return p;
+}
+
+uint64_t kept_weight(const KeySpec& keys, const Plan& plan, const int32_t* weights) {
+    const int64_t whole[2] = {0, plan.n};
+    return with_keys(keys, [&](const auto& key) {
+        return emit_kept(key, TokenWeight{weights}, plan, whole, 1,
+                         [](int, int64_t, int64_t, int64_t, int64_t, bool) {});
+    });
+}
+
+void write_indices(const KeySpec& keys, const Plan& plan, int64_t* out, int64_t stride) {
+    const int64_t whole[2] = {0, plan.n};
+    with_keys(keys, [&](const auto& key) {
+        return emit_kept(key, UnitWeight{}, plan, whole, 1,
+                         [&](int, int64_t pos, int64_t, int64_t, int64_t g, bool) { out[pos * stride] = g; });
+    });
+}
+
+uint64_t write_blend(const KeySpec& keys, const Plan& plan, const int64_t* shard_offsets,
+                     int64_t num_shards, int64_t* out, bool shuffle, uint64_t shuffle_seed,
+                     int num_threads, const int32_t* weights) {
+    if (!shuffle) {
+        return with_keys(keys, [&](const auto& key) {
+            return with_weights(weights, [&](const auto& w) {
+                return emit_kept(key, w, plan, shard_offsets, num_shards,
+                                 [&](int, int64_t pos, int64_t s, int64_t local, int64_t, bool) {
+                                     out[2 * pos] = s;
+                                     out[2 * pos + 1] = local;
+                                 });
+            });
+        });
+    }
+    // A parallel uniform shuffle. Every kept instance goes to a bucket drawn from a hash
+    // of its global index; buckets are laid out in order, rows keeping their index order
+    // inside a bucket; then each bucket gets its own Fisher-Yates shuffle. Random bucket
+    // assignment followed by uniform shuffles within buckets is a uniform permutation,
+    // and no step depends on the number of threads.
+    const int64_t rows = plan.count;
+    const int bits = shuffle_bucket_bits(rows);
+    const int64_t B = 1LL << bits;
+    const uint64_t bucket_stream = stream_seed(shuffle_seed, kStreamBucket);
+    auto bucket_of = [&](int64_t g) -> int64_t {
+        return bits ? static_cast<int64_t>(hash64(bucket_stream, static_cast<uint64_t>(g)) >> (64 - bits)) : 0;
+    };
+    const int T = static_cast<int>(plan.chunk_bounds.size()) - 1;
+    std::vector<int64_t> pos(static_cast<size_t>(T) * B, 0);
+    // 1. Kept global ids into column 0, counting each chunk's bucket sizes on the way.
+    const uint64_t total = with_keys(keys, [&](const auto& key) {
+        return with_weights(weights, [&](const auto& w) {
+            return emit_kept(key, w, plan, shard_offsets, num_shards,
+                             [&](int c, int64_t p, int64_t, int64_t, int64_t g, bool keep) {
+                                 out[2 * p] = g;
+                                 pos[static_cast<size_t>(c) * B + bucket_of(g)] += keep;
+                             });
+        });
+    });
+    std::vector<int64_t> bucket_begin(B + 1, 0);
+    int64_t running = 0;
+    for (int64_t b = 0; b < B; ++b) {
+        bucket_begin[b] = running;
+        for (int c = 0; c < T; ++c) {
+            const int64_t n_cb = pos[static_cast<size_t>(c) * B + b];
+            pos[static_cast<size_t>(c) * B + b] = running;
+            running += n_cb;
+        }
+    }
+    bucket_begin[B] = running;
+    // 2. Scatter column 0 into a scratch array at the bucketed positions (each chunk's
+    //    rows in order), so that each bucket is contiguous for its shuffle.
+    std::vector<int64_t> row_bounds(T + 1, 0);
+    for (int c = 0; c < T; ++c) row_bounds[c + 1] = row_bounds[c] + plan.chunk_count[c];
+    Scratch scratch(rows);
+    int64_t* ids = scratch.data();
+    run_chunks(row_bounds, [&](int c, int64_t b, int64_t e) {
+        int64_t* next = &pos[static_cast<size_t>(c) * B];
+        for (int64_t r = b; r < e; ++r) {
+            const int64_t g = out[2 * r];
+            ids[next[bucket_of(g)]++] = g;
+        }
+    });
+    // 3. Shuffle each bucket, then turn global ids into (shard, instance) rows. The shard
+    //    of a global id: a branch-free count over few shards, else a binary search.
+    auto shard_of = [&](int64_t g) -> int64_t {
+        if (num_shards <= 64) {
+            int64_t s = 0;
+            for (int64_t k = 1; k < num_shards; ++k) s += g >= shard_offsets[k];
+            while (shard_offsets[s + 1] <= g) ++s;  // skip empty shards ending at g
+            return s;
+        }
+        return std::upper_bound(shard_offsets, shard_offsets + num_shards + 1, g) - shard_offsets - 1;
+    };
+    const uint64_t shuffle_stream = stream_seed(shuffle_seed, kStreamShuffle);
+    std::atomic<int64_t> next_bucket{0};
+    const int workers = static_cast<int>(std::min<int64_t>(resolve_threads(num_threads, rows, kMinChunk), B));
+    run_chunks(split_range(workers, workers), [&](int, int64_t, int64_t) {
+        for (int64_t b; (b = next_bucket.fetch_add(1)) < B;) {
+            const int64_t begin = bucket_begin[b], end = bucket_begin[b + 1];
+            SplitMix64 rng{hash64(shuffle_stream, static_cast<uint64_t>(b))};
+            for (int64_t j = end - 1; j > begin; --j) {
+                const int64_t r = begin + static_cast<int64_t>(bounded(rng, static_cast<uint64_t>(j - begin + 1)));
+                std::swap(ids[j], ids[r]);
+            }
+            for (int64_t r = begin; r < end; ++r) {
+                const int64_t g = ids[r];
+                const int64_t s = shard_of(g);
+                out[2 * r] = s;
+                out[2 * r + 1] = g - shard_offsets[s];
+            }
+        }
+    });
+    return total;
+}
+
+}  // namespace miniplm

@@ -1,0 +1,80 @@
+// Top-k / token-budget selection and the sampled blend, on raw buffers.
+//
+// Instances are ranked by a 64-bit key, larger first, ties broken by the lower
+// global index. A selection keeps the longest prefix of that ranking whose total
+// weight (1 per instance, or its token count) fits a capacity. It is found
+// without sorting: a few radix-histogram passes narrow down the boundary key,
+// the few instances left in the boundary bucket are sorted, and the result is a
+// boundary (key, index): instance i is kept iff
+//     key(i) > boundary_key  or  (key(i) == boundary_key and i <= boundary_index).
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "difference.h"
+
+namespace miniplm {
+
+// Monotone map of a double to uint64: a < b  <=>  order_key(a) < order_key(b),
+// with -0.0 ranked equal to +0.0. NaN must be rejected by the caller.
+inline uint64_t order_key(double x) {
+    x += 0.0;  // -0.0 + 0.0 == +0.0
+    uint64_t u;
+    std::memcpy(&u, &x, sizeof u);
+    const uint64_t flip = static_cast<uint64_t>(static_cast<int64_t>(u) >> 63) | (1ULL << 63);
+    return u ^ flip;
+}
+
+// Where ranking keys come from.
+struct KeySpec {
+    const double* scores = nullptr;  // null: uniform random keys drawn from `seed`
+    bool ascending = false;          // rank the lowest scores first
+    uint64_t seed = 0;               // random keys only
+};
+
+struct Plan {
+    int64_t n = 0;
+    int64_t count = 0;          // instances kept
+    uint64_t weight = 0;        // their total weight
+    uint64_t boundary_key = 0;  // see the header comment
+    int64_t boundary_index = -1;
+    int passes = 0;             // full passes over the keys (for benchmarks)
+    std::vector<int64_t> chunk_bounds;  // the writer's chunks of [0, n)
+    std::vector<int64_t> chunk_count;   // kept instances per chunk
+};
+
+// Finds the kept set. `weights` (may be null: weight 1) must be >= 0.
+Plan plan_selection(const KeySpec& keys, const int32_t* weights, int64_t n, uint64_t capacity,
+                    int num_threads);
+
+// Scores computed from per-shard (nll_sum, token_count) rows while planning: the first
+// histogram pass also writes out[i], so the scores are read from memory once less.
+struct ScoredInput {
+    ScoreKind kind = ScoreKind::Difference;
+    std::vector<const double*> teacher, reference;  // per shard; null where `kind` does not read it
+    std::vector<int64_t> shard_offsets;             // S + 1 entries
+    double* out = nullptr;                          // [n] scores, written
+};
+
+// Like plan_selection on the scores of `in`. If any score is not finite, nothing is
+// planned (count 0) and `bad` says how many and where the first is.
+Plan plan_scored_selection(const ScoredInput& in, bool ascending, const int32_t* weights,
+                           uint64_t capacity, int num_threads, BadScores* bad);
+
+// Total of `weights` (e.g. tokens) over the kept instances.
+uint64_t kept_weight(const KeySpec& keys, const Plan& plan, const int32_t* weights);
+
+// Kept instances as sorted global indices: out[j * stride], j < plan.count.
+void write_indices(const KeySpec& keys, const Plan& plan, int64_t* out, int64_t stride);
+
+// Kept instances as (shard, instance-in-shard) rows of out[plan.count][2], in index
+// order, or shuffled with a seeded uniform permutation when `shuffle` is set.
+// shard_offsets[s] is the global index of shard s's first instance; shard_offsets[S] == n.
+// Returns the total of `weights` over the kept instances (0 if weights is null), summed
+// in the same pass.
+uint64_t write_blend(const KeySpec& keys, const Plan& plan, const int64_t* shard_offsets,
+                     int64_t num_shards, int64_t* out, bool shuffle, uint64_t shuffle_seed,
+                     int num_threads, const int32_t* weights = nullptr);
+
+}  // namespace miniplm

@@ -1,0 +1,182 @@
+"""Score files: per-instance (nll_sum, token_count) of one model over one dataset shard.
+
+    SCORES.npy        float64 [N, 2], row i = (sum of masked token NLL, number of masked
+                      tokens) of instance i, in dataset order
+    SCORES.meta.json  {"format_version": 1, "dataset_fingerprint", "num_instances",
+                       "model": {...}, "sha256": of SCORES.npy, ...}
+
+Sums and counts (not means) are stored so that scores can be merged and re-weighted
+exactly. Writes are atomic: both files go to temporary names first; any old meta is
+removed before the new .npy is renamed into place and the new meta is renamed last, so
+a reader never pairs a meta with the wrong array. One score file per dataset shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+COLUMNS = ("nll_sum", "token_count")
+
+
+class ScoreFileError(ValueError):
+    """A score file that cannot be used; the message names the file and the reason."""
+
+
+def score_paths(prefix: str) -> tuple[str, str]:
+    return prefix + ".npy", prefix + ".meta.json"
+
+
+def file_sha256(path: str, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _temp_name(path: str) -> str:
+    return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _fsync_replace(tmp: str, final: str) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def _check_meta_in(meta: Any, where: str) -> dict:
+    if not isinstance(meta, dict):
+        raise ScoreFileError(f"{where}: meta must be a JSON object, got {type(meta).__name__}")
+    fp = meta.get("dataset_fingerprint")
+    if not isinstance(fp, str) or not fp:
+        raise ScoreFileError(f"{where}: meta needs 'dataset_fingerprint' (the sha256 in the dataset's meta.json)")
+    if not isinstance(meta.get("model"), dict):
+        raise ScoreFileError(f"{where}: meta needs 'model', a dict identifying the scoring model")
+    return meta
+
+
+class ScoreFileWriter:
+    """Streams scores of a large shard into a memory-mapped temporary .npy; `commit()`
+    renames it into place with its meta. Use when [N, 2] does not fit in memory twice."""
+
+    def __init__(self, prefix: str, num_instances: int, meta: dict):
+        self.prefix = prefix
+        self.npy_path, self.meta_path = score_paths(prefix)
+        self.meta = dict(_check_meta_in(meta, self.meta_path))
+        if num_instances < 0:
+            raise ScoreFileError(f"{self.npy_path}: num_instances must be >= 0, got {num_instances}")
+        self._check_declared(num_instances)
+        out_dir = os.path.dirname(os.path.abspath(self.npy_path))
+        if not os.path.isdir(out_dir):
+            raise ScoreFileError(f"{self.npy_path}: output directory {out_dir} does not exist")
+        self.num_instances = num_instances
+        self._tmp = _temp_name(self.npy_path)
+        self.array = np.lib.format.open_memmap(self._tmp, mode="w+", dtype=np.float64, shape=(num_instances, 2))
+
+    def _check_declared(self, n: int) -> None:
+        declared = self.meta.get("num_instances", n)
+        if declared != n:
+            raise ScoreFileError(f"{self.meta_path}: meta says num_instances={declared}, the array has {n} rows")
+        version = self.meta.get("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ScoreFileError(f"{self.meta_path}: format_version {version!r}, this code writes {FORMAT_VERSION}")
+
+    def commit(self) -> dict:
+        self.array.flush()
+        del self.array
+        meta = {**self.meta, "format_version": FORMAT_VERSION, "num_instances": self.num_instances,
+                "columns": list(COLUMNS), "sha256": file_sha256(self._tmp)}
+        tmp_meta = _temp_name(self.meta_path)
+        with open(tmp_meta, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+            f.write("\n")
+        if os.path.exists(self.meta_path):
+            os.remove(self.meta_path)  # no moment where an old meta describes the new array
+        _fsync_replace(self._tmp, self.npy_path)
+        _fsync_replace(tmp_meta, self.meta_path)
+        return meta
+
+    def abort(self) -> None:
+        if hasattr(self, "array"):
+            del self.array
+        if os.path.exists(self._tmp):
+            os.remove(self._tmp)
+
+    def __enter__(self) -> "ScoreFileWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def save_scores(prefix: str, array: np.ndarray, meta: dict) -> dict:
+    """Writes PREFIX.npy and PREFIX.meta.json atomically; returns the meta written
+    (with format_version, num_instances, columns and the .npy's sha256 filled in)."""
+    npy_path, meta_path = score_paths(prefix)
+    arr = np.asarray(array)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ScoreFileError(f"{npy_path}: expected an array of shape [N, 2] (nll_sum, token_count), got {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise ScoreFileError(f"{npy_path}: expected a numeric array, got dtype {arr.dtype}")
+    with ScoreFileWriter(prefix, arr.shape[0], meta) as w:
+        w.array[...] = arr
+        return w.commit()
+
+
+def load_scores(prefix: str, *, mmap: bool = True, verify_sha256: bool = False) -> tuple[np.ndarray, dict]:
+    """(scores [N, 2] float64, memory-mapped read-only; meta). Raises ScoreFileError
+    naming the file for anything missing, malformed or inconsistent."""
+    npy_path, meta_path = score_paths(prefix)
+    if not os.path.isfile(meta_path):
+        raise ScoreFileError(f"{meta_path}: score meta file not found (score files come in pairs: "
+                             f"{os.path.basename(npy_path)} + {os.path.basename(meta_path)})")
+    if not os.path.isfile(npy_path):
+        raise ScoreFileError(f"{npy_path}: score array not found")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ScoreFileError(f"{meta_path}: not valid JSON ({e})") from None
+    _check_meta_in(meta, meta_path)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ScoreFileError(f"{meta_path}: format_version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+    n = meta.get("num_instances")
+    if not isinstance(n, int) or n < 0:
+        raise ScoreFileError(f"{meta_path}: 'num_instances' must be a non-negative integer, got {n!r}")
+    try:
+        arr = np.load(npy_path, mmap_mode="r" if mmap and n > 0 else None, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ScoreFileError(f"{npy_path}: not a readable .npy file ({e})") from None
+    if arr.dtype != np.float64 or arr.ndim != 2 or arr.shape[1] != 2:
+        raise ScoreFileError(f"{npy_path}: expected float64 [N, 2] (nll_sum, token_count), got {arr.dtype} {arr.shape}")
+    if not arr.flags.c_contiguous:
+        raise ScoreFileError(f"{npy_path}: array is not C-contiguous (Fortran-ordered .npy)")
+    if arr.shape[0] != n:
+        raise ScoreFileError(f"{npy_path}: {arr.shape[0]} rows, but {meta_path} says num_instances={n}")
+    if verify_sha256 and "sha256" in meta and file_sha256(npy_path) != meta["sha256"]:
+        raise ScoreFileError(f"{npy_path}: sha256 differs from {meta_path} (array changed after it was written)")
+    return arr, meta
+
+
+def check_scores_match(score_prefix: str, score_meta: dict, dataset_prefix: str, dataset_meta: dict) -> None:
+    """Raises unless the score file was computed over exactly this dataset shard."""
+    _, meta_path = score_paths(score_prefix)
+    want = dataset_meta.get("fingerprint")
+    got = score_meta.get("dataset_fingerprint")
+    if got != want:
+        raise ScoreFileError(
+            f"{meta_path}: scores of another dataset: dataset_fingerprint {str(got)[:16]}... but "
+            f"{dataset_prefix}.meta.json has fingerprint {str(want)[:16]}..."
+        )
+    if score_meta.get("num_instances") != dataset_meta.get("num_instances"):
+        raise ScoreFileError(
+            f"{meta_path}: {score_meta.get('num_instances')} instances scored, but {dataset_prefix} has "
+            f"{dataset_meta.get('num_instances')}"
+        )

@@ -1,0 +1,217 @@
+"""The whole of tools/difference_sample.py: validate, score, select, write, report.
+
+Every check that can refuse the run (inputs, fingerprints, lengths, non-finite scores,
+alpha, budget, an empty selection) happens before the first byte is written.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+import megatron_miniplm
+from megatron_miniplm.scoring.score_file import ScoreFileError, check_scores_match, load_scores, score_paths
+from megatron_miniplm.selection import blend as blend_io
+from megatron_miniplm.selection.difference import (
+    RANKINGS, SelectionConfig, SelectionError, compute_scores, kept_mask, select, write_blend,
+)
+from megatron_miniplm.selection.shards import Shard, concat_lengths, open_shards, shard_offsets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleRequest:
+    data_paths: list[str]
+    output: str
+    config: SelectionConfig
+    teacher_scores: Optional[list[str]] = None
+    reference_scores: Optional[list[str]] = None
+    report_dir: Optional[str] = None
+    report_examples: int = 5
+    materialize: bool = False
+
+
+@dataclass
+class _Scores:
+    prefixes: list[str]
+    arrays: list[np.ndarray]
+    metas: list[dict]
+
+
+@dataclass
+class SampleResult:
+    meta: dict  # the blend meta (or the materialized dataset's meta)
+    timings: dict = field(default_factory=dict)
+
+
+def _load_score_set(role: str, prefixes: Optional[list[str]], shards: list[Shard]) -> Optional[_Scores]:
+    if not prefixes:
+        return None
+    if len(prefixes) != len(shards):
+        raise SelectionError(f"--{role}-scores: {len(prefixes)} score file(s) for {len(shards)} dataset shard(s); "
+                             "give one per shard, in the same order")
+    arrays, metas = [], []
+    for p, shard in zip(prefixes, shards):
+        arr, meta = load_scores(p)
+        check_scores_match(p, meta, shard.prefix, shard.meta)
+        if arr.shape[0] != shard.num_instances:
+            raise ScoreFileError(f"{score_paths(p)[0]}: {arr.shape[0]} rows for {shard.num_instances} instances "
+                                 f"of {shard.prefix}")
+        arrays.append(arr)
+        metas.append(meta)
+    return _Scores(list(prefixes), arrays, metas)
+
+
+def _check_output(req: SampleRequest, shards: list[Shard]) -> None:
+    out = os.path.abspath(req.output)
+    inputs = [s.prefix for s in shards] + list(req.data_paths)
+    inputs += list(req.teacher_scores or []) + list(req.reference_scores or [])
+    for p in inputs:
+        if os.path.abspath(p) == out:
+            raise SelectionError(f"--output {req.output}: same prefix as an input ({p}); it would overwrite it")
+    if req.report_dir and os.path.exists(req.report_dir) and not os.path.isdir(req.report_dir):
+        raise SelectionError(f"--report {req.report_dir}: exists and is not a directory")
+    parent = os.path.dirname(out)
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise SelectionError(f"--output {req.output}: {parent} is not a directory")
+    # Re-running over an earlier output of the same kind is fine; clobbering anything else is not.
+    existing_dataset = any(os.path.exists(req.output + ext) for ext in (".bin", ".idx"))
+    if not req.materialize and existing_dataset:
+        raise SelectionError(f"--output {req.output}: a dataset exists there; a blend would overwrite its meta file")
+    if req.materialize and blend_io.is_blend(req.output):
+        raise SelectionError(f"--output {req.output}: a sampled blend exists there; choose another prefix")
+
+
+def _check_shards(shards: list[Shard], req: SampleRequest) -> None:
+    if not shards:
+        raise SelectionError("--data-path: no dataset shards")
+    hashes = {(s.meta.get("tokenizer") or {}).get("sha256") for s in shards}
+    if len(hashes) > 1:
+        raise SelectionError("--data-path: the shards were tokenized with different tokenizers "
+                             "(tokenizer.sha256 differs); a blend must use one tokenizer")
+    if sum(s.num_instances for s in shards) == 0:
+        raise SelectionError("--data-path: the dataset has no instances")
+    if req.materialize:
+        from megatron_miniplm.selection.materialize import check_materializable
+
+        check_materializable(shards)
+
+
+def _score_entries(output: str, role: str, scores: Optional[_Scores]) -> list[dict]:
+    if scores is None:
+        return []
+    return [{"prefix": blend_io.relative_prefix(output, p), "sha256": m.get("sha256"), "model": m.get("model"),
+             "dataset_fingerprint": m.get("dataset_fingerprint")} for p, m in zip(scores.prefixes, scores.metas)]
+
+
+def run(req: SampleRequest) -> SampleResult:
+    cfg = req.config
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    # 1. Everything that can refuse, before anything is written.
+    shards = open_shards(req.data_paths)
+    _check_shards(shards, req)
+    _check_output(req, shards)
+    for role in cfg.models_needed:
+        if not getattr(req, f"{role}_scores"):
+            raise SelectionError(f"method {cfg.method!r} needs --{role}-scores")
+    teacher = _load_score_set("teacher", req.teacher_scores, shards)
+    reference = _load_score_set("reference", req.reference_scores, shards)
+    offsets = shard_offsets(shards)
+    n = int(offsets[-1])
+    lengths = concat_lengths(shards)
+    tokens_total = int(lengths.sum(dtype=np.int64))
+    if cfg.keep_tokens is not None and cfg.keep_tokens > tokens_total:
+        raise SelectionError(f"--keep-tokens {cfg.keep_tokens:,} is larger than the corpus ({tokens_total:,} tokens)")
+    # Every given score file must be usable, whatever the method ranks by.
+    for kind in [k for k, have in (("teacher", teacher), ("reference", reference)) if have is not None]:
+        if kind not in cfg.models_needed:
+            compute_scores(kind, _arrays(teacher), _arrays(reference), offsets, _names(kind, teacher, reference),
+                           cfg.num_threads)
+    timings["validate_s"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    kind = RANKINGS[cfg.method][0] if cfg.method != "uniform" else None
+    selection, scores = select(_arrays(teacher), _arrays(reference), offsets, lengths, cfg,
+                               _names(kind, teacher, reference) if kind else None)
+    if selection.count == 0:
+        why = (f"--keep-tokens {cfg.keep_tokens} is smaller than the first-ranked instance" if cfg.keep_tokens
+               else f"alpha * N = {cfg.alpha} * {n} rounds to 0 instances")
+        raise SelectionError(f"the selection is empty: {why}")
+    timings["score_and_select_s"] = time.perf_counter() - t1
+
+    # 2. Write.
+    summary = {
+        "format_version": blend_io.FORMAT_VERSION,
+        "kind": blend_io.KIND,
+        "datasets": [{"prefix": blend_io.relative_prefix(req.output, s.prefix), "fingerprint": s.fingerprint,
+                      "num_instances": s.num_instances, "num_tokens": s.num_tokens} for s in shards],
+        "scores": {"teacher": _score_entries(req.output, "teacher", teacher),
+                   "reference": _score_entries(req.output, "reference", reference)},
+        "method": cfg.method,
+        "alpha": cfg.alpha,
+        "keep_tokens": cfg.keep_tokens,
+        "order": cfg.order,
+        "seed": int(cfg.seed),
+        "num_selected": int(selection.count),
+        "tokens_kept": None,  # summed while the blend is written
+        "num_instances_total": n,
+        "tokens_total": tokens_total,
+        "tokenizer": shards[0].meta.get("tokenizer"),
+        "seq_length": shards[0].meta.get("seq_length"),
+        "created_by": "tools/difference_sample.py",
+        "version": megatron_miniplm.__version__,
+    }
+    out_dir = os.path.dirname(os.path.abspath(req.output))
+    os.makedirs(out_dir, exist_ok=True)
+    t2 = time.perf_counter()
+    if req.materialize:
+        from megatron_miniplm.selection.materialize import materialize
+
+        rows, summary["tokens_kept"] = write_blend(selection, offsets, cfg, lengths)
+        selection_meta = {k: v for k, v in summary.items() if k not in ("format_version", "kind", "tokenizer",
+                                                                         "seq_length")}
+        meta = materialize(rows, shards, req.output, selection_meta, cfg.num_threads)
+    else:
+        writer = blend_io.BlendWriter(req.output, selection.count)
+        try:
+            _, summary["tokens_kept"] = write_blend(selection, offsets, cfg, lengths, out=writer.rows)
+            writer.commit(summary)
+        except BaseException:
+            writer.abort()
+            raise
+        meta = summary
+    timings["write_s"] = time.perf_counter() - t2
+
+    if req.report_dir:
+        from megatron_miniplm.selection.report import ReportInputs, write_report
+
+        t3 = time.perf_counter()
+        ranking, name, asc = scores, cfg.method, RANKINGS.get(cfg.method, ("", False))[1]
+        if ranking is None and teacher is not None and reference is not None:
+            ranking = compute_scores("difference", teacher.arrays, reference.arrays, offsets,
+                                     _names("difference", teacher, reference), cfg.num_threads)
+            name = "difference"
+        write_report(req.report_dir, ReportInputs(
+            shards=shards, offsets=offsets, lengths=lengths, kept=kept_mask(selection), summary=summary,
+            teacher=_arrays(teacher), reference=_arrays(reference), ranking=ranking, ranking_name=name,
+            ranking_ascending=asc, examples=req.report_examples, num_threads=cfg.num_threads))
+        timings["report_s"] = time.perf_counter() - t3
+    return SampleResult(meta=meta, timings=timings)
+
+
+def _arrays(scores: Optional[_Scores]) -> Optional[list[np.ndarray]]:
+    return scores.arrays if scores is not None else None
+
+
+def _names(kind: str, teacher: Optional[_Scores], reference: Optional[_Scores]) -> list[str]:
+    """How to name shard s's score files in an error about `kind` scores."""
+    sets = [x for role, x in (("teacher", teacher), ("reference", reference))
+            if x is not None and (kind == "difference" or kind == role)]
+    return [" / ".join(score_paths(x.prefixes[s])[0] for x in sets) for s in range(len(sets[0].prefixes))]
