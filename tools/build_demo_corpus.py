@@ -12,7 +12,8 @@ Domains come from the Python installation running this script:
 
 Writes DIR/train.jsonl and DIR/test.jsonl ({"text", "meta": {"pile_set_name"}}); a
 document goes to the test split by a hash of its source, so the held-out
-documents never enter training and the split does not depend on the order.
+documents never enter training and the split does not depend on the order. As in
+the paper (a held-out high-quality corpus), the noise domain has no test documents.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def _is_test(source: str, fraction: float) -> bool:
     return h / 0xFFFFFFFF < fraction
 
 
-def build(output_dir: str, chars_per_domain: int, test_fraction: float, seed: int = 0) -> dict:
+def build(output_dir: str, chars_per_domain: int, test_fraction: float = 0.08, seed: int = 0) -> dict:
     domains = {
         "python-code": python_code(),
         "python-tests": python_tests(),
@@ -120,7 +121,8 @@ def build(output_dir: str, chars_per_domain: int, test_fraction: float, seed: in
     vocabulary: list[str] = []
     with open(tmp["train"], "w") as train, open(tmp["test"], "w") as test:
         def emit(domain, source, text):
-            out = test if _is_test(source, test_fraction) else train
+            held_out = domain != "noise" and _is_test(source, test_fraction)
+            out = test if held_out else train
             out.write(json.dumps({"text": text, "meta": {"pile_set_name": domain}}) + "\n")
             s = stats.setdefault(domain, {"docs": 0, "chars": 0, "test_docs": 0})
             s["docs"] += 1
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", required=True)
     p.add_argument("--chars-per-domain", type=int, default=600_000)
-    p.add_argument("--test-fraction", type=float, default=0.05)
+    p.add_argument("--test-fraction", type=float, default=0.08)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     stats = build(args.output_dir, args.chars_per_domain, args.test_fraction, args.seed)

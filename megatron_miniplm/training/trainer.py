@@ -156,6 +156,7 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         last: dict = {}
+        start_iteration = self.iteration
         window_start, window_tokens, window_iters = time.perf_counter(), 0, 0
         while self.iteration < cfg.train_iters:
             result = engine.train_step(
@@ -184,7 +185,10 @@ class Trainer:
                 self.evaluate()
             if cfg.save and cfg.save_interval and self.iteration % cfg.save_interval == 0:
                 self.save()
-        if cfg.save and (not cfg.save_interval or self.iteration % cfg.save_interval != 0):
+        ran = self.iteration > start_iteration
+        if cfg.save and (ran or start_iteration == 0) and (
+            not cfg.save_interval or self.iteration % cfg.save_interval != 0
+        ):
             self.save()
         if self.valid_data is not None:
             last["valid_loss"] = self.evaluate()
