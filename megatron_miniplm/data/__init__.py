@@ -1,0 +1,17 @@
+"""Corpus preprocessing: JSONL -> tokenized MiniPLM instances in Megatron indexed datasets.
+
+One concept per module:
+    tokenizer       load_tokenizer(): HF tokenizer.json / sentencepiece .model behind one interface
+    boundaries      sentence-boundary token tables derived from a tokenizer's vocabulary
+    jsonl_reader    streaming .jsonl / .jsonl.gz / .jsonl.zst reader (hashing, truncation checks)
+    records         JSON record parsing and validation, with a reason for every rejected line
+    worker          the per-process step: parse + tokenize one block of lines
+    instances       miniplm / packed / document instance construction, one buffer per domain
+    dataset_writer  megatron-core indexed datasets written under temporary names, spilled index
+    meta            the PREFIX.meta.json contract (read_dataset_meta, dataset_prefixes)
+    preprocess      the pipeline behind tools/preprocess_data.py
+    split           the D_ref split behind tools/split_dataset.py
+
+Nothing here imports torch or megatron at package import time: worker processes import
+only tokenizer/records/worker, and stay light.
+"""

@@ -1,0 +1,136 @@
+"""JSONL record parsing and validation: every rejected line gets a reason.
+
+A block of complete lines goes in; the documents' texts and domains come out, plus one
+`BadRecord` (line number, reason, detail) per line that cannot be used. The caller's
+`--on-error` policy decides whether a bad record stops the run or is counted and skipped.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class SkipReason(str, Enum):
+    INVALID_JSON = "invalid_json"
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_KEY = "missing_key"
+    NOT_A_STRING = "not_a_string"
+    INVALID_UTF8 = "invalid_utf8"
+    EMPTY_TEXT = "empty_text"
+    TRUNCATED_INPUT = "truncated_input"  # a .gz/.zst stream that ends early
+    CORRUPT_INPUT = "corrupt_input"  # a .gz/.zst stream that cannot be decoded
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    line: int  # 1-based line number in the (decompressed) input file
+    reason: SkipReason
+    detail: str
+
+
+class InputError(ValueError):
+    """Bad input under --on-error fail: names the file, the line and the reason."""
+
+    def __init__(self, path: str, record: BadRecord):
+        self.path, self.record = path, record
+        super().__init__(f"{path}:{record.line}: {record.reason.value}: {record.detail}")
+
+
+@dataclass
+class ParsedBlock:
+    texts: list[str] = field(default_factory=list)
+    domains: list[str] = field(default_factory=list)
+    bad: list[BadRecord] = field(default_factory=list)
+    num_lines: int = 0
+
+
+def parse_key(key: str | None) -> tuple[str, ...] | None:
+    """'meta.pile_set_name' -> ('meta', 'pile_set_name'); '' or None: no key."""
+    return tuple(key.split(".")) if key else None
+
+
+def _lookup(obj: dict, key: tuple[str, ...]):
+    dotted = ".".join(key)
+    if len(key) > 1 and dotted in obj:  # a literal dotted key wins over a path
+        return obj[dotted]
+    for part in key:
+        if not isinstance(obj, dict) or part not in obj:
+            raise KeyError(dotted)
+        obj = obj[part]
+    return obj
+
+
+def _has_lone_surrogate(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def parse_block(
+    block: bytes,
+    first_line: int,
+    text_key: tuple[str, ...],
+    domain_key: tuple[str, ...] | None,
+    default_domain: str = "default",
+    stop_at_first_error: bool = False,
+) -> ParsedBlock:
+    """Parse the lines of `block` (complete lines; the last may lack its newline)."""
+    out = ParsedBlock()
+    lines = block.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    out.num_lines = len(lines)
+    dotted_text, dotted_domain = ".".join(text_key), ".".join(domain_key or ())
+
+    for offset, raw in enumerate(lines):
+        line_no = first_line + offset
+        bad = None
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad = BadRecord(line_no, SkipReason.INVALID_UTF8, f"invalid UTF-8 byte at column {e.start + 1}")
+        else:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                detail = "blank line" if not line.strip() else f"{e.msg} at column {e.colno}"
+                bad = BadRecord(line_no, SkipReason.INVALID_JSON, detail)
+            else:
+                bad = _check(obj, line_no, text_key, dotted_text, domain_key, dotted_domain, b"\\u" in raw, out, default_domain)
+        if bad is not None:
+            out.bad.append(bad)
+            if stop_at_first_error:
+                break
+    return out
+
+
+def _check(obj, line_no, text_key, dotted_text, domain_key, dotted_domain, has_escapes, out, default_domain):
+    """Append the record to `out`, or return why it cannot be used."""
+    if not isinstance(obj, dict):
+        return BadRecord(line_no, SkipReason.NOT_AN_OBJECT, f"a JSON {type(obj).__name__}, not an object")
+    try:
+        text = _lookup(obj, text_key)
+    except KeyError:
+        return BadRecord(line_no, SkipReason.MISSING_KEY, f"no key {dotted_text!r}")
+    if not isinstance(text, str):
+        return BadRecord(line_no, SkipReason.NOT_A_STRING, f"{dotted_text!r} is a JSON {type(text).__name__}, not a string")
+    if domain_key is None:
+        domain = default_domain
+    else:
+        try:
+            domain = _lookup(obj, domain_key)
+        except KeyError:
+            return BadRecord(line_no, SkipReason.MISSING_KEY, f"no key {dotted_domain!r}")
+        if not isinstance(domain, str):
+            return BadRecord(line_no, SkipReason.NOT_A_STRING, f"{dotted_domain!r} is a JSON {type(domain).__name__}, not a string")
+    if not text:
+        return BadRecord(line_no, SkipReason.EMPTY_TEXT, f"{dotted_text!r} is empty")
+    # JSON escapes can spell lone surrogates ("\ud800"): valid JSON, not encodable text.
+    if has_escapes and (_has_lone_surrogate(text) or _has_lone_surrogate(domain)):
+        return BadRecord(line_no, SkipReason.INVALID_UTF8, "lone UTF-16 surrogate escape in a string")
+    out.texts.append(text)
+    out.domains.append(domain)
+    return None

@@ -1,0 +1,420 @@
+"""The scoring run behind tools/score_docs.py: every instance's masked NLL sum and token count.
+
+One model replica is TP x PP ranks; replicas (DP) take batches of a fixed,
+length-bucketed plan round robin. Each replica drives megatron's pipeline
+schedule forward-only (``get_forward_backward_func``), a few micro-batches per
+call; its last stage turns final hidden states into NLLs in vocab-parallel
+chunks and appends each finished batch to the replica's progress shard. When
+every batch is recorded, rank 0 assembles the score file(s) atomically and
+removes the progress. Rerunning the same command after a kill redoes only the
+unrecorded batches; since a batch's instances, padding and kernels do not
+depend on the run, the result is bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_miniplm.scoring import resume
+from megatron_miniplm.scoring.bucketing import BatchPlan, plan_batches, replica_batches, steps
+from megatron_miniplm.scoring.dataset import ScoringDataset, ScoringError, open_dataset
+from megatron_miniplm.scoring.model import (
+    ModelSource, build_scoring_model, check_tokenizer, hidden_states_only, output_weight,
+    resolve_checkpoint,
+)
+from megatron_miniplm.scoring.nll import chunk_tokens_for, per_instance_sums, vocab_parallel_nll
+
+log = logging.getLogger("score_docs")
+
+LOSS_MASK_RULE = "a prediction counts unless its input token is the pad token (pad = EOD)"
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    data_path: str
+    load: str
+    output: str
+    micro_batch_size: int = 8
+    max_tokens_per_batch: Optional[int] = None  # default: micro_batch_size x longest instance
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    bf16: bool = False
+    attention_backend: str = "auto"
+    logits_chunk_mb: int = 32  # fp32 logits held at once per TP rank
+    microbatches_per_step: Optional[int] = None  # default: 1 without PP, 4 x PP with it
+    verify_fingerprint: bool = True
+    fsync: bool = True
+    progress: bool = True
+    seed: int = 1234
+
+    @property
+    def dtype_name(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
+
+
+@dataclass
+class RunSummary:
+    outputs: list[str]
+    already_complete: bool
+    num_instances: int
+    tokens_this_session: int
+    elapsed_s: float
+    tokens_per_s: float
+
+
+# --- output naming and identity ------------------------------------------------
+
+def output_prefixes(output: str, num_shards: int) -> list[str]:
+    """One score file per dataset shard (the layout Difference Sampling reads)."""
+    if num_shards == 1:
+        return [output]
+    return [f"{output}_{i:05d}" for i in range(num_shards)]
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj))
+
+
+def run_identity(cfg: ScoreConfig, dataset: ScoringDataset, source: ModelSource, plan: BatchPlan,
+                 chunk_tokens: int, attention_backend: str) -> dict:
+    """Everything a resumed run must share with the killed one to reproduce it bit for bit."""
+    return _jsonable({
+        "dataset": dataset.identity(),
+        "model": source.identity(),
+        "settings": {
+            "dtype": cfg.dtype_name,
+            "tensor_model_parallel_size": cfg.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": cfg.pipeline_model_parallel_size,
+            "micro_batch_size": cfg.micro_batch_size,
+            "max_tokens_per_batch": cfg.max_tokens_per_batch,
+            "attention_backend": attention_backend,
+            "logits_chunk_tokens": chunk_tokens,
+        },
+        "plan": {"digest": plan.digest(), "num_batches": len(plan)},
+    })
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
+
+
+def check_progress(directory: str, identity: dict, output: str) -> None:
+    """Refuse partial scores of another dataset, another model, or other settings."""
+    old = resume.read_run(directory)
+    if old is None:
+        return
+    if old.get("dataset", {}).get("shards") != identity["dataset"]["shards"]:
+        raise ScoringError(
+            f"--output {output}: {directory} holds partial scores of another dataset "
+            f"({old.get('dataset', {}).get('prefix')}); use another --output or delete {directory}")
+    if old.get("model") != identity["model"]:
+        raise ScoringError(
+            f"--output {output}: {directory} holds partial scores of another model "
+            f"({old.get('model', {}).get('checkpoint')}); use another --output or delete {directory}")
+    if old.get("settings") != identity["settings"] or old.get("plan") != identity["plan"]:
+        diff = _differences(old.get("settings", {}), identity["settings"])
+        raise ScoringError(
+            f"--output {output}: {directory} holds partial scores computed with other settings "
+            f"({'; '.join(diff) or 'batch plan'}); rerun with the same flags to resume, "
+            f"or delete {directory} to start over")
+
+
+def check_final(prefixes: list[str], dataset: ScoringDataset, identity: dict) -> bool:
+    """True when every score file exists and holds this very run; raises if any holds another's."""
+    from megatron_miniplm.scoring.score_file import score_paths
+
+    complete = True
+    for prefix, shard_meta in zip(prefixes, dataset.shard_metas):
+        npy, meta_path = score_paths(prefix)
+        if not os.path.exists(meta_path):
+            complete = False
+            continue
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ScoringError(f"--output: {meta_path} exists but is not readable JSON ({e})") from None
+        if not isinstance(meta, dict) or "dataset_fingerprint" not in meta or "model" not in meta:
+            raise ScoringError(f"--output: {meta_path} exists and is not a score file; use another --output")
+        if meta.get("dataset_fingerprint") != shard_meta["fingerprint"]:
+            raise ScoringError(
+                f"--output: {meta_path} holds scores of another dataset "
+                f"({meta.get('dataset', {}).get('prefix')}, fingerprint "
+                f"{str(meta.get('dataset_fingerprint'))[:12]}...); use another --output")
+        if meta.get("model") != identity["model"]:
+            raise ScoringError(
+                f"--output: {meta_path} holds scores of another model "
+                f"({meta.get('model', {}).get('checkpoint')}); use another --output")
+        if meta.get("settings") != identity["settings"]:
+            diff = _differences(meta.get("settings", {}), identity["settings"])
+            raise ScoringError(
+                f"--output: {meta_path} holds scores of this dataset and model computed with other "
+                f"settings ({'; '.join(diff)}); use another --output or delete it to recompute")
+        if not os.path.exists(npy):
+            complete = False
+    return complete
+
+
+# --- collective helpers --------------------------------------------------------
+
+def on_rank0(fn: Callable, *args):
+    """Run ``fn`` on rank 0 and give its result (or its error) to every rank, so that a
+    refusal ends all ranks with the same message instead of leaving them waiting."""
+    payload = [None]
+    error: Optional[BaseException] = None
+    if dist.get_rank() == 0:
+        try:
+            payload = [("ok", fn(*args))]
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+            kind = "refusal" if isinstance(e, ScoringError) else "error"
+            payload = [(kind, f"{type(e).__name__}: {e}" if kind == "error" else str(e))]
+    dist.broadcast_object_list(payload, src=0)
+    kind, value = payload[0]
+    if error is not None:
+        raise error
+    if kind == "refusal":
+        raise ScoringError(value)
+    if kind == "error":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
+
+
+# --- the forward-only step -----------------------------------------------------
+
+class BatchScorer:
+    """Turns the last stage's hidden states into per-instance (NLL sum, count)."""
+
+    def __init__(self, model, vocab_size: int, chunk_tokens: int):
+        from megatron.core import parallel_state as ps
+
+        self.model = model
+        self.weight = output_weight(model)
+        self.vocab_size = vocab_size
+        self.chunk_tokens = chunk_tokens
+        self.group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+        local = self.weight.shape[0] if self.weight is not None else 0
+        self.vocab_start = ps.get_tensor_model_parallel_rank() * local
+
+    def __call__(self, batch: dict, hidden: torch.Tensor) -> torch.Tensor:
+        mask = batch["loss_mask"] > 0  # [b, s]
+        rows = hidden.transpose(0, 1)[mask.to(hidden.device)]  # [counted, h], row-major
+        targets = batch["labels"][mask].to(hidden.device)
+        nll = vocab_parallel_nll(rows, self.weight, targets, vocab_size=self.vocab_size,
+                                 vocab_start=self.vocab_start, chunk_tokens=self.chunk_tokens,
+                                 group=self.group)
+        return per_instance_sums(nll.cpu(), batch["loss_mask"])
+
+
+def run_step(model, scorer: BatchScorer, batches: list[dict]) -> list[torch.Tensor]:
+    """One schedule call over ``batches`` (micro-batches of any shapes): [b, 2] scores
+    per batch on the last pipeline stage, [] elsewhere."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_miniplm import platform
+
+    device = platform.device()
+
+    def forward_step(data_iterator, chunk):
+        batch = next(data_iterator)
+        with hidden_states_only(chunk):
+            hidden = chunk(batch["tokens"].to(device), batch["position_ids"].to(device), None)
+
+        def loss_func(output):
+            scores = scorer(batch, output)
+            return output.new_zeros(()), {"scores": scores}
+
+        return hidden, loss_func
+
+    with torch.no_grad():
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+            num_microbatches=len(batches), seq_length=batches[0]["tokens"].shape[1],
+            micro_batch_size=batches[0]["tokens"].shape[0], forward_only=True,
+        )
+    return [r["scores"] for r in reports]
+
+
+# --- the run -------------------------------------------------------------------
+
+def scoring_attention_backend(name: str) -> str:
+    """``auto``: as for training, except on the CPU, where forward-only scoring is faster
+    with PyTorch SDPA (its CPU flash kernel, causal and GQA-aware) than with the local
+    spec, which materialises fp32 [b, heads, s, s] scores (measured in bench_score.py)."""
+    from megatron_miniplm import platform
+    from megatron_miniplm.models.gpt import resolve_attention_backend
+
+    if name == "auto" and not platform.cuda_available():
+        return "sdpa"
+    return resolve_attention_backend(name)
+
+
+def verify_dataset(prefix: str) -> None:
+    open_dataset(prefix, verify=True)
+
+def _progress_bar(cfg: ScoreConfig, total_instances: int, dp_size: int):
+    if not cfg.progress or dist.get_rank() != 0:
+        return None
+    from tqdm import tqdm
+
+    desc = "scoring" if dp_size == 1 else f"scoring (replica 1 of {dp_size})"
+    return tqdm(total=total_instances, desc=desc, unit="inst", dynamic_ncols=True, smoothing=0.05)
+
+
+def score(cfg: ScoreConfig) -> RunSummary:
+    """Collective over the torchrun world (or a single process)."""
+    from megatron_miniplm import parallel
+    from megatron_miniplm.data.samples import collate_instances
+    if cfg.micro_batch_size < 1:
+        raise ScoringError(f"--micro-batch-size must be >= 1, got {cfg.micro_batch_size}")
+    info = parallel.initialize(parallel.ParallelConfig(
+        cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed))
+
+    out_dir = os.path.dirname(os.path.abspath(cfg.output))
+    if not os.path.isdir(out_dir):
+        raise ScoringError(f"--output {cfg.output}: directory {out_dir} does not exist")
+    if cfg.verify_fingerprint:
+        on_rank0(verify_dataset, cfg.data_path)  # hashes every .idx: once, not on every rank
+    dataset = open_dataset(cfg.data_path, verify=False)
+    source = resolve_checkpoint(cfg.load)
+    check_tokenizer(source, dataset.tokenizer, cfg.data_path)
+    try:
+        source.config.check_tensor_parallel(cfg.tensor_model_parallel_size)
+    except ValueError as e:
+        raise ScoringError(str(e)) from None
+    if source.config.num_layers % cfg.pipeline_model_parallel_size:
+        raise ScoringError(f"--pipeline-model-parallel-size {cfg.pipeline_model_parallel_size} does not "
+                           f"divide the model's {source.config.num_layers} layers")
+
+    plan = plan_batches(dataset.lengths, cfg.micro_batch_size, cfg.max_tokens_per_batch)
+    vocab_local = source.config.padded_vocab_size(info.tp_size) // info.tp_size
+    chunk_tokens = chunk_tokens_for(cfg.logits_chunk_mb << 20, vocab_local)
+    backend = scoring_attention_backend(cfg.attention_backend)
+    identity = run_identity(cfg, dataset, source, plan, chunk_tokens, backend)
+    prefixes = output_prefixes(cfg.output, len(dataset.shard_prefixes))
+    pdir = resume.progress_dir(cfg.output)
+
+    def prepare():
+        complete = check_final(prefixes, dataset, identity)
+        if complete:
+            resume.remove(pdir)  # a kill between the final rename and this cleanup
+            return True, None
+        check_progress(pdir, identity, cfg.output)
+        old = resume.read_run(pdir)
+        if old is None:
+            resume.write_run(pdir, {**identity, "torch_threads": torch.get_num_threads()})
+        elif old.get("torch_threads") != torch.get_num_threads():
+            log.warning("resuming with %d threads per process where the run began with %s: CPU "
+                        "kernels may round differently, so the result may not be bit-identical "
+                        "to an uninterrupted run", torch.get_num_threads(), old.get("torch_threads"))
+        return False, resume.done_batches(pdir, len(plan))
+
+    complete, done = on_rank0(prepare)
+    if complete:
+        if info.rank == 0:
+            log.info("%s: already complete (same dataset, model and settings); nothing to do",
+                     ", ".join(prefixes))
+        return RunSummary(prefixes, True, dataset.num_instances, 0, 0.0, 0.0)
+    resumed = bool(done.any())
+
+    model = build_scoring_model(source, bf16=cfg.bf16, attention_backend=backend)
+    scorer = BatchScorer(model, source.config.vocab_size, chunk_tokens)
+    per_step = cfg.microbatches_per_step or (1 if info.pp_size == 1 else 4 * info.pp_size)
+    mine = replica_batches(plan, info.dp_rank, info.dp_size)
+    mine = mine[~done[mine]]
+    writer = None
+    if info.is_last_stage and info.tp_rank == 0:
+        writer = resume.ShardWriter(resume.shard_path(pdir, info.dp_rank), fsync=cfg.fsync)
+    todo_tokens = int(plan.batch_tokens[~done].sum())
+    if info.rank == 0:
+        log.info("%d instances in %d batches; %d batches to do%s; TP=%d PP=%d DP=%d, %s",
+                 dataset.num_instances, len(plan), int((~done).sum()),
+                 " (resuming)" if resumed else "", info.tp_size, info.pp_size, info.dp_size,
+                 cfg.dtype_name)
+    bar = _progress_bar(cfg, int(plan.batch_sizes()[mine].sum()), info.dp_size)
+
+    start, cpu_start = time.perf_counter(), time.process_time()
+    tokens_done = 0
+    for group in steps(mine, per_step):
+        batches = [plan.batch(int(k)) for k in group]
+        inputs = [collate_instances(dataset.instances(b.ids), dataset.pad_id) for b in batches]
+        results = run_step(model, scorer, inputs)
+        if writer is not None:
+            for b, scores in zip(batches, results):
+                writer.append(b.index, scores.numpy())
+        if bar is not None:
+            tokens_done += sum(b.tokens for b in batches)
+            bar.update(sum(len(b.ids) for b in batches))
+            bar.set_postfix_str(f"{tokens_done / max(time.perf_counter() - start, 1e-9):,.0f} tok/s")
+    if writer is not None:
+        writer.close()
+    if bar is not None:
+        bar.close()
+    cpu_s = time.process_time() - cpu_start
+    dist.barrier()
+    elapsed = time.perf_counter() - start
+
+    def finish():
+        scores = resume.assemble(pdir, plan.order, plan.starts, dataset.num_instances)
+        _write_score_files(cfg, dataset, prefixes, scores, identity, info, plan, elapsed,
+                           cpu_s, todo_tokens, resumed)
+        resume.remove(pdir)
+
+    on_rank0(finish)
+    rate = todo_tokens / elapsed if elapsed > 0 else 0.0
+    if info.rank == 0:
+        log.info("wrote %s: %d instances, %d tokens this session in %.1f s (%.0f tokens/s)",
+                 ", ".join(p + ".npy" for p in prefixes), dataset.num_instances, todo_tokens,
+                 elapsed, rate)
+    return RunSummary(prefixes, False, dataset.num_instances, todo_tokens, elapsed, rate)
+
+
+def _write_score_files(cfg, dataset, prefixes, scores, identity, info, plan, elapsed, cpu_s, tokens,
+                       resumed):
+    from megatron_miniplm.scoring.score_file import save_scores
+
+    common = {
+        "model": identity["model"],
+        "settings": identity["settings"],
+        "tokenizer": {k: dataset.tokenizer.get(k) for k in ("sha256", "vocab_size", "eod_id", "pad_id")},
+        "dtype": cfg.dtype_name,
+        "parallel": {"tensor_model_parallel_size": info.tp_size,
+                     "pipeline_model_parallel_size": info.pp_size,
+                     "data_parallel_size": info.dp_size, "backend": info.backend},
+        "batching": {"micro_batch_size": cfg.micro_batch_size,
+                     "max_tokens_per_batch": cfg.max_tokens_per_batch,
+                     "num_batches": len(plan), "plan_digest": identity["plan"]["digest"]},
+        "loss_mask": LOSS_MASK_RULE,
+        "accumulation": "per-token NLL in fp32 from fp32 logits; per-instance sums in float64",
+        "elapsed_s": round(elapsed, 3),
+        "tokens_this_session": tokens,
+        "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
+        "rank0_cpu_s": round(cpu_s, 3),  # process CPU time of rank 0 in the loop (all its threads)
+        "resumed": resumed,
+        "torch_threads": torch.get_num_threads(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tool": "tools/score_docs.py",
+        "config": asdict(cfg),
+    }
+    for i, (prefix, shard_prefix, shard_meta) in enumerate(
+            zip(prefixes, dataset.shard_prefixes, dataset.shard_metas)):
+        lo, hi = int(dataset.offsets[i]), int(dataset.offsets[i + 1])
+        meta = {
+            **common,
+            "dataset_fingerprint": shard_meta["fingerprint"],
+            "num_instances": hi - lo,
+            "dataset": {"prefix": os.path.abspath(shard_prefix), "shard_index": i,
+                        "num_shards": len(prefixes), "top_prefix": os.path.abspath(dataset.prefix),
+                        "top_fingerprint": dataset.meta["fingerprint"]},
+            "num_tokens_counted": int(scores[lo:hi, 1].sum()),
+        }
+        save_scores(prefix, scores[lo:hi], meta)

@@ -1,0 +1,111 @@
+"""Progress shards: records survive, a torn tail is ignored then truncated, assembly checks."""
+
+import os
+
+import numpy as np
+import pytest
+
+from megatron_miniplm.scoring import resume
+
+
+def scores(rows, base):
+    return np.arange(2 * rows, dtype=np.float64).reshape(rows, 2) + base + 0.125
+
+
+def test_records_round_trip(tmp_path):
+    path = str(tmp_path / "shard-00000.bin")
+    w = resume.ShardWriter(path, fsync=False)
+    w.append(3, scores(2, 0))
+    w.append(0, scores(1, 10))
+    w.close()
+    records, end = resume.read_shard(path)
+    assert [r.batch_index for r in records] == [3, 0]
+    assert np.array_equal(records[0].scores, scores(2, 0))
+    assert end == os.path.getsize(path)
+
+
+@pytest.mark.parametrize("cut", [1, 10, 20, 40])
+def test_torn_tail_is_ignored_and_truncated_before_appending(tmp_path, cut):
+    path = str(tmp_path / "shard-00000.bin")
+    w = resume.ShardWriter(path, fsync=False)
+    w.append(0, scores(2, 0))
+    w.append(1, scores(2, 5))
+    w.close()
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - cut)  # a kill in the middle of the second record
+    records, end = resume.read_shard(path)
+    assert [r.batch_index for r in records] == [0]
+    w = resume.ShardWriter(path, fsync=False)
+    w.append(1, scores(2, 5))
+    w.close()
+    assert [r.batch_index for r in resume.read_shard(path)[0]] == [0, 1]
+    assert os.path.getsize(path) == size
+
+
+def test_corrupt_record_stops_reading(tmp_path):
+    path = str(tmp_path / "shard-00000.bin")
+    w = resume.ShardWriter(path, fsync=False)
+    w.append(0, scores(1, 0))
+    w.append(1, scores(1, 1))
+    w.close()
+    data = bytearray(open(path, "rb").read())
+    data[-8] ^= 0xFF  # flip a payload byte of the last record: its checksum fails
+    open(path, "wb").write(bytes(data))
+    assert [r.batch_index for r in resume.read_shard(path)[0]] == [0]
+
+
+def plan():
+    order = np.array([4, 0, 2, 1, 3])  # batch 0 = [4, 0], batch 1 = [2, 1, 3]
+    starts = np.array([0, 2, 5])
+    return order, starts
+
+
+def test_assemble_puts_rows_in_dataset_order(tmp_path):
+    order, starts = plan()
+    d = str(tmp_path)
+    w0 = resume.ShardWriter(resume.shard_path(d, 0), fsync=False)
+    w1 = resume.ShardWriter(resume.shard_path(d, 1), fsync=False)
+    w1.append(1, scores(3, 100))
+    w0.append(0, scores(2, 0))
+    w0.close(), w1.close()
+    assert resume.done_batches(d, 2).tolist() == [True, True]
+    got = resume.assemble(d, order, starts, 6)
+    assert np.array_equal(got[[4, 0]], scores(2, 0))
+    assert np.array_equal(got[[2, 1, 3]], scores(3, 100))
+    assert got[5].tolist() == [0.0, 0.0]  # an instance outside the plan (too short)
+
+
+def test_assemble_refuses_missing_conflicting_or_misshapen(tmp_path):
+    order, starts = plan()
+    d = str(tmp_path)
+    w = resume.ShardWriter(resume.shard_path(d, 0), fsync=False)
+    w.append(0, scores(2, 0))
+    w.close()
+    assert resume.done_batches(d, 2).tolist() == [True, False]
+    with pytest.raises(ValueError, match="1 of 2 batches have no record"):
+        resume.assemble(d, order, starts, 5)
+    w = resume.ShardWriter(resume.shard_path(d, 1), fsync=False)
+    w.append(1, scores(3, 0))
+    w.append(0, scores(2, 0))  # a duplicate that agrees: fine
+    w.close()
+    resume.assemble(d, order, starts, 5)
+    w = resume.ShardWriter(resume.shard_path(d, 2), fsync=False)
+    w.append(0, scores(2, 1))
+    w.close()
+    with pytest.raises(ValueError, match="twice with different scores"):
+        resume.assemble(d, order, starts, 5)
+    os.remove(resume.shard_path(d, 2))
+    w = resume.ShardWriter(resume.shard_path(d, 3), fsync=False)
+    w.append(1, scores(2, 0))
+    w.close()
+    with pytest.raises(ValueError, match="planned 3"):
+        resume.assemble(d, order, starts, 5)
+
+
+def test_run_file_is_written_atomically(tmp_path):
+    d = str(tmp_path / "x.progress")
+    assert resume.read_run(d) is None
+    resume.write_run(d, {"a": 1})
+    assert resume.read_run(d) == {"a": 1}
+    assert os.listdir(d) == ["run.json"]
