@@ -29,39 +29,36 @@ class DatasetError(ValueError):
 
 
 def read_dataset_meta(prefix: str) -> dict[str, Any]:
-    """PREFIX.meta.json, checked for what selection needs (fingerprint, num_instances).
+    """PREFIX.meta.json under the preprocessing contract, refusing a blend given as a dataset."""
+    from megatron_miniplm.data import meta as data_meta
 
-    A deliberately lenient reader: megatron_miniplm.data.meta.read_dataset_meta validates
-    the full preprocessing contract and can replace this once every producer writes it."""
-    path = prefix + ".meta.json"
-    if not os.path.isfile(path):
-        raise DatasetError(f"{path}: dataset meta file not found (is {prefix!r} a dataset prefix?)")
     try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise DatasetError(f"{path}: expected a JSON object")
-    if meta.get("kind") == "miniplm_sampled_blend":
-        raise DatasetError(f"{path}: {prefix!r} is a sampled blend, not a dataset; select from the dataset itself")
-    for key in ("fingerprint", "num_instances"):
-        if key not in meta:
-            raise DatasetError(f"{path}: missing key {key!r}")
+        meta = data_meta.read_dataset_meta(prefix)
+    except (FileNotFoundError, data_meta.DatasetMetaError) as e:
+        kind = _peek_kind(prefix)
+        if kind == "miniplm_sampled_blend":
+            raise DatasetError(f"{prefix}.meta.json: {prefix!r} is a sampled blend, not a dataset; "
+                               "select from the dataset itself") from None
+        raise DatasetError(str(e)) from None
     return meta
+
+
+def _peek_kind(prefix: str):
+    try:
+        with open(prefix + ".meta.json", encoding="utf-8") as f:
+            return json.load(f).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def expand_prefixes(prefixes: list[str]) -> list[str]:
     """Shard prefixes in order: a sharded dataset's top-level prefix becomes its shards."""
+    from megatron_miniplm.data.meta import dataset_prefixes
+
     out: list[str] = []
     for prefix in prefixes:
-        meta = read_dataset_meta(prefix)
-        shards = meta.get("shards")
-        if not shards:
-            out.append(prefix)
-            continue
-        base = os.path.dirname(prefix)
-        out.extend(s if os.path.isabs(s) else os.path.join(base, s) for s in shards)
+        read_dataset_meta(prefix)  # clear errors first
+        out.extend(dataset_prefixes(prefix))
     return out
 
 
