@@ -40,7 +40,7 @@ MBS=${MBS:-4}; GBS=${GBS:-16}
 export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-17179869184} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-17179869184}
 REF_LR=${REF_LR:-3e-3}; STUDENT_LR=${STUDENT_LR:-2e-3}
 
-mkdir -p "$WORK_DIR"
+mkdir -p "$WORK_DIR" "$WORK_DIR/scores" "$WORK_DIR/blends"
 W=$WORK_DIR
 stage() { printf '\n=== stage %s: %s\n' "$1" "$2"; }
 skip() { printf '    done already (%s): skipped\n' "$1"; }

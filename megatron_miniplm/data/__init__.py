@@ -5,13 +5,13 @@ One concept per module:
     boundaries      sentence-boundary token tables derived from a tokenizer's vocabulary
     jsonl_reader    streaming .jsonl / .jsonl.gz / .jsonl.zst reader (hashing, truncation checks)
     records         JSON record parsing and validation, with a reason for every rejected line
-    worker          the per-process step: parse + tokenize one block of lines
+    worker          the parallel step: parse + tokenize one block of lines (threads)
     instances       miniplm / packed / document instance construction, one buffer per domain
     dataset_writer  megatron-core indexed datasets written under temporary names, spilled index
     meta            the PREFIX.meta.json contract (read_dataset_meta, dataset_prefixes)
     preprocess      the pipeline behind tools/preprocess_data.py
     split           the D_ref split behind tools/split_dataset.py
 
-Nothing here imports torch or megatron at package import time: worker processes import
-only tokenizer/records/worker, and stay light.
+Nothing here imports torch or megatron at package import time: only dataset_writer,
+preprocess and split (which write or read indexed datasets) pull in megatron-core.
 """

@@ -10,7 +10,7 @@ bytes do not depend on the number of workers.
 
 Why threads and not processes: the encoders release the GIL, and threads share one
 tokenizer, hence one BPE word cache. Measured on 2 cores, worker processes (each with its
-own cache) needed ~1.3x the CPU of the library's own batch encoding; threads need ~1.05x.
+own cache) needed ~1.3x the CPU of the library's own batch encoding; threads ~1.0x.
 HF tokenizers also parallelize inside each batch with their Rust thread pool, which
 tools/preprocess_data.py sizes to --workers (RAYON_NUM_THREADS, read once per process).
 """
