@@ -146,5 +146,6 @@ launch tools/evaluate.py --load "$W/student-miniplm" "$W/student-uniform" "$W/re
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" $BF16
 
 echo
-echo "Selection: kept fraction per domain (from $W/report)"
-cat "$W/report/domains.md" 2>/dev/null || ls "$W/report"
+echo "Selection: kept fraction per domain ($W/report/selection_report.md)"
+sed -n '/^## Per domain/,/^## Score/p' "$W/report/selection_report.md" | grep '^|'
+echo "Held-out LM loss of each model: $W/results.json"
