@@ -12,13 +12,14 @@ a reader never pairs a meta with the wrong array. One score file per dataset sha
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
 from typing import Any
 
 import numpy as np
+
+from megatron_miniplm.data.tokenizer import file_sha256  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1
 COLUMNS = ("nll_sum", "token_count")
@@ -30,14 +31,6 @@ class ScoreFileError(ValueError):
 
 def score_paths(prefix: str) -> tuple[str, str]:
     return prefix + ".npy", prefix + ".meta.json"
-
-
-def file_sha256(path: str, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _temp_name(path: str) -> str:
