@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip re-hashing the dataset's .idx files against their meta")
     g.add_argument("--no-fsync", action="store_true", help="do not fsync progress records")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    g.add_argument("--no-keep-freed-memory", action="store_true",
+                   help="CPU: leave glibc's mmap/trim thresholds as they are (by default raised, "
+                        "so that big activations are not page-faulted in at every layer)")
     g.add_argument("--seed", type=int, default=1234)
     return p
 
@@ -78,7 +81,8 @@ def main(argv=None) -> int:
         bf16=args.bf16, attention_backend=args.attention_backend,
         logits_chunk_mb=args.logits_chunk_mb, microbatches_per_step=args.microbatches_per_step,
         verify_fingerprint=not args.no_verify_fingerprint, fsync=not args.no_fsync,
-        progress=not args.no_progress, seed=args.seed,
+        progress=not args.no_progress, keep_freed_memory=not args.no_keep_freed_memory,
+        seed=args.seed,
     )
     try:
         score(cfg)

@@ -13,7 +13,6 @@ depend on the run, the result is bit-identical.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -24,11 +23,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_miniplm.scoring import resume
-from megatron_miniplm.scoring.bucketing import BatchPlan, plan_batches, replica_batches, steps
-from megatron_miniplm.scoring.dataset import ScoringDataset, ScoringError, open_dataset
+from megatron_miniplm.scoring.bucketing import plan_batches, replica_batches, steps
+from megatron_miniplm.scoring.dataset import ScoringError, open_dataset
+from megatron_miniplm.scoring.identity import check_final, check_progress, output_prefixes, run_identity
 from megatron_miniplm.scoring.model import (
-    ModelSource, build_scoring_model, check_tokenizer, hidden_states_only, output_weight,
-    resolve_checkpoint,
+    build_scoring_model, check_tokenizer, hidden_states_only, output_weight, resolve_checkpoint,
 )
 from megatron_miniplm.scoring.nll import chunk_tokens_for, per_instance_sums, vocab_parallel_nll
 
@@ -53,6 +52,7 @@ class ScoreConfig:
     verify_fingerprint: bool = True
     fsync: bool = True
     progress: bool = True
+    keep_freed_memory: bool = True  # CPU: glibc keeps big freed blocks (see scoring/memory.py)
     seed: int = 1234
 
     @property
@@ -68,100 +68,6 @@ class RunSummary:
     tokens_this_session: int
     elapsed_s: float
     tokens_per_s: float
-
-
-# --- output naming and identity ------------------------------------------------
-
-def output_prefixes(output: str, num_shards: int) -> list[str]:
-    """One score file per dataset shard (the layout Difference Sampling reads)."""
-    if num_shards == 1:
-        return [output]
-    return [f"{output}_{i:05d}" for i in range(num_shards)]
-
-
-def _jsonable(obj):
-    return json.loads(json.dumps(obj))
-
-
-def run_identity(cfg: ScoreConfig, dataset: ScoringDataset, source: ModelSource, plan: BatchPlan,
-                 chunk_tokens: int, attention_backend: str) -> dict:
-    """Everything a resumed run must share with the killed one to reproduce it bit for bit."""
-    return _jsonable({
-        "dataset": dataset.identity(),
-        "model": source.identity(),
-        "settings": {
-            "dtype": cfg.dtype_name,
-            "tensor_model_parallel_size": cfg.tensor_model_parallel_size,
-            "pipeline_model_parallel_size": cfg.pipeline_model_parallel_size,
-            "micro_batch_size": cfg.micro_batch_size,
-            "max_tokens_per_batch": cfg.max_tokens_per_batch,
-            "attention_backend": attention_backend,
-            "logits_chunk_tokens": chunk_tokens,
-        },
-        "plan": {"digest": plan.digest(), "num_batches": len(plan)},
-    })
-
-
-def _differences(old: dict, new: dict) -> list[str]:
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)]
-
-
-def check_progress(directory: str, identity: dict, output: str) -> None:
-    """Refuse partial scores of another dataset, another model, or other settings."""
-    old = resume.read_run(directory)
-    if old is None:
-        return
-    if old.get("dataset", {}).get("shards") != identity["dataset"]["shards"]:
-        raise ScoringError(
-            f"--output {output}: {directory} holds partial scores of another dataset "
-            f"({old.get('dataset', {}).get('prefix')}); use another --output or delete {directory}")
-    if old.get("model") != identity["model"]:
-        raise ScoringError(
-            f"--output {output}: {directory} holds partial scores of another model "
-            f"({old.get('model', {}).get('checkpoint')}); use another --output or delete {directory}")
-    if old.get("settings") != identity["settings"] or old.get("plan") != identity["plan"]:
-        diff = _differences(old.get("settings", {}), identity["settings"])
-        raise ScoringError(
-            f"--output {output}: {directory} holds partial scores computed with other settings "
-            f"({'; '.join(diff) or 'batch plan'}); rerun with the same flags to resume, "
-            f"or delete {directory} to start over")
-
-
-def check_final(prefixes: list[str], dataset: ScoringDataset, identity: dict) -> bool:
-    """True when every score file exists and holds this very run; raises if any holds another's."""
-    from megatron_miniplm.scoring.score_file import score_paths
-
-    complete = True
-    for prefix, shard_meta in zip(prefixes, dataset.shard_metas):
-        npy, meta_path = score_paths(prefix)
-        if not os.path.exists(meta_path):
-            complete = False
-            continue
-        try:
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ScoringError(f"--output: {meta_path} exists but is not readable JSON ({e})") from None
-        if not isinstance(meta, dict) or "dataset_fingerprint" not in meta or "model" not in meta:
-            raise ScoringError(f"--output: {meta_path} exists and is not a score file; use another --output")
-        if meta.get("dataset_fingerprint") != shard_meta["fingerprint"]:
-            raise ScoringError(
-                f"--output: {meta_path} holds scores of another dataset "
-                f"({meta.get('dataset', {}).get('prefix')}, fingerprint "
-                f"{str(meta.get('dataset_fingerprint'))[:12]}...); use another --output")
-        if meta.get("model") != identity["model"]:
-            raise ScoringError(
-                f"--output: {meta_path} holds scores of another model "
-                f"({meta.get('model', {}).get('checkpoint')}); use another --output")
-        if meta.get("settings") != identity["settings"]:
-            diff = _differences(meta.get("settings", {}), identity["settings"])
-            raise ScoringError(
-                f"--output: {meta_path} holds scores of this dataset and model computed with other "
-                f"settings ({'; '.join(diff)}); use another --output or delete it to recompute")
-        if not os.path.exists(npy):
-            complete = False
-    return complete
 
 
 # --- collective helpers --------------------------------------------------------
@@ -278,6 +184,10 @@ def score(cfg: ScoreConfig) -> RunSummary:
         raise ScoringError(f"--micro-batch-size must be >= 1, got {cfg.micro_batch_size}")
     info = parallel.initialize(parallel.ParallelConfig(
         cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed))
+    if cfg.keep_freed_memory and info.device.type == "cpu":
+        from megatron_miniplm.scoring.memory import keep_freed_memory
+
+        keep_freed_memory()
 
     out_dir = os.path.dirname(os.path.abspath(cfg.output))
     if not os.path.isdir(out_dir):
