@@ -324,9 +324,10 @@ def _records(progress_dir: str) -> int:
         return 0
 
 
-def _torchrun(root: str, output: str, port: int) -> subprocess.Popen:
-    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(port),
+def _torchrun(root: str, output: str) -> subprocess.Popen:
+    # --standalone: torchrun binds a free rendezvous port itself (no port picked here and
+    # then raced for by other processes on a shared machine).
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc-per-node", "2",
            os.path.join(REPO, "tools", "score_docs.py"), "--data-path", os.path.join(root, "big"),
            "--load", os.path.join(root, "ckpt"), "--output", output, "--micro-batch-size", "1",
            "--no-progress"]
@@ -356,11 +357,11 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def _run_until_records(root, output, at_least, port):
+def _run_until_records(root, output, at_least):
     from megatron_miniplm.scoring import resume
 
     pdir = resume.progress_dir(output)
-    proc = _torchrun(root, output, port)
+    proc = _torchrun(root, output)
     import time
 
     deadline = time.monotonic() + 240
@@ -376,14 +377,12 @@ def _run_until_records(root, output, at_least, port):
 def test_sigkill_mid_run_then_rerun_is_bit_identical(layouts):
     """torchrun, DP=2: SIGKILL everything once a few batches are recorded, again later
     in the rerun, then rerun to the end: the same bytes as an uninterrupted run."""
-    from distributed import free_port
-
     root = layouts
     output = os.path.join(root, "big_killed")
-    first = _run_until_records(root, output, 3, free_port())
-    second = _run_until_records(root, output, first + 20, free_port())
+    first = _run_until_records(root, output, 3)
+    second = _run_until_records(root, output, first + 20)
     assert second > first
-    proc = _torchrun(root, output, free_port())
+    proc = _torchrun(root, output)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert "(resuming)" in err
