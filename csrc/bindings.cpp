@@ -188,7 +188,7 @@ miniplm::ScoreKind parse_kind(const std::string& kind) {
 }
 
 Selection select_instances(py::object scores, uint64_t capacity, py::object weights, bool ascending,
-                 std::optional<uint64_t> random_seed, std::optional<int64_t> n, int num_threads) {
+                 std::optional<uint64_t> random_seed, std::optional<int64_t> n, int num_threads, bool bracket) {
     Selection sel;
     int64_t count;
     if (random_seed.has_value()) {
@@ -215,14 +215,14 @@ Selection select_instances(py::object scores, uint64_t capacity, py::object weig
                 throw std::invalid_argument("weights: instance " + std::to_string(i) + " has a negative weight");
     }
     py::gil_scoped_release release;
-    sel.plan = miniplm::plan_selection(sel.keys, wp, count, capacity, num_threads);
+    sel.plan = miniplm::plan_selection(sel.keys, wp, count, capacity, num_threads, bracket);
     return sel;
 }
 
 // Scores computed while planning (one pass less than compute_scores + select).
 py::tuple select_scored(const std::string& kind, py::object teacher, py::object reference,
                         py::object shard_offsets, py::object out, uint64_t capacity, py::object weights,
-                        bool ascending, int num_threads) {
+                        bool ascending, int num_threads, bool bracket) {
     miniplm::ScoredInput in;
     in.kind = parse_kind(kind);
     auto so = view<int64_t>(shard_offsets, "shard_offsets", 1);
@@ -255,7 +255,7 @@ py::tuple select_scored(const std::string& kind, py::object teacher, py::object 
     miniplm::BadScores bad;
     {
         py::gil_scoped_release release;
-        sel.plan = miniplm::plan_scored_selection(in, ascending, wp, capacity, num_threads, &bad);
+        sel.plan = miniplm::plan_scored_selection(in, ascending, wp, capacity, num_threads, &bad, bracket);
     }
     if (bad.count) return py::make_tuple(py::none(), bad.count, bad.first);
     return py::make_tuple(py::cast(std::move(sel)), 0, -1);
@@ -313,6 +313,8 @@ PYBIND11_MODULE(_cpp, m) {
         .def_property_readonly("boundary_key", [](const Selection& s) { return s.plan.boundary_key; })
         .def_property_readonly("boundary_index", [](const Selection& s) { return s.plan.boundary_index; })
         .def_property_readonly("passes", [](const Selection& s) { return s.plan.passes; })
+        .def_property_readonly("bracketed", [](const Selection& s) { return s.plan.bracketed; },
+                               "Whether one sampled-bracket pass found it (else radix-histogram passes).")
         .def("kept_weight", &Selection::kept_weight, py::arg("weights"),
              "Sum of weights ([N] int32, e.g. sequence lengths) over the kept instances.")
         .def("write_indices", &Selection::write_indices, py::arg("out"),
@@ -326,13 +328,16 @@ PYBIND11_MODULE(_cpp, m) {
     m.def("select", &select_instances, py::arg("scores"), py::arg("capacity"), py::kw_only(),
           py::arg("weights") = py::none(), py::arg("ascending") = false,
           py::arg("random_seed") = py::none(), py::arg("n") = py::none(), py::arg("num_threads") = 0,
+          py::arg("bracket") = true,
           "Ranks instances by score (descending, or ascending), ties by lower index, or by seeded\n"
           "uniform random keys (scores=None, random_seed, n), and keeps the longest prefix of the\n"
           "ranking whose weight fits `capacity`: a count of instances, or tokens when `weights`\n"
-          "([N] int32, e.g. sequence lengths) is given. Scores must be finite.");
+          "([N] int32, e.g. sequence lengths) is given. Scores must be finite. bracket=False skips\n"
+          "the sampled one-pass bracket (same result; for tests and benchmarks).");
     m.def("select_scored", &select_scored, py::arg("kind"), py::arg("teacher"), py::arg("reference"),
           py::arg("shard_offsets"), py::arg("out"), py::arg("capacity"), py::kw_only(),
           py::arg("weights") = py::none(), py::arg("ascending") = false, py::arg("num_threads") = 0,
+          py::arg("bracket") = true,
           "compute_scores over per-shard [n_s, 2] arrays (lists, None where unused) into out ([N]\n"
           "float64) fused with select(out, capacity, ...): returns (Selection, 0, -1), or\n"
           "(None, number of non-finite scores, first such global index) and plans nothing.");

@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -21,7 +23,11 @@ constexpr int64_t kBuckets = 1LL << kRadixBits;
 constexpr int64_t kSortLimit = 1LL << 18;     // a boundary bucket this small is sorted in memory
 constexpr int64_t kMinChunk = 1LL << 16;      // fewer items per thread do not pay for a thread
 constexpr int kShuffleBucketBits = 15;        // ~32K rows per shuffle bucket: fits in L2
-constexpr uint64_t kStreamKeys = 1, kStreamBucket = 2, kStreamShuffle = 3;
+constexpr uint64_t kStreamKeys = 1, kStreamBucket = 2, kStreamShuffle = 3, kStreamSample = 4;
+// The sampled bracket: blocks of consecutive keys (a cache line each) at hashed positions.
+constexpr int64_t kSampleBlocks = 8192, kSampleBlock = 8;
+constexpr double kBracketSigmas = 6.0;     // half-width of the bracket, in binomial std devs
+constexpr double kMaxInside = 1.0 / 16;    // a wider bracket is not worth a pass: histograms
 
 // Key sources: the ranking key of instance i (larger ranks first).
 struct DescKeys {
@@ -55,28 +61,35 @@ auto with_keys(const KeySpec& spec, Fn&& fn) {
     return fn(DescKeys{spec.scores});
 }
 
-// An uninitialized int64 scratch array, on transparent huge pages where the OS offers
-// them (first-touch page faults otherwise cost more than the work done on the array).
+// Uninitialized memory on transparent huge pages where the OS offers them (first-touch
+// page faults otherwise cost more than the work done on the array).
+void* huge_alloc(size_t bytes) {
+    constexpr size_t kHuge = size_t{1} << 21;
+    bytes = (std::max<size_t>(bytes, 1) + kHuge - 1) / kHuge * kHuge;
+    void* data = std::aligned_alloc(kHuge, bytes);
+    if (!data) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(data, bytes, MADV_HUGEPAGE);
+#endif
+    return data;
+}
+
+// An int64 scratch array.
 class Scratch {
   public:
-    explicit Scratch(int64_t n) {
-        constexpr size_t kHuge = size_t{1} << 21;
-        bytes_ = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(int64_t) + kHuge - 1) / kHuge * kHuge;
-        data_ = static_cast<int64_t*>(std::aligned_alloc(kHuge, bytes_));
-        if (!data_) throw std::bad_alloc();
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-        madvise(data_, bytes_, MADV_HUGEPAGE);
-#endif
-    }
+    explicit Scratch(int64_t n) : data_(static_cast<int64_t*>(huge_alloc(static_cast<size_t>(n) * sizeof(int64_t)))) {}
     ~Scratch() { std::free(data_); }
     Scratch(const Scratch&) = delete;
     Scratch& operator=(const Scratch&) = delete;
     int64_t* data() const { return data_; }
 
   private:
-    int64_t* data_ = nullptr;
-    size_t bytes_ = 0;
+    int64_t* data_;
 };
+
+std::shared_ptr<uint8_t> huge_bytes(int64_t n) {
+    return std::shared_ptr<uint8_t>(static_cast<uint8_t*>(huge_alloc(static_cast<size_t>(n))), std::free);
+}
 
 struct Candidate {
     uint64_t key;
@@ -336,20 +349,43 @@ Plan plan_impl(const K& key, const W& weight, int64_t n, uint64_t capacity,
     }
 }
 
+// Whether instance i is kept: from the boundary (key, index), reading its key...
+template <class K>
+struct BoundaryKeep {
+    K key;
+    uint64_t bk;
+    int64_t bi;
+    bool operator()(int64_t i) const {
+        const uint64_t k = key(i);
+        return (k > bk) | ((k == bk) & (i <= bi));
+    }
+};
+// ...or from the plan's per-instance marks (one byte read instead of a key).
+struct MarkKeep {
+    const uint8_t* kept;
+    bool operator()(int64_t i) const { return kept[i] != 0; }
+};
+
+template <class Fn>
+auto with_keep(const KeySpec& keys, const Plan& p, Fn&& fn) {
+    if (p.kept) return fn(MarkKeep{p.kept.get()});
+    return with_keys(keys, [&](const auto& key) {
+        return fn(BoundaryKeep<std::decay_t<decltype(key)>>{key, p.boundary_key, p.boundary_index});
+    });
+}
+
 // Walks every chunk in index order and calls emit(chunk, pos, shard, instance_in_shard,
 // global, keep) while pos < the chunk's end row: pos is the output row of the next kept
 // instance, so a call with keep == false is overwritten later (branch-free writing).
 // Returns the total weight of the kept instances; checks the plan's counts.
-template <class K, class W, class Emit>
-uint64_t emit_kept(const K& key, const W& weight, const Plan& p, const int64_t* shard_offsets,
+template <class Keep, class W, class Emit>
+uint64_t emit_kept(const Keep& kept, const W& weight, const Plan& p, const int64_t* shard_offsets,
                    int64_t num_shards, Emit emit) {
     const int T = static_cast<int>(p.chunk_bounds.size()) - 1;
     std::vector<int64_t> offs(T + 1, 0);
     for (int c = 0; c < T; ++c) offs[c + 1] = offs[c] + p.chunk_count[c];
     std::vector<uint64_t> sums(T, 0);
     std::atomic<bool> mismatch{false};
-    const uint64_t bk = p.boundary_key;
-    const int64_t bi = p.boundary_index;
     run_chunks(p.chunk_bounds, [&](int c, int64_t b, int64_t e) {
         int64_t pos = offs[c];
         const int64_t stop = offs[c + 1];
@@ -360,8 +396,7 @@ uint64_t emit_kept(const K& key, const W& weight, const Plan& p, const int64_t* 
             int64_t p = pos;
             uint64_t acc = sum;
             for (int64_t i = sb; i < se; ++i) {
-                const uint64_t k = key(i);
-                const bool keep = (k > bk) | ((k == bk) & (i <= bi));
+                const bool keep = kept(i);
                 if (p < stop) emit(c, p, s, i - base, i, keep);
                 p += keep;
                 if constexpr (!W::unit) acc += weight(i) & (0 - static_cast<uint64_t>(keep));
@@ -385,20 +420,230 @@ int shuffle_bucket_bits(int64_t rows) {
     return bits;
 }
 
+// --- the sampled bracket ---------------------------------------------------------------
+
+// Keys > hi are kept and keys < lo dropped for sure; [lo, hi] is ranked exactly.
+struct Bracket {
+    uint64_t lo = 0, hi = ~0ULL;
+    double inside = 1.0;  // the sample's estimate of the fraction of instances in [lo, hi]
+};
+
+// The ranking key of instance i computed straight from the (sum, count) rows, for sampling
+// before the scores exist. A non-finite score gets any key: it fails the plan anyway.
+struct ScoredSampleKey {
+    const ScoredInput* in;
+    bool ascending;
+    uint64_t operator()(int64_t i) const {
+        const auto& offs = in->shard_offsets;
+        const int64_t s = std::upper_bound(offs.begin(), offs.end(), i) - offs.begin() - 1;
+        const int64_t j = 2 * (i - offs[s]);
+        const double v = with_score_kind(in->kind, [&](auto kind) {
+            return score_of<decltype(kind)::value>(in->teacher[s] + j, in->reference[s] + j);
+        });
+        if (!std::isfinite(v)) return 0;
+        const uint64_t k = order_key(v);
+        return ascending ? ~k : k;
+    }
+};
+
+// The first pass over plain keys, in the shape of ScoredFirstPass.
+template <class K>
+struct KeyVisitor {
+    const K* key;
+    template <class Visit>
+    void operator()(int, int64_t b, int64_t e, Visit&& visit) const {
+        for (int64_t i = b; i < e; ++i) visit(i, (*key)(i));
+    }
+    bool ok() const { return true; }
+};
+
+// Guesses the bracket from a sample: where the sample's own capacity boundary falls,
+// plus and minus kBracketSigmas binomial standard deviations of that position (wider for
+// token weights, whose sum varies more). False when a bracket would not pay.
+template <class SampleKey, class W>
+bool guess_bracket(const SampleKey& sample_key, const W& weight, int64_t n, uint64_t capacity, Bracket* out) {
+    const int64_t blocks = std::min<int64_t>(kSampleBlocks, n / (4 * kSampleBlock));
+    if (blocks < 16) return false;
+    struct Sampled {
+        uint64_t key, weight;
+    };
+    std::vector<Sampled> sample;
+    sample.reserve(static_cast<size_t>(blocks * kSampleBlock));
+    const uint64_t stream = stream_seed(0, kStreamSample);
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t begin = static_cast<int64_t>(static_cast<unsigned __int128>(n) * b / blocks);
+        const int64_t end = static_cast<int64_t>(static_cast<unsigned __int128>(n) * (b + 1) / blocks);
+        const int64_t start =
+            begin + static_cast<int64_t>(hash64(stream, static_cast<uint64_t>(b)) % static_cast<uint64_t>(end - begin - kSampleBlock + 1));
+        for (int64_t i = start; i < start + kSampleBlock; ++i) sample.push_back({sample_key(i), weight(i)});
+    }
+    std::sort(sample.begin(), sample.end(), [](const Sampled& a, const Sampled& b) { return a.key > b.key; });
+    const int64_t m = static_cast<int64_t>(sample.size());
+    const double scale = static_cast<double>(n) / static_cast<double>(m);
+    int64_t p = m;  // the first sampled rank past the (scaled) capacity
+    double acc = 0;
+    for (int64_t j = 0; j < m; ++j) {
+        acc += static_cast<double>(sample[j].weight) * scale;
+        if (acc > static_cast<double>(capacity)) {
+            p = j;
+            break;
+        }
+    }
+    if (p >= m) return false;  // nearly everything fits: one histogram level finds out
+    const double q = std::max(static_cast<double>(p) / m, 1.0 / m);
+    const double sigmas = W::unit ? kBracketSigmas : 1.5 * kBracketSigmas;
+    const int64_t d = static_cast<int64_t>(sigmas * std::sqrt(m * q * (1 - q))) + 2 * kSampleBlock;
+    const int64_t up = p - d, down = p + d;
+    out->hi = up >= 0 ? sample[up].key : ~0ULL;
+    out->lo = down < m ? sample[down].key : 0;
+    out->inside = static_cast<double>(std::min(down, m - 1) - std::max<int64_t>(up, 0) + 1) / m;
+    return out->inside <= kMaxInside;
+}
+
+enum class Outcome { NoGuess, Miss, Bad, Done };
+
+// Keys and weights of the instances collected inside a bracket, by position.
+struct InsideKey {
+    const Candidate* c;
+    uint64_t operator()(int64_t j) const { return c[j].key; }
+};
+template <bool Unit>
+struct InsideWeight {
+    static constexpr bool unit = Unit;
+    const Candidate* c;
+    uint64_t operator()(int64_t j) const { return c[j].weight; }
+};
+
+struct BracketChunk {
+    int64_t above_n = 0;
+    uint64_t above_w = 0;
+    size_t limit = 0;
+    bool overflow = false;
+    std::vector<Candidate> inside;
+};
+
+// One pass: marks every instance 1 (above the bracket: kept), 0 (below: dropped) or 2
+// (inside) and collects the inside ones; then ranks those exactly with plan_impl and
+// turns their marks into 0/1. Miss: the boundary was not inside the bracket after all.
+template <class SampleKey, class Visitor, class W>
+Outcome plan_bracketed(const SampleKey& sample_key, const Visitor& visitor, const W& weight, int64_t n,
+                       uint64_t capacity, const std::vector<int64_t>& bounds, int num_threads, Plan* plan) {
+    Bracket br;
+    if (!guess_bracket(sample_key, weight, n, capacity, &br)) return Outcome::NoGuess;
+    const int T = static_cast<int>(bounds.size()) - 1;
+    auto kept = huge_bytes(n);
+    uint8_t* marks = kept.get();
+    std::vector<BracketChunk> chunks(T);
+    const double room_fraction = std::min(1.0, 2 * br.inside + 0.01);
+    const uint64_t lo = br.lo, hi = br.hi, width = br.hi - br.lo;
+    run_chunks(bounds, [&](int c, int64_t b, int64_t e) {
+        BracketChunk& ch = chunks[c];
+        ch.limit = static_cast<size_t>(room_fraction * static_cast<double>(e - b)) + 1024;
+        ch.inside.reserve(ch.limit);
+        uint64_t above_n = 0, above_w = 0;
+        visitor(c, b, e, [&](int64_t i, uint64_t k) {
+            const uint64_t above = k > hi;
+            const bool in = k - lo <= width;
+            marks[i] = static_cast<uint8_t>(above | (static_cast<uint64_t>(in) << 1));
+            above_n += above;
+            if constexpr (!W::unit) above_w += weight(i) & (0 - above);
+            if (in) {
+                if (ch.inside.size() < ch.limit) ch.inside.push_back({k, i, weight(i)});
+                else ch.overflow = true;
+            }
+        });
+        ch.above_n = static_cast<int64_t>(above_n);
+        ch.above_w = W::unit ? above_n : above_w;
+    });
+    plan->passes = 1;
+    if (!visitor.ok()) return Outcome::Bad;
+    int64_t above_n = 0;
+    uint64_t above_w = 0, inside_w = 0;
+    size_t m = 0;
+    for (const auto& ch : chunks) {
+        if (ch.overflow) return Outcome::Miss;
+        above_n += ch.above_n;
+        above_w += ch.above_w;
+        m += ch.inside.size();
+        for (const auto& x : ch.inside) inside_w += x.weight;
+    }
+    if (above_w > capacity) return Outcome::Miss;                    // the boundary is above hi
+    if (above_w + inside_w <= capacity && lo != 0) return Outcome::Miss;  // ...or below lo
+
+    // Rank the inside instances exactly: they are in global index order, so positions
+    // break ties like global indices do.
+    std::vector<Candidate> inside;
+    inside.reserve(m);
+    std::vector<int64_t> inside_bounds(T + 1, 0);
+    for (int c = 0; c < T; ++c) {
+        inside.insert(inside.end(), chunks[c].inside.begin(), chunks[c].inside.end());
+        inside_bounds[c + 1] = static_cast<int64_t>(inside.size());
+        std::vector<Candidate>().swap(chunks[c].inside);
+    }
+    const int64_t M = static_cast<int64_t>(m);
+    const Plan r = plan_impl(InsideKey{inside.data()}, InsideWeight<W::unit>{inside.data()}, M, capacity - above_w,
+                             PlainFirstPass{}, split_range(M, resolve_threads(num_threads, M, kMinChunk)));
+    uint64_t bk = hi;  // nothing inside kept: exactly the keys above hi
+    int64_t bi = -1;
+    if (r.count > 0) {
+        bk = r.boundary_key;
+        bi = inside[r.boundary_index].index;
+    }
+    plan->n = n;
+    plan->count = above_n + r.count;
+    plan->weight = above_w + r.weight;
+    plan->boundary_key = bk;
+    plan->boundary_index = bi;
+    plan->bracketed = true;
+    plan->chunk_bounds = bounds;
+    plan->chunk_count.assign(T, 0);
+    run_chunks(inside_bounds, [&](int c, int64_t b, int64_t e) {
+        int64_t kept_here = 0;
+        for (int64_t j = b; j < e; ++j) {
+            const Candidate& x = inside[j];
+            const bool keep = (x.key > bk) | ((x.key == bk) & (x.index <= bi));
+            marks[x.index] = keep;
+            kept_here += keep;
+        }
+        plan->chunk_count[c] = chunks[c].above_n + kept_here;
+    });
+    plan->kept = std::move(kept);
+    return Outcome::Done;
+}
+
+Plan nothing_planned(int64_t n, const std::vector<int64_t>& bounds, int passes) {
+    Plan p;
+    p.n = n;
+    p.boundary_key = ~0ULL;
+    p.boundary_index = -1;
+    p.passes = passes;
+    p.chunk_bounds = bounds;
+    p.chunk_count.assign(bounds.size() - 1, 0);
+    return p;
+}
+
 }  // namespace
 
 Plan plan_selection(const KeySpec& keys, const int32_t* weights, int64_t n, uint64_t capacity,
-                    int num_threads) {
+                    int num_threads, bool bracket) {
     const auto bounds = split_range(n, resolve_threads(num_threads, n, kMinChunk));
     return with_keys(keys, [&](const auto& key) {
         return with_weights(weights, [&](const auto& w) {
-            return plan_impl(key, w, n, capacity, PlainFirstPass{}, bounds);
+            Plan b;
+            if (bracket) {
+                using Key = std::decay_t<decltype(key)>;
+                if (plan_bracketed(key, KeyVisitor<Key>{&key}, w, n, capacity, bounds, num_threads, &b) == Outcome::Done)
+                    return b;
+            }
+            Plan p = plan_impl(key, w, n, capacity, PlainFirstPass{}, bounds);
+            p.passes += b.passes;
+            return p;
         });
     });
 }
 
 Plan plan_scored_selection(const ScoredInput& in, bool ascending, const int32_t* weights,
-                           uint64_t capacity, int num_threads, BadScores* bad) {
+                           uint64_t capacity, int num_threads, BadScores* bad, bool bracket) {
     const int64_t S = static_cast<int64_t>(in.shard_offsets.size()) - 1;
     const int64_t n = in.shard_offsets[S];
     KeySpec keys;
@@ -413,22 +658,25 @@ Plan plan_scored_selection(const ScoredInput& in, bool ascending, const int32_t*
             if (b.count && bad->first < 0) bad->first = lo + b.first;
             bad->count += b.count;
         }
-        if (bad->count) {
-            Plan p;
-            p.n = n;
-            p.boundary_key = ~0ULL;
-            p.chunk_bounds = split_range(n, 1);
-            p.chunk_count.assign(1, 0);
-            return p;
-        }
-        return plan_selection(keys, weights, n, capacity, num_threads);
+        if (bad->count) return nothing_planned(n, split_range(n, 1), 0);
+        return plan_selection(keys, weights, n, capacity, num_threads, bracket);
     }
     const auto bounds = split_range(n, resolve_threads(num_threads, n, kMinChunk));
     std::vector<BadScores> per_chunk(bounds.size() - 1);
     const ScoredFirstPass first{&in, ascending, &per_chunk};
     Plan p = with_keys(keys, [&](const auto& key) {
         return with_weights(weights, [&](const auto& w) {
-            return plan_impl(key, w, n, capacity, first, bounds);
+            Plan b;
+            Outcome outcome = Outcome::NoGuess;
+            if (bracket) outcome = plan_bracketed(ScoredSampleKey{&in, ascending}, first, w, n, capacity, bounds,
+                                                  num_threads, &b);
+            if (outcome == Outcome::Done) return b;
+            if (outcome == Outcome::Bad) return nothing_planned(n, bounds, b.passes);
+            if (outcome == Outcome::NoGuess) return plan_impl(key, w, n, capacity, first, bounds);
+            // Missed: the scores are written by now; histogram passes over them.
+            Plan h = plan_impl(key, w, n, capacity, PlainFirstPass{}, bounds);
+            h.passes += b.passes;
+            return h;
         });
     });
     *bad = BadScores{};
@@ -441,16 +689,16 @@ Plan plan_scored_selection(const ScoredInput& in, bool ascending, const int32_t*
 
 uint64_t kept_weight(const KeySpec& keys, const Plan& plan, const int32_t* weights) {
     const int64_t whole[2] = {0, plan.n};
-    return with_keys(keys, [&](const auto& key) {
-        return emit_kept(key, TokenWeight{weights}, plan, whole, 1,
+    return with_keep(keys, plan, [&](const auto& keep) {
+        return emit_kept(keep, TokenWeight{weights}, plan, whole, 1,
                          [](int, int64_t, int64_t, int64_t, int64_t, bool) {});
     });
 }
 
 void write_indices(const KeySpec& keys, const Plan& plan, int64_t* out, int64_t stride) {
     const int64_t whole[2] = {0, plan.n};
-    with_keys(keys, [&](const auto& key) {
-        return emit_kept(key, UnitWeight{}, plan, whole, 1,
+    with_keep(keys, plan, [&](const auto& keep) {
+        return emit_kept(keep, UnitWeight{}, plan, whole, 1,
                          [&](int, int64_t pos, int64_t, int64_t, int64_t g, bool) { out[pos * stride] = g; });
     });
 }
@@ -459,9 +707,9 @@ uint64_t write_blend(const KeySpec& keys, const Plan& plan, const int64_t* shard
                      int64_t num_shards, int64_t* out, bool shuffle, uint64_t shuffle_seed,
                      int num_threads, const int32_t* weights) {
     if (!shuffle) {
-        return with_keys(keys, [&](const auto& key) {
+        return with_keep(keys, plan, [&](const auto& keep) {
             return with_weights(weights, [&](const auto& w) {
-                return emit_kept(key, w, plan, shard_offsets, num_shards,
+                return emit_kept(keep, w, plan, shard_offsets, num_shards,
                                  [&](int, int64_t pos, int64_t s, int64_t local, int64_t, bool) {
                                      out[2 * pos] = s;
                                      out[2 * pos + 1] = local;
@@ -484,9 +732,9 @@ uint64_t write_blend(const KeySpec& keys, const Plan& plan, const int64_t* shard
     const int T = static_cast<int>(plan.chunk_bounds.size()) - 1;
     std::vector<int64_t> pos(static_cast<size_t>(T) * B, 0);
     // 1. Kept global ids into column 0, counting each chunk's bucket sizes on the way.
-    const uint64_t total = with_keys(keys, [&](const auto& key) {
+    const uint64_t total = with_keep(keys, plan, [&](const auto& keep) {
         return with_weights(weights, [&](const auto& w) {
-            return emit_kept(key, w, plan, shard_offsets, num_shards,
+            return emit_kept(keep, w, plan, shard_offsets, num_shards,
                              [&](int c, int64_t p, int64_t, int64_t, int64_t g, bool keep) {
                                  out[2 * p] = g;
                                  pos[static_cast<size_t>(c) * B + bucket_of(g)] += keep;

@@ -2,14 +2,20 @@
 //
 // Instances are ranked by a 64-bit key, larger first, ties broken by the lower
 // global index. A selection keeps the longest prefix of that ranking whose total
-// weight (1 per instance, or its token count) fits a capacity. It is found
-// without sorting: a few radix-histogram passes narrow down the boundary key,
-// the few instances left in the boundary bucket are sorted, and the result is a
+// weight (1 per instance, or its token count) fits a capacity. The result is a
 // boundary (key, index): instance i is kept iff
 //     key(i) > boundary_key  or  (key(i) == boundary_key and i <= boundary_index).
+//
+// It is found without sorting, usually in one pass over the keys: a small sample
+// of keys brackets the boundary key; the pass marks every instance kept, dropped
+// or "inside the bracket", and only the few inside are ranked exactly. The
+// per-instance marks are kept, so writing the blend reads one byte per instance
+// instead of its key. If the sample misjudged (rare: ties, adversarial order),
+// radix-histogram passes over all keys narrow the boundary down instead.
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "difference.h"
@@ -40,13 +46,16 @@ struct Plan {
     uint64_t boundary_key = 0;  // see the header comment
     int64_t boundary_index = -1;
     int passes = 0;             // full passes over the keys (for benchmarks)
+    bool bracketed = false;     // found by the sampled bracket (else by histograms)
     std::vector<int64_t> chunk_bounds;  // the writer's chunks of [0, n)
     std::vector<int64_t> chunk_count;   // kept instances per chunk
+    std::shared_ptr<uint8_t> kept;      // [n]: 1 if kept, else 0 (bracketed plans only)
 };
 
 // Finds the kept set. `weights` (may be null: weight 1) must be >= 0.
+// `bracket` false: histogram passes only (for tests of both paths).
 Plan plan_selection(const KeySpec& keys, const int32_t* weights, int64_t n, uint64_t capacity,
-                    int num_threads);
+                    int num_threads, bool bracket = true);
 
 // Scores computed from per-shard (nll_sum, token_count) rows while planning: the first
 // histogram pass also writes out[i], so the scores are read from memory once less.
@@ -60,7 +69,7 @@ struct ScoredInput {
 // Like plan_selection on the scores of `in`. If any score is not finite, nothing is
 // planned (count 0) and `bad` says how many and where the first is.
 Plan plan_scored_selection(const ScoredInput& in, bool ascending, const int32_t* weights,
-                           uint64_t capacity, int num_threads, BadScores* bad);
+                           uint64_t capacity, int num_threads, BadScores* bad, bool bracket = true);
 
 // Total of `weights` (e.g. tokens) over the kept instances.
 uint64_t kept_weight(const KeySpec& keys, const Plan& plan, const int32_t* weights);

@@ -282,3 +282,81 @@ def test_select_scored_equals_compute_then_select(n, kind, ascending):
     sel, bad, first = _cpp.select_scored(kind, ts, rs, offs, np.empty(n), 10, ascending=ascending)
     expect = {"difference": (2, n // 2), "teacher": (1, n - 2), "reference": (1, n // 2)}[kind]
     assert sel is None and (bad, first) == expect
+
+
+# --- the sampled bracket (one pass) and its fallback to histogram passes -----------------
+
+@pytest.mark.parametrize("n,distinct", [(5000, None), (300_000, None), (300_000, 40), (600_001, 3)])
+def test_bracket_and_histogram_paths_agree(n, distinct):
+    rng = np.random.default_rng(n + 11 * (distinct or 1))
+    scores = rng.standard_normal(n) if distinct is None else tied_scores(rng, n, distinct)
+    w = rng.integers(0, 1025, n).astype(np.int32)
+    total = int(w.sum(dtype=np.int64))
+    bracketed = []
+    for weights, caps in ((None, (0, 1, n // 50, n // 2, n - 1)), (w, (0, 700, total // 7, total // 2, total - 1))):
+        for cap in caps:
+            for ascending in (False, True):
+                ref = ref_top_k(scores, cap, ascending) if weights is None else ref_budget(scores, w, cap, ascending)
+                one = _cpp.select(scores, cap, weights=weights, ascending=ascending, num_threads=2)
+                hist = _cpp.select(scores, cap, weights=weights, ascending=ascending, num_threads=2, bracket=False)
+                assert not hist.bracketed
+                bracketed.append(one.bracketed)
+                np.testing.assert_array_equal(kept(one), ref)
+                np.testing.assert_array_equal(kept(hist), ref)
+                assert (one.count, one.weight) == (hist.count, hist.weight)
+                # the boundary means the same thing whichever path found it
+                key = np.array([_cpp.order_key(x) for x in scores], np.uint64)
+                key = ~key if ascending else key
+                bk, bi = np.uint64(one.boundary_key), one.boundary_index
+                np.testing.assert_array_equal(np.flatnonzero((key > bk) | ((key == bk) & (np.arange(n) <= bi))), ref)
+                if one.bracketed:
+                    assert one.passes == 1
+                    offs = np.array([0, n // 3, n], np.int64)
+                    a, b = np.empty((one.count, 2), np.int64), np.empty((one.count, 2), np.int64)
+                    assert one.write_blend(a, offs, weights=w) == hist.write_blend(b, offs, weights=w)
+                    np.testing.assert_array_equal(a, b)
+                    one.write_blend(a, offs, shuffle_seed=5)
+                    hist.write_blend(b, offs, shuffle_seed=5)
+                    np.testing.assert_array_equal(a, b)
+    if distinct is None and n >= 300_000:  # continuous scores: the bracket is the path taken
+        assert sum(bracketed) >= len(bracketed) - 4, bracketed
+
+
+def test_bracket_misses_fall_back_to_histograms():
+    rng = np.random.default_rng(21)
+    n = 300_000
+    scores = rng.standard_normal(n)
+    # Almost all the weight in 40 instances: the sample cannot place the token boundary.
+    w = np.zeros(n, np.int32)
+    w[rng.choice(n, 40, replace=False)] = 1_000_000
+    for budget in (5_000_000, 20_000_000):
+        sel = _cpp.select(scores, budget, weights=w, num_threads=2)
+        assert not sel.bracketed and sel.passes >= 2  # a bracket pass, then histograms
+        np.testing.assert_array_equal(kept(sel), ref_budget(scores, w, budget))
+    # One key value everywhere: the bracket holds everything and overflows.
+    sel = _cpp.select(np.full(400_000, 2.5), 123_457, num_threads=2)
+    assert not sel.bracketed and sel.passes >= 2
+
+
+def test_fused_scoring_bracket_and_its_fallback():
+    rng = np.random.default_rng(4)
+    n = 700_001  # above the sort limit: scores are computed in the bracket pass itself
+    offs = np.array([0, 250_000, n], np.int64)
+    count = rng.integers(1, 1025, n).astype(np.float64)
+    t = np.stack([rng.normal(3.0, 0.6, n) * count, count], 1)
+    r = np.stack([(t[:, 0] / count + rng.normal(0.8, 0.4, n)) * count, count], 1)
+    ts, rs = [t[:250_000], t[250_000:]], [r[:250_000], r[250_000:]]
+    want = np.empty(n)
+    _cpp.compute_scores("difference", t, r, want)
+    heavy = np.zeros(n, np.int32)
+    heavy[rng.choice(n, 40, replace=False)] = 1_000_000
+    for weights, cap, bracketed in ((None, n // 2, True), (heavy, 20_000_000, False)):
+        out = np.empty(n)
+        sel, bad, _ = _cpp.select_scored("difference", ts, rs, offs, out, cap, weights=weights, num_threads=2)
+        assert bad == 0 and sel.bracketed == bracketed
+        np.testing.assert_array_equal(out, want)  # complete even when the bracket missed
+        ref = ref_top_k(want, cap, False) if weights is None else ref_budget(want, heavy, cap)
+        np.testing.assert_array_equal(kept(sel), ref)
+    t[123_456, 0] = np.inf  # a bad score is still found by the bracket pass
+    sel, bad, first = _cpp.select_scored("difference", ts, rs, offs, np.empty(n), n // 2, num_threads=2)
+    assert sel is None and (bad, first) == (1, 123_456)
