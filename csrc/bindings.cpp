@@ -289,7 +289,10 @@ void gather_bytes(py::list sources, py::object shard, py::object offset, py::obj
 
 }  // namespace
 
+void bind_bpe(py::module_& m);  // bpe_bindings.cpp
+
 PYBIND11_MODULE(_cpp, m) {
+    bind_bpe(m);
     m.doc() = "C++ kernels of megatron-miniplm (Difference Sampling index builder)";
     m.def("difference_scores", &difference_scores, py::arg("teacher"), py::arg("reference"),
           py::arg("num_threads") = 0,
