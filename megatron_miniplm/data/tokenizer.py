@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from abc import ABC, abstractmethod
 from typing import Sequence
 
@@ -18,6 +19,8 @@ import numpy as np
 # "<|im_end|>" (often the configured eos of instruct tokenizers) do not, so they are
 # only used when nothing better exists and the config names them.
 EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
+
+_FAST_BPE_LOCK = threading.Lock()  # HFTokenizer builds its fast encoder once, on first use
 
 
 class TokenizerError(ValueError):
@@ -146,6 +149,25 @@ class HFTokenizer(Tokenizer):
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values()) + 1
         self.eod_token, self.eod_id = self._find_eod(vocab, eod_token, config_dir)
+        self._fast_bpe = None
+        self._fast_bpe_ready = False
+
+    def _fast_encoder(self):
+        """The native byte-level BPE encoder (data/fast_bpe.py) when this tokenizer is one
+        it reproduces exactly, else None; decided and self-checked on first use."""
+        if not self._fast_bpe_ready:
+            with _FAST_BPE_LOCK:
+                if not self._fast_bpe_ready:
+                    # Special-token text must be plain text, as the fast encoder treats it.
+                    if getattr(self._tok, "encode_special_tokens", False) is True:
+                        from megatron_miniplm.data.fast_bpe import load_fast_bpe
+
+                        self._fast_bpe = load_fast_bpe(self.path, self._reference_ids)
+                    self._fast_bpe_ready = True
+        return self._fast_bpe
+
+    def _reference_ids(self, texts: list[str]) -> list[list[int]]:
+        return list(self._ids_iter(texts))
 
     def _find_eod(self, vocab: dict[str, int], eod_token: str | None, config_dir: str) -> tuple[str, int]:
         if eod_token is not None:
@@ -173,7 +195,21 @@ class HFTokenizer(Tokenizer):
         return (e.ids for e in encode(list(texts), add_special_tokens=False))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return list(self._ids_iter(texts))
+        fast = self._fast_encoder()
+        if fast is None:
+            return list(self._ids_iter(texts))
+        tokens, lengths = fast.encode_flat(texts)
+        flat, out, start = tokens.tolist(), [], 0
+        for n in lengths.tolist():
+            out.append(flat[start:start + n])
+            start += n
+        return out
+
+    def encode_batch_flat(self, texts: Sequence[str], append_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        fast = self._fast_encoder()
+        if fast is None:
+            return super().encode_batch_flat(texts, append_id)
+        return fast.encode_flat(texts, append_id)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
