@@ -2,6 +2,7 @@
 
 One concept per module:
     tokenizer       load_tokenizer(): HF tokenizer.json / sentencepiece .model behind one interface
+    fast_bpe        the native byte-level BPE encoder HF GPT-2-style tokenizers use (same ids, faster)
     boundaries      sentence-boundary token tables derived from a tokenizer's vocabulary
     jsonl_reader    streaming .jsonl / .jsonl.gz / .jsonl.zst reader (hashing, truncation checks)
     records         JSON record parsing and validation, with a reason for every rejected line

@@ -13,6 +13,8 @@ tokenizer, hence one BPE word cache. Measured on 2 cores, worker processes (each
 own cache) needed ~1.3x the CPU of the library's own batch encoding; threads ~1.0x.
 HF tokenizers also parallelize inside each batch with their Rust thread pool, which
 tools/preprocess_data.py sizes to --workers (RAYON_NUM_THREADS, read once per process).
+GPT-2-style byte-level BPE tokenizer.json files are encoded by the native encoder of
+data/fast_bpe.py instead (the same ids; one word cache per concurrent batch, GIL released).
 """
 from __future__ import annotations
 
