@@ -25,8 +25,8 @@ constexpr int64_t kMinChunk = 1LL << 16;      // fewer items per thread do not p
 constexpr int kShuffleBucketBits = 15;        // ~32K rows per shuffle bucket: fits in L2
 constexpr uint64_t kStreamKeys = 1, kStreamBucket = 2, kStreamShuffle = 3, kStreamSample = 4;
 // The sampled bracket: blocks of consecutive keys (a cache line each) at hashed positions.
-constexpr int64_t kSampleBlocks = 8192, kSampleBlock = 8;
-constexpr double kBracketSigmas = 6.0;     // half-width of the bracket, in binomial std devs
+constexpr int64_t kSampleBlocks = 16384, kSampleBlock = 8;
+constexpr double kBracketSigmas = 5.0;     // half-width of the bracket, in binomial std devs
 constexpr double kMaxInside = 1.0 / 16;    // a wider bracket is not worth a pass: histograms
 
 // Key sources: the ranking key of instance i (larger ranks first).
@@ -87,9 +87,6 @@ class Scratch {
     int64_t* data_;
 };
 
-std::shared_ptr<uint8_t> huge_bytes(int64_t n) {
-    return std::shared_ptr<uint8_t>(static_cast<uint8_t*>(huge_alloc(static_cast<size_t>(n))), std::free);
-}
 
 struct Candidate {
     uint64_t key;
@@ -101,6 +98,14 @@ template <class Fn>
 auto with_weights(const int32_t* weights, Fn&& fn) {
     if (weights) return fn(TokenWeight{weights});
     return fn(UnitWeight{});
+}
+
+// split_range with the inner bounds rounded down to multiples of 64 (whole words of a
+// bitset per chunk).
+std::vector<int64_t> word_aligned_range(int64_t n, int parts) {
+    auto bounds = split_range(n, parts);
+    for (size_t c = 1; c + 1 < bounds.size(); ++c) bounds[c] &= ~int64_t{63};
+    return bounds;
 }
 
 int chunk_of(const std::vector<int64_t>& bounds, int64_t i) {
@@ -360,10 +365,10 @@ struct BoundaryKeep {
         return (k > bk) | ((k == bk) & (i <= bi));
     }
 };
-// ...or from the plan's per-instance marks (one byte read instead of a key).
+// ...or from the plan's bit per instance (an eighth of a byte read instead of a key).
 struct MarkKeep {
-    const uint8_t* kept;
-    bool operator()(int64_t i) const { return kept[i] != 0; }
+    const uint64_t* bits;
+    bool operator()(int64_t i) const { return (bits[i >> 6] >> (i & 63)) & 1; }
 };
 
 template <class Fn>
@@ -502,92 +507,109 @@ bool guess_bracket(const SampleKey& sample_key, const W& weight, int64_t n, uint
 
 enum class Outcome { NoGuess, Miss, Bad, Done };
 
-// Keys and weights of the instances collected inside a bracket, by position.
+// Keys and weights of the instances collected inside the bracket, by position.
 struct InsideKey {
-    const Candidate* c;
-    uint64_t operator()(int64_t j) const { return c[j].key; }
+    const uint64_t* keys;
+    uint64_t operator()(int64_t j) const { return keys[j]; }
 };
-template <bool Unit>
+template <class W>
 struct InsideWeight {
-    static constexpr bool unit = Unit;
-    const Candidate* c;
-    uint64_t operator()(int64_t j) const { return c[j].weight; }
+    static constexpr bool unit = W::unit;
+    const int64_t* index;
+    const W* w;
+    uint64_t operator()(int64_t j) const { return (*w)(index[j]); }
 };
 
-struct BracketChunk {
-    int64_t above_n = 0;
-    uint64_t above_w = 0;
-    size_t limit = 0;
-    bool overflow = false;
-    std::vector<Candidate> inside;
-};
-
-// One pass: marks every instance 1 (above the bracket: kept), 0 (below: dropped) or 2
-// (inside) and collects the inside ones; then ranks those exactly with plan_impl and
-// turns their marks into 0/1. Miss: the boundary was not inside the bracket after all.
-template <class SampleKey, class Visitor, class W>
-Outcome plan_bracketed(const SampleKey& sample_key, const Visitor& visitor, const W& weight, int64_t n,
+// One pass: sets the bit of every instance above the bracket (kept for sure) and collects
+// the instances inside it; then ranks those exactly with plan_impl and sets the bits of
+// the kept ones. Miss: the boundary was not inside the bracket after all. The chunk
+// bounds must be multiples of 64 (but the last), so that threads write disjoint words.
+// `key` must give the keys once the pass is over (the fused pass writes the scores).
+template <class SampleKey, class K, class Visitor, class W>
+Outcome plan_bracketed(const SampleKey& sample_key, const K& key, const Visitor& visitor, const W& weight, int64_t n,
                        uint64_t capacity, const std::vector<int64_t>& bounds, int num_threads, Plan* plan) {
     Bracket br;
     if (!guess_bracket(sample_key, weight, n, capacity, &br)) return Outcome::NoGuess;
     const int T = static_cast<int>(bounds.size()) - 1;
-    auto kept = huge_bytes(n);
-    uint8_t* marks = kept.get();
-    std::vector<BracketChunk> chunks(T);
+    const int64_t words = (n + 63) / 64;
+    std::shared_ptr<uint64_t> kept(
+        static_cast<uint64_t*>(std::malloc(static_cast<size_t>(std::max<int64_t>(words, 1)) * sizeof(uint64_t))), std::free);
+    if (!kept) throw std::bad_alloc();
+    uint64_t* bits = kept.get();
+    // Every chunk collects into its own slice of one buffer (touched only as far as used).
     const double room_fraction = std::min(1.0, 2 * br.inside + 0.01);
+    std::vector<int64_t> slice(T + 1, 0), used(T, 0), above(T, 0);
+    std::vector<uint64_t> above_weight(T, 0);
+    for (int c = 0; c < T; ++c)
+        slice[c + 1] = slice[c] + static_cast<int64_t>(room_fraction * static_cast<double>(bounds[c + 1] - bounds[c])) + 1024;
+    std::unique_ptr<int64_t[]> inside(new int64_t[static_cast<size_t>(slice[T])]);
+    std::atomic<bool> overflow{false};
     const uint64_t lo = br.lo, hi = br.hi, width = br.hi - br.lo;
-    run_chunks(bounds, [&](int c, int64_t b, int64_t e) {
-        BracketChunk& ch = chunks[c];
-        ch.limit = static_cast<size_t>(room_fraction * static_cast<double>(e - b)) + 1024;
-        ch.inside.reserve(ch.limit);
-        uint64_t above_n = 0, above_w = 0;
+    run_chunks(bounds, [&, lo, hi, width, bits](int c, int64_t b, int64_t e) {
+        int64_t* out = inside.get() + slice[c];
+        const int64_t room = slice[c + 1] - slice[c];
+        int64_t m = 0;
+        uint64_t word = 0, above_n = 0, above_w = 0;
         visitor(c, b, e, [&](int64_t i, uint64_t k) {
-            const uint64_t above = k > hi;
-            const bool in = k - lo <= width;
-            marks[i] = static_cast<uint8_t>(above | (static_cast<uint64_t>(in) << 1));
-            above_n += above;
-            if constexpr (!W::unit) above_w += weight(i) & (0 - above);
-            if (in) {
-                if (ch.inside.size() < ch.limit) ch.inside.push_back({k, i, weight(i)});
-                else ch.overflow = true;
+            const uint64_t up = k > hi;
+            word |= up << (i & 63);
+            if ((i & 63) == 63) {
+                bits[i >> 6] = word;
+                word = 0;
+            }
+            above_n += up;
+            if constexpr (!W::unit) above_w += weight(i) & (0 - up);
+            if (k - lo <= width) {
+                if (m < room) out[m] = i;
+                ++m;
             }
         });
-        ch.above_n = static_cast<int64_t>(above_n);
-        ch.above_w = W::unit ? above_n : above_w;
+        if (e & 63) bits[e >> 6] = word;  // the last chunk's partial word
+        used[c] = std::min(m, room);
+        if (m > room) overflow = true;
+        above[c] = static_cast<int64_t>(above_n);
+        above_weight[c] = W::unit ? above_n : above_w;
     });
     plan->passes = 1;
     if (!visitor.ok()) return Outcome::Bad;
+    if (overflow) return Outcome::Miss;
     int64_t above_n = 0;
     uint64_t above_w = 0, inside_w = 0;
-    size_t m = 0;
-    for (const auto& ch : chunks) {
-        if (ch.overflow) return Outcome::Miss;
-        above_n += ch.above_n;
-        above_w += ch.above_w;
-        m += ch.inside.size();
-        for (const auto& x : ch.inside) inside_w += x.weight;
+    for (int c = 0; c < T; ++c) {
+        above_n += above[c];
+        above_w += above_weight[c];
     }
-    if (above_w > capacity) return Outcome::Miss;                    // the boundary is above hi
-    if (above_w + inside_w <= capacity && lo != 0) return Outcome::Miss;  // ...or below lo
-
-    // Rank the inside instances exactly: they are in global index order, so positions
-    // break ties like global indices do.
-    std::vector<Candidate> inside;
-    inside.reserve(m);
+    if (above_w > capacity) return Outcome::Miss;  // the boundary is above hi
+    // Close the gaps between the slices: the inside instances in global index order, so
+    // that positions break ties like global indices do.
     std::vector<int64_t> inside_bounds(T + 1, 0);
     for (int c = 0; c < T; ++c) {
-        inside.insert(inside.end(), chunks[c].inside.begin(), chunks[c].inside.end());
-        inside_bounds[c + 1] = static_cast<int64_t>(inside.size());
-        std::vector<Candidate>().swap(chunks[c].inside);
+        if (slice[c] != inside_bounds[c])
+            std::memmove(inside.get() + inside_bounds[c], inside.get() + slice[c],
+                         static_cast<size_t>(used[c]) * sizeof(int64_t));
+        inside_bounds[c + 1] = inside_bounds[c] + used[c];
     }
-    const int64_t M = static_cast<int64_t>(m);
-    const Plan r = plan_impl(InsideKey{inside.data()}, InsideWeight<W::unit>{inside.data()}, M, capacity - above_w,
-                             PlainFirstPass{}, split_range(M, resolve_threads(num_threads, M, kMinChunk)));
+    const int64_t M = inside_bounds[T];
+    const int64_t* in = inside.get();
+    if constexpr (W::unit) {
+        inside_w = static_cast<uint64_t>(M);
+    } else {
+        for (int64_t j = 0; j < M; ++j) inside_w += weight(in[j]);
+    }
+    if (above_w + inside_w <= capacity && lo != 0) return Outcome::Miss;  // ...or below lo
+    // Their keys, gathered once (in increasing index order) for the ranking passes.
+    std::unique_ptr<uint64_t[]> inside_keys(new uint64_t[static_cast<size_t>(std::max<int64_t>(M, 1))]);
+    uint64_t* ik = inside_keys.get();
+    run_chunks(inside_bounds, [&](int, int64_t b, int64_t e) {
+        for (int64_t j = b; j < e; ++j) ik[j] = key(in[j]);
+    });
+    const Plan r = plan_impl(InsideKey{ik}, InsideWeight<W>{in, &weight}, M, capacity - above_w, PlainFirstPass{},
+                             split_range(M, resolve_threads(num_threads, M, kMinChunk)));
     uint64_t bk = hi;  // nothing inside kept: exactly the keys above hi
     int64_t bi = -1;
     if (r.count > 0) {
         bk = r.boundary_key;
-        bi = inside[r.boundary_index].index;
+        bi = in[r.boundary_index];
     }
     plan->n = n;
     plan->count = above_n + r.count;
@@ -597,15 +619,16 @@ Outcome plan_bracketed(const SampleKey& sample_key, const Visitor& visitor, cons
     plan->bracketed = true;
     plan->chunk_bounds = bounds;
     plan->chunk_count.assign(T, 0);
-    run_chunks(inside_bounds, [&](int c, int64_t b, int64_t e) {
+    run_chunks(inside_bounds, [&](int c, int64_t b, int64_t e) {  // words of chunk c only
         int64_t kept_here = 0;
         for (int64_t j = b; j < e; ++j) {
-            const Candidate& x = inside[j];
-            const bool keep = (x.key > bk) | ((x.key == bk) & (x.index <= bi));
-            marks[x.index] = keep;
+            const int64_t i = in[j];
+            const uint64_t k = ik[j];
+            const bool keep = (k > bk) | ((k == bk) & (i <= bi));
+            bits[i >> 6] |= static_cast<uint64_t>(keep) << (i & 63);
             kept_here += keep;
         }
-        plan->chunk_count[c] = chunks[c].above_n + kept_here;
+        plan->chunk_count[c] = above[c] + kept_here;
     });
     plan->kept = std::move(kept);
     return Outcome::Done;
@@ -626,13 +649,13 @@ Plan nothing_planned(int64_t n, const std::vector<int64_t>& bounds, int passes) 
 
 Plan plan_selection(const KeySpec& keys, const int32_t* weights, int64_t n, uint64_t capacity,
                     int num_threads, bool bracket) {
-    const auto bounds = split_range(n, resolve_threads(num_threads, n, kMinChunk));
+    const auto bounds = word_aligned_range(n, resolve_threads(num_threads, n, kMinChunk));
     return with_keys(keys, [&](const auto& key) {
         return with_weights(weights, [&](const auto& w) {
             Plan b;
             if (bracket) {
                 using Key = std::decay_t<decltype(key)>;
-                if (plan_bracketed(key, KeyVisitor<Key>{&key}, w, n, capacity, bounds, num_threads, &b) == Outcome::Done)
+                if (plan_bracketed(key, key, KeyVisitor<Key>{&key}, w, n, capacity, bounds, num_threads, &b) == Outcome::Done)
                     return b;
             }
             Plan p = plan_impl(key, w, n, capacity, PlainFirstPass{}, bounds);
@@ -661,14 +684,14 @@ Plan plan_scored_selection(const ScoredInput& in, bool ascending, const int32_t*
         if (bad->count) return nothing_planned(n, split_range(n, 1), 0);
         return plan_selection(keys, weights, n, capacity, num_threads, bracket);
     }
-    const auto bounds = split_range(n, resolve_threads(num_threads, n, kMinChunk));
+    const auto bounds = word_aligned_range(n, resolve_threads(num_threads, n, kMinChunk));
     std::vector<BadScores> per_chunk(bounds.size() - 1);
     const ScoredFirstPass first{&in, ascending, &per_chunk};
     Plan p = with_keys(keys, [&](const auto& key) {
         return with_weights(weights, [&](const auto& w) {
             Plan b;
             Outcome outcome = Outcome::NoGuess;
-            if (bracket) outcome = plan_bracketed(ScoredSampleKey{&in, ascending}, first, w, n, capacity, bounds,
+            if (bracket) outcome = plan_bracketed(ScoredSampleKey{&in, ascending}, key, first, w, n, capacity, bounds,
                                                   num_threads, &b);
             if (outcome == Outcome::Done) return b;
             if (outcome == Outcome::Bad) return nothing_planned(n, bounds, b.passes);

@@ -9,8 +9,8 @@
 // It is found without sorting, usually in one pass over the keys: a small sample
 // of keys brackets the boundary key; the pass marks every instance kept, dropped
 // or "inside the bracket", and only the few inside are ranked exactly. The
-// per-instance marks are kept, so writing the blend reads one byte per instance
-// instead of its key. If the sample misjudged (rare: ties, adversarial order),
+// kept bits are kept, so writing the blend reads one bit per instance instead of
+// its key. If the sample misjudged (rare: ties, adversarial order),
 // radix-histogram passes over all keys narrow the boundary down instead.
 #pragma once
 #include <cstdint>
@@ -49,7 +49,7 @@ struct Plan {
     bool bracketed = false;     // found by the sampled bracket (else by histograms)
     std::vector<int64_t> chunk_bounds;  // the writer's chunks of [0, n)
     std::vector<int64_t> chunk_count;   // kept instances per chunk
-    std::shared_ptr<uint8_t> kept;      // [n]: 1 if kept, else 0 (bracketed plans only)
+    std::shared_ptr<uint64_t> kept;     // bit i set iff instance i is kept (bracketed plans only)
 };
 
 // Finds the kept set. `weights` (may be null: weight 1) must be >= 0.
