@@ -44,9 +44,14 @@ def test_kernels_work_in_place_without_copies():
     _cpp.compute_scores("teacher", scores, None, big[4:7])  # a view: results land in `big`
     np.testing.assert_array_equal(big[4:7], [2.0, 3.0, 1.0])
     s = np.arange(100_000, dtype=np.float64)
-    sel = _cpp.select(s, 10)
-    s[:] = 0.0  # the plan reads the caller's buffer, so the writer sees the change
+    hist = _cpp.select(s, 10, bracket=False)
+    one = _cpp.select(s, 10)
+    assert one.bracketed
+    s[:] = 0.0  # a histogram plan reads the caller's buffer again, so its writer sees the change
     with pytest.raises(RuntimeError, match="changed"):
-        sel.write_indices(np.empty(10, np.int64))
+        hist.write_indices(np.empty(10, np.int64))
+    out = np.empty(10, np.int64)  # a bracketed plan wrote down what it keeps while planning
+    one.write_indices(out)
+    np.testing.assert_array_equal(out, np.arange(99_990, 100_000))
     with pytest.raises(TypeError, match="float64"):
         _cpp.select(np.arange(10, dtype=np.int64), 3)  # an int array would need a converted copy
