@@ -25,8 +25,8 @@ constexpr int64_t kMinChunk = 1LL << 16;      // fewer items per thread do not p
 constexpr int kShuffleBucketBits = 15;        // ~32K rows per shuffle bucket: fits in L2
 constexpr uint64_t kStreamKeys = 1, kStreamBucket = 2, kStreamShuffle = 3, kStreamSample = 4;
 // The sampled bracket: blocks of consecutive keys (a cache line each) at hashed positions.
-constexpr int64_t kSampleBlocks = 16384, kSampleBlock = 8;
-constexpr double kBracketSigmas = 5.0;     // half-width of the bracket, in binomial std devs
+constexpr int64_t kSampleBlocks = 32768, kSampleBlock = 8;
+constexpr double kBracketSigmas = 4.0;     // half-width of the bracket, in binomial std devs
 constexpr double kMaxInside = 1.0 / 16;    // a wider bracket is not worth a pass: histograms
 
 // Key sources: the ranking key of instance i (larger ranks first).
@@ -482,16 +482,21 @@ bool guess_bracket(const SampleKey& sample_key, const W& weight, int64_t n, uint
             begin + static_cast<int64_t>(hash64(stream, static_cast<uint64_t>(b)) % static_cast<uint64_t>(end - begin - kSampleBlock + 1));
         for (int64_t i = start; i < start + kSampleBlock; ++i) sample.push_back({sample_key(i), weight(i)});
     }
-    std::sort(sample.begin(), sample.end(), [](const Sampled& a, const Sampled& b) { return a.key > b.key; });
+    const auto desc = [](const Sampled& a, const Sampled& b) { return a.key > b.key; };
     const int64_t m = static_cast<int64_t>(sample.size());
     const double scale = static_cast<double>(n) / static_cast<double>(m);
     int64_t p = m;  // the first sampled rank past the (scaled) capacity
-    double acc = 0;
-    for (int64_t j = 0; j < m; ++j) {
-        acc += static_cast<double>(sample[j].weight) * scale;
-        if (acc > static_cast<double>(capacity)) {
-            p = j;
-            break;
+    if constexpr (W::unit) {
+        p = static_cast<int64_t>(std::min(static_cast<double>(m), static_cast<double>(capacity) / scale));
+    } else {
+        std::sort(sample.begin(), sample.end(), desc);
+        double acc = 0;
+        for (int64_t j = 0; j < m; ++j) {
+            acc += static_cast<double>(sample[j].weight) * scale;
+            if (acc > static_cast<double>(capacity)) {
+                p = j;
+                break;
+            }
         }
     }
     if (p >= m) return false;  // nearly everything fits: one histogram level finds out
@@ -499,6 +504,11 @@ bool guess_bracket(const SampleKey& sample_key, const W& weight, int64_t n, uint
     const double sigmas = W::unit ? kBracketSigmas : 1.5 * kBracketSigmas;
     const int64_t d = static_cast<int64_t>(sigmas * std::sqrt(m * q * (1 - q))) + 2 * kSampleBlock;
     const int64_t up = p - d, down = p + d;
+    if constexpr (W::unit) {  // two order statistics, not a sort
+        if (up >= 0) std::nth_element(sample.begin(), sample.begin() + up, sample.end(), desc);
+        if (down < m)
+            std::nth_element(sample.begin() + std::max<int64_t>(up + 1, 0), sample.begin() + down, sample.end(), desc);
+    }
     out->hi = up >= 0 ? sample[up].key : ~0ULL;
     out->lo = down < m ? sample[down].key : 0;
     out->inside = static_cast<double>(std::min(down, m - 1) - std::max<int64_t>(up, 0) + 1) / m;
