@@ -6,8 +6,9 @@ Both start from the same in-memory per-shard score arrays ([n, 2] float64 (nll_s
 token_count) for teacher and reference, as the score files hold them) and end with the
 same [K, 2] int64 (shard, instance) blend plus the kept token count:
 
-    C++    _cpp.select_scored (scores computed in the first ranking pass) -> Selection.write_blend
-           (kept tokens summed in the same pass), as tools/difference_sample.py runs it
+    C++    _cpp.select_scored (scores computed in the first ranking pass, not written out) ->
+           Selection.write_blend (kept tokens summed in the same pass), as
+           tools/difference_sample.py runs it without --report
     numpy  mean-NLL difference per shard -> np.partition threshold + masks (top-alpha) or a
            stable argsort + cumsum (token budget) -> flatnonzero -> searchsorted into pairs;
            the shuffled order with Generator.permutation
@@ -101,8 +102,9 @@ def cpp_pipeline(inp, capacity, budget, shuffle_seed, threads, from_scores):
     if from_scores:
         sel = _cpp.select(inp["scores"], capacity, weights=lengths if budget else None, num_threads=threads)
     else:
-        scores = np.empty(int(offsets[-1]))
-        sel, bad, _ = _cpp.select_scored("difference", inp["teacher"], inp["reference"], offsets, scores, capacity,
+        # out=None: as tools/difference_sample.py runs without --report, the N scores are
+        # ranked as they are computed and never written out.
+        sel, bad, _ = _cpp.select_scored("difference", inp["teacher"], inp["reference"], offsets, None, capacity,
                                          weights=lengths if budget else None, num_threads=threads)
         assert bad == 0
     t1 = time.perf_counter()

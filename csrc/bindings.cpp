@@ -236,11 +236,14 @@ py::tuple select_scored(const std::string& kind, py::object teacher, py::object 
     std::vector<f64_array> keep;
     in.teacher = shard_rows(teacher, "teacher", in.shard_offsets, in.kind != miniplm::ScoreKind::ReferenceMean, keep);
     in.reference = shard_rows(reference, "reference", in.shard_offsets, in.kind != miniplm::ScoreKind::TeacherMean, keep);
-    auto o = view<double>(out, "out", 1, -1, true);
-    check_length(o.shape(0), n, "out");
-    in.out = o.mutable_data();
-    const int32_t* wp = nullptr;
     Selection sel;
+    if (!out.is_none()) {
+        auto o = view<double>(out, "out", 1, -1, true);
+        check_length(o.shape(0), n, "out");
+        in.out = o.mutable_data();
+        sel.scores_ref = o;
+    }
+    const int32_t* wp = nullptr;
     if (!weights.is_none()) {
         auto w = view<int32_t>(weights, "weights", 1);
         check_length(w.shape(0), n, "weights");
@@ -249,15 +252,17 @@ py::tuple select_scored(const std::string& kind, py::object teacher, py::object 
             if (wp[i] < 0) throw std::invalid_argument("weights: instance " + std::to_string(i) + " has a negative weight");
         sel.weights_ref = w;
     }
-    sel.keys.scores = in.out;
     sel.keys.ascending = ascending;
-    sel.scores_ref = o;
     miniplm::BadScores bad;
     {
         py::gil_scoped_release release;
         sel.plan = miniplm::plan_scored_selection(in, ascending, wp, capacity, num_threads, &bad, bracket);
     }
     if (bad.count) return py::make_tuple(py::none(), bad.count, bad.first);
+    // The writers read keys only for histogram plans: from `out`, or from the scores the
+    // plan computed itself when out was None.
+    sel.keys.scores = sel.plan.scores ? sel.plan.scores.get() : in.out;
+    if (!sel.plan.kept && !sel.keys.scores) throw std::logic_error("select_scored: a plan without keys");
     return py::make_tuple(py::cast(std::move(sel)), 0, -1);
 }
 
@@ -342,7 +347,8 @@ PYBIND11_MODULE(_cpp, m) {
           py::arg("weights") = py::none(), py::arg("ascending") = false, py::arg("num_threads") = 0,
           py::arg("bracket") = true,
           "compute_scores over per-shard [n_s, 2] arrays (lists, None where unused) into out ([N]\n"
-          "float64) fused with select(out, capacity, ...): returns (Selection, 0, -1), or\n"
+          "float64, or None to keep no scores) fused with select(out, capacity, ...): returns\n"
+          "(Selection, 0, -1), or\n"
           "(None, number of non-finite scores, first such global index) and plans nothing.");
     m.def("gather_bytes", &gather_bytes, py::arg("sources"), py::arg("shard"), py::arg("offset"),
           py::arg("nbytes"), py::arg("out"), py::arg("num_threads") = 0,

@@ -146,10 +146,11 @@ struct ScoredFirstPass {
             for_segments(in->shard_offsets.data(), S, b, e, [&](int64_t s, int64_t base, int64_t sb, int64_t se) {
                 const double* t = in->teacher[s];
                 const double* r = in->reference[s];
+                double* out = in->out;  // null: the caller keeps no scores
                 for (int64_t i = sb; i < se; ++i) {
                     const int64_t j = 2 * (i - base);
                     const double v = score_of<decltype(kind)::value>(t + j, r + j);
-                    in->out[i] = v;
+                    if (out) out[i] = v;
                     if (!std::isfinite(v)) {
                         if (found.first < 0) found.first = i;
                         ++found.count;
@@ -675,14 +676,23 @@ Plan plan_selection(const KeySpec& keys, const int32_t* weights, int64_t n, uint
     });
 }
 
-Plan plan_scored_selection(const ScoredInput& in, bool ascending, const int32_t* weights,
+Plan plan_scored_selection(const ScoredInput& input, bool ascending, const int32_t* weights,
                            uint64_t capacity, int num_threads, BadScores* bad, bool bracket) {
+    ScoredInput in = input;
     const int64_t S = static_cast<int64_t>(in.shard_offsets.size()) - 1;
     const int64_t n = in.shard_offsets[S];
+    std::shared_ptr<double> owned;  // the scores, when the caller keeps none but the plan needs them
+    auto own_scores = [&] {
+        owned.reset(static_cast<double*>(std::malloc(static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(double))),
+                    std::free);
+        if (!owned) throw std::bad_alloc();
+        in.out = owned.get();
+    };
     KeySpec keys;
-    keys.scores = in.out;
     keys.ascending = ascending;
     if (n <= kSortLimit) {  // too small for a histogram pass: score first, then plan
+        if (!in.out) own_scores();
+        keys.scores = in.out;
         *bad = BadScores{};
         for (int64_t s = 0; s < S; ++s) {
             const int64_t lo = in.shard_offsets[s];
@@ -692,31 +702,50 @@ Plan plan_scored_selection(const ScoredInput& in, bool ascending, const int32_t*
             bad->count += b.count;
         }
         if (bad->count) return nothing_planned(n, split_range(n, 1), 0);
-        return plan_selection(keys, weights, n, capacity, num_threads, bracket);
+        Plan p = plan_selection(keys, weights, n, capacity, num_threads, bracket);
+        p.scores = std::move(owned);
+        return p;
     }
     const auto bounds = word_aligned_range(n, resolve_threads(num_threads, n, kMinChunk));
     std::vector<BadScores> per_chunk(bounds.size() - 1);
     const ScoredFirstPass first{&in, ascending, &per_chunk};
+    auto total_bad = [&] {
+        *bad = BadScores{};
+        for (const auto& b : per_chunk) {
+            if (b.count && bad->first < 0) bad->first = b.first;
+            bad->count += b.count;
+        }
+    };
+    Plan b;
+    Outcome outcome = Outcome::NoGuess;
+    if (bracket) {
+        const ScoredSampleKey rows_key{&in, ascending};  // keys from the rows: no scores kept
+        outcome = with_weights(weights, [&](const auto& w) {
+            if (!in.out) return plan_bracketed(rows_key, rows_key, first, w, n, capacity, bounds, num_threads, &b);
+            keys.scores = in.out;
+            return with_keys(keys, [&](const auto& key) {
+                return plan_bracketed(rows_key, key, first, w, n, capacity, bounds, num_threads, &b);
+            });
+        });
+    }
+    if (outcome == Outcome::Done || outcome == Outcome::Bad) {
+        total_bad();
+        return outcome == Outcome::Done ? b : nothing_planned(n, bounds, b.passes);
+    }
+    // No bracket, or it missed: histogram passes over the scores, computed in the first one
+    // unless the bracket pass wrote them already.
+    const bool fused = outcome == Outcome::NoGuess || !in.out;
+    if (!in.out) own_scores();
+    keys.scores = in.out;
     Plan p = with_keys(keys, [&](const auto& key) {
         return with_weights(weights, [&](const auto& w) {
-            Plan b;
-            Outcome outcome = Outcome::NoGuess;
-            if (bracket) outcome = plan_bracketed(ScoredSampleKey{&in, ascending}, key, first, w, n, capacity, bounds,
-                                                  num_threads, &b);
-            if (outcome == Outcome::Done) return b;
-            if (outcome == Outcome::Bad) return nothing_planned(n, bounds, b.passes);
-            if (outcome == Outcome::NoGuess) return plan_impl(key, w, n, capacity, first, bounds);
-            // Missed: the scores are written by now; histogram passes over them.
-            Plan h = plan_impl(key, w, n, capacity, PlainFirstPass{}, bounds);
-            h.passes += b.passes;
-            return h;
+            return fused ? plan_impl(key, w, n, capacity, first, bounds)
+                         : plan_impl(key, w, n, capacity, PlainFirstPass{}, bounds);
         });
     });
-    *bad = BadScores{};
-    for (const auto& b : per_chunk) {
-        if (b.count && bad->first < 0) bad->first = b.first;
-        bad->count += b.count;
-    }
+    p.passes += b.passes;
+    p.scores = std::move(owned);
+    total_bad();
     return p;
 }
 

@@ -50,6 +50,7 @@ struct Plan {
     std::vector<int64_t> chunk_bounds;  // the writer's chunks of [0, n)
     std::vector<int64_t> chunk_count;   // kept instances per chunk
     std::shared_ptr<uint64_t> kept;     // bit i set iff instance i is kept (bracketed plans only)
+    std::shared_ptr<double> scores;     // scores the plan computed itself (ScoredInput without out)
 };
 
 // Finds the kept set. `weights` (may be null: weight 1) must be >= 0.
@@ -63,7 +64,7 @@ struct ScoredInput {
     ScoreKind kind = ScoreKind::Difference;
     std::vector<const double*> teacher, reference;  // per shard; null where `kind` does not read it
     std::vector<int64_t> shard_offsets;             // S + 1 entries
-    double* out = nullptr;                          // [n] scores, written
+    double* out = nullptr;                          // [n] scores, written; null: not kept
 };
 
 // Like plan_selection on the scores of `in`. If any score is not finite, nothing is

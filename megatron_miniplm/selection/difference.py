@@ -94,13 +94,14 @@ def _capacity(config: SelectionConfig, n: int) -> int:
 
 
 def select(teacher: Optional[list[np.ndarray]], reference: Optional[list[np.ndarray]], offsets: np.ndarray,
-           lengths: np.ndarray, config: SelectionConfig, names: Optional[list[str]] = None
-           ) -> tuple["_cpp.Selection", Optional[np.ndarray]]:
+           lengths: np.ndarray, config: SelectionConfig, names: Optional[list[str]] = None,
+           keep_scores: bool = True) -> tuple["_cpp.Selection", Optional[np.ndarray]]:
     """Plans the selection (nothing is written yet): (selection, the scores ranked by).
 
     The scores are computed from the per-shard score arrays in the same C++ pass as the
     first ranking pass; a non-finite score refuses the run. `names[s]` names shard s's
-    score files in that error. Uniform needs no scores (and returns None for them)."""
+    score files in that error. Uniform needs no scores (and returns None for them); so does
+    keep_scores=False (the selection then never writes the N scores out)."""
     n = int(offsets[-1])
     weights = lengths if config.keep_tokens is not None else None
     capacity = _capacity(config, n)
@@ -109,7 +110,7 @@ def select(teacher: Optional[list[np.ndarray]], reference: Optional[list[np.ndar
                           num_threads=config.num_threads)
         return sel, None
     kind, ascending = RANKINGS[config.method]
-    scores = np.empty(n, dtype=np.float64)
+    scores = np.empty(n, dtype=np.float64) if keep_scores else None
     sel, bad, first = _cpp.select_scored(kind, teacher, reference, offsets, scores, capacity, weights=weights,
                                          ascending=ascending, num_threads=config.num_threads)
     if sel is None:

@@ -139,7 +139,8 @@ def run(req: SampleRequest) -> SampleResult:
     t1 = time.perf_counter()
     kind = RANKINGS[cfg.method][0] if cfg.method != "uniform" else None
     selection, scores = select(_arrays(teacher), _arrays(reference), offsets, lengths, cfg,
-                               _names(kind, teacher, reference) if kind else None)
+                               _names(kind, teacher, reference) if kind else None,
+                               keep_scores=bool(req.report_dir))
     if selection.count == 0:
         why = (f"--keep-tokens {cfg.keep_tokens} is smaller than the first-ranked instance" if cfg.keep_tokens
                else f"alpha * N = {cfg.alpha} * {n} rounds to 0 instances")

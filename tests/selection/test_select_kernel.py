@@ -277,6 +277,9 @@ def test_select_scored_equals_compute_then_select(n, kind, ascending):
         assert tokens == int(w[ref].sum())
         shuffled = np.empty_like(blend)
         assert sel.write_blend(shuffled, offs, shuffle_seed=3, weights=w) == tokens
+        lean, _, _ = _cpp.select_scored(kind, ts, rs, offs, None, cap, weights=weights, ascending=ascending,
+                                        num_threads=2)
+        np.testing.assert_array_equal(kept(lean), ref)
     t[n - 2, 1] = 0.0
     r[n // 2, 0] = np.nan
     sel, bad, first = _cpp.select_scored(kind, ts, rs, offs, np.empty(n), 10, ascending=ascending)
@@ -360,6 +363,17 @@ def test_fused_scoring_bracket_and_its_fallback():
         np.testing.assert_array_equal(out, want)  # complete even when the bracket missed
         ref = ref_top_k(want, cap, False) if weights is None else ref_budget(want, heavy, cap)
         np.testing.assert_array_equal(kept(sel), ref)
+        # Keeping no scores (out=None): the same selection and blend, bracketed or not.
+        for bracket in (True, False):
+            lean, bad, _ = _cpp.select_scored("difference", ts, rs, offs, None, cap, weights=weights,
+                                              num_threads=2, bracket=bracket)
+            assert bad == 0 and lean.bracketed == (bracket and bracketed)
+            np.testing.assert_array_equal(kept(lean), ref)
+            a, b = np.empty((lean.count, 2), np.int64), np.empty((sel.count, 2), np.int64)
+            lean.write_blend(a, offs, shuffle_seed=2)
+            sel.write_blend(b, offs, shuffle_seed=2)
+            np.testing.assert_array_equal(a, b)
     t[123_456, 0] = np.inf  # a bad score is still found by the bracket pass
-    sel, bad, first = _cpp.select_scored("difference", ts, rs, offs, np.empty(n), n // 2, num_threads=2)
-    assert sel is None and (bad, first) == (1, 123_456)
+    for out in (np.empty(n), None):
+        sel, bad, first = _cpp.select_scored("difference", ts, rs, offs, out, n // 2, num_threads=2)
+        assert sel is None and (bad, first) == (1, 123_456)
