@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from typing import Optional
 
 import numpy as np
 
+from megatron_miniplm.atomic_io import temp_name, write_json_atomic
 from megatron_miniplm.selection.shards import DatasetError, read_dataset_meta, read_index
 
 FORMAT_VERSION = 1
@@ -32,20 +32,6 @@ class BlendError(ValueError):
 
 def blend_paths(prefix: str) -> tuple[str, str]:
     return prefix + ".npy", prefix + ".meta.json"
-
-
-def temp_name(path: str) -> str:
-    return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def write_json_atomic(path: str, obj: dict) -> None:
-    tmp = temp_name(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def is_blend(prefix: str) -> bool:

@@ -14,7 +14,7 @@ import numpy as np
 
 from megatron_miniplm import _cpp
 from megatron_miniplm.scoring.score_file import file_sha256
-from megatron_miniplm.selection.blend import temp_name, write_json_atomic
+from megatron_miniplm.atomic_io import temp_name, write_json_atomic
 from megatron_miniplm.selection.difference import SelectionError
 from megatron_miniplm.selection.shards import INDEX_HEADER, INDEX_VERSION, TOKEN_DTYPES, Shard, domain_table
 

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 
 from megatron_miniplm import _cpp
-from megatron_miniplm.selection.blend import temp_name, write_json_atomic
+from megatron_miniplm.atomic_io import temp_name, write_json_atomic, write_text_atomic
 from megatron_miniplm.selection.shards import Shard, domain_table
 
 BINS = 80
@@ -241,8 +241,5 @@ def write_report(report_dir: str, inp: ReportInputs) -> dict:
               "histograms": hists, "examples": ex, "notes": [n for n in notes if n]}
     write_json_atomic(os.path.join(report_dir, "selection_report.json"), report)
     md_path = os.path.join(report_dir, "selection_report.md")
-    tmp = temp_name(md_path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(_markdown(inp.summary, rows, plots, ex, notes, inp))
-    os.replace(tmp, md_path)
+    write_text_atomic(md_path, _markdown(inp.summary, rows, plots, ex, notes, inp))
     return report
