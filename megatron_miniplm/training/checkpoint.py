@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_miniplm.atomic_io import write_text_atomic
 from megatron_miniplm.checkpointing import LATEST_FILE, MODEL_CONFIG_FILE, sharded_model_state
 from megatron_miniplm.models.config import ModelConfig
 
@@ -105,10 +106,7 @@ def save_checkpoint(
         if os.path.exists(final):  # a re-save of the same iteration
             shutil.rmtree(final)
         os.replace(partial, final)
-        tmp = os.path.join(save_dir, LATEST_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(checkpoint_name(iteration))
-        os.replace(tmp, os.path.join(save_dir, LATEST_FILE))
+        write_text_atomic(os.path.join(save_dir, LATEST_FILE), checkpoint_name(iteration))
     dist.barrier()
     return final
 
