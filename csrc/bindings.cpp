@@ -54,24 +54,6 @@ void check_length(py::ssize_t got, py::ssize_t want, const std::string& what) {
         throw std::invalid_argument(what + " has " + std::to_string(got) + " rows, expected " + std::to_string(want));
 }
 
-f64_array difference_scores(py::object teacher, py::object reference, int num_threads) {
-    auto t = view<double>(teacher, "teacher", 2, 2);
-    auto r = view<double>(reference, "reference", 2, 2);
-    if (t.shape(0) != r.shape(0))
-        throw std::invalid_argument("teacher and reference scores have different lengths: " +
-                                    std::to_string(t.shape(0)) + " vs " + std::to_string(r.shape(0)));
-    const int64_t n = t.shape(0);
-    f64_array out(n);
-    const double* tp = t.data();
-    const double* rp = r.data();
-    double* o = out.mutable_data();
-    {
-        py::gil_scoped_release release;
-        miniplm::difference_scores(tp, rp, o, n, 2, num_threads);
-    }
-    return out;
-}
-
 miniplm::ScoreKind parse_kind(const std::string& kind);
 
 py::tuple compute_scores(const std::string& kind, py::object teacher, py::object reference,
@@ -299,10 +281,6 @@ void bind_bpe(py::module_& m);  // bpe_bindings.cpp
 PYBIND11_MODULE(_cpp, m) {
     bind_bpe(m);
     m.doc() = "C++ kernels of megatron-miniplm (Difference Sampling index builder)";
-    m.def("difference_scores", &difference_scores, py::arg("teacher"), py::arg("reference"),
-          py::arg("num_threads") = 0,
-          "Per-instance difference score: reference mean NLL minus teacher mean NLL.\n"
-          "Inputs are [N, 2] float64 arrays of (nll_sum, token_count); NaN where a count is 0.");
     m.def("compute_scores", &compute_scores, py::arg("kind"), py::arg("teacher"), py::arg("reference"),
           py::arg("out"), py::arg("num_threads") = 0,
           "Writes per-instance scores into `out` ([N] float64): kind 'difference' (reference mean\n"

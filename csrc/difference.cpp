@@ -1,22 +1,9 @@
 #include "difference.h"
 
 #include <cmath>
-#include <limits>
 #include <vector>
 
 namespace miniplm {
-
-void difference_scores(const double* teacher, const double* reference, double* out,
-                       int64_t n, int64_t stride, int num_threads) {
-    const double nan = std::numeric_limits<double>::quiet_NaN();
-    parallel_for(n, resolve_threads(num_threads, n, 1 << 16), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-            const double* t = teacher + i * stride;
-            const double* r = reference + i * stride;
-            out[i] = (t[1] > 0 && r[1] > 0) ? r[0] / r[1] - t[0] / t[1] : nan;
-        }
-    });
-}
 
 namespace {
 

@@ -9,12 +9,6 @@
 
 namespace miniplm {
 
-// difference[i] = ref_sum[i] / ref_count[i] - teacher_sum[i] / teacher_count[i].
-// Score rows are (nll_sum, token_count) pairs, `stride` doubles apart.
-// An instance with no counted token in either file gets NaN.
-void difference_scores(const double* teacher, const double* reference, double* out,
-                       int64_t n, int64_t stride, int num_threads);
-
 // What a selection ranks instances by.
 enum class ScoreKind { Difference, TeacherMean, ReferenceMean };
 
