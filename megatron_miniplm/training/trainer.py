@@ -168,11 +168,11 @@ class Trainer:
             self.scheduler.step(increment=1)
             self.iteration += 1
             self.consumed_samples += cfg.global_batch_size
-            tokens = self._global_tokens(result.tokens)
-            self.consumed_tokens += tokens
+            loss, tokens = self._from_last_stage(result.loss, result.tokens)
+            self.consumed_tokens += int(tokens)
             window_tokens += cfg.global_batch_size * cfg.seq_length
             window_iters += 1
-            last = {"iteration": self.iteration, "loss": self._from_last_stage(result.loss),
+            last = {"iteration": self.iteration, "loss": loss,
                     "grad_norm": result.grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
                     "consumed_tokens": self.consumed_tokens, "skipped": result.skipped}
             if self.iteration % cfg.log_interval == 0 or self.iteration == cfg.train_iters:
@@ -213,8 +213,8 @@ class Trainer:
         from megatron.core import parallel_state as ps
 
         dist.all_reduce(totals, group=ps.get_data_parallel_group())
-        loss = self._from_last_stage((totals[0] / totals[1].clamp(min=1)).item()
-                                     if ps.is_pipeline_last_stage() else None)
+        (loss,) = self._from_last_stage((totals[0] / totals[1].clamp(min=1)).item()
+                                        if ps.is_pipeline_last_stage() else None)
         self._log(f" validation at iteration {self.iteration}: loss {loss:.4f} "
                   f"ppl {math.exp(min(loss, 50)):.2f}")
         self._write_metrics({"iteration": self.iteration, "valid_loss": loss})
@@ -231,19 +231,16 @@ class Trainer:
         self._log(f" saved checkpoint at iteration {self.iteration} to {self.cfg.save}")
 
     # ---- reporting -----------------------------------------------------------------------
-    def _from_last_stage(self, value):
-        """Broadcast a scalar known on the last pipeline stage to every rank."""
+    def _from_last_stage(self, *values) -> tuple:
+        """Scalars known on the last pipeline stage, on every rank (one broadcast for all)."""
         from megatron.core import parallel_state as ps
 
         if ps.get_pipeline_model_parallel_world_size() == 1:
-            return value
-        t = torch.tensor([value if value is not None else 0.0], dtype=torch.float64)
+            return values
+        t = torch.tensor([v if v is not None else 0.0 for v in values], dtype=torch.float64)
         src = ps.get_pipeline_model_parallel_last_rank()
         dist.broadcast(t, src=src, group=ps.get_pipeline_model_parallel_group())
-        return t.item()
-
-    def _global_tokens(self, counted: int) -> int:
-        return int(self._from_last_stage(float(counted)))
+        return tuple(t.tolist())
 
     def _report(self, m: dict, tokens_per_s: float, s_per_iter: float) -> None:
         tflops = tokens_per_s * self.flops_per_token / self.info.world_size / 1e12
