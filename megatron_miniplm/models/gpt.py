@@ -8,6 +8,7 @@ the CPU, where it is the fastest of the three.
 from __future__ import annotations
 
 import copy
+import importlib
 from typing import Literal, Optional
 
 import torch
@@ -20,8 +21,9 @@ AttentionBackend = Literal["auto", "local", "sdpa", "te"]
 
 
 def _have_transformer_engine() -> bool:
+    """Whether Transformer Engine imports here (an installed but broken build counts as absent)."""
     try:
-        import transformer_engine  # noqa: F401
+        importlib.import_module("transformer_engine")
     except Exception:
         return False
     return True
