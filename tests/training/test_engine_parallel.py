@@ -121,8 +121,6 @@ def test_parameters_match_after_one_step(runs, layout):
 
 def test_the_step_changed_the_parameters(runs):
     """Guards the comparison above from passing on parameters that never moved."""
-    from megatron_miniplm.models import get_preset  # noqa: F401
-
     stepped = torch.load(os.path.join(runs, "tp1.params.pt"))
     norms = [k for k in stepped if k.endswith("layernorm.weight")]
     assert norms
