@@ -45,13 +45,13 @@ class InstanceSource:
             pairs, blend_meta = load_blend(prefix, verify=True)  # datasets unchanged, rows in range
             self.pairs = np.asarray(pairs, dtype=np.int64)
             shard_prefixes = dataset_prefixes(prefix, blend_meta)
-            self.metas = [read_dataset_meta(p) for p in shard_prefixes]
-            self.shards = [_open_indexed(p) for p in shard_prefixes]
-            self.size = len(self.pairs)
         else:
             shard_prefixes = shard_prefixes_of(prefix)
-            self.metas = [read_dataset_meta(p) for p in shard_prefixes]
-            self.shards = [_open_indexed(p) for p in shard_prefixes]
+        self.metas = [read_dataset_meta(p) for p in shard_prefixes]
+        self.shards = [_open_indexed(p) for p in shard_prefixes]
+        if self.pairs is not None:
+            self.size = len(self.pairs)
+        else:
             self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
             self.size = int(self.offsets[-1])
         if self.size == 0:
