@@ -65,17 +65,21 @@ def instances_to_keep(alpha: float, n: int) -> int:
 
 
 def compute_scores(kind: str, teacher: Optional[list[np.ndarray]], reference: Optional[list[np.ndarray]],
-                   offsets: np.ndarray, names: list[str], num_threads: int = 0) -> np.ndarray:
+                   offsets: np.ndarray, names: list[str], num_threads: int = 0,
+                   keep: bool = True) -> Optional[np.ndarray]:
     """Per-instance scores of `kind` over all shards, float64 [N]; refuses any unusable row.
 
     teacher / reference: per-shard [n_s, 2] (nll_sum, token_count) arrays, read in place.
-    names[s]: how to name shard s's score files in an error."""
-    out = np.empty(int(offsets[-1]), dtype=np.float64)
+    names[s]: how to name shard s's score files in an error. keep=False only checks (one
+    shard-sized buffer instead of N scores) and returns None."""
+    sizes = np.diff(offsets)
+    out = np.empty(int(offsets[-1]) if keep else int(sizes.max(initial=0)), dtype=np.float64)
     for s in range(len(offsets) - 1):
         lo, hi = int(offsets[s]), int(offsets[s + 1])
         t = teacher[s] if teacher is not None else None
         r = reference[s] if reference is not None else None
-        bad, first = _cpp.compute_scores(kind, t, r, out[lo:hi], num_threads=num_threads)
+        dst = out[lo:hi] if keep else out[:hi - lo]
+        bad, first = _cpp.compute_scores(kind, t, r, dst, num_threads=num_threads)
         if bad:
             rows = []
             if t is not None:
@@ -86,7 +90,7 @@ def compute_scores(kind: str, teacher: Optional[list[np.ndarray]], reference: Op
                 f"{names[s]}: {bad} instance(s) without a finite {kind} score (NaN/infinite value or no "
                 f"counted token); first: instance {first}, " + "; ".join(rows)
             )
-    return out
+    return out if keep else None
 
 
 def _capacity(config: SelectionConfig, n: int) -> int:
@@ -119,7 +123,8 @@ def select(teacher: Optional[list[np.ndarray]], reference: Optional[list[np.ndar
         names = names or [f"shard {i}" for i in range(len(offsets) - 1)]
         compute_scores(kind, [teacher[s]] if teacher is not None else None,
                        [reference[s]] if reference is not None else None,
-                       np.array([0, offsets[s + 1] - offsets[s]], np.int64), [names[s]], config.num_threads)
+                       np.array([0, offsets[s + 1] - offsets[s]], np.int64), [names[s]], config.num_threads,
+                       keep=False)
         raise SelectionError(f"{names[s]}: {bad} instance(s) without a finite {kind} score")
     return sel, scores
 

@@ -133,7 +133,7 @@ def run(req: SampleRequest) -> SampleResult:
     for kind in [k for k, have in (("teacher", teacher), ("reference", reference)) if have is not None]:
         if kind not in cfg.models_needed:
             compute_scores(kind, _arrays(teacher), _arrays(reference), offsets, _names(kind, teacher, reference),
-                           cfg.num_threads)
+                           cfg.num_threads, keep=False)
     timings["validate_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()

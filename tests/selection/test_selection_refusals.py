@@ -67,10 +67,11 @@ def test_non_finite_scores(corpus, tmp_path, out_dir, value, col, role):
         run(request(corpus, out_dir, **{role: prefixes}))
 
 
-def test_unused_score_files_are_checked_too(corpus, tmp_path, out_dir):
-    arr = corpus.reference_arrays[0].copy()
+@pytest.mark.parametrize("shard", [0, 2])  # checked through one reused shard-sized buffer
+def test_unused_score_files_are_checked_too(corpus, tmp_path, out_dir, shard):
+    arr = corpus.reference_arrays[shard].copy()
     arr[5, 0] = np.nan
-    reference = replaced(corpus, tmp_path, 0, array=arr, role="reference")
+    reference = replaced(corpus, tmp_path, shard, array=arr, role="reference")
     with pytest.raises(SelectionError, match="instance 5"):
         run(request(corpus, out_dir, reference=reference, method="teacher"))
 
