@@ -1,4 +1,5 @@
-"""Writing datasets: megatron-core indexed datasets under temporary names, renamed on commit.
+"""Writing datasets: megatron-core indexed datasets under temporary names, published
+(fsync + rename, megatron_miniplm.atomic_io) on commit.
 
 megatron-core's IndexedDatasetBuilder keeps the whole index (a Python int per sequence
 and per document) in memory and builds the pointer list in a Python loop at finalize:
@@ -18,6 +19,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, _IndexWriter
 
+from megatron_miniplm.atomic_io import publish, temp_name
 from megatron_miniplm.data.instances import Instances
 from megatron_miniplm.data.meta import idx_fingerprint, meta_path, write_json
 
@@ -25,10 +27,6 @@ log = logging.getLogger(__name__)
 
 SPILL_ENTRIES = 1 << 20  # index entries kept in memory before spilling to disk
 DATA_SUFFIXES = (".bin", ".idx", ".domains.npy")
-
-
-def temp_path(path: str) -> str:
-    return f"{path}.tmp-{os.getpid()}"
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -182,6 +180,12 @@ class DomainStats:
         }
 
 
+def dataset_suffixes(columns) -> tuple[str, ...]:
+    """The files of one dataset, by suffix: the data files, one .NAME.npy per extra
+    column, and the meta file last."""
+    return DATA_SUFFIXES + tuple(f".{name}.npy" for name in columns) + (".meta.json",)
+
+
 class _Shard:
     """One dataset on disk (PREFIX.bin/.idx/.domains.npy/.meta.json, plus one
     PREFIX.NAME.npy per extra per-instance column), under temporary names."""
@@ -189,9 +193,10 @@ class _Shard:
     def __init__(self, prefix: str, dtype, eod_id: int, spill_entries: int, columns: dict[str, type]):
         self.prefix = prefix
         self.eod_id = eod_id
-        self.builder = StreamingIndexedDatasetBuilder(temp_path(prefix + ".bin"), dtype, spill_entries)
-        self.domain_ids = SpilledArray(temp_path(prefix + ".domains"), np.int32, spill_entries)
-        self.columns = {name: SpilledArray(temp_path(f"{prefix}.{name}"), dt, spill_entries) for name, dt in columns.items()}
+        self.tmp = {suffix: temp_name(prefix + suffix) for suffix in dataset_suffixes(columns)}
+        self.builder = StreamingIndexedDatasetBuilder(self.tmp[".bin"], dtype, spill_entries)
+        self.domain_ids = SpilledArray(temp_name(prefix + ".domains"), np.int32, spill_entries)
+        self.columns = {name: SpilledArray(temp_name(f"{prefix}.{name}"), dt, spill_entries) for name, dt in columns.items()}
         self.stats = DomainStats()
         self.num_instances = 0
         self.num_tokens = 0
@@ -208,13 +213,13 @@ class _Shard:
         self.num_tokens += int(batch.lengths.sum())
 
     def finish(self) -> None:
-        self.builder.finalize(temp_path(self.prefix + ".idx"))
-        write_npy(temp_path(self.prefix + ".domains.npy"), self.domain_ids)
+        self.builder.finalize(self.tmp[".idx"])
+        write_npy(self.tmp[".domains.npy"], self.domain_ids)
         self.domain_ids.remove()
         for name, column in self.columns.items():
-            write_npy(temp_path(f"{self.prefix}.{name}.npy"), column)
+            write_npy(self.tmp[f".{name}.npy"], column)
             column.remove()
-        self.fingerprint = idx_fingerprint(temp_path(self.prefix + ".idx"))
+        self.fingerprint = idx_fingerprint(self.tmp[".idx"])
         self.finished = True
 
     def meta(self, common: dict, domains: list[str]) -> dict:
@@ -231,8 +236,7 @@ class _Shard:
 
     def paths(self) -> list[tuple[str, str]]:
         """(temporary, final) pairs; the meta file last."""
-        suffixes = DATA_SUFFIXES + tuple(f".{name}.npy" for name in self.columns) + (".meta.json",)
-        return [(temp_path(self.prefix + s), self.prefix + s) for s in suffixes]
+        return [(tmp, self.prefix + suffix) for suffix, tmp in self.tmp.items()]
 
     def abort(self) -> None:
         if not self.builder.data_file.closed:
@@ -272,6 +276,7 @@ class DatasetWriter:
         self.spill_entries = spill_entries
         self.columns = dict(columns or {})
         self.shards: list[_Shard] = []
+        self._top_meta_tmp = temp_name(meta_path(prefix))  # sharded: the top-level meta
         self._prepared = False
         self._open_shard()
 
@@ -330,24 +335,24 @@ class DatasetWriter:
                 shard.finish()
         metas = [shard.meta(common_meta, domains) for shard in self.shards]
         for shard, meta in zip(self.shards, metas):
-            write_json(temp_path(meta_path(shard.prefix)), meta)
+            write_json(shard.tmp[".meta.json"], meta)
         top = metas[0]
         if self.sharded:
             top = self._top_meta(common_meta, domains, metas)
-            write_json(temp_path(meta_path(self.prefix)), top)
+            write_json(self._top_meta_tmp, top)
         self._prepared = True
         return top
 
     def publish(self) -> None:
-        """Rename everything into place, each meta.json after its data files."""
+        """fsync and rename everything into place, each meta.json after its data files."""
         if not self._prepared:
             raise RuntimeError("publish() before prepare()")
         self._remove_stale_outputs()
         for shard in self.shards:
             for tmp, final in shard.paths():
-                os.replace(tmp, final)
+                publish(tmp, final)
         if self.sharded:
-            os.replace(temp_path(meta_path(self.prefix)), meta_path(self.prefix))
+            publish(self._top_meta_tmp, meta_path(self.prefix))
 
     def _top_meta(self, common: dict, domains: list[str], metas: list[dict]) -> dict:
         import hashlib
@@ -381,28 +386,24 @@ class DatasetWriter:
         overwrite (the unsharded files, or shards beyond the new count)."""
         stale = [meta_path(self.prefix)]
         if self.sharded:
-            stale += [self.prefix + s for s in self._suffixes()[:-1]]
+            stale += [self.prefix + s for s in dataset_suffixes(self.columns)[:-1]]
             i = len(self.shards)
         else:
             i = 0
         while os.path.exists(meta_path(shard_prefix(self.prefix, i))) or os.path.exists(shard_prefix(self.prefix, i) + ".bin"):
-            stale += [shard_prefix(self.prefix, i) + s for s in self._suffixes()]
+            stale += [shard_prefix(self.prefix, i) + s for s in dataset_suffixes(self.columns)]
             i += 1
         for path in stale:
             if os.path.exists(path):
                 log.info("removing %s (replaced by the new dataset)", path)
                 os.remove(path)
 
-    def _suffixes(self) -> tuple[str, ...]:
-        return DATA_SUFFIXES + tuple(f".{name}.npy" for name in self.columns) + (".meta.json",)
-
     def abort(self) -> None:
         """Remove every temporary file; the final names are untouched."""
         for shard in self.shards:
             shard.abort()
-        tmp = temp_path(meta_path(self.prefix))
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if os.path.exists(self._top_meta_tmp):
+            os.remove(self._top_meta_tmp)
 
     def __enter__(self) -> "DatasetWriter":
         return self
