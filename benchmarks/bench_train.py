@@ -63,14 +63,7 @@ def main() -> int:
     seq, micro = args.seq_length, args.micro_batch_size
     batches = make_batches(config, micro, seq, args.steps, device)
 
-    from megatron_miniplm.models.gpt import build_model
-
-    mixed_gpu = args.bf16 and on_gpu
-    ours = build_model(config, params_dtype=torch.bfloat16 if mixed_gpu else torch.float32, bf16=mixed_gpu)
-    if on_gpu:
-        ours.cuda()
-    chunks = [engine.wrap_ddp(ours, bf16=args.bf16)]
-    engine.attach_schedule_hooks(chunks)
+    chunks = engine.build_model_chunks(config, bf16=args.bf16)
     optimizer = engine.build_optimizer(chunks, engine.OptimizerSettings(lr=1e-4, bf16=args.bf16))
     from functools import partial
 

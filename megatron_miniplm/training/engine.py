@@ -48,6 +48,25 @@ def wrap_ddp(model: torch.nn.Module, *, bf16: bool = False):
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
 
+def build_model_chunks(config, *, bf16: bool = False) -> list:
+    """This rank's ``GPTModel`` slice on its device, DDP-wrapped, schedule hooks attached.
+
+    bf16 on GPU: bf16 parameters (fp32 master weights in the optimizer). bf16 on
+    CPU: fp32 parameters under bf16 autocast (``gpt_forward_step(autocast_bf16=True)``),
+    since megatron's mixed-precision wrappers accept only CUDA tensors.
+    """
+    from megatron_miniplm.models.gpt import build_model
+
+    on_gpu = platform.cuda_available()
+    mixed = bf16 and on_gpu
+    model = build_model(config, params_dtype=torch.bfloat16 if mixed else torch.float32, bf16=mixed)
+    if on_gpu:
+        model.cuda()
+    chunks = [wrap_ddp(model, bf16=bf16)]
+    attach_schedule_hooks(chunks)
+    return chunks
+
+
 def build_optimizer(model_chunks: list, settings: OptimizerSettings):
     """``get_megatron_optimizer``; mixed precision (bf16 params, fp32 master) on GPU.
 

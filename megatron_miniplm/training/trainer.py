@@ -72,20 +72,10 @@ class Trainer:
         if self.valid_data is not None:
             self._check_data(self.valid_data, "--valid-data-path")
 
-        from megatron_miniplm.models.gpt import build_model
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         on_gpu = self.info.device.type == "cuda"
-        # bf16 on CPU: fp32 parameters under bf16 autocast (megatron's mixed-precision
-        # wrappers accept only CUDA tensors).
-        model = build_model(
-            cfg.model, params_dtype=torch.bfloat16 if (cfg.bf16 and on_gpu) else torch.float32,
-            bf16=cfg.bf16 and on_gpu,
-        )
-        if on_gpu:
-            model.cuda()
-        self.model = [engine.wrap_ddp(model, bf16=cfg.bf16)]
-        engine.attach_schedule_hooks(self.model)
+        self.model = engine.build_model_chunks(cfg.model, bf16=cfg.bf16)
         self.optimizer = engine.build_optimizer(self.model, cfg.optimizer)
         decay = cfg.lr_decay_iters or cfg.train_iters
         self.scheduler = OptimizerParamScheduler(
