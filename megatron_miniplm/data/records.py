@@ -107,25 +107,27 @@ def parse_block(
     return out
 
 
+def _string_at(obj: dict, key: tuple[str, ...], dotted: str, line_no: int) -> str | BadRecord:
+    """The string at `key`, or why there is none."""
+    try:
+        value = _lookup(obj, key)
+    except KeyError:
+        return BadRecord(line_no, SkipReason.MISSING_KEY, f"no key {dotted!r}")
+    if not isinstance(value, str):
+        return BadRecord(line_no, SkipReason.NOT_A_STRING, f"{dotted!r} is a JSON {type(value).__name__}, not a string")
+    return value
+
+
 def _check(obj, line_no, text_key, dotted_text, domain_key, dotted_domain, has_escapes, out, default_domain):
     """Append the record to `out`, or return why it cannot be used."""
     if not isinstance(obj, dict):
         return BadRecord(line_no, SkipReason.NOT_AN_OBJECT, f"a JSON {type(obj).__name__}, not an object")
-    try:
-        text = _lookup(obj, text_key)
-    except KeyError:
-        return BadRecord(line_no, SkipReason.MISSING_KEY, f"no key {dotted_text!r}")
-    if not isinstance(text, str):
-        return BadRecord(line_no, SkipReason.NOT_A_STRING, f"{dotted_text!r} is a JSON {type(text).__name__}, not a string")
-    if domain_key is None:
-        domain = default_domain
-    else:
-        try:
-            domain = _lookup(obj, domain_key)
-        except KeyError:
-            return BadRecord(line_no, SkipReason.MISSING_KEY, f"no key {dotted_domain!r}")
-        if not isinstance(domain, str):
-            return BadRecord(line_no, SkipReason.NOT_A_STRING, f"{dotted_domain!r} is a JSON {type(domain).__name__}, not a string")
+    text = _string_at(obj, text_key, dotted_text, line_no)
+    if isinstance(text, BadRecord):
+        return text
+    domain = default_domain if domain_key is None else _string_at(obj, domain_key, dotted_domain, line_no)
+    if isinstance(domain, BadRecord):
+        return domain
     if not text:
         return BadRecord(line_no, SkipReason.EMPTY_TEXT, f"{dotted_text!r} is empty")
     # JSON escapes can spell lone surrogates ("\ud800"): valid JSON, not encodable text.
