@@ -170,6 +170,18 @@ struct ScoredFirstPass {
     }
 };
 
+// What a plan is when some score is not finite: nothing kept.
+Plan nothing_planned(int64_t n, const std::vector<int64_t>& bounds, int passes) {
+    Plan p;
+    p.n = n;
+    p.boundary_key = ~0ULL;
+    p.boundary_index = -1;
+    p.passes = passes;
+    p.chunk_bounds = bounds;
+    p.chunk_count.assign(bounds.size() - 1, 0);
+    return p;
+}
+
 // The boundary search. The key range [lo, lo + 2^width - 1] always holds the
 // boundary: everything above it is kept (weight above_w <= capacity), and the
 // range's weight would overflow the capacity if all of it were kept too.
@@ -305,14 +317,7 @@ Plan plan_impl(const K& key, const W& weight, int64_t n, uint64_t capacity,
             for (int64_t i = b; i < e; ++i) visit(i, key(i));
         });
         ++p.passes;
-        if (fused && !first.ok()) {  // non-finite scores: plan nothing
-            p.count = 0;
-            p.weight = 0;
-            p.boundary_key = ~0ULL;
-            p.boundary_index = -1;
-            p.chunk_count.assign(T, 0);
-            return p;
-        }
+        if (fused && !first.ok()) return nothing_planned(n, bounds, p.passes);
         uint64_t total_w = 0;
         for (int64_t b = 0; b < nb; ++b) {
             uint64_t sc = 0, sw = 0;
@@ -643,17 +648,6 @@ Outcome plan_bracketed(const SampleKey& sample_key, const K& key, const Visitor&
     });
     plan->kept = std::move(kept);
     return Outcome::Done;
-}
-
-Plan nothing_planned(int64_t n, const std::vector<int64_t>& bounds, int passes) {
-    Plan p;
-    p.n = n;
-    p.boundary_key = ~0ULL;
-    p.boundary_index = -1;
-    p.passes = passes;
-    p.chunk_bounds = bounds;
-    p.chunk_count.assign(bounds.size() - 1, 0);
-    return p;
 }
 
 }  // namespace
