@@ -12,10 +12,10 @@ input (with --on-error fail) or bad arguments, with the file, line and reason.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-import warnings
+
+from megatron_miniplm.data.cli import run_stage, setup_logging
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -57,9 +57,7 @@ def get_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = get_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    setup_logging()
     # HF tokenizers' Rust thread pool reads its size once, at its first use.
     os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, args.workers)))
     from megatron_miniplm.data.preprocess import PreprocessConfig, preprocess
@@ -81,17 +79,7 @@ def main(argv=None) -> int:
         progress=not args.no_progress,
         log_skipped=args.log_skipped,
     )
-    try:
-        summary = preprocess(config)
-    except (ValueError, OSError) as e:  # InputError, TokenizerError, missing files...
-        print(f"error: {e}", file=sys.stderr)
-        print("error: no output written", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
-        return 130
-    print(summary.format())
-    return 0
+    return run_stage(preprocess, config)  # InputError, TokenizerError, missing files...: status 1
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ order; PREFIX.source_index.npy gives each instance's index in the input dataset.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import warnings
+
+from megatron_miniplm.data.cli import run_stage, setup_logging
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -31,21 +31,12 @@ def get_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = get_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    setup_logging()
     from megatron_miniplm.data.split import SplitConfig, split_dataset
 
     config = SplitConfig(args.input_prefix, args.ref_prefix, args.rest_prefix,
                          ref_fraction=args.ref_fraction, ref_tokens=args.ref_tokens, seed=args.seed)
-    try:
-        summary = split_dataset(config)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        print("error: no output written", file=sys.stderr)
-        return 1
-    print(summary.format())
-    return 0
+    return run_stage(split_dataset, config)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ One concept per module:
     meta            the PREFIX.meta.json contract (read_dataset_meta, dataset_prefixes)
     preprocess      the pipeline behind tools/preprocess_data.py
     split           the D_ref split behind tools/split_dataset.py
+    cli             the tools' shared logging set-up and error reporting (setup_logging, run_stage)
 
 Nothing here imports torch or megatron at package import time: only dataset_writer,
 preprocess and split (which write or read indexed datasets) pull in megatron-core.
