@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import importlib
 import json
 import multiprocessing as mp
 import os
@@ -242,8 +243,8 @@ def measure(kind: str, corpus: str, tokenizer_dir: str, workers: int, out_dir: s
 def _measure_main(args) -> None:
     # As tools/preprocess_data.py does; the ceiling gets the same pool size.
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.workers))
-    import megatron_miniplm.data.preprocess  # noqa: F401 - torch/megatron imports are not timed
-    import torch  # noqa: F401
+    for module in ("megatron_miniplm.data.preprocess", "torch"):  # imports are not timed
+        importlib.import_module(module)
 
     result = RUNNERS[args.measure](args.tokenizer, args.corpus, args.workers, args.out)
     print(json.dumps(result))
