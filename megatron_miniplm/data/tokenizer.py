@@ -36,8 +36,9 @@ def file_sha256(path: str, block: int = 1 << 20) -> str:
 
 
 class Tokenizer(ABC):
-    """What the pipeline needs from a tokenizer. No BOS/EOS is added by `encode_*`:
-    the EOD is appended by the instance builder, once per document."""
+    """What the pipeline needs from a tokenizer. No BOS/EOS is added by `encode_batch`:
+    the EOD is appended once per document by `encode_batch_flat(texts, append_id=eod_id)`
+    (the preprocessing worker's call)."""
 
     kind: str
     path: str  # absolute path of the file that defines the tokenization
