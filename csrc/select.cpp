@@ -61,32 +61,27 @@ auto with_keys(const KeySpec& spec, Fn&& fn) {
     return fn(DescKeys{spec.scores});
 }
 
-// Uninitialized memory on transparent huge pages where the OS offers them (first-touch
-// page faults otherwise cost more than the work done on the array).
-void* huge_alloc(size_t bytes) {
-    constexpr size_t kHuge = size_t{1} << 21;
-    bytes = (std::max<size_t>(bytes, 1) + kHuge - 1) / kHuge * kHuge;
-    void* data = std::aligned_alloc(kHuge, bytes);
-    if (!data) throw std::bad_alloc();
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    madvise(data, bytes, MADV_HUGEPAGE);
-#endif
-    return data;
-}
-
-// An int64 scratch array.
+// An uninitialized int64 scratch array, on transparent huge pages where the OS offers
+// them (first-touch page faults otherwise cost more than the work done on the array).
 class Scratch {
   public:
-    explicit Scratch(int64_t n) : data_(static_cast<int64_t*>(huge_alloc(static_cast<size_t>(n) * sizeof(int64_t)))) {}
+    explicit Scratch(int64_t n) {
+        constexpr size_t kHuge = size_t{1} << 21;
+        const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(int64_t) + kHuge - 1) / kHuge * kHuge;
+        data_ = static_cast<int64_t*>(std::aligned_alloc(kHuge, bytes));
+        if (!data_) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+        madvise(data_, bytes, MADV_HUGEPAGE);
+#endif
+    }
     ~Scratch() { std::free(data_); }
     Scratch(const Scratch&) = delete;
     Scratch& operator=(const Scratch&) = delete;
     int64_t* data() const { return data_; }
 
   private:
-    int64_t* data_;
+    int64_t* data_ = nullptr;
 };
-
 
 struct Candidate {
     uint64_t key;
