@@ -79,7 +79,8 @@ def test_commit_writes_everything_and_abort_nothing(tmp_path):
     prefix = str(tmp_path / "ds")
     w = DatasetWriter(prefix, vocab_size=500, eod_id=0, spill_entries=16)
     w.add(batch(seqs, [i % 3 for i in range(50)]))
-    assert not [f for f in dataset_files(tmp_path) if not ".tmp-" in f]  # nothing final yet
+    written = dataset_files(tmp_path)
+    assert written and all(".tmp-" in f for f in written)  # temporaries only: nothing final yet
     meta = w.commit(COMMON, ["a", "b", "c"])
     assert dataset_files(tmp_path) == ["ds.bin", "ds.domains.npy", "ds.idx", "ds.meta.json"]
     assert meta == read_dataset_meta(prefix)
