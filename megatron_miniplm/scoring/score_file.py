@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from typing import Any
 
 import numpy as np
 
+from megatron_miniplm.atomic_io import publish, temp_name
 from megatron_miniplm.data.tokenizer import file_sha256  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1
@@ -31,16 +31,6 @@ class ScoreFileError(ValueError):
 
 def score_paths(prefix: str) -> tuple[str, str]:
     return prefix + ".npy", prefix + ".meta.json"
-
-
-def _temp_name(path: str) -> str:
-    return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _fsync_replace(tmp: str, final: str) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
 
 
 def _check_meta_in(meta: Any, where: str) -> dict:
@@ -69,7 +59,7 @@ class ScoreFileWriter:
         if not os.path.isdir(out_dir):
             raise ScoreFileError(f"{self.npy_path}: output directory {out_dir} does not exist")
         self.num_instances = num_instances
-        self._tmp = _temp_name(self.npy_path)
+        self._tmp = temp_name(self.npy_path)
         self.array = np.lib.format.open_memmap(self._tmp, mode="w+", dtype=np.float64, shape=(num_instances, 2))
 
     def _check_declared(self, n: int) -> None:
@@ -85,14 +75,14 @@ class ScoreFileWriter:
         del self.array
         meta = {**self.meta, "format_version": FORMAT_VERSION, "num_instances": self.num_instances,
                 "columns": list(COLUMNS), "sha256": file_sha256(self._tmp)}
-        tmp_meta = _temp_name(self.meta_path)
+        tmp_meta = temp_name(self.meta_path)
         with open(tmp_meta, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
             f.write("\n")
         if os.path.exists(self.meta_path):
             os.remove(self.meta_path)  # no moment where an old meta describes the new array
-        _fsync_replace(self._tmp, self.npy_path)
-        _fsync_replace(tmp_meta, self.meta_path)
+        publish(self._tmp, self.npy_path)
+        publish(tmp_meta, self.meta_path)
         return meta
 
     def abort(self) -> None:
