@@ -29,6 +29,8 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator
 
+from megatron_miniplm.atomic_io import publish, temp_name
+
 
 def _read(path: Path) -> str | None:
     try:
@@ -50,15 +52,8 @@ def _stdlib_files(tests: bool) -> list[Path]:
     return files
 
 
-def python_code() -> Iterator[tuple[str, str]]:
-    for path in _stdlib_files(tests=False):
-        text = _read(path)
-        if text:
-            yield str(path), text
-
-
-def python_tests() -> Iterator[tuple[str, str]]:
-    for path in _stdlib_files(tests=True):
+def _stdlib_sources(tests: bool) -> Iterator[tuple[str, str]]:
+    for path in _stdlib_files(tests):
         text = _read(path)
         if text:
             yield str(path), text
@@ -109,14 +104,14 @@ def _is_test(source: str, fraction: float) -> bool:
 
 def build(output_dir: str, chars_per_domain: int, test_fraction: float = 0.08, seed: int = 0) -> dict:
     domains = {
-        "python-code": python_code(),
-        "python-tests": python_tests(),
+        "python-code": _stdlib_sources(tests=False),
+        "python-tests": _stdlib_sources(tests=True),
         "docstrings": docstrings(),
         "package-docs": package_docs(),
     }
     os.makedirs(output_dir, exist_ok=True)
     paths = {split: os.path.join(output_dir, f"{split}.jsonl") for split in ("train", "test")}
-    tmp = {split: p + ".tmp" for split, p in paths.items()}
+    tmp = {split: temp_name(p) for split, p in paths.items()}
     stats = {}
     vocabulary: list[str] = []
     with open(tmp["train"], "w") as train, open(tmp["test"], "w") as test:
@@ -150,7 +145,7 @@ def build(output_dir: str, chars_per_domain: int, test_fraction: float = 0.08, s
             emit("noise", source, text)
             used += len(text)
     for split in paths:
-        os.replace(tmp[split], paths[split])
+        publish(tmp[split], paths[split])
     return stats
 
 
