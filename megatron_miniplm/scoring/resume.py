@@ -27,6 +27,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from megatron_miniplm.atomic_io import write_json_atomic
+
 MAGIC = b"SCR1"
 _HEAD = struct.Struct("<4sQI")
 _CRC = struct.Struct("<I")
@@ -142,14 +144,7 @@ def read_run(directory: str) -> Optional[dict]:
 def write_run(directory: str, run: dict) -> None:
     """Create the progress directory with its run description, atomically."""
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, RUN_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(run, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(os.path.join(directory, RUN_FILE), run, sort_keys=True, ensure_ascii=True)
 
 
 def done_batches(directory: str, num_batches: int) -> np.ndarray:
