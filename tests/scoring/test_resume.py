@@ -12,12 +12,17 @@ def scores(rows, base):
     return np.arange(2 * rows, dtype=np.float64).reshape(rows, 2) + base + 0.125
 
 
+def append(path, *records):
+    """Open the shard (truncating a torn tail), append (batch index, scores) records, close."""
+    w = resume.ShardWriter(path, fsync=False)
+    for batch_index, rows in records:
+        w.append(batch_index, rows)
+    w.close()
+
+
 def test_records_round_trip(tmp_path):
     path = str(tmp_path / "shard-00000.bin")
-    w = resume.ShardWriter(path, fsync=False)
-    w.append(3, scores(2, 0))
-    w.append(0, scores(1, 10))
-    w.close()
+    append(path, (3, scores(2, 0)), (0, scores(1, 10)))
     records, end = resume.read_shard(path)
     assert [r.batch_index for r in records] == [3, 0]
     assert np.array_equal(records[0].scores, scores(2, 0))
@@ -27,28 +32,20 @@ def test_records_round_trip(tmp_path):
 @pytest.mark.parametrize("cut", [1, 10, 20, 40])
 def test_torn_tail_is_ignored_and_truncated_before_appending(tmp_path, cut):
     path = str(tmp_path / "shard-00000.bin")
-    w = resume.ShardWriter(path, fsync=False)
-    w.append(0, scores(2, 0))
-    w.append(1, scores(2, 5))
-    w.close()
+    append(path, (0, scores(2, 0)), (1, scores(2, 5)))
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.truncate(size - cut)  # a kill in the middle of the second record
     records, end = resume.read_shard(path)
     assert [r.batch_index for r in records] == [0]
-    w = resume.ShardWriter(path, fsync=False)
-    w.append(1, scores(2, 5))
-    w.close()
+    append(path, (1, scores(2, 5)))
     assert [r.batch_index for r in resume.read_shard(path)[0]] == [0, 1]
     assert os.path.getsize(path) == size
 
 
 def test_corrupt_record_stops_reading(tmp_path):
     path = str(tmp_path / "shard-00000.bin")
-    w = resume.ShardWriter(path, fsync=False)
-    w.append(0, scores(1, 0))
-    w.append(1, scores(1, 1))
-    w.close()
+    append(path, (0, scores(1, 0)), (1, scores(1, 1)))
     data = bytearray(open(path, "rb").read())
     data[-8] ^= 0xFF  # flip a payload byte of the last record: its checksum fails
     open(path, "wb").write(bytes(data))
@@ -64,11 +61,8 @@ def plan():
 def test_assemble_puts_rows_in_dataset_order(tmp_path):
     order, starts = plan()
     d = str(tmp_path)
-    w0 = resume.ShardWriter(resume.shard_path(d, 0), fsync=False)
-    w1 = resume.ShardWriter(resume.shard_path(d, 1), fsync=False)
-    w1.append(1, scores(3, 100))
-    w0.append(0, scores(2, 0))
-    w0.close(), w1.close()
+    append(resume.shard_path(d, 1), (1, scores(3, 100)))
+    append(resume.shard_path(d, 0), (0, scores(2, 0)))
     assert resume.done_batches(d, 2).tolist() == [True, True]
     got = resume.assemble(d, order, starts, 6)
     assert np.array_equal(got[[4, 0]], scores(2, 0))
@@ -79,26 +73,17 @@ def test_assemble_puts_rows_in_dataset_order(tmp_path):
 def test_assemble_refuses_missing_conflicting_or_misshapen(tmp_path):
     order, starts = plan()
     d = str(tmp_path)
-    w = resume.ShardWriter(resume.shard_path(d, 0), fsync=False)
-    w.append(0, scores(2, 0))
-    w.close()
+    append(resume.shard_path(d, 0), (0, scores(2, 0)))
     assert resume.done_batches(d, 2).tolist() == [True, False]
     with pytest.raises(ValueError, match="1 of 2 batches have no record"):
         resume.assemble(d, order, starts, 5)
-    w = resume.ShardWriter(resume.shard_path(d, 1), fsync=False)
-    w.append(1, scores(3, 0))
-    w.append(0, scores(2, 0))  # a duplicate that agrees: fine
-    w.close()
+    append(resume.shard_path(d, 1), (1, scores(3, 0)), (0, scores(2, 0)))  # a duplicate that agrees: fine
     resume.assemble(d, order, starts, 5)
-    w = resume.ShardWriter(resume.shard_path(d, 2), fsync=False)
-    w.append(0, scores(2, 1))
-    w.close()
+    append(resume.shard_path(d, 2), (0, scores(2, 1)))
     with pytest.raises(ValueError, match="twice with different scores"):
         resume.assemble(d, order, starts, 5)
     os.remove(resume.shard_path(d, 2))
-    w = resume.ShardWriter(resume.shard_path(d, 3), fsync=False)
-    w.append(1, scores(2, 0))
-    w.close()
+    append(resume.shard_path(d, 3), (1, scores(2, 0)))
     with pytest.raises(ValueError, match="planned 3"):
         resume.assemble(d, order, starts, 5)
 
