@@ -38,6 +38,7 @@ def test_torn_tail_is_ignored_and_truncated_before_appending(tmp_path, cut):
         f.truncate(size - cut)  # a kill in the middle of the second record
     records, end = resume.read_shard(path)
     assert [r.batch_index for r in records] == [0]
+    assert end == size // 2  # the valid length stops after the first (same-sized) record
     append(path, (1, scores(2, 5)))
     assert [r.batch_index for r in resume.read_shard(path)[0]] == [0, 1]
     assert os.path.getsize(path) == size
@@ -91,6 +92,9 @@ def test_assemble_refuses_missing_conflicting_or_misshapen(tmp_path):
 def test_run_file_is_written_atomically(tmp_path):
     d = str(tmp_path / "x.progress")
     assert resume.read_run(d) is None
-    resume.write_run(d, {"a": 1})
-    assert resume.read_run(d) == {"a": 1}
-    assert os.listdir(d) == ["run.json"]
+    run = {"b": 1, "a": {"path": "/d\u00e9j\u00e0"}}
+    resume.write_run(d, run)
+    assert resume.read_run(d) == run
+    assert os.listdir(d) == ["run.json"]  # no temporary left behind
+    with open(os.path.join(d, "run.json"), encoding="utf-8") as f:
+        assert f.read() == '{\n  "a": {\n    "path": "/d\\u00e9j\\u00e0"\n  },\n  "b": 1\n}\n'  # sorted keys, ASCII
