@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 from megatron_miniplm.scoring import resume
 from megatron_miniplm.scoring.bucketing import BatchPlan
@@ -54,11 +55,12 @@ def _differences(old: dict, new: dict) -> list[str]:
             if old.get(k) != new.get(k)]
 
 
-def check_progress(directory: str, identity: dict, output: str) -> None:
-    """Refuse partial scores of another dataset, another model, or other settings."""
+def check_progress(directory: str, identity: dict, output: str) -> Optional[dict]:
+    """Refuse partial scores of another dataset, another model, or other settings;
+    otherwise the recorded run (None when there is no progress yet)."""
     old = resume.read_run(directory)
     if old is None:
-        return
+        return None
     if old.get("dataset", {}).get("shards") != identity["dataset"]["shards"]:
         raise ScoringError(
             f"--output {output}: {directory} holds partial scores of another dataset "
@@ -73,6 +75,7 @@ def check_progress(directory: str, identity: dict, output: str) -> None:
             f"--output {output}: {directory} holds partial scores computed with other settings "
             f"({'; '.join(diff) or 'batch plan'}); rerun with the same flags to resume, "
             f"or delete {directory} to start over")
+    return old
 
 
 def check_final(prefixes: list[str], dataset: ScoringDataset, identity: dict) -> bool:

@@ -218,8 +218,7 @@ def score(cfg: ScoreConfig) -> RunSummary:
         if complete:
             resume.remove(pdir)  # a kill between the final rename and this cleanup
             return True, None
-        check_progress(pdir, identity, cfg.output)
-        old = resume.read_run(pdir)
+        old = check_progress(pdir, identity, cfg.output)
         if old is None:
             resume.write_run(pdir, {**identity, "torch_threads": torch.get_num_threads()})
         elif old.get("torch_threads") != torch.get_num_threads():
