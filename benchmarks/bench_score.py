@@ -246,13 +246,14 @@ def main() -> None:
     from megatron_miniplm.checkpointing import load_model_config
     from megatron_miniplm.scoring.nll import chunk_tokens_for
     from megatron_miniplm.scoring.score_file import load_scores
+    from megatron_miniplm.scoring.scorer import ScoreConfig
 
     ckpt, data = prepare(args)
     config = load_model_config(ckpt)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     if args.tuned_malloc:
         env.update(MALLOC_MMAP_THRESHOLD_=str(1 << 30), MALLOC_TRIM_THRESHOLD_=str(1 << 30))
-    chunk = chunk_tokens_for(32 << 20, config.padded_vocab_size())
+    chunk = chunk_tokens_for(ScoreConfig.logits_chunk_mb << 20, config.padded_vocab_size())  # score_docs' default
     common = ["--data", data, "--ckpt", ckpt, "--threads", str(args.threads), "--seq-length",
               str(args.seq_length), "--micro-batch-size", str(args.micro_batch_size)]
     score_cmd = [PY, os.path.join(REPO, "tools", "score_docs.py"), "--data-path", data, "--load", ckpt,
