@@ -87,8 +87,9 @@ def main(argv=None) -> int:
     if rank0:
         print_table(results)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
+            from megatron_miniplm.atomic_io import write_text_atomic
+
+            write_text_atomic(args.json, json.dumps(results, indent=2))
     return 0
 
 
