@@ -5,7 +5,8 @@ from setuptools import find_packages, setup
 ext_modules = [
     Pybind11Extension(
         "megatron_miniplm._cpp",
-        sorted(["csrc/bindings.cpp", "csrc/bpe.cpp", "csrc/bpe_bindings.cpp", "csrc/difference.cpp", "csrc/gather.cpp", "csrc/select.cpp"]),
+        sorted(["csrc/bindings.cpp", "csrc/bpe.cpp", "csrc/bpe_bindings.cpp", "csrc/difference.cpp", "csrc/gather.cpp",
+                "csrc/rank_keys.cpp", "csrc/select.cpp", "csrc/simd.cpp"]),
         include_dirs=["csrc"],
         cxx_std=17,
         extra_compile_args=["-O3"],

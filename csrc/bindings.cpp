@@ -13,6 +13,7 @@
 #include "difference.h"
 #include "gather.h"
 #include "select.h"
+#include "simd.h"
 
 namespace py = pybind11;
 using f64_array = py::array_t<double, py::array::c_style>;
@@ -289,6 +290,9 @@ PYBIND11_MODULE(_cpp, m) {
           "row or -1): a non-finite value, or a count <= 0.");
     m.def("order_key", [](double x) { return miniplm::order_key(x); }, py::arg("x"),
           "The uint64 ranking key of a float (monotone; -0.0 == +0.0).");
+    m.def("simd_kernels", [] { return std::string(miniplm::use_avx2() ? "avx2" : "portable"); },
+          "Which build of the scoring and selection kernels runs here: 'avx2' when the CPU has it,\n"
+          "else (or with MINIPLM_NO_AVX2=1) 'portable'. Both give identical results.");
 
     py::class_<Selection>(m, "Selection",
                           "A planned selection. Instance i is kept iff key(i) > boundary_key or\n"

@@ -1,11 +1,40 @@
 #include "difference.h"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
+
+#include "simd.h"
 
 namespace miniplm {
 
 namespace {
+
+constexpr int64_t kRowBlock = 4096;  // rows scored per call of score_rows by compute_scores
+
+template <ScoreKind kind>
+inline int64_t score_rows_impl(const double* __restrict teacher, const double* __restrict reference,
+                               double* __restrict out, int64_t m) {
+    int64_t bad = 0;
+    for (int64_t j = 0; j < m; ++j) {
+        const double v = score_of<kind>(teacher + 2 * j, reference + 2 * j);
+        out[j] = v;
+        bad += std::fabs(v) <= DBL_MAX ? 0 : 1;
+    }
+    return bad;
+}
+
+template <ScoreKind kind>
+int64_t score_rows_portable(const double* teacher, const double* reference, double* out, int64_t m) {
+    return score_rows_impl<kind>(teacher, reference, out, m);
+}
+
+#if MINIPLM_HAVE_AVX2_BUILD
+template <ScoreKind kind>
+MINIPLM_TARGET_AVX2 int64_t score_rows_avx2(const double* teacher, const double* reference, double* out, int64_t m) {
+    return score_rows_impl<kind>(teacher, reference, out, m);
+}
+#endif
 
 template <ScoreKind kind>
 BadScores compute(const double* teacher, const double* reference, double* out, int64_t n,
@@ -14,13 +43,14 @@ BadScores compute(const double* teacher, const double* reference, double* out, i
     std::vector<BadScores> bad(bounds.size() - 1);
     run_chunks(bounds, [&](int part, int64_t begin, int64_t end) {
         int64_t count = 0, first = -1;
-        for (int64_t i = begin; i < end; ++i) {
-            const double v = score_of<kind>(teacher + 2 * i, reference + 2 * i);
-            out[i] = v;
-            if (!std::isfinite(v)) {
-                if (first < 0) first = i;
-                ++count;
-            }
+        for (int64_t b = begin; b < end; b += kRowBlock) {
+            const int64_t m = std::min(kRowBlock, end - b);
+            const int64_t here = score_rows(kind, teacher ? teacher + 2 * b : nullptr,
+                                            reference ? reference + 2 * b : nullptr, out + b, m);
+            if (here && first < 0)
+                for (int64_t i = b; first < 0; ++i)
+                    if (!std::isfinite(out[i])) first = i;
+            count += here;
         }
         bad[part] = {count, first};
     });
@@ -33,6 +63,16 @@ BadScores compute(const double* teacher, const double* reference, double* out, i
 }
 
 }  // namespace
+
+int64_t score_rows(ScoreKind kind, const double* teacher, const double* reference, double* out, int64_t m) {
+    return with_score_kind(kind, [&](auto k) {
+        constexpr ScoreKind K = decltype(k)::value;
+#if MINIPLM_HAVE_AVX2_BUILD
+        if (use_avx2()) return score_rows_avx2<K>(teacher, reference, out, m);
+#endif
+        return score_rows_portable<K>(teacher, reference, out, m);
+    });
+}
 
 BadScores compute_scores(ScoreKind kind, const double* teacher, const double* reference,
                          double* out, int64_t n, int num_threads) {

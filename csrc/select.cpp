@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -28,6 +29,7 @@ constexpr uint64_t kStreamKeys = 1, kStreamBucket = 2, kStreamShuffle = 3, kStre
 constexpr int64_t kSampleBlocks = 32768, kSampleBlock = 8;
 constexpr double kBracketSigmas = 4.0;     // half-width of the bracket, in binomial std devs
 constexpr double kMaxInside = 1.0 / 16;    // a wider bracket is not worth a pass: histograms
+constexpr int64_t kKeyBlock = 512;         // keys made per block of a first pass: whole words, in L1
 
 // Key sources: the ranking key of instance i (larger ranks first).
 struct DescKeys {
@@ -125,38 +127,45 @@ struct PlainFirstPass {
     bool ok() const { return true; }
 };
 
-// The first histogram pass computes the scores from (sum, count) rows, writes them and
+// The first pass computes the scores from (sum, count) rows, writes them (when kept) and
 // ranks them in the same pass; a non-finite score aborts the plan after that pass.
+// Keys come in blocks: blocks(c, b, e, fn) calls fn(i0, keys, m) for the keys of
+// instances [i0, i0 + m), blocks of kKeyBlock from b; operator() visits them one by one.
 struct ScoredFirstPass {
     static constexpr bool fused = true;
     const ScoredInput* in;
     bool ascending;
     std::vector<BadScores>* bad;  // per chunk
 
-    template <class Visit>
-    void operator()(int c, int64_t b, int64_t e, Visit&& visit) const {
+    template <class Fn>
+    void blocks(int c, int64_t b, int64_t e, Fn&& fn) const {
         const int64_t S = static_cast<int64_t>(in->shard_offsets.size()) - 1;
+        alignas(64) double scores[kKeyBlock];
+        alignas(64) uint64_t keys[kKeyBlock];
         BadScores found;
-        with_score_kind(in->kind, [&](auto kind) {
-            for_segments(in->shard_offsets.data(), S, b, e, [&](int64_t s, int64_t base, int64_t sb, int64_t se) {
+        for (int64_t i0 = b; i0 < e; i0 += kKeyBlock) {
+            const int64_t m = std::min(kKeyBlock, e - i0);
+            double* v = in->out ? in->out + i0 : scores;  // null out: the caller keeps no scores
+            for_segments(in->shard_offsets.data(), S, i0, i0 + m, [&](int64_t s, int64_t base, int64_t sb, int64_t se) {
+                const int64_t j = 2 * (sb - base);
                 const double* t = in->teacher[s];
                 const double* r = in->reference[s];
-                double* out = in->out;  // null: the caller keeps no scores
-                for (int64_t i = sb; i < se; ++i) {
-                    const int64_t j = 2 * (i - base);
-                    const double v = score_of<decltype(kind)::value>(t + j, r + j);
-                    if (out) out[i] = v;
-                    if (!std::isfinite(v)) {
-                        if (found.first < 0) found.first = i;
-                        ++found.count;
-                    }
-                    const uint64_t k = order_key(v);
-                    visit(i, ascending ? ~k : k);
-                }
+                const int64_t here = score_rows(in->kind, t ? t + j : nullptr, r ? r + j : nullptr, v + (sb - i0), se - sb);
+                if (!here) return;
+                for (int64_t i = sb; found.first < 0; ++i)
+                    if (!std::isfinite(v[i - i0])) found.first = i;
+                found.count += here;
             });
-            return 0;
-        });
+            score_keys(v, keys, m, ascending);
+            fn(i0, static_cast<const uint64_t*>(keys), m);
+        }
         (*bad)[c] = found;
+    }
+    template <class Visit>
+    void operator()(int c, int64_t b, int64_t e, Visit&& visit) const {
+        blocks(c, b, e, [&](int64_t i0, const uint64_t* keys, int64_t m) {
+            for (int64_t j = 0; j < m; ++j) visit(i0 + j, keys[j]);
+        });
     }
     bool ok() const {
         for (const auto& x : *bad)
@@ -383,7 +392,7 @@ auto with_keep(const KeySpec& keys, const Plan& p, Fn&& fn) {
 // Walks every chunk in index order and calls emit(chunk, pos, shard, instance_in_shard,
 // global, keep) while pos < the chunk's end row: pos is the output row of the next kept
 // instance, so a call with keep == false is overwritten later (branch-free writing).
-// Returns the total weight of the kept instances; checks the plan's counts.
+// From a plan's kept bits only the kept instances are visited, a word at a time. Returns the total weight of the kept instances; checks the plan's counts.
 template <class Keep, class W, class Emit>
 uint64_t emit_kept(const Keep& kept, const W& weight, const Plan& p, const int64_t* shard_offsets,
                    int64_t num_shards, Emit emit) {
@@ -401,11 +410,29 @@ uint64_t emit_kept(const Keep& kept, const W& weight, const Plan& p, const int64
             // held in memory, which would force a reload per instance.
             int64_t p = pos;
             uint64_t acc = sum;
-            for (int64_t i = sb; i < se; ++i) {
-                const bool keep = kept(i);
-                if (p < stop) emit(c, p, s, i - base, i, keep);
-                p += keep;
-                if constexpr (!W::unit) acc += weight(i) & (0 - static_cast<uint64_t>(keep));
+            if constexpr (std::is_same_v<Keep, MarkKeep>) {
+                // From the kept bits, a word at a time: only kept instances are visited.
+                for (int64_t w0 = sb & ~int64_t{63}; w0 < se; w0 += 64) {
+                    uint64_t x = kept.bits[w0 >> 6];
+                    if (w0 < sb) x &= ~0ULL << (sb - w0);
+                    if (se - w0 < 64) x &= (1ULL << (se - w0)) - 1;
+                    if (p + __builtin_popcountll(x) > stop) {
+                        mismatch = true;
+                        break;
+                    }
+                    for (; x; x &= x - 1) {
+                        const int64_t i = w0 + __builtin_ctzll(x);
+                        emit(c, p++, s, i - base, i, true);
+                        if constexpr (!W::unit) acc += weight(i);
+                    }
+                }
+            } else {
+                for (int64_t i = sb; i < se; ++i) {
+                    const bool keep = kept(i);
+                    if (p < stop) emit(c, p, s, i - base, i, keep);
+                    p += keep;
+                    if constexpr (!W::unit) acc += weight(i) & (0 - static_cast<uint64_t>(keep));
+                }
             }
             pos = p;
             sum = acc;
@@ -453,12 +480,24 @@ struct ScoredSampleKey {
 };
 
 // The first pass over plain keys, in the shape of ScoredFirstPass.
+inline void fill_keys(const DescKeys& k, int64_t i0, int64_t m, uint64_t* keys) { score_keys(k.s + i0, keys, m, false); }
+inline void fill_keys(const AscKeys& k, int64_t i0, int64_t m, uint64_t* keys) { score_keys(k.s + i0, keys, m, true); }
+template <class K>
+void fill_keys(const K& key, int64_t i0, int64_t m, uint64_t* keys) {
+    for (int64_t j = 0; j < m; ++j) keys[j] = key(i0 + j);
+}
+
 template <class K>
 struct KeyVisitor {
     const K* key;
-    template <class Visit>
-    void operator()(int, int64_t b, int64_t e, Visit&& visit) const {
-        for (int64_t i = b; i < e; ++i) visit(i, (*key)(i));
+    template <class Fn>
+    void blocks(int, int64_t b, int64_t e, Fn&& fn) const {
+        alignas(64) uint64_t keys[kKeyBlock];
+        for (int64_t i0 = b; i0 < e; i0 += kKeyBlock) {
+            const int64_t m = std::min(kKeyBlock, e - i0);
+            fill_keys(*key, i0, m, keys);
+            fn(i0, static_cast<const uint64_t*>(keys), m);
+        }
     }
     bool ok() const { return true; }
 };
@@ -556,26 +595,28 @@ Outcome plan_bracketed(const SampleKey& sample_key, const K& key, const Visitor&
     std::unique_ptr<int64_t[]> inside(new int64_t[static_cast<size_t>(slice[T])]);
     std::atomic<bool> overflow{false};
     const uint64_t lo = br.lo, hi = br.hi, width = br.hi - br.lo;
-    run_chunks(bounds, [&, lo, hi, width, bits](int c, int64_t b, int64_t e) {
+    run_chunks(bounds, [&, lo, width, bits](int c, int64_t b, int64_t e) {
         int64_t* out = inside.get() + slice[c];
         const int64_t room = slice[c + 1] - slice[c];
         int64_t m = 0;
-        uint64_t word = 0, above_n = 0, above_w = 0;
-        visitor(c, b, e, [&](int64_t i, uint64_t k) {
-            const uint64_t up = k > hi;
-            word |= up << (i & 63);
-            if ((i & 63) == 63) {
-                bits[i >> 6] = word;
-                word = 0;
-            }
-            above_n += up;
-            if constexpr (!W::unit) above_w += weight(i) & (0 - up);
-            if (k - lo <= width) {
-                if (m < room) out[m] = i;
-                ++m;
+        uint64_t above_n = 0, above_w = 0;
+        visitor.blocks(c, b, e, [&](int64_t i0, const uint64_t* keys, int64_t count) {
+            uint64_t up[kKeyBlock / 64], in[kKeyBlock / 64];
+            classify_keys(keys, count, lo, width, up, in);
+            for (int64_t w = 0; 64 * w < count; ++w) {
+                const int64_t base = i0 + 64 * w;  // a multiple of 64: chunks start on words
+                bits[base >> 6] = up[w];
+                above_n += static_cast<uint64_t>(__builtin_popcountll(up[w]));
+                if constexpr (!W::unit) {
+                    const int64_t end = std::min<int64_t>(64, count - 64 * w);
+                    for (int64_t j = 0; j < end; ++j) above_w += weight(base + j) & (0 - ((up[w] >> j) & 1));
+                }
+                for (uint64_t x = in[w]; x; x &= x - 1) {
+                    if (m < room) out[m] = base + __builtin_ctzll(x);
+                    ++m;
+                }
             }
         });
-        if (e & 63) bits[e >> 6] = word;  // the last chunk's partial word
         used[c] = std::min(m, room);
         if (m > room) overflow = true;
         above[c] = static_cast<int64_t>(above_n);

@@ -14,23 +14,13 @@
 // radix-histogram passes over all keys narrow the boundary down instead.
 #pragma once
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <vector>
 
 #include "difference.h"
+#include "rank_keys.h"
 
 namespace miniplm {
-
-// Monotone map of a double to uint64: a < b  <=>  order_key(a) < order_key(b),
-// with -0.0 ranked equal to +0.0. NaN must be rejected by the caller.
-inline uint64_t order_key(double x) {
-    x += 0.0;  // -0.0 + 0.0 == +0.0
-    uint64_t u;
-    std::memcpy(&u, &x, sizeof u);
-    const uint64_t flip = static_cast<uint64_t>(static_cast<int64_t>(u) >> 63) | (1ULL << 63);
-    return u ^ flip;
-}
 
 // Where ranking keys come from.
 struct KeySpec {

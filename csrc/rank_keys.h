@@ -1,0 +1,28 @@
+// Ranking keys: doubles mapped to uint64 so that one unsigned comparison orders
+// instances, and the block kernels of the selection's first pass over them.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace miniplm {
+
+// Monotone map of a double to uint64: a < b  <=>  order_key(a) < order_key(b),
+// with -0.0 ranked equal to +0.0. NaN must be rejected by the caller.
+inline uint64_t order_key(double x) {
+    x += 0.0;  // -0.0 + 0.0 == +0.0
+    uint64_t u;
+    std::memcpy(&u, &x, sizeof u);
+    const uint64_t flip = static_cast<uint64_t>(static_cast<int64_t>(u) >> 63) | (1ULL << 63);
+    return u ^ flip;
+}
+
+// keys[j] = order_key(scores[j]), complemented when `ascending` (the lowest ranks first).
+void score_keys(const double* scores, uint64_t* keys, int64_t m, bool ascending);
+
+// Sorts m keys against the bracket [lo, lo + width], hi = lo + width: bit j % 64 of
+// above[j / 64] is keys[j] > hi, of inside[j / 64] is lo <= keys[j] <= hi. Writes
+// (m + 63) / 64 words to each; bits past m are 0.
+void classify_keys(const uint64_t* keys, int64_t m, uint64_t lo, uint64_t width, uint64_t* above,
+                   uint64_t* inside);
+
+}  // namespace miniplm
