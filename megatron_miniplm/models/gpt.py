@@ -151,5 +151,10 @@ def build_model(
         position_embedding_type="rope",
         rotary_base=int(config.rotary_base),
     )
+    if params_dtype != torch.float32:
+        # Without TE/apex, megatron's torch-norm fallback makes fp32 norm weights whatever
+        # params_dtype says, and every norm then takes PyTorch's unfused mixed-dtype path.
+        # Megatron-LM casts the whole module to the training dtype (Float16Module): so do we.
+        model.to(params_dtype)
     model.miniplm_config = config
     return model

@@ -118,7 +118,7 @@ def test_readable_by_gpt_dataset(tmp_path, run_preprocess, bpe_tokenizer, record
     _, prefix = run_preprocess([path], bpe_tokenizer, seq_length=32)
 
     class Tok:
-        vocab_size, eod, pad = 500, 0, 0
+        vocab_size, eod, pad = 500, 0, -1  # pad apart from eod, as megatron asks
         unique_identifiers = {"class": "tiny"}
 
     config = GPTDatasetConfig(random_seed=1, sequence_length=32, tokenizer=Tok(), reset_position_ids=False,

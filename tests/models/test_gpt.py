@@ -64,6 +64,8 @@ def test_padded_vocab_and_tied_output():
 def test_bf16_forward_backward_on_cpu():
     config = get_preset("tiny-gqa")
     model = build_model(config, params_dtype=torch.bfloat16, bf16=True)
+    # norms too (megatron's torch-norm fallback makes them fp32): no mixed-dtype slow path
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     tokens, positions = _inputs(config.vocab_size)
     loss = model(tokens, positions, None, labels=tokens)
     assert torch.isfinite(loss.float()).all()
