@@ -85,6 +85,25 @@ py::tuple compute_scores(const std::string& kind, py::object teacher, py::object
 }
 
 // A planned selection; keeps the key and weight arrays alive for the writers.
+// Raises unless every weight is >= 0, naming the first negative one. One parallel pass
+// that ORs the weights (a negative one sets the sign bit: vectorizes), without the GIL.
+void check_weights(const int32_t* w, int64_t n, int num_threads) {
+    const auto bounds = miniplm::split_range(n, miniplm::resolve_threads(num_threads, n, 1 << 20));
+    std::vector<int64_t> first(bounds.size() - 1, -1);
+    {
+        py::gil_scoped_release release;
+        miniplm::run_chunks(bounds, [&](int c, int64_t b, int64_t e) {
+            uint32_t any = 0;
+            for (int64_t i = b; i < e; ++i) any |= static_cast<uint32_t>(w[i]);
+            if (any >> 31)
+                for (int64_t i = b; first[c] < 0; ++i)
+                    if (w[i] < 0) first[c] = i;
+        });
+    }
+    for (int64_t i : first)
+        if (i >= 0) throw std::invalid_argument("weights: instance " + std::to_string(i) + " has a negative weight");
+}
+
 struct Selection {
     miniplm::Plan plan;
     miniplm::KeySpec keys;
@@ -113,8 +132,7 @@ struct Selection {
         auto w = view<int32_t>(weights, "weights", 1);
         check_length(w.shape(0), plan.n, "weights");
         const int32_t* wp = w.data();
-        for (int64_t i = 0; i < plan.n; ++i)
-            if (wp[i] < 0) throw std::invalid_argument("weights: instance " + std::to_string(i) + " has a negative weight");
+        check_weights(wp, plan.n, 0);
         py::gil_scoped_release release;
         return miniplm::kept_weight(keys, plan, wp);
     }
@@ -193,9 +211,7 @@ Selection select_instances(py::object scores, uint64_t capacity, py::object weig
         check_length(w.shape(0), count, "weights");
         wp = w.data();
         sel.weights_ref = w;
-        for (int64_t i = 0; i < count; ++i)
-            if (wp[i] < 0)
-                throw std::invalid_argument("weights: instance " + std::to_string(i) + " has a negative weight");
+        check_weights(wp, count, num_threads);
     }
     py::gil_scoped_release release;
     sel.plan = miniplm::plan_selection(sel.keys, wp, count, capacity, num_threads, bracket);
@@ -231,8 +247,7 @@ py::tuple select_scored(const std::string& kind, py::object teacher, py::object 
         auto w = view<int32_t>(weights, "weights", 1);
         check_length(w.shape(0), n, "weights");
         wp = w.data();
-        for (int64_t i = 0; i < n; ++i)
-            if (wp[i] < 0) throw std::invalid_argument("weights: instance " + std::to_string(i) + " has a negative weight");
+        check_weights(wp, n, num_threads);
         sel.weights_ref = w;
     }
     sel.keys.ascending = ascending;

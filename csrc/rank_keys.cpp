@@ -30,6 +30,13 @@ void classify_keys_portable(const uint64_t* keys, int64_t m, uint64_t lo, uint64
     }
 }
 
+uint64_t masked_weight_sum_portable(const int32_t* weights, const uint64_t* words, int64_t m) {
+    uint64_t total = 0;
+    for (int64_t j = 0; j < m; ++j)
+        total += static_cast<uint64_t>(static_cast<uint32_t>(weights[j])) & (0 - ((words[j >> 6] >> (j & 63)) & 1));
+    return total;
+}
+
 #if MINIPLM_HAVE_AVX2_BUILD
 // AVX2 has only signed 64-bit comparisons: x >u y  <=>  (x ^ 2^63) >s (y ^ 2^63).
 MINIPLM_TARGET_AVX2 void score_keys_avx2(const double* scores, uint64_t* keys, int64_t m, bool ascending) {
@@ -68,9 +75,39 @@ MINIPLM_TARGET_AVX2 void classify_keys_avx2(const uint64_t* keys, int64_t m, uin
     }
     if (64 * w < m) classify_keys_portable(keys + 64 * w, m - 64 * w, lo, width, above + w, inside + w);
 }
+
+// 4 weights at a time: their 4 mask bits become 4 all-ones/all-zeros 64-bit lanes.
+MINIPLM_TARGET_AVX2 uint64_t masked_weight_sum_avx2(const int32_t* weights, const uint64_t* words, int64_t m) {
+    const __m256i lane_bit = _mm256_set_epi64x(8, 4, 2, 1);
+    __m256i acc = _mm256_setzero_si256();
+    int64_t j = 0;
+    for (; j + 4 <= m; j += 4) {
+        const int64_t nibble = static_cast<int64_t>((words[j >> 6] >> (j & 63)) & 15);
+        const __m256i bits = _mm256_and_si256(_mm256_set1_epi64x(nibble), lane_bit);
+        const __m256i mask = _mm256_cmpeq_epi64(bits, lane_bit);
+        const __m256i w = _mm256_cvtepu32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(weights + j)));
+        acc = _mm256_add_epi64(acc, _mm256_and_si256(w, mask));
+    }
+    alignas(32) uint64_t lanes[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
+    const uint64_t head = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+    if (j == m) return head;
+    // the tail: words[j >> 6] shifted so that bit 0 is instance j
+    uint64_t tail = 0;
+    for (; j < m; ++j)
+        tail += static_cast<uint64_t>(static_cast<uint32_t>(weights[j])) & (0 - ((words[j >> 6] >> (j & 63)) & 1));
+    return head + tail;
+}
 #endif
 
 }  // namespace
+
+uint64_t masked_weight_sum(const int32_t* weights, const uint64_t* words, int64_t m) {
+#if MINIPLM_HAVE_AVX2_BUILD
+    if (use_avx2()) return masked_weight_sum_avx2(weights, words, m);
+#endif
+    return masked_weight_sum_portable(weights, words, m);
+}
 
 void score_keys(const double* scores, uint64_t* keys, int64_t m, bool ascending) {
 #if MINIPLM_HAVE_AVX2_BUILD

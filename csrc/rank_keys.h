@@ -25,4 +25,7 @@ void score_keys(const double* scores, uint64_t* keys, int64_t m, bool ascending)
 void classify_keys(const uint64_t* keys, int64_t m, uint64_t lo, uint64_t width, uint64_t* above,
                    uint64_t* inside);
 
+// Total of weights[j] over the j < m whose bit is set in words (bit j % 64 of words[j / 64]).
+uint64_t masked_weight_sum(const int32_t* weights, const uint64_t* words, int64_t m);
+
 }  // namespace miniplm

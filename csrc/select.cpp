@@ -603,14 +603,11 @@ Outcome plan_bracketed(const SampleKey& sample_key, const K& key, const Visitor&
         visitor.blocks(c, b, e, [&](int64_t i0, const uint64_t* keys, int64_t count) {
             uint64_t up[kKeyBlock / 64], in[kKeyBlock / 64];
             classify_keys(keys, count, lo, width, up, in);
+            if constexpr (!W::unit) above_w += masked_weight_sum(weight.w + i0, up, count);
             for (int64_t w = 0; 64 * w < count; ++w) {
                 const int64_t base = i0 + 64 * w;  // a multiple of 64: chunks start on words
                 bits[base >> 6] = up[w];
                 above_n += static_cast<uint64_t>(__builtin_popcountll(up[w]));
-                if constexpr (!W::unit) {
-                    const int64_t end = std::min<int64_t>(64, count - 64 * w);
-                    for (int64_t j = 0; j < end; ++j) above_w += weight(base + j) & (0 - ((up[w] >> j) & 1));
-                }
                 for (uint64_t x = in[w]; x; x &= x - 1) {
                     if (m < room) out[m] = base + __builtin_ctzll(x);
                     ++m;

@@ -197,6 +197,15 @@ def test_refuses_copies_and_bad_inputs():
         _cpp.select(np.zeros(20)[::2], 3)
     with pytest.raises(ValueError, match="negative weight"):
         _cpp.select(np.zeros(3), 3, weights=np.array([1, -1, 2], np.int32))
+    big = np.ones(3_000_001, np.int32)  # checked in parallel chunks: the first one is named
+    big[[2_999_999, 2_500_000, 1_600_003]] = [-1, -7, np.iinfo(np.int32).min]
+    rows = np.ones((big.size, 2))
+    for call in (lambda: _cpp.select(np.zeros(big.size), 3, weights=big, num_threads=2),
+                 lambda: _cpp.select_scored("teacher", [rows], None, np.array([0, big.size], np.int64), None, 3,
+                                            weights=big, num_threads=2),
+                 lambda: _cpp.select(np.zeros(big.size), 3).kept_weight(big)):
+        with pytest.raises(ValueError, match="instance 1600003 has a negative weight"):
+            call()
     with pytest.raises(ValueError, match="rows"):
         _cpp.select(np.zeros(3), 3, weights=np.ones(4, np.int32))
     sel = _cpp.select(np.arange(10.0), 4)
