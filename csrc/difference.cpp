@@ -13,7 +13,7 @@ namespace {
 constexpr int64_t kRowBlock = 4096;  // rows scored per call of score_rows by compute_scores
 
 template <ScoreKind kind>
-inline int64_t score_rows_impl(const double* __restrict teacher, const double* __restrict reference,
+MINIPLM_INLINE int64_t score_rows_impl(const double* __restrict teacher, const double* __restrict reference,
                                double* __restrict out, int64_t m) {
     int64_t bad = 0;
     for (int64_t j = 0; j < m; ++j) {

@@ -6,9 +6,12 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MINIPLM_HAVE_AVX2_BUILD 1
 #define MINIPLM_TARGET_AVX2 __attribute__((target("avx2,popcnt")))
+// A loop body shared by both builds must be inlined into each to get its ISA.
+#define MINIPLM_INLINE inline __attribute__((always_inline))
 #else
 #define MINIPLM_HAVE_AVX2_BUILD 0
 #define MINIPLM_TARGET_AVX2
+#define MINIPLM_INLINE inline
 #endif
 
 namespace miniplm {
