@@ -8,6 +8,7 @@ beside the shards (``model_config.json``), so loading needs no model flags.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -17,12 +18,29 @@ MODEL_CONFIG_FILE = "model_config.json"
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 
 
+def checkpoint_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def latest_checkpoint(save_dir: str, marker: str = LATEST_FILE) -> Optional[str]:
+    """The checkpoint directory that ``save_dir``'s marker file names; None without one.
+
+    The one reader of that file. It holds the iteration number, as Megatron-LM writes
+    it ("100" names iter_0000100), or a directory name ("iter_0000100", "release").
+    """
+    path = os.path.join(save_dir, marker)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        text = f.read().strip()
+    return os.path.join(save_dir, checkpoint_name(int(text)) if text.isdigit() else text)
+
+
 def resolve_checkpoint_dir(path: str) -> str:
     """A checkpoint directory, or a training run's --save directory (its latest checkpoint)."""
-    latest = os.path.join(path, LATEST_FILE)
-    if os.path.exists(latest):
-        with open(latest) as f:
-            return os.path.join(path, f.read().strip())
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     return path

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from typing import Iterator, Optional
 
-from megatron_miniplm.checkpointing import LATEST_FILE, MODEL_CONFIG_FILE
+from megatron_miniplm.checkpointing import LATEST_FILE, MODEL_CONFIG_FILE, latest_checkpoint
 from megatron_miniplm.conversion.errors import ConversionError
 
 INFO_FILE = "checkpoint_info.json"
@@ -84,7 +84,7 @@ def atomic_directory(path: str, overwrite: bool = False) -> Iterator[str]:
 
 def resolve_megatron_checkpoint(path: str) -> str:
     """The directory holding model_config.json: ``path`` itself, or the iteration a
-    Megatron-style ``latest_checkpointed_iteration.txt`` names (``iter_0000100``)."""
+    Megatron-style ``latest_checkpointed_iteration.txt`` names (``100`` or ``iter_0000100``)."""
     if not os.path.exists(path):
         raise ConversionError(f"megatron checkpoint not found: {path}")
     if not os.path.isdir(path):
@@ -92,17 +92,13 @@ def resolve_megatron_checkpoint(path: str) -> str:
     if os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE)):
         return path
     for name in LATEST_FILES:
-        marker = os.path.join(path, name)
-        if os.path.isfile(marker):
-            with open(marker) as f:
-                latest = f.read().strip()
-            candidates = [os.path.join(path, latest)]
-            if latest.isdigit():
-                candidates.insert(0, os.path.join(path, f"iter_{int(latest):07d}"))
-            for candidate in candidates:
-                if os.path.isfile(os.path.join(candidate, MODEL_CONFIG_FILE)):
-                    return candidate
-            raise ConversionError(f"{marker} names '{latest}', which holds no {MODEL_CONFIG_FILE}")
+        candidate = latest_checkpoint(path, name)
+        if candidate is None:
+            continue
+        if os.path.isfile(os.path.join(candidate, MODEL_CONFIG_FILE)):
+            return candidate
+        raise ConversionError(f"{os.path.join(path, name)} names '{os.path.basename(candidate)}', "
+                              f"which holds no {MODEL_CONFIG_FILE}")
     raise ConversionError(
         f"{path}: not a megatron checkpoint (no {MODEL_CONFIG_FILE}, no latest_checkpointed_iteration.txt)"
     )

@@ -17,20 +17,21 @@ import torch
 import torch.distributed as dist
 
 from megatron_miniplm.atomic_io import write_text_atomic
-from megatron_miniplm.checkpointing import LATEST_FILE, MODEL_CONFIG_FILE, sharded_model_state
+from megatron_miniplm.checkpointing import (
+    LATEST_FILE, MODEL_CONFIG_FILE, checkpoint_name, latest_checkpoint, sharded_model_state,
+)
 from megatron_miniplm.models.config import ModelConfig
 
 
-def checkpoint_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
-
-
 def latest_iteration(save_dir: str) -> Optional[int]:
-    path = os.path.join(save_dir, LATEST_FILE)
-    if not os.path.exists(path):
+    """The iteration to resume from; None if ``save_dir`` has no checkpoint yet."""
+    directory = latest_checkpoint(save_dir)
+    if directory is None:
         return None
-    with open(path) as f:
-        return int(f.read().strip().removeprefix("iter_"))
+    name = os.path.basename(directory)
+    if not (name.startswith("iter_") and name[5:].isdigit()):
+        raise ValueError(f"{os.path.join(save_dir, LATEST_FILE)}: names '{name}', not a training iteration to resume")
+    return int(name[5:])
 
 
 def _rng_state() -> dict:
@@ -106,7 +107,7 @@ def save_checkpoint(
         if os.path.exists(final):  # a re-save of the same iteration
             shutil.rmtree(final)
         os.replace(partial, final)
-        write_text_atomic(os.path.join(save_dir, LATEST_FILE), checkpoint_name(iteration))
+        write_text_atomic(os.path.join(save_dir, LATEST_FILE), str(iteration))  # as Megatron-LM writes it
     dist.barrier()
     return final
 

@@ -120,13 +120,13 @@ def test_interrupted_save_leaves_previous_checkpoint(corpus, tmp_path):
     save = tmp_path / "ckpt"
     run_distributed(_train, 1, args(corpus, "--save", str(save), iters=2))
     (save / "iter_0000004.partial").mkdir()  # what a kill during a save leaves
-    assert (save / "latest_checkpointed_iteration.txt").read_text() == "iter_0000002"
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "2"  # Megatron-LM's format
     m = tmp_path / "m.jsonl"
     run_distributed(_train, 1, args(corpus, "--save", str(save), "--load", str(save),
                                     "--metrics-file", str(m), iters=4))
     assert sorted(metrics(m)) == [3, 4]  # resumed from iteration 2
     assert not (save / "iter_0000004.partial").exists()
-    assert (save / "latest_checkpointed_iteration.txt").read_text() == "iter_0000004"
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "4"
 
 
 @pytest.mark.parametrize("extra,message", [
