@@ -12,6 +12,8 @@
 // kept bits are kept, so writing the blend reads one bit per instance instead of
 // its key. If the sample misjudged (rare: ties, adversarial order),
 // radix-histogram passes over all keys narrow the boundary down instead.
+// The hot loops of the pass are block kernels (rank_keys.h, score_rows), with AVX2
+// builds chosen at run time (simd.h).
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -49,7 +51,8 @@ Plan plan_selection(const KeySpec& keys, const int32_t* weights, int64_t n, uint
                     int num_threads, bool bracket = true);
 
 // Scores computed from per-shard (nll_sum, token_count) rows while planning: the first
-// histogram pass also writes out[i], so the scores are read from memory once less.
+// pass computes them block by block (and writes out[i] when asked), so the scores are
+// never read back from memory.
 struct ScoredInput {
     ScoreKind kind = ScoreKind::Difference;
     std::vector<const double*> teacher, reference;  // per shard; null where `kind` does not read it
