@@ -57,6 +57,17 @@ Text text_of(py::handle obj, size_t index) {
                 PyUnicode_IS_ASCII(o) != 0};
 }
 
+// fn(code units): the text's data as uint8_t, uint16_t or uint32_t, by its width.
+template <typename Fn>
+void with_code_units(const Text& t, Fn&& fn) {
+    if (t.kind == PyUnicode_1BYTE_KIND)
+        fn(static_cast<const uint8_t*>(t.data));
+    else if (t.kind == PyUnicode_2BYTE_KIND)
+        fn(static_cast<const uint16_t*>(t.data));
+    else
+        fn(static_cast<const uint32_t*>(t.data));
+}
+
 template <typename CU>
 void encode_mixed(const ByteLevelBpe& bpe, const CU* s, size_t n, int64_t doc, size_t min_ascii,
                   std::vector<Piece>& pieces, std::vector<uint8_t>& narrow, std::vector<int32_t>& out,
@@ -123,15 +134,10 @@ py::tuple encode_flat(ByteLevelBpe& bpe, py::sequence texts, int64_t append_id, 
             const size_t before = tokens.size();
             if (t.ascii) {
                 bpe.encode(static_cast<const uint8_t*>(t.data), t.length, tokens, lease.get());
-            } else if (t.kind == PyUnicode_1BYTE_KIND) {
-                encode_mixed(bpe, static_cast<const uint8_t*>(t.data), t.length, d, min_ascii, pieces, narrow,
-                             tokens, holes, lease.get());
-            } else if (t.kind == PyUnicode_2BYTE_KIND) {
-                encode_mixed(bpe, static_cast<const uint16_t*>(t.data), t.length, d, min_ascii, pieces, narrow,
-                             tokens, holes, lease.get());
             } else {
-                encode_mixed(bpe, static_cast<const uint32_t*>(t.data), t.length, d, min_ascii, pieces, narrow,
-                             tokens, holes, lease.get());
+                with_code_units(t, [&](const auto* units) {
+                    encode_mixed(bpe, units, t.length, d, min_ascii, pieces, narrow, tokens, holes, lease.get());
+                });
             }
             if (append_id >= 0) tokens.push_back(static_cast<int32_t>(append_id));
             lengths[d] = static_cast<int64_t>(tokens.size() - before);
@@ -213,12 +219,7 @@ the same position), adding to that text's length.)doc")
         [](py::handle text, size_t min_ascii) {
             const Text t = text_of(text, 0);
             std::vector<Piece> pieces;
-            if (t.kind == PyUnicode_1BYTE_KIND)
-                miniplm::split_mixed(static_cast<const uint8_t*>(t.data), t.length, min_ascii, pieces);
-            else if (t.kind == PyUnicode_2BYTE_KIND)
-                miniplm::split_mixed(static_cast<const uint16_t*>(t.data), t.length, min_ascii, pieces);
-            else
-                miniplm::split_mixed(static_cast<const uint32_t*>(t.data), t.length, min_ascii, pieces);
+            with_code_units(t, [&](const auto* units) { miniplm::split_mixed(units, t.length, min_ascii, pieces); });
             py::list out;
             for (const Piece& p : pieces) out.append(py::make_tuple(p.begin, p.end, p.ascii));
             return out;
