@@ -3,7 +3,8 @@
 // vectors also get an AVX2 build, chosen once per process by CPUID.
 #pragma once
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// MINIPLM_PORTABLE_ONLY builds no AVX2 code at all (what non-x86 hosts get anyway).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(MINIPLM_PORTABLE_ONLY)
 #define MINIPLM_HAVE_AVX2_BUILD 1
 #define MINIPLM_TARGET_AVX2 __attribute__((target("avx2,popcnt")))
 // A loop body shared by both builds must be inlined into each to get its ISA.
