@@ -10,4 +10,5 @@ run benchmarks/bench_train.py --bf16
 run benchmarks/check_smollm2_conversion.py
 run benchmarks/bench_score.py --rounds 3
 run benchmarks/bench_select.py --instances 100000000 --shards 8 --repeat 3
+run benchmarks/bench_select_tool.py --instances 20000000 --shards 8 --rounds 3
 run benchmarks/bench_preprocess.py --rounds 3
