@@ -84,7 +84,6 @@ py::tuple compute_scores(const std::string& kind, py::object teacher, py::object
     return py::make_tuple(bad.count, bad.first);
 }
 
-// A planned selection; keeps the key and weight arrays alive for the writers.
 // Raises unless every weight is >= 0, naming the first negative one. One parallel pass
 // that ORs the weights (a negative one sets the sign bit: vectorizes), without the GIL.
 void check_weights(const int32_t* w, int64_t n, int num_threads) {
@@ -104,6 +103,7 @@ void check_weights(const int32_t* w, int64_t n, int num_threads) {
         if (i >= 0) throw std::invalid_argument("weights: instance " + std::to_string(i) + " has a negative weight");
 }
 
+// A planned selection; keeps the key and weight arrays alive for the writers.
 struct Selection {
     miniplm::Plan plan;
     miniplm::KeySpec keys;

@@ -42,36 +42,34 @@ BadScores compute(const double* teacher, const double* reference, double* out, i
     const auto bounds = split_range(n, resolve_threads(num_threads, n, 1 << 16));
     std::vector<BadScores> bad(bounds.size() - 1);
     run_chunks(bounds, [&](int part, int64_t begin, int64_t end) {
-        int64_t count = 0, first = -1;
-        for (int64_t b = begin; b < end; b += kRowBlock) {
-            const int64_t m = std::min(kRowBlock, end - b);
-            const int64_t here = score_rows(kind, teacher ? teacher + 2 * b : nullptr,
-                                            reference ? reference + 2 * b : nullptr, out + b, m);
-            if (here && first < 0)
-                for (int64_t i = b; first < 0; ++i)
-                    if (!std::isfinite(out[i])) first = i;
-            count += here;
-        }
-        bad[part] = {count, first};
+        for (int64_t b = begin; b < end; b += kRowBlock)
+            bad[part].merge(score_rows(kind, teacher ? teacher + 2 * b : nullptr,
+                                       reference ? reference + 2 * b : nullptr, out + b,
+                                       std::min(kRowBlock, end - b), b));
     });
     BadScores total;
-    for (const auto& b : bad) {  // chunks are in index order: the first hit is the lowest index
-        if (b.count && total.first < 0) total.first = b.first;
-        total.count += b.count;
-    }
+    for (const auto& b : bad) total.merge(b);  // chunks are in index order
     return total;
 }
 
 }  // namespace
 
-int64_t score_rows(ScoreKind kind, const double* teacher, const double* reference, double* out, int64_t m) {
-    return with_score_kind(kind, [&](auto k) {
+BadScores score_rows(ScoreKind kind, const double* teacher, const double* reference, double* out, int64_t m,
+                     int64_t index0) {
+    const int64_t count = with_score_kind(kind, [&](auto k) {
         constexpr ScoreKind K = decltype(k)::value;
 #if MINIPLM_HAVE_AVX2_BUILD
         if (use_avx2()) return score_rows_avx2<K>(teacher, reference, out, m);
 #endif
         return score_rows_portable<K>(teacher, reference, out, m);
     });
+    BadScores bad;
+    if (count) {  // rare: find the first in the block just written (in cache)
+        bad.count = count;
+        for (int64_t j = 0; bad.first < 0; ++j)
+            if (!std::isfinite(out[j])) bad.first = index0 + j;
+    }
+    return bad;
 }
 
 BadScores compute_scores(ScoreKind kind, const double* teacher, const double* reference,

@@ -18,6 +18,11 @@ enum class ScoreKind { Difference, TeacherMean, ReferenceMean };
 struct BadScores {
     int64_t count = 0;
     int64_t first = -1;
+    // Adds the bad rows of a later range (higher indices): the lowest index stays first.
+    void merge(const BadScores& later) {
+        if (first < 0) first = later.first;
+        count += later.count;
+    }
 };
 
 // Mean NLL of a (sum, count) row; NaN when the row cannot give one (count <= 0,
@@ -49,10 +54,11 @@ auto with_score_kind(ScoreKind kind, Fn&& fn) {
     }
 }
 
-// out[j] = the score of `kind` for row j < m, in one thread; returns how many are not
-// finite. The hot loop of scoring and of selection from score files (AVX2 where the
-// CPU has it: the two divisions per row dominate otherwise).
-int64_t score_rows(ScoreKind kind, const double* teacher, const double* reference, double* out, int64_t m);
+// out[j] = the score of `kind` for row j < m, in one thread; the bad rows, numbered
+// from `index0` (row j is instance index0 + j). The hot loop of scoring and of selection
+// from score files (AVX2 where the CPU has it: the two divisions per row dominate otherwise).
+BadScores score_rows(ScoreKind kind, const double* teacher, const double* reference, double* out, int64_t m,
+                     int64_t index0);
 
 // out[i] = the score of `kind` for instance i; rows are (nll_sum, token_count).
 // `teacher` or `reference` may be null when `kind` does not read it.

@@ -150,11 +150,7 @@ struct ScoredFirstPass {
                 const int64_t j = 2 * (sb - base);
                 const double* t = in->teacher[s];
                 const double* r = in->reference[s];
-                const int64_t here = score_rows(in->kind, t ? t + j : nullptr, r ? r + j : nullptr, v + (sb - i0), se - sb);
-                if (!here) return;
-                for (int64_t i = sb; found.first < 0; ++i)
-                    if (!std::isfinite(v[i - i0])) found.first = i;
-                found.count += here;
+                found.merge(score_rows(in->kind, t ? t + j : nullptr, r ? r + j : nullptr, v + (sb - i0), se - sb, sb));
             });
             score_keys(v, keys, m, ascending);
             fn(i0, static_cast<const uint64_t*>(keys), m);
@@ -723,10 +719,7 @@ Plan plan_scored_selection(const ScoredInput& input, bool ascending, const int32
         *bad = BadScores{};
         for (int64_t s = 0; s < S; ++s) {
             const int64_t lo = in.shard_offsets[s];
-            const BadScores b = compute_scores(in.kind, in.teacher[s], in.reference[s], in.out + lo,
-                                               in.shard_offsets[s + 1] - lo, 1);
-            if (b.count && bad->first < 0) bad->first = lo + b.first;
-            bad->count += b.count;
+            bad->merge(score_rows(in.kind, in.teacher[s], in.reference[s], in.out + lo, in.shard_offsets[s + 1] - lo, lo));
         }
         if (bad->count) return nothing_planned(n, split_range(n, 1), 0);
         Plan p = plan_selection(keys, weights, n, capacity, num_threads, bracket);
@@ -738,10 +731,7 @@ Plan plan_scored_selection(const ScoredInput& input, bool ascending, const int32
     const ScoredFirstPass first{&in, ascending, &per_chunk};
     auto total_bad = [&] {
         *bad = BadScores{};
-        for (const auto& b : per_chunk) {
-            if (b.count && bad->first < 0) bad->first = b.first;
-            bad->count += b.count;
-        }
+        for (const auto& b : per_chunk) bad->merge(b);
     };
     Plan b;
     Outcome outcome = Outcome::NoGuess;
