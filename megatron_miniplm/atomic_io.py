@@ -8,6 +8,8 @@ import json
 import os
 import uuid
 
+import numpy as np
+
 
 def temp_name(path: str) -> str:
     """A name beside `path`, unique to this process and call."""
@@ -31,3 +33,34 @@ def write_text_atomic(path: str, text: str) -> None:
 def write_json_atomic(path: str, obj, **dump_kwargs) -> None:
     """`obj` as indented JSON (plus a final newline); dump_kwargs go to json.dump."""
     write_text_atomic(path, json.dumps(obj, **{"indent": 2, "ensure_ascii": False, **dump_kwargs}) + "\n")
+
+
+class NpyWithMeta:
+    """An .npy array filled in place through a memory-mapped temporary file (it never
+    needs to fit in RAM), then published with its JSON meta: the old meta is removed
+    first and the new one written last, so no moment has an old meta over a new array."""
+
+    def __init__(self, npy_path: str, meta_path: str, dtype, shape: tuple):
+        self.npy_path, self.meta_path = npy_path, meta_path
+        self.tmp = temp_name(npy_path)
+        self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=shape)
+
+    def close(self) -> str:
+        """Flushes and unmaps the array; returns the temporary file, complete."""
+        self.array.flush()
+        del self.array
+        return self.tmp
+
+    def commit(self, meta: dict, **dump_kwargs) -> None:
+        if hasattr(self, "array"):
+            self.close()
+        if os.path.exists(self.meta_path):
+            os.remove(self.meta_path)
+        publish(self.tmp, self.npy_path)
+        write_json_atomic(self.meta_path, meta, **dump_kwargs)
+
+    def abort(self) -> None:
+        if hasattr(self, "array"):
+            del self.array
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)

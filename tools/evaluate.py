@@ -16,7 +16,6 @@ loss mask, as in the paper; the token-weighted mean and perplexity are printed t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -87,9 +86,9 @@ def main(argv=None) -> int:
     if rank0:
         print_table(results)
         if args.json:
-            from megatron_miniplm.atomic_io import write_text_atomic
+            from megatron_miniplm.atomic_io import write_json_atomic
 
-            write_text_atomic(args.json, json.dumps(results, indent=2))
+            write_json_atomic(args.json, results)
     return 0
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from megatron_miniplm.atomic_io import publish, temp_name
+from megatron_miniplm.atomic_io import NpyWithMeta
 from megatron_miniplm.data.tokenizer import file_sha256  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1
@@ -44,52 +44,33 @@ def _check_meta_in(meta: Any, where: str) -> dict:
     return meta
 
 
-class ScoreFileWriter:
-    """Streams scores of a large shard into a memory-mapped temporary .npy; `commit()`
-    renames it into place with its meta. Use when [N, 2] does not fit in memory twice."""
+class ScoreFileWriter(NpyWithMeta):
+    """Streams scores of a large shard into a memory-mapped temporary .npy (`array`);
+    `commit()` renames it into place with its meta. Use when [N, 2] does not fit in memory twice."""
 
     def __init__(self, prefix: str, num_instances: int, meta: dict):
         self.prefix = prefix
-        self.npy_path, self.meta_path = score_paths(prefix)
-        self.meta = dict(_check_meta_in(meta, self.meta_path))
+        npy_path, meta_path = score_paths(prefix)
+        self.meta = dict(_check_meta_in(meta, meta_path))
         if num_instances < 0:
-            raise ScoreFileError(f"{self.npy_path}: num_instances must be >= 0, got {num_instances}")
-        self._check_declared(num_instances)
-        out_dir = os.path.dirname(os.path.abspath(self.npy_path))
-        if not os.path.isdir(out_dir):
-            raise ScoreFileError(f"{self.npy_path}: output directory {out_dir} does not exist")
-        self.num_instances = num_instances
-        self._tmp = temp_name(self.npy_path)
-        self.array = np.lib.format.open_memmap(self._tmp, mode="w+", dtype=np.float64, shape=(num_instances, 2))
-
-    def _check_declared(self, n: int) -> None:
-        declared = self.meta.get("num_instances", n)
-        if declared != n:
-            raise ScoreFileError(f"{self.meta_path}: meta says num_instances={declared}, the array has {n} rows")
+            raise ScoreFileError(f"{npy_path}: num_instances must be >= 0, got {num_instances}")
+        declared = self.meta.get("num_instances", num_instances)
+        if declared != num_instances:
+            raise ScoreFileError(f"{meta_path}: meta says num_instances={declared}, the array has {num_instances} rows")
         version = self.meta.get("format_version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
-            raise ScoreFileError(f"{self.meta_path}: format_version {version!r}, this code writes {FORMAT_VERSION}")
+            raise ScoreFileError(f"{meta_path}: format_version {version!r}, this code writes {FORMAT_VERSION}")
+        out_dir = os.path.dirname(os.path.abspath(npy_path))
+        if not os.path.isdir(out_dir):
+            raise ScoreFileError(f"{npy_path}: output directory {out_dir} does not exist")
+        self.num_instances = num_instances
+        super().__init__(npy_path, meta_path, np.float64, (num_instances, 2))
 
     def commit(self) -> dict:
-        self.array.flush()
-        del self.array
         meta = {**self.meta, "format_version": FORMAT_VERSION, "num_instances": self.num_instances,
-                "columns": list(COLUMNS), "sha256": file_sha256(self._tmp)}
-        tmp_meta = temp_name(self.meta_path)
-        with open(tmp_meta, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-            f.write("\n")
-        if os.path.exists(self.meta_path):
-            os.remove(self.meta_path)  # no moment where an old meta describes the new array
-        publish(self._tmp, self.npy_path)
-        publish(tmp_meta, self.meta_path)
+                "columns": list(COLUMNS), "sha256": file_sha256(self.close())}
+        super().commit(meta, sort_keys=True, ensure_ascii=True)
         return meta
-
-    def abort(self) -> None:
-        if hasattr(self, "array"):
-            del self.array
-        if os.path.exists(self._tmp):
-            os.remove(self._tmp)
 
     def __enter__(self) -> "ScoreFileWriter":
         return self

@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from megatron_miniplm.atomic_io import temp_name, write_json_atomic
+from megatron_miniplm.atomic_io import NpyWithMeta
 from megatron_miniplm.selection.shards import DatasetError, read_dataset_meta, read_index
 
 FORMAT_VERSION = 1
@@ -57,37 +57,11 @@ def dataset_prefixes(blend_prefix: str, meta: dict) -> list[str]:
     return [d["prefix"] if os.path.isabs(d["prefix"]) else os.path.join(base, d["prefix"]) for d in meta["datasets"]]
 
 
-class BlendWriter:
-    """Writes BLEND.npy through a memory-mapped temporary file (the C++ builder fills it
-    in place, so a blend never needs to fit in RAM), then renames it and the meta."""
+class BlendWriter(NpyWithMeta):
+    """Writes BLEND.npy in place (the C++ builder fills `array`), then its meta."""
 
     def __init__(self, prefix: str, rows: int):
-        self.npy_path, self.meta_path = blend_paths(prefix)
-        self._tmp = temp_name(self.npy_path)
-        if rows:
-            self.rows = np.lib.format.open_memmap(self._tmp, mode="w+", dtype=np.int64, shape=(rows, 2))
-        else:
-            self.rows = np.zeros((0, 2), dtype=np.int64)
-
-    def commit(self, meta: dict) -> None:
-        if isinstance(self.rows, np.memmap):
-            self.rows.flush()
-            del self.rows
-            with open(self._tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        else:
-            with open(self._tmp, "wb") as f:
-                np.save(f, self.rows)
-        if os.path.exists(self.meta_path):
-            os.remove(self.meta_path)  # never an old meta over a new array
-        os.replace(self._tmp, self.npy_path)
-        write_json_atomic(self.meta_path, meta)
-
-    def abort(self) -> None:
-        if hasattr(self, "rows"):
-            del self.rows
-        if os.path.exists(self._tmp):
-            os.remove(self._tmp)
+        super().__init__(*blend_paths(prefix), np.int64, (rows, 2))
 
 
 def load_blend(prefix: str, *, mmap: bool = True, verify: bool = False) -> tuple[np.ndarray, dict]:

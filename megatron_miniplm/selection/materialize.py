@@ -14,7 +14,7 @@ import numpy as np
 
 from megatron_miniplm import _cpp
 from megatron_miniplm.scoring.score_file import file_sha256
-from megatron_miniplm.atomic_io import temp_name, write_json_atomic
+from megatron_miniplm.atomic_io import publish, temp_name, write_json_atomic
 from megatron_miniplm.selection.difference import SelectionError
 from megatron_miniplm.selection.shards import INDEX_HEADER, INDEX_VERSION, TOKEN_DTYPES, Shard, domain_table
 
@@ -52,8 +52,6 @@ def _write_index(path: str, token_dtype: np.dtype, lengths: np.ndarray) -> None:
             start = int(ends[-1])
         for a in range(0, n + 1, CHUNK_ROWS):
             f.write(np.arange(a, min(n + 1, a + CHUNK_ROWS), dtype="<i8").tobytes())
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def materialize(rows: np.ndarray, shards: list[Shard], prefix: str, selection_meta: dict,
@@ -100,8 +98,6 @@ def materialize(rows: np.ndarray, shards: list[Shard], prefix: str, selection_me
                     ends = np.cumsum(length)
                     docs = is_eod[ends] - is_eod[ends - length]
                     stats["documents"] += np.bincount(dom, weights=docs, minlength=len(names)).astype(np.int64)
-            fbin.flush()
-            os.fsync(fbin.fileno())
         _write_index(tmp[".idx"], token_dtype, lengths)
         with open(tmp[".domains.npy"], "wb") as f:
             np.save(f, domains_out)
@@ -122,7 +118,7 @@ def materialize(rows: np.ndarray, shards: list[Shard], prefix: str, selection_me
         if os.path.exists(final[".meta.json"]):
             os.remove(final[".meta.json"])
         for ext in (".bin", ".idx", ".domains.npy"):
-            os.replace(tmp[ext], final[ext])
+            publish(tmp[ext], final[ext])
         write_json_atomic(final[".meta.json"], meta)
         return meta
     finally:

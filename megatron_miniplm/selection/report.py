@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 
 from megatron_miniplm import _cpp
-from megatron_miniplm.atomic_io import temp_name, write_json_atomic, write_text_atomic
+from megatron_miniplm.atomic_io import publish, temp_name, write_json_atomic, write_text_atomic
 from megatron_miniplm.selection.shards import Shard, domain_table
 
 BINS = 80
@@ -129,7 +129,7 @@ def _plot(h: dict, path: str, title: str) -> None:
     tmp = temp_name(path) + ".png"
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def _load_tokenizer(meta: dict):

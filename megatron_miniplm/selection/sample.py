@@ -182,7 +182,7 @@ def run(req: SampleRequest) -> SampleResult:
     else:
         writer = blend_io.BlendWriter(req.output, selection.count)
         try:
-            _, summary["tokens_kept"] = write_blend(selection, offsets, cfg, lengths, out=writer.rows)
+            _, summary["tokens_kept"] = write_blend(selection, offsets, cfg, lengths, out=writer.array)
             writer.commit(summary)
         except BaseException:
             writer.abort()
