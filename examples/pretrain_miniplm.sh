@@ -95,8 +95,8 @@ fi
 
 train() {  # train NAME DATA ITERS LR MODEL_FLAGS...
     local name=$1 data=$2 iters=$3 lr=$4; shift 4
-    if [ -f "$W/$name/latest_checkpointed_iteration.txt" ] && \
-       [ "$(cat "$W/$name/latest_checkpointed_iteration.txt")" = "$iters" ]; then
+    local marker="$W/$name/latest_checkpointed_iteration.txt"  # "N", or "iter_000000N" from older runs
+    if [ -f "$marker" ] && { [ "$(cat "$marker")" = "$iters" ] || [ "$(cat "$marker")" = "$(printf 'iter_%07d' "$iters")" ]; }; then
         skip "$W/$name"; return
     fi
     launch tools/pretrain_gpt.py "$@" --data-path "$data" --valid-data-path "$W/data/test" \

@@ -73,14 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def model_config_from_args(args, data_vocab: int):
-    from megatron_miniplm.checkpointing import LATEST_FILE, load_model_config
+    from megatron_miniplm.checkpointing import latest_checkpoint, load_model_config
     from megatron_miniplm.models.config import ModelConfig, get_preset
 
     shape = dict(num_layers=args.num_layers, hidden_size=args.hidden_size,
                  ffn_hidden_size=args.ffn_hidden_size, num_attention_heads=args.num_attention_heads)
     if args.model_config:
         config = ModelConfig.load(args.model_config)
-    elif args.load and os.path.exists(os.path.join(args.load, LATEST_FILE)):
+    elif args.load and latest_checkpoint(args.load) is not None:
         config = load_model_config(args.load)
     elif args.model_preset:
         config = get_preset(args.model_preset)

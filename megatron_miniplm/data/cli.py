@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import logging
 import sys
-import warnings
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
 
 
-def setup_logging(fmt: str = "%(levelname)s: %(message)s") -> None:
-    """INFO to stderr; megatron-core's own loggers only from WARNING, without its notice
-    that Transformer Engine and Apex are not installed."""
-    logging.basicConfig(level=logging.INFO, format=fmt)
+def setup_logging() -> None:
+    """INFO to stderr; megatron-core's own loggers only from WARNING (its warnings about
+    itself are filtered by the package: megatron_miniplm.THIRD_PARTY_NOTICES)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 
 def run_stage(stage: Callable[[T], object], config: T) -> int:

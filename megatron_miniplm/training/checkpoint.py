@@ -23,15 +23,15 @@ from megatron_miniplm.checkpointing import (
 from megatron_miniplm.models.config import ModelConfig
 
 
-def latest_iteration(save_dir: str) -> Optional[int]:
-    """The iteration to resume from; None if ``save_dir`` has no checkpoint yet."""
+def resume_dir(save_dir: str) -> Optional[str]:
+    """The checkpoint to resume training from; None if ``save_dir`` has none yet."""
     directory = latest_checkpoint(save_dir)
     if directory is None:
         return None
     name = os.path.basename(directory)
     if not (name.startswith("iter_") and name[5:].isdigit()):
         raise ValueError(f"{os.path.join(save_dir, LATEST_FILE)}: names '{name}', not a training iteration to resume")
-    return int(name[5:])
+    return directory
 
 
 def _rng_state() -> dict:
@@ -133,10 +133,9 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer, scheduler) -> 
     """Collective. Restores everything from the latest checkpoint; None if there is none."""
     from megatron.core import dist_checkpointing
 
-    iteration = latest_iteration(load_dir)
-    if iteration is None:
+    directory = resume_dir(load_dir)
+    if directory is None:
         return None
-    directory = os.path.join(load_dir, checkpoint_name(iteration))
     common = dist_checkpointing.load_common_state_dict(directory)
     model_state = sharded_model_state(model_chunks)
     request = dict(model_state)
