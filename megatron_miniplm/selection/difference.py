@@ -81,16 +81,17 @@ def compute_scores(kind: str, teacher: Optional[list[np.ndarray]], reference: Op
         dst = out[lo:hi] if keep else out[:hi - lo]
         bad, first = _cpp.compute_scores(kind, t, r, dst, num_threads=num_threads)
         if bad:
-            rows = []
-            if t is not None:
-                rows.append(f"teacher (nll_sum, token_count) = ({t[first, 0]!r}, {t[first, 1]!r})")
-            if r is not None:
-                rows.append(f"reference (nll_sum, token_count) = ({r[first, 0]!r}, {r[first, 1]!r})")
-            raise SelectionError(
-                f"{names[s]}: {bad} instance(s) without a finite {kind} score (NaN/infinite value or no "
-                f"counted token); first: instance {first}, " + "; ".join(rows)
-            )
+            raise _unusable(kind, names[s], f"{bad} instance(s)", first, t, r)
     return out if keep else None
+
+
+def _unusable(kind: str, name: str, how_many: str, first: int, t: Optional[np.ndarray],
+              r: Optional[np.ndarray]) -> SelectionError:
+    """The refusal of unusable score rows: the files, the first row and its raw values."""
+    rows = [f"{role} (nll_sum, token_count) = ({a[first, 0]!r}, {a[first, 1]!r})"
+            for role, a in (("teacher", t), ("reference", r)) if a is not None]
+    return SelectionError(f"{name}: {how_many} without a finite {kind} score (NaN/infinite value or no "
+                          f"counted token); first: instance {first}, " + "; ".join(rows))
 
 
 def _capacity(config: SelectionConfig, n: int) -> int:
@@ -117,15 +118,11 @@ def select(teacher: Optional[list[np.ndarray]], reference: Optional[list[np.ndar
     scores = np.empty(n, dtype=np.float64) if keep_scores else None
     sel, bad, first = _cpp.select_scored(kind, teacher, reference, offsets, scores, capacity, weights=weights,
                                          ascending=ascending, num_threads=config.num_threads)
-    if sel is None:
-        # Re-check the first failing shard alone: its error names the files and the raw values.
+    if sel is None:  # `first` is global: name the shard holding it
         s = int(np.searchsorted(offsets, first, side="right") - 1)
-        names = names or [f"shard {i}" for i in range(len(offsets) - 1)]
-        compute_scores(kind, [teacher[s]] if teacher is not None else None,
-                       [reference[s]] if reference is not None else None,
-                       np.array([0, offsets[s + 1] - offsets[s]], np.int64), [names[s]], config.num_threads,
-                       keep=False)
-        raise SelectionError(f"{names[s]}: {bad} instance(s) without a finite {kind} score")
+        name = names[s] if names else f"shard {s}"
+        raise _unusable(kind, name, f"{bad} instance(s) over all shards", first - int(offsets[s]),
+                        teacher[s] if teacher is not None else None, reference[s] if reference is not None else None)
     return sel, scores
 
 

@@ -304,6 +304,7 @@ def test_bracket_and_histogram_paths_agree(n, distinct):
     scores = rng.standard_normal(n) if distinct is None else tied_scores(rng, n, distinct)
     w = rng.integers(0, 1025, n).astype(np.int32)
     total = int(w.sum(dtype=np.int64))
+    desc_key = np.array([_cpp.order_key(x) for x in scores], np.uint64)
     bracketed = []
     for weights, caps in ((None, (0, 1, n // 50, n // 2, n - 1)), (w, (0, 700, total // 7, total // 2, total - 1))):
         for cap in caps:
@@ -317,8 +318,7 @@ def test_bracket_and_histogram_paths_agree(n, distinct):
                 np.testing.assert_array_equal(kept(hist), ref)
                 assert (one.count, one.weight) == (hist.count, hist.weight)
                 # the boundary means the same thing whichever path found it
-                key = np.array([_cpp.order_key(x) for x in scores], np.uint64)
-                key = ~key if ascending else key
+                key = ~desc_key if ascending else desc_key
                 bk, bi = np.uint64(one.boundary_key), one.boundary_index
                 np.testing.assert_array_equal(np.flatnonzero((key > bk) | ((key == bk) & (np.arange(n) <= bi))), ref)
                 if one.bracketed:

