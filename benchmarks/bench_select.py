@@ -96,6 +96,24 @@ def make_inputs(n: int, shards: int, seed: int):
     return offsets, teacher, reference, np.concatenate(lengths)
 
 
+def read_floor(arrays: list, threads: int, repeat: int) -> float:
+    """Best time for `threads` threads to read every array once (numpy sums release the
+    GIL): the memory-bandwidth floor of any pass over the score rows."""
+    threads = threads or os.cpu_count() or 1
+    halves = [a[i * len(a) // 2:(i + 1) * len(a) // 2] for a in arrays for i in range(2)]
+    groups = [halves[t::threads] for t in range(threads)]
+    best = float("inf")
+    for _ in range(repeat):
+        workers = [threading.Thread(target=lambda g=g: [x.sum() for x in g]) for g in groups]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def cpp_pipeline(inp, capacity, budget, shuffle_seed, threads, from_scores):
     offsets, lengths = inp["offsets"], inp["lengths"]
     t0 = time.perf_counter()
@@ -221,6 +239,10 @@ def main() -> None:
     print(f"inputs: {n:,} instances over {args.shards} shards, {tokens_total:,} tokens, "
           f"{(sum(a.nbytes for a in teacher + reference) + lengths.nbytes) / 2**30:.2f} GiB "
           f"(generated in {time.perf_counter() - t:.1f} s); cpus {os.cpu_count()}, load avg {os.getloadavg()[0]:.2f}")
+    floor = read_floor(teacher + reference, args.threads, args.repeat)
+    print(f"memory floor: {args.threads or os.cpu_count()} threads read the "
+          f"{sum(a.nbytes for a in teacher + reference) / 1e9:.1f} GB of score rows once in {floor:.3f} s (best of "
+          f"{args.repeat}); C++ kernels: {_cpp.simd_kernels()}")
     inp = {"offsets": offsets, "teacher": teacher, "reference": reference, "lengths": lengths}
     if "scores" in args.scopes.split(","):
         inp["scores"] = np.empty(n)
@@ -235,7 +257,8 @@ def main() -> None:
             results.append(run_mode(inp, scope, mode, from_scores, tokens_total, args))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "machine": platform.processor() or platform.machine(),
+            json.dump({"args": vars(args), "read_floor_s": floor, "kernels": _cpp.simd_kernels(),
+                       "machine": platform.processor() or platform.machine(),
                        "load_avg": os.getloadavg(), "results": results}, f, indent=2)
 
 

@@ -7,8 +7,9 @@ teacher and reference score files, then times, each in a fresh process:
 
     floor  python + numpy: map every score file and the .idx lengths and sum them once
            (what any implementation must at least do, interpreter start-up included)
-    tool   tools/difference_sample.py --alpha 0.5 (and --order shuffled): validation,
-           scoring, selection, the blend written with fsync, its meta
+    tool   tools/difference_sample.py --alpha 0.5 (--order original, shuffled, and with
+           --report): validation, scoring, selection, the blend written with fsync, its
+           meta (and the report: domain table, histograms, decoded examples)
 
 and prints tool / floor, the tool's own stage timings and both peak RSS. Files are in
 the page cache for both (just written), so this measures the software, not the disk.
@@ -16,8 +17,6 @@ the page cache for both (just written), so this measures the software, not the d
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -30,56 +29,47 @@ import time
 import numpy as np
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-VOCAB, EOD = 100, 100
-DOMAINS = ["web", "code", "noise"]
+VOCAB = 100  # words w0..w99, then the end-of-document token
 
 
 def build_inputs(root: str, n: int, shards: int, seed: int = 0) -> list[str]:
-    """Shard prefixes; beside each, teacher_/reference_ score files of the same index."""
-    from megatron_miniplm.scoring.score_file import save_scores  # first: it quiets megatron's notices
-    from megatron.core.datasets.indexed_dataset import _IndexWriter
+    """Shard prefixes of a dataset written by the project's DatasetWriter; beside each,
+    teacher_/reference_ score files of the same index."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {f"w{i}": i for i in range(VOCAB)} | {"<|endoftext|>": EOD, "[UNK]": EOD + 1}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok_path = os.path.join(root, "tokenizer.json")
-    tok.save(tok_path)
-    with open(tok_path, "rb") as f:
-        tok_sha = hashlib.sha256(f.read()).hexdigest()
+    from megatron_miniplm.data.dataset_writer import DatasetWriter
+    from megatron_miniplm.data.instances import Instances
+    from megatron_miniplm.data.meta import FORMAT_VERSION
+    from megatron_miniplm.data.tokenizer import load_tokenizer
+    from megatron_miniplm.scoring.score_file import save_scores
+    from megatron_miniplm.selection.shards import open_shards
+
+    vocab = {f"w{i}": i for i in range(VOCAB)} | {"<|endoftext|>": VOCAB}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.save(os.path.join(root, "tokenizer.json"))
+    tokenizer = load_tokenizer(os.path.join(root, "tokenizer.json"), eod_token="<|endoftext|>")
     rng = np.random.default_rng(seed)
-    bounds = np.linspace(0, n, shards + 1).astype(np.int64)
-    prefixes = []
-    for s in range(shards):
-        m = int(bounds[s + 1] - bounds[s])
-        prefix = os.path.join(root, f"corpus_{s:05d}")
-        lengths = rng.integers(4, 13, m).astype(np.int32)
-        tokens = rng.integers(0, VOCAB, int(lengths.sum())).astype(np.uint16)
-        tokens[np.cumsum(lengths) - 1] = EOD
-        tokens.tofile(prefix + ".bin")
-        with _IndexWriter(prefix + ".idx", np.uint16) as w:
-            w.write(lengths, None, np.arange(m + 1, dtype=np.int64))
-        domains = rng.integers(0, len(DOMAINS), m).astype(np.int32)
-        np.save(prefix + ".domains.npy", domains)
-        with open(prefix + ".idx", "rb") as f:
-            fingerprint = hashlib.sha256(f.read()).hexdigest()
-        meta = {
-            "format_version": 1, "fingerprint": fingerprint, "num_instances": m, "num_tokens": int(lengths.sum()),
-            "num_documents": m, "instance_mode": "miniplm", "seq_length": 12,
-            "tokenizer": {"path": tok_path, "name": "words", "sha256": tok_sha, "vocab_size": VOCAB + 2,
-                          "eod_id": EOD, "pad_id": EOD},
-            "domains": DOMAINS, "domain_stats": {}, "inputs": [], "skipped": {},
-        }
-        with open(prefix + ".meta.json", "w") as f:
-            json.dump(meta, f)
-        count = (lengths - 1).astype(np.float64)
-        t_mean = rng.normal(3.0, 0.6, m)
-        r_mean = t_mean + rng.normal(0.8, 0.4, m)
+    lengths = rng.integers(4, 13, n)  # short instances: the selection's cost is per instance
+    prefix = os.path.join(root, "corpus")
+    writer = DatasetWriter(prefix, tokenizer.vocab_size, tokenizer.eod_id,
+                           shard_size_tokens=-(-int(lengths.sum()) // shards))
+    for a in range(0, n, 1 << 22):
+        part = lengths[a:a + (1 << 22)]
+        tokens = rng.integers(0, VOCAB, int(part.sum()))
+        tokens[np.cumsum(part) - 1] = tokenizer.eod_id
+        writer.add(Instances(tokens, part, rng.integers(0, 3, len(part)).astype(np.int32)))
+    writer.commit({"format_version": FORMAT_VERSION, "instance_mode": "miniplm", "seq_length": 12,
+                   "tokenizer": tokenizer.info(), "inputs": [], "skipped": {}}, ["web", "code", "noise"])
+    shards = open_shards([prefix])
+    for shard in shards:
+        count = shard.index.lengths.astype(np.float64) - 1  # scored tokens per instance
+        t_mean = rng.normal(3.0, 0.6, len(count))
+        r_mean = t_mean + rng.normal(0.8, 0.4, len(count))
         for role, mean in (("teacher", t_mean), ("reference", r_mean)):
-            save_scores(os.path.join(root, f"{role}_{s:05d}"), np.stack([mean * count, count], 1),
-                        {"dataset_fingerprint": fingerprint, "model": {"name": role}})
-        prefixes.append(prefix)
-    return prefixes
+            save_scores(shard.prefix.replace("corpus_", f"{role}_"), np.stack([mean * count, count], 1),
+                        {"dataset_fingerprint": shard.fingerprint, "model": {"name": role}})
+    return [shard.prefix for shard in shards]
 
 
 FLOOR = """
@@ -138,11 +128,13 @@ def main() -> None:
         with open(floor_script, "w") as f:
             f.write(FLOOR)
         floor_cmd = [floor_script, *prefixes]
-        for order in ("original", "shuffled"):
+        variants = {"--order original": ["--order", "original"], "--order shuffled": ["--order", "shuffled"],
+                    "--report": ["--report", os.path.join(root, "report")]}
+        for name, extra in variants.items():
             tool_cmd = ["tools/difference_sample.py", "--data-path", *prefixes,
                         "--teacher-scores", *[x.replace("corpus_", "teacher_") for x in prefixes],
                         "--reference-scores", *[x.replace("corpus_", "reference_") for x in prefixes],
-                        "--alpha", "0.5", "--order", order, "--output", os.path.join(root, "out", f"blend_{order}")]
+                        "--alpha", "0.5", *extra, "--output", os.path.join(root, "out", "blend")]
             floors, tools, stages = [], [], []
             for _ in range(args.rounds):  # interleaved, so machine noise hits both alike
                 floors.append(timed(floor_cmd))
@@ -151,7 +143,7 @@ def main() -> None:
             f_best, t_best = min(x[0] for x in floors), min(x[0] for x in tools)
             f_med, t_med = statistics.median(x[0] for x in floors), statistics.median(x[0] for x in tools)
             best_stages = stages[min(range(args.rounds), key=lambda i: tools[i][0])]
-            print(f"--order {order:8s} tool {t_best:5.2f} s best / {t_med:5.2f} median ({best_stages}), "
+            print(f"{name:16s} tool {t_best:5.2f} s best / {t_med:5.2f} median ({best_stages}), "
                   f"peak {max(x[1] for x in tools):,.0f} MiB | floor {f_best:5.2f} / {f_med:5.2f} s, "
                   f"peak {max(x[1] for x in floors):,.0f} MiB | tool/floor {t_best / f_best:.2f}x best, "
                   f"{t_med / f_med:.2f}x median", flush=True)
