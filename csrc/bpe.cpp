@@ -39,6 +39,11 @@ inline uint64_t mix(uint64_t x) {
     return x;
 }
 
+// The merge table's key of the pair (left, right).
+inline uint64_t pair_key(int32_t left, int32_t right) {
+    return (static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) | static_cast<uint32_t>(right);
+}
+
 inline uint64_t hash_bytes(const uint8_t* p, size_t n) {
     uint64_t h = 0x9e3779b97f4a7c15ull ^ (n * 0xff51afd7ed558ccdull);
     while (n >= 8) {
@@ -61,7 +66,7 @@ const std::array<uint8_t, 128> kAsciiClass = make_ascii_class();
 
 // --------------------------------------------------------------------------- WordCache
 
-WordCache::WordCache(int log2_slots) : slots_(size_t{1} << log2_slots), mask_((size_t{1} << log2_slots) - 1) {
+WordCache::WordCache() : slots_(size_t{1} << kLog2Slots), mask_((size_t{1} << kLog2Slots) - 1) {
     clear();
 }
 
@@ -119,18 +124,16 @@ ByteLevelBpe::ByteLevelBpe(const std::array<int32_t, 256>& byte_ids, const std::
         const Merge& m = merges[r];
         if (m.left < 0 || m.right < 0 || m.merged < 0)
             throw std::invalid_argument("merges: ids must be >= 0 (merge " + std::to_string(r) + ")");
-        const uint64_t key = (static_cast<uint64_t>(static_cast<uint32_t>(m.left)) << 32) |
-                             static_cast<uint32_t>(m.right);
+        const uint64_t key = pair_key(m.left, m.right);
         size_t i = mix(key) & merge_mask_;
         while (merge_slots_[i].key != ~0ull && merge_slots_[i].key != key) i = (i + 1) & merge_mask_;
-        if (merge_slots_[i].key == ~0ull) ++merge_count_;
         // A pair listed again takes its later rank (as a map built in list order).
         merge_slots_[i] = MergeSlot{key, static_cast<uint32_t>(r), m.merged};
     }
 }
 
 inline bool ByteLevelBpe::find_merge(int32_t left, int32_t right, uint32_t& rank, int32_t& merged) const {
-    const uint64_t key = (static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) | static_cast<uint32_t>(right);
+    const uint64_t key = pair_key(left, right);
     for (size_t i = mix(key) & merge_mask_;; i = (i + 1) & merge_mask_) {
         const MergeSlot& s = merge_slots_[i];
         if (s.key == key) {
@@ -142,15 +145,20 @@ inline bool ByteLevelBpe::find_merge(int32_t left, int32_t right, uint32_t& rank
     }
 }
 
+size_t ByteLevelBpe::byte_tokens(const uint8_t* w, size_t n, int32_t* ids) const {
+    size_t m = 0;
+    for (size_t i = 0; i < n; ++i)
+        if (byte_ids_[w[i]] >= 0) ids[m++] = byte_ids_[w[i]];  // a byte without a token is dropped
+    return m;
+}
+
 // Up to a few dozen bytes: rescan the pairs after each merge (no allocation).
 void ByteLevelBpe::bpe_small(const uint8_t* w, size_t n, std::vector<int32_t>& out) const {
     constexpr size_t kMax = 64;
     int32_t ids[kMax];
     uint32_t ranks[kMax];   // ranks[i]: rank of (ids[i], ids[i + 1])
     int32_t merged[kMax];  // the id that pair merges into
-    size_t m = 0;
-    for (size_t i = 0; i < n; ++i)
-        if (byte_ids_[w[i]] >= 0) ids[m++] = byte_ids_[w[i]];  // a byte without a token is dropped
+    size_t m = byte_tokens(w, n, ids);
     if (m == 0) return;
     for (size_t i = 0; i + 1 < m; ++i)
         if (!find_merge(ids[i], ids[i + 1], ranks[i], merged[i])) ranks[i] = kNoRank;
@@ -164,9 +172,9 @@ void ByteLevelBpe::bpe_small(const uint8_t* w, size_t n, std::vector<int32_t>& o
             }
         if (best_rank == kNoRank) break;
         ids[best] = merged[best];
-        // Remove symbol best + 1 and its pair.
-        for (size_t i = best + 1; i + 1 < m; ++i) {
-            ids[i] = ids[i + 1];
+        // Remove symbol best + 1 and its pair (pairs exist up to m - 2).
+        for (size_t i = best + 1; i + 1 < m; ++i) ids[i] = ids[i + 1];
+        for (size_t i = best + 1; i + 2 < m; ++i) {
             ranks[i] = ranks[i + 1];
             merged[i] = merged[i + 1];
         }
@@ -182,11 +190,9 @@ void ByteLevelBpe::bpe_small(const uint8_t* w, size_t n, std::vector<int32_t>& o
 // (rank, position of the left symbol), stale entries skipped: the same merge order as
 // bpe_small, in O(n log n).
 void ByteLevelBpe::bpe_large(const uint8_t* w, size_t n, std::vector<int32_t>& out) const {
-    std::vector<int32_t> ids;
-    ids.reserve(n);
-    for (size_t i = 0; i < n; ++i)
-        if (byte_ids_[w[i]] >= 0) ids.push_back(byte_ids_[w[i]]);  // a byte without a token is dropped
-    n = ids.size();
+    std::vector<int32_t> ids(n);
+    n = byte_tokens(w, n, ids.data());
+    ids.resize(n);
     if (n == 0) return;
     std::vector<int64_t> prev(n), next(n);
     for (size_t i = 0; i < n; ++i) {

@@ -25,14 +25,14 @@ namespace miniplm {
 // emptied (words are cached again as they recur).
 class WordCache {
 public:
-    explicit WordCache(int log2_slots = 18);
+    WordCache();
     // Appends the ids cached for `word` to `out`; false (nothing appended) if absent.
     bool lookup(const uint8_t* word, size_t len, uint64_t hash, std::vector<int32_t>& out) const;
     void insert(const uint8_t* word, size_t len, uint64_t hash, const int32_t* ids, size_t count);
-    size_t size() const { return count_; }
     void clear();
 
     static constexpr size_t kMaxWordBytes = 255;  // longer pre-tokens are not cached
+    static constexpr int kLog2Slots = 18;
 
 private:
     struct Slot {
@@ -83,7 +83,6 @@ public:
     void release_cache(std::unique_ptr<WordCache> cache);
 
     bool split_digits() const { return split_digits_; }
-    size_t num_merges() const { return merge_count_; }
 
 private:
     struct MergeSlot {
@@ -92,6 +91,8 @@ private:
         int32_t merged;
     };
     bool find_merge(int32_t left, int32_t right, uint32_t& rank, int32_t& merged) const;
+    // The one-byte token ids of w[0, n) into ids (bytes without a token dropped); how many.
+    size_t byte_tokens(const uint8_t* w, size_t n, int32_t* ids) const;
     // Ids of one pre-token (BPE), appended to `out`.
     void bpe_word(const uint8_t* w, size_t n, std::vector<int32_t>& out) const;
     void bpe_small(const uint8_t* w, size_t n, std::vector<int32_t>& out) const;
@@ -103,7 +104,6 @@ private:
     std::array<int32_t, 256> byte_ids_;
     std::vector<MergeSlot> merge_slots_;
     uint64_t merge_mask_ = 0;
-    size_t merge_count_ = 0;
     bool split_digits_;
     bool ignore_merges_;
     std::unordered_map<std::string, int32_t> whole_words_;

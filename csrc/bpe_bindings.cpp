@@ -194,16 +194,6 @@ pieces, or whole non-ASCII texts) which are left to the caller: fragment h belon
 text hole_doc[h] and its ids go at tokens[hole_pos[h]] (before any later fragment at
 the same position), adding to that text's length.)doc")
         .def(
-            "encode",
-            [](ByteLevelBpe& bpe, py::handle text) {
-                size_t n;
-                const uint8_t* s = ascii_bytes(text, n);
-                std::vector<int32_t> out;
-                bpe.encode(s, n, out, nullptr);
-                return out;
-            },
-            py::arg("text"), "Ids of one ASCII str, without the word cache.")
-        .def(
             "pre_tokenize",
             [](ByteLevelBpe& bpe, py::handle text) {
                 size_t n;
@@ -211,7 +201,6 @@ the same position), adding to that text's length.)doc")
                 return bpe.pre_tokenize(s, n);
             },
             py::arg("text"), "[begin, end) code-point offsets of the pre-tokens of one ASCII str.")
-        .def_property_readonly("num_merges", &ByteLevelBpe::num_merges)
         .def_property_readonly("split_digits", &ByteLevelBpe::split_digits);
 
     m.def(

@@ -71,7 +71,6 @@ def _bytes_to_unicode() -> list[str]:
 BYTE_CHARS = _bytes_to_unicode()
 CHAR_BYTES = {c: b for b, c in enumerate(BYTE_CHARS)}
 
-_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
 _PROCESSORS = {"ByteLevel", "TemplateProcessing", "RobertaProcessing", "BertProcessing"}
 
 
@@ -188,9 +187,9 @@ class FastByteLevelBPE:
             np.add.at(lengths, hole_doc, sizes)
         return tokens, lengths
 
-    def self_check(self, samples: Sequence[str] = SELF_CHECK_SAMPLES) -> str | None:
-        """None if every sample encodes as `reference` does, else the first difference."""
-        samples = list(samples)
+    def self_check(self) -> str | None:
+        """None if every built-in sample encodes as `reference` does, else the first difference."""
+        samples = list(SELF_CHECK_SAMPLES)
         want = self.reference(samples)
         tokens, lengths = self.encode_flat(samples)
         got = np.split(tokens, np.cumsum(lengths)[:-1]) if len(samples) else []
@@ -204,17 +203,15 @@ def enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def load_fast_bpe(path: str, reference: Callable[[list[str]], list[list[int]]],
-                  cfg: dict | None = None) -> FastByteLevelBPE | None:
+def load_fast_bpe(path: str, reference: Callable[[list[str]], list[list[int]]]) -> FastByteLevelBPE | None:
     """The fast encoder for tokenizer.json `path`, or None (not eligible, disabled by
     MINIPLM_FAST_BPE=0, or failing its self-check: logged)."""
     if not enabled():
         log.info("%s: fast byte-level BPE disabled by %s", path, ENV_SWITCH)
         return None
     try:
-        if cfg is None:
-            with open(path, encoding="utf-8") as f:
-                cfg = json.load(f)
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
         reason = ineligible_reason(cfg)
         if reason is not None:
             log.debug("%s: fast byte-level BPE not used: %s", path, reason)
