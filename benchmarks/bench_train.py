@@ -65,9 +65,7 @@ def main() -> int:
 
     chunks = engine.build_model_chunks(config, bf16=args.bf16)
     optimizer = engine.build_optimizer(chunks, engine.OptimizerSettings(lr=1e-4, bf16=args.bf16))
-    from functools import partial
-
-    forward = partial(engine.gpt_forward_step, autocast_bf16=args.bf16 and not on_gpu)
+    forward = engine.forward_step_for(args.bf16)
 
     def ours_step():
         engine.train_step(chunks, optimizer, iter(batches[:1]), num_microbatches=1,

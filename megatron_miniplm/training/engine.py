@@ -52,7 +52,7 @@ def build_model_chunks(config, *, bf16: bool = False) -> list:
     """This rank's ``GPTModel`` slice on its device, DDP-wrapped, schedule hooks attached.
 
     bf16 on GPU: bf16 parameters (fp32 master weights in the optimizer). bf16 on
-    CPU: fp32 parameters under bf16 autocast (``gpt_forward_step(autocast_bf16=True)``),
+    CPU: fp32 parameters under bf16 autocast (run them with ``forward_step_for(bf16)``),
     since megatron's mixed-precision wrappers accept only CUDA tensors.
     """
     from megatron_miniplm.models.gpt import build_model
@@ -126,6 +126,12 @@ def gpt_forward_step(data_iterator: Iterator[dict], model, autocast_bf16: bool =
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
         output = model(tokens, position_ids, None, labels=labels)
     return output, partial(masked_loss, batch["loss_mask"].to(device, non_blocking=True))
+
+
+def forward_step_for(bf16: bool):
+    """The schedule's forward step matching build_model_chunks(bf16=...): bf16 parameters
+    on GPU, bf16 autocast over fp32 parameters on CPU."""
+    return partial(gpt_forward_step, autocast_bf16=bf16 and not platform.cuda_available())
 
 
 @dataclass

@@ -6,7 +6,6 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from typing import Optional
 
 import torch
@@ -74,7 +73,6 @@ class Trainer:
 
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        on_gpu = self.info.device.type == "cuda"
         self.model = engine.build_model_chunks(cfg.model, bf16=cfg.bf16)
         self.optimizer = engine.build_optimizer(self.model, cfg.optimizer)
         decay = cfg.lr_decay_iters or cfg.train_iters
@@ -96,7 +94,7 @@ class Trainer:
                 self._log(f"resumed from {cfg.load} at iteration {self.iteration}")
             elif cfg.load != cfg.save:
                 raise FileNotFoundError(f"--load {cfg.load}: no checkpoint found")
-        self.forward_step = partial(engine.gpt_forward_step, autocast_bf16=cfg.bf16 and not on_gpu)
+        self.forward_step = engine.forward_step_for(cfg.bf16)
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.seq_length)
         self.peak_flops = device_peak_flops(cfg.peak_tflops)
         self.writer = self._tensorboard()
