@@ -188,8 +188,10 @@ def forward_losses(model_chunks: list, data_iterator, *, num_microbatches: int,
     """Forward only: per-token losses [b, s] of each micro-batch (last stage; [] elsewhere)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    device = platform.device()
+
     def step(it, model):
-        batch = next(it)
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(it).items()}
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return output, lambda out: (out.sum(), {"per_token": out.detach().clone()})
 

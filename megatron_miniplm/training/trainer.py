@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_miniplm import parallel
+from megatron_miniplm import parallel, platform
 from megatron_miniplm.data.samples import collate_instances
 from megatron_miniplm.models.config import ModelConfig
 from megatron_miniplm.training import engine
@@ -185,7 +185,8 @@ class Trainer:
         """Mean NLL per counted token over the first --eval-iters global batches of the validation data."""
         for chunk in self.model:
             chunk.eval()
-        totals = torch.zeros(2, dtype=torch.float64)
+        device = platform.device()  # NCCL reduces device tensors only
+        totals = torch.zeros(2, dtype=torch.float64, device=device)
         with torch.no_grad():
             for i in range(self.cfg.eval_iters):
                 batches = list(self._microbatches(self.valid_data, i * self.cfg.global_batch_size))
@@ -194,8 +195,9 @@ class Trainer:
                     micro_batch_size=self.cfg.micro_batch_size, seq_length=self.cfg.seq_length,
                 )
                 for loss, batch in zip(losses, batches):
-                    totals[0] += (loss.float() * batch["loss_mask"]).sum().double()
-                    totals[1] += batch["loss_mask"].sum().double()
+                    mask = batch["loss_mask"].to(device)
+                    totals[0] += (loss.float() * mask).sum().double()
+                    totals[1] += mask.sum().double()
         for chunk in self.model:
             chunk.train()
         from megatron.core import parallel_state as ps
@@ -225,7 +227,7 @@ class Trainer:
 
         if ps.get_pipeline_model_parallel_world_size() == 1:
             return values
-        t = torch.tensor([v if v is not None else 0.0 for v in values], dtype=torch.float64)
+        t = torch.tensor([v if v is not None else 0.0 for v in values], dtype=torch.float64, device=platform.device())
         src = ps.get_pipeline_model_parallel_last_rank()
         dist.broadcast(t, src=src, group=ps.get_pipeline_model_parallel_group())
         return tuple(t.tolist())
