@@ -1,15 +1,30 @@
-"""torch.distributed + megatron parallel state, initialized from torchrun's environment."""
+"""torch.distributed + megatron parallel state, from torchrun's or Slurm's environment.
+
+A process learns its place in the job from torchrun (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT) or, when started by ``srun`` without torchrun, from
+Slurm (SLURM_PROCID, the step's task count, SLURM_LOCALID, the first host of the
+node list). A process with neither is a world of one. Seeds follow Megatron-LM:
+every pipeline stage gets its own (seed + 100 x pipeline rank), so the layers of
+different stages never start as copies of each other.
+"""
 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import random
+import re
 from dataclasses import dataclass
+from typing import Mapping, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_miniplm import platform
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -18,6 +33,18 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     seed: int = 1234
     timeout_minutes: int = 30
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in the job, and how the ranks meet."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: Optional[str]
+    master_port: Optional[int]
+    launcher: str  # "torchrun" (or an equivalent environment), "slurm", "single"
 
 
 @dataclass(frozen=True)
@@ -43,54 +70,125 @@ class ParallelInfo:
         return self.pp_rank == self.pp_size - 1
 
 
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
+class LaunchError(RuntimeError):
+    """The environment does not describe a job this process can join."""
+
+
+_HOW_TO_LAUNCH = ("launch with torchrun (torchrun --nnodes N --nproc-per-node P ...), or with srun "
+                  "(one task per process: srun --ntasks-per-node P python ...)")
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: 'gpu[003-004,9],cpu1' -> 'gpu003'."""
+    match = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", nodelist.strip())
+    if not match or not match.group(0):
+        raise LaunchError(f"cannot read the Slurm node list '{nodelist}'")
+    prefix, ranges = match.group(1), match.group(2)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _slurm_port(environ: Mapping[str, str]) -> int:
+    """A port every task of a Slurm step derives alike: from the job and step ids, so that
+    consecutive steps of one job (the pipeline's tools) do not meet on a port in TIME_WAIT."""
+    job = int(environ.get("SLURM_JOB_ID", "0"))
+    step = int(environ.get("SLURM_STEP_ID", "0") or 0) % 1000
+    return 20000 + (job * 7 + step) % 20000
+
+
+def launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
+    """This process's rank, world and rendezvous, from torchrun's variables, else Slurm's."""
+    def num(name: str, default: Optional[str] = None) -> int:
+        value = environ.get(name, default)
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise LaunchError(f"environment variable {name}={value!r} is not an integer") from None
+
+    if "WORLD_SIZE" in environ:
+        port = environ.get("MASTER_PORT")
+        return LaunchEnv(num("RANK", "0"), num("WORLD_SIZE"), num("LOCAL_RANK", "0"),
+                         environ.get("MASTER_ADDR"), int(port) if port else None, "torchrun")
+    tasks_var = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in environ else "SLURM_NTASKS"
+    if "SLURM_PROCID" in environ and num(tasks_var, "1") > 1:
+        addr = environ.get("MASTER_ADDR")
+        if not addr:
+            nodelist = (environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
+                        or environ.get("SLURM_NODELIST"))
+            if not nodelist:
+                raise LaunchError(f"Slurm task {environ['SLURM_PROCID']} of {environ[tasks_var]}: no "
+                                  f"MASTER_ADDR and no node list to take it from; {_HOW_TO_LAUNCH}")
+            addr = first_host(nodelist)
+        port = num("MASTER_PORT") if "MASTER_PORT" in environ else _slurm_port(environ)
+        return LaunchEnv(num("SLURM_PROCID"), num(tasks_var), num("SLURM_LOCALID", "0"),
+                         addr, port, "slurm")
+    return LaunchEnv(0, 1, 0, None, None, "single")
+
+
+_launch: Optional[LaunchEnv] = None
+
+
+def set_random_seed(seed: int) -> None:
+    """Megatron-LM's seeding: seed + 100 x pipeline rank for Python, numpy, torch and
+    megatron's model-parallel RNG tracker (which adds the tensor-parallel rank itself)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    if seed <= 0:
+        raise ValueError(f"the seed must be a positive integer, got {seed}")
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
 def initialize(config: ParallelConfig = ParallelConfig()) -> ParallelInfo:
-    """Start the process group (NCCL on GPU, gloo on CPU) and megatron's TP/PP/DP groups.
-
-    Works under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
-    and as a plain single process (world of one on a free local port).
-    """
+    """Start the process group (NCCL on GPU, gloo on CPU) and megatron's TP/PP/DP groups."""
+    global _launch
     platform.apply()
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
 
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
+    env = launch_env()
     tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
-    if world_size % (tp * pp) != 0:
+    if env.world_size % (tp * pp) != 0:
         raise ValueError(
-            f"world size {world_size} is not divisible by tensor-model-parallel-size {tp} "
+            f"world size {env.world_size} is not divisible by tensor-model-parallel-size {tp} "
             f"x pipeline-model-parallel-size {pp}"
         )
     use_cuda = platform.cuda_available()
     backend = "nccl" if use_cuda else "gloo"
+    device_id = None
     if use_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device_id = torch.device("cuda", env.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device_id)
 
     if not dist.is_initialized():
-        init_method = None  # torchrun's MASTER_ADDR / MASTER_PORT
-        if "MASTER_ADDR" not in os.environ:
-            if world_size != 1:
-                raise RuntimeError("WORLD_SIZE > 1 but MASTER_ADDR is unset: launch with torchrun")
+        if env.world_size == 1 and not env.master_addr:
             # A world of one on a private port, without touching os.environ: child
             # processes (tools launched from here) must not inherit a port in use.
             init_method = f"tcp://127.0.0.1:{_free_port()}"
+        elif not (env.master_addr and env.master_port):
+            raise LaunchError(f"a world of {env.world_size} processes without MASTER_ADDR and "
+                              f"MASTER_PORT: {_HOW_TO_LAUNCH}")
+        elif env.launcher == "torchrun":
+            init_method = None  # env://, through torchrun's own store
+        else:
+            init_method = f"tcp://{env.master_addr}:{env.master_port}"
+        if env.launcher == "slurm" and env.rank == 0:
+            log.info("Slurm job: %d tasks, rendezvous at %s", env.world_size, init_method)
         dist.init_process_group(
-            backend=backend,
-            init_method=init_method,
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(minutes=config.timeout_minutes),
+            backend=backend, init_method=init_method, rank=env.rank, world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=config.timeout_minutes), device_id=device_id,
         )
+    _launch = env
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        distributed_timeout_minutes=config.timeout_minutes,
     )
-    tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
+    set_random_seed(config.seed)
     return info()
 
 
@@ -100,7 +198,7 @@ def info() -> ParallelInfo:
     return ParallelInfo(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
-        local_rank=_env_int("LOCAL_RANK", 0),
+        local_rank=(_launch or launch_env()).local_rank,
         tp_rank=ps.get_tensor_model_parallel_rank(),
         tp_size=ps.get_tensor_model_parallel_world_size(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),

@@ -50,3 +50,101 @@ def test_world_of_one_leaves_the_environment_alone(monkeypatch):
     code = "from megatron_miniplm import parallel; print(parallel.initialize().world_size)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "1", out.stderr[-2000:]
+
+
+# ---- seeds: Megatron-LM's scheme, stages apart ---------------------------------------------
+
+def _draws(out_dir, pp):
+    import random
+
+    import numpy as np
+    import torch
+
+    info = parallel.initialize(parallel.ParallelConfig(1, pp, seed=77))
+    with open(os.path.join(out_dir, f"rank{info.rank}"), "w") as f:
+        f.write(f"{info.pp_rank} {random.random()!r} {np.random.random()!r} {torch.rand(1).item()!r}")
+
+
+def test_each_pipeline_stage_gets_its_own_seed(tmp_path):
+    """seed + 100 x pipeline rank for Python, numpy and torch, as Megatron-LM seeds."""
+    import random
+
+    import numpy as np
+    import torch
+
+    run_distributed(_draws, 2, str(tmp_path), 2)
+    for rank in range(2):
+        pp_rank, *got = open(tmp_path / f"rank{rank}").read().split()
+        seed = 77 + 100 * int(pp_rank)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        assert pp_rank == str(rank)
+        assert [float(g) for g in got] == [random.random(), np.random.random(), torch.rand(1).item()]
+
+
+def test_seed_must_be_positive():
+    with pytest.raises(ValueError, match="positive"):
+        parallel.initialize(parallel.ParallelConfig(seed=0))
+
+
+# ---- Slurm ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("nodelist,host", [
+    ("gpu[003-004,009],cpu1", "gpu003"), ("nid[00012-00015]", "nid00012"),
+    ("node7", "node7"), ("a,b", "a"), ("dgx-a100-[7,9]", "dgx-a100-7"),
+])
+def test_first_host_of_a_slurm_node_list(nodelist, host):
+    assert parallel.first_host(nodelist) == host
+
+
+SLURM = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1",
+         "SLURM_JOB_NODELIST": "gpu[003-004]", "SLURM_STEP_NODELIST": "gpu[004-005]",
+         "SLURM_JOB_ID": "123456", "SLURM_STEP_ID": "2"}
+
+
+def test_srun_without_torchrun_reads_slurm():
+    env = parallel.launch_env(SLURM)
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.launcher) == (
+        3, 4, 1, "gpu004", "slurm")
+    again = parallel.launch_env(dict(SLURM, SLURM_PROCID="0"))
+    assert again.master_port == env.master_port and 20000 <= env.master_port < 40000
+    assert parallel.launch_env(dict(SLURM, SLURM_STEP_ID="3")).master_port != env.master_port
+    assert parallel.launch_env(dict(SLURM, MASTER_ADDR="h", MASTER_PORT="7")).master_port == 7
+
+
+def test_torchrun_variables_win_over_slurm():
+    """srun starting torchrun (one agent per node): torchrun's variables describe the worker."""
+    env = parallel.launch_env(dict(SLURM, RANK="5", WORLD_SIZE="16", LOCAL_RANK="5",
+                                   MASTER_ADDR="n0", MASTER_PORT="29500"))
+    assert (env.rank, env.world_size, env.local_rank, env.launcher) == (5, 16, 5, "torchrun")
+
+
+def test_a_single_slurm_task_is_a_world_of_one():
+    env = parallel.launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "9"})
+    assert (env.world_size, env.launcher) == (1, "single")
+
+
+def test_slurm_world_without_a_node_list_is_refused():
+    env = {k: v for k, v in SLURM.items() if "NODELIST" not in k}
+    with pytest.raises(parallel.LaunchError, match="srun"):
+        parallel.launch_env(env)
+
+
+def test_srun_tasks_form_one_world(tmp_path):
+    """Two processes with only Slurm's variables (what srun gives) join one gloo world."""
+    import random
+    import subprocess
+    import sys
+
+    code = ("import sys; from megatron_miniplm import parallel; i = parallel.initialize(); "
+            "open(sys.argv[1] + f'/rank{i.rank}', 'w').write(f'{i.world_size} {i.local_rank}')")
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    job = str(random.randrange(10**6))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=dict(
+        base, SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_NTASKS="2", SLURM_JOB_ID=job,
+        SLURM_JOB_NODELIST="127.0.0.1"), stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        assert p.wait(timeout=180) == 0, p.stderr.read()[-2000:]
+    assert [open(tmp_path / f"rank{r}").read() for r in range(2)] == ["2 0", "2 1"]

@@ -162,3 +162,43 @@ def test_document_mode_through_megatron_gpt_dataset(tmp_path):
                                 str(SEQ), "--micro-batch-size", "2", "--global-batch-size", "4",
                                 "--train-iters", "3", "--metrics-file", str(m)])
     assert sorted(metrics(m)) == [1, 2, 3]
+
+
+def _leading_values_at_pp1(save_dir, out):
+    """Every parameter of a checkpoint, read at TP=1/PP=1: name -> first 256 values."""
+    import torch
+
+    from megatron_miniplm import parallel
+    from megatron_miniplm.checkpointing import load_model, load_model_config
+    from megatron_miniplm.models.gpt import build_model
+
+    parallel.initialize()
+    model = build_model(load_model_config(save_dir))
+    load_model([model], save_dir)
+    torch.save({k: v.flatten()[:256].clone() for k, v in model.state_dict().items()
+                if torch.is_tensor(v) and v.numel() >= 256}, out)
+
+
+def test_pipeline_stages_from_scratch_are_distinct(corpus, tmp_path):
+    """PP=2 from scratch: no tensor of stage 1 starts as a (scaled) copy of a tensor of stage 0.
+    With one seed on every stage, stage 1's first layer repeats the draws of stage 0's
+    embedding, scaled by the init std."""
+    import torch
+
+    save = str(tmp_path / "pp2")
+    run_distributed(_train, 2, args(corpus, "--model-preset", "tiny-untied", "--save", save,
+                                    "--pipeline-model-parallel-size", "2", iters=0))
+    out = str(tmp_path / "values.pt")
+    run_distributed(_leading_values_at_pp1, 1, save, out)
+    values = torch.load(out)
+    stage1 = {k: v for k, v in values.items() if "layers.2." in k or "layers.3." in k or "output_layer" in k}
+    stage0 = {k: v for k, v in values.items() if k not in stage1}
+    assert stage1 and any("embedding" in k for k in stage0)
+    for k1, v1 in stage1.items():
+        if v1.std() == 0:  # norms start at one, biases at zero on every stage
+            continue
+        for k0, v0 in stage0.items():
+            if v0.std() == 0:
+                continue
+            corr = torch.corrcoef(torch.stack([v1, v0]))[0, 1].abs().item()
+            assert corr < 0.5, f"{k1} (stage 1) starts as a copy of {k0} (stage 0): correlation {corr:.3f}"
