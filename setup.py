@@ -31,7 +31,10 @@ setup(
         "zstandard",
     ],
     extras_require={
-        "gpu": ["transformer-engine", "apex"],
+        # Transformer Engine with its PyTorch part (the bare name installs only the core
+        # library). NVIDIA apex is not on PyPI (the "apex" there is another project):
+        # megatron-core runs without it.
+        "gpu": ["transformer-engine[pytorch]"],
         "hf": ["gguf", "accelerate", "safetensors"],
         "report": ["matplotlib"],
         "eval": ["lm_eval==0.4.13"],

@@ -13,17 +13,21 @@ CUDA device to the CPU; user code keeps the real ``torch``. The one global
 change is ``Tensor.cuda`` returning the tensor itself, which on a CPU-only
 build would otherwise only raise.
 
-Not redirected (no clean way): megatron's fp16/bf16 and distributed optimizer
-wrappers accept a parameter only if ``param.type()`` names a CUDA tensor; on
-CPU use the fp32 optimizer path.
+Transformer Engine is probed here too, on every machine: megatron-core guards
+its TE imports against ImportError only, so a TE whose PyTorch part fails
+otherwise (a library built for another torch or CUDA raises OSError) would
+crash every import of megatron-core. Such an install is hidden, and
+megatron-core falls back to its local layers as it does without TE.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import logging
 import sys
 import types
@@ -44,6 +48,27 @@ def device() -> torch.device:
     if cuda_available():
         return torch.device("cuda", torch.cuda.current_device())
     return _CPU
+
+
+@functools.lru_cache(maxsize=None)
+def transformer_engine() -> tuple[bool, str]:
+    """Whether Transformer Engine's PyTorch part imports here, and what it is or why not.
+
+    A top-level ``import transformer_engine`` is not enough: its ``__init__``
+    swallows a failed ``transformer_engine.pytorch`` import. A broken install is
+    removed from ``sys.modules`` and blocked, so that megatron-core sees no TE.
+    """
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False, "not installed"
+    try:
+        importlib.import_module("transformer_engine.pytorch")
+    except Exception as e:  # ImportError, or OSError from a library built for another torch
+        for name in [n for n in sys.modules if n.split(".")[0] == "transformer_engine"]:
+            del sys.modules[name]
+        sys.modules["transformer_engine"] = None  # imports of it now raise ImportError
+        return False, f"transformer_engine.pytorch does not import ({type(e).__name__}: {e})"
+    version = getattr(sys.modules["transformer_engine"], "__version__", "unknown version")
+    return True, f"Transformer Engine {version}"
 
 
 def _is_cuda(dev) -> bool:
@@ -230,6 +255,7 @@ def apply() -> bool:
     building models (``megatron_miniplm.parallel.initialize`` does).
     """
     global _applied
+    transformer_engine()
     if cuda_available():
         return False
     if _applied:

@@ -1,14 +1,14 @@
 """Build a megatron-core ``GPTModel`` from a ``ModelConfig``.
 
-Attention backend: Transformer Engine's fused attention when it is importable
-on a GPU, else PyTorch SDPA on a GPU, else megatron's local (unfused) spec on
-the CPU, where it is the fastest of the three.
+Layers and attention: Transformer Engine's spec (its fused attention) when
+megatron-core can use Transformer Engine on a GPU, else megatron's local layers
+with PyTorch SDPA (flash) attention on a GPU, else the local spec with its
+unfused attention on the CPU, where it is the fastest of the three for training.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 from typing import Literal, Optional
 
 import torch
@@ -20,13 +20,19 @@ from megatron_miniplm.models.config import ModelConfig
 AttentionBackend = Literal["auto", "local", "sdpa", "te"]
 
 
-def _have_transformer_engine() -> bool:
-    """Whether Transformer Engine imports here (an installed but broken build counts as absent)."""
-    try:
-        importlib.import_module("transformer_engine")
-    except Exception:
-        return False
-    return True
+def transformer_engine_status() -> tuple[bool, str]:
+    """Whether megatron-core builds Transformer Engine layers here, and what it is or why not:
+    TE's PyTorch part must import (``platform.transformer_engine``) and megatron-core must
+    have enabled its TE extension, as its layer specs check."""
+    usable, why = platform.transformer_engine()
+    if not usable:
+        return False, why
+    from megatron.core.extensions import transformer_engine as te_extension
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if not (te_extension.HAVE_TE and gpt_layer_specs.HAVE_TE):
+        return False, "megatron-core did not enable its Transformer Engine layers"
+    return True, why
 
 
 def resolve_attention_backend(backend: AttentionBackend) -> str:
@@ -34,7 +40,19 @@ def resolve_attention_backend(backend: AttentionBackend) -> str:
         return backend
     if not platform.cuda_available():
         return "local"
-    return "te" if _have_transformer_engine() else "sdpa"
+    return "te" if transformer_engine_status()[0] else "sdpa"
+
+
+def describe_backend(backend: AttentionBackend) -> str:
+    """One line for a start-up summary: which layers and attention a model gets here."""
+    resolved = resolve_attention_backend(backend)
+    if resolved == "te":
+        return f"layers: Transformer Engine spec ({transformer_engine_status()[1]}), attention: TE fused"
+    attention = {"sdpa": "PyTorch SDPA", "local": "megatron local (unfused)"}[resolved]
+    note = ""
+    if platform.cuda_available() and backend == "auto":
+        note = f"; no Transformer Engine: {transformer_engine_status()[1]}"
+    return f"layers: megatron-core local spec, attention: {attention}{note}"
 
 
 def transformer_config(
@@ -97,6 +115,9 @@ def layer_spec(config: ModelConfig, backend: AttentionBackend = "auto"):
 
     backend = resolve_attention_backend(backend)
     if backend == "te":
+        usable, why = transformer_engine_status()
+        if not usable:
+            raise ValueError(f"attention backend 'te' needs Transformer Engine: {why}")
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     if backend == "sdpa":

@@ -81,3 +81,53 @@ def test_initial_loss_is_near_uniform():
     labels = torch.roll(tokens, 1, dims=1)  # not the input token, which a tied head favours
     loss = model(tokens, positions, None, labels=labels).mean().item()
     assert abs(loss - torch.log(torch.tensor(512.0)).item()) < 0.5
+
+
+# A Transformer Engine install whose PyTorch part is broken: the top-level package imports
+# (its __init__ swallows the failure, as TE's does), transformer_engine.pytorch does not.
+_BROKEN_TE = {
+    "transformer_engine/__init__.py": "__version__ = '9.9'\ntry:\n    from . import pytorch\nexcept Exception:\n    pass\n",
+    "transformer_engine/pytorch/__init__.py": "raise OSError('libtransformer_engine.so: undefined symbol')\n",
+}
+
+_PROBE = """
+import importlib, json
+from megatron_miniplm import platform
+top = importlib.import_module("transformer_engine")  # what a top-level probe accepts
+platform.apply()  # what every tool does first: megatron-core must now import
+from megatron_miniplm.models import gpt
+platform.cuda_available = lambda: True  # decide as on a GPU node
+usable, why = gpt.transformer_engine_status()
+try:
+    gpt.layer_spec(None, "te")
+    forced = "built"
+except ValueError as e:
+    forced = str(e)
+print(json.dumps([usable, why, gpt.resolve_attention_backend("auto"), gpt.describe_backend("auto"), forced]))
+"""
+
+
+def test_broken_transformer_engine_counts_as_absent(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    for name, text in _BROKEN_TE.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    usable, why, backend, summary, forced = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not usable and "transformer_engine.pytorch" in why and "undefined symbol" in why
+    assert backend == "sdpa"
+    assert "PyTorch SDPA" in summary and "undefined symbol" in summary
+    assert "needs Transformer Engine" in forced
+
+
+def test_describe_backend_on_cpu():
+    from megatron_miniplm.models.gpt import describe_backend
+
+    assert describe_backend("auto") == "layers: megatron-core local spec, attention: megatron local (unfused)"
+    assert "PyTorch SDPA" in describe_backend("sdpa")
