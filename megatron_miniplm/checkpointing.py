@@ -3,6 +3,12 @@
 A checkpoint saved at one TP/PP layout loads at any other: each rank writes
 and reads only its own shards of the global tensors. The model config is kept
 beside the shards (``model_config.json``), so loading needs no model flags.
+
+Transformer Engine layers carry ``_extra_state`` entries (FP8 metadata) that
+megatron's local layers lack, so checkpoints of the two layer specs differ in
+exactly those keys. Loads tolerate that one difference in both directions
+(a CPU-trained or converted checkpoint into a TE model, a TE checkpoint into a
+local model) and refuse any other.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch
 from megatron_miniplm.models.config import ModelConfig
 
 MODEL_CONFIG_FILE = "model_config.json"
+EXTRA_STATE_SUFFIX = "_extra_state"
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 
 
@@ -57,14 +64,43 @@ def save_model(model_chunks: list, directory: str, config: ModelConfig | None = 
     torch.distributed.barrier()
 
 
-def load_model(model_chunks: list, directory: str, strict: bool = True) -> None:
+def load_model(model_chunks: list, directory: str) -> None:
     """Collective: fills ``model_chunks`` (this rank's slices) from a checkpoint of any layout."""
-    from megatron.core import dist_checkpointing
-
     directory = resolve_checkpoint_dir(directory)
-    loaded = dist_checkpointing.load(sharded_model_state(model_chunks), directory)
+    model_state = sharded_model_state(model_chunks)
+    load_model_state(model_chunks, load_sharded(model_state, directory), directory)
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint does not hold what the model needs."""
+
+
+def _is_extra_state(key: str) -> bool:
+    return key.split("/")[0].endswith(EXTRA_STATE_SUFFIX)
+
+
+def load_sharded(request: dict, directory: str) -> dict:
+    """``dist_checkpointing.load`` of ``request``; entries that the checkpoint lacks are
+    dropped from the request when they are ``_extra_state`` and refused otherwise."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    loaded, _, absent = dist_checkpointing.load(request, directory, strict=StrictHandling.RETURN_UNEXPECTED)
+    absent = sorted(k for k in absent if not _is_extra_state(k))
+    if absent:
+        raise CheckpointMismatch(f"{directory}: the checkpoint lacks {len(absent)} entries the model "
+                                 f"needs: {', '.join(absent[:6])}{' ...' if len(absent) > 6 else ''}")
+    return loaded
+
+
+def load_model_state(model_chunks: list, loaded: dict, directory: str) -> None:
+    """Copy the loaded model entries into the modules; only ``_extra_state`` may be absent."""
     for i, chunk in enumerate(_unwrap(model_chunks)):
-        chunk.load_state_dict(loaded[_chunk_key(i, len(model_chunks))], strict=strict)
+        result = chunk.load_state_dict(loaded[_chunk_key(i, len(model_chunks))], strict=False)
+        bad = [k for k in (*result.missing_keys, *result.unexpected_keys) if not _is_extra_state(k)]
+        if bad:
+            raise CheckpointMismatch(f"{directory}: model entries do not match the checkpoint: "
+                                     f"{', '.join(sorted(bad)[:6])}")
 
 
 def load_model_config(directory: str) -> ModelConfig:

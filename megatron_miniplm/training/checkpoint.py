@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from megatron_miniplm.atomic_io import write_text_atomic
 from megatron_miniplm.checkpointing import (
-    LATEST_FILE, MODEL_CONFIG_FILE, checkpoint_name, latest_checkpoint, sharded_model_state,
+    LATEST_FILE, MODEL_CONFIG_FILE, checkpoint_name, latest_checkpoint, load_model_state,
+    load_sharded, sharded_model_state,
 )
 from megatron_miniplm.models.config import ModelConfig
 
@@ -141,9 +142,8 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer, scheduler) -> 
     request = dict(model_state)
     if common["train_state"]["has_optimizer_state"]:
         request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True)
-    loaded = dist_checkpointing.load(request, directory)
-    for key, chunk in zip(model_state, model_chunks):
-        getattr(chunk, "module", chunk).load_state_dict(loaded[key])
+    loaded = load_sharded(request, directory)
+    load_model_state(model_chunks, loaded, directory)
     if "optimizer" in loaded:
         optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
