@@ -57,7 +57,7 @@ def main() -> int:
     args = ap.parse_args()
 
     config = get_preset(args.preset) if args.preset else BENCH_MODEL
-    parallel.initialize(parallel.ParallelConfig(seed=0))
+    parallel.initialize(parallel.ParallelConfig(seed=1))
     device = platform.device()
     on_gpu = device.type == "cuda"
     seq, micro = args.seq_length, args.micro_batch_size
@@ -65,11 +65,10 @@ def main() -> int:
 
     chunks = engine.build_model_chunks(config, bf16=args.bf16)
     optimizer = engine.build_optimizer(chunks, engine.OptimizerSettings(lr=1e-4, bf16=args.bf16))
-    forward = engine.forward_step_for(args.bf16)
 
     def ours_step():
         engine.train_step(chunks, optimizer, iter(batches[:1]), num_microbatches=1,
-                          micro_batch_size=micro, seq_length=seq, forward_step=forward)
+                          micro_batch_size=micro, seq_length=seq)
 
     plain = PlainGPT(config, seq).to(device)
     plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.1)

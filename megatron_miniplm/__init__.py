@@ -8,15 +8,14 @@ __version__ = "0.1.0"
 import warnings as _warnings
 
 # Notices that megatron-core and torch print about themselves, not news to our users:
-# apex and Transformer Engine are optional by design, the deprecations are internal to
-# those libraries, and on CPU bf16 autocast keeps fp32 norm weights for bf16 inputs
-# (measured: the unfused path costs the same as upcasting, with identical values).
+# apex and Transformer Engine are optional by design, and the deprecations are internal
+# to those libraries (gloo's reduce_scatter_tensor / all_gather_into_tensor included,
+# which megatron-core's distributed optimizer calls).
 # (message regex, category); tests/conftest.py applies the same list under pytest.
 THIRD_PARTY_NOTICES = (
     ("Transformer Engine and Apex are not installed", UserWarning),
     ("Apex is not installed. Falling back to Torch Norm", UserWarning),
     ("full scope is deprecated", UserWarning),
-    ("Mismatch dtype between input and weight", UserWarning),
     (".*tp_group is None, using default tp group", DeprecationWarning),
     ("MLP requires ffn_hidden_size, but it was not provided", DeprecationWarning),
     ("The following imports from `dynamic_context.py` will be removed", DeprecationWarning),
@@ -24,6 +23,8 @@ THIRD_PARTY_NOTICES = (
     ("`torch.jit.script_method` is deprecated", DeprecationWarning),
     ("Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning),
     ("`load_state_dict` is deprecated and will be removed", FutureWarning),
+    ("`torch.distributed.reduce_scatter_tensor` is deprecated", FutureWarning),
+    ("`torch.distributed.all_gather_into_tensor` is deprecated", FutureWarning),
 )
 for _message, _category in THIRD_PARTY_NOTICES:
     _warnings.filterwarnings("ignore", message=_message, category=_category)

@@ -13,6 +13,11 @@ CUDA device to the CPU; user code keeps the real ``torch``. The one global
 change is ``Tensor.cuda`` returning the tensor itself, which on a CPU-only
 build would otherwise only raise.
 
+megatron-core's mixed-precision and distributed optimizers accept a parameter
+only if ``param.type()`` names a CUDA tensor; their constructors see CPU
+tensors named as CUDA ones, so that ``--bf16`` builds the same bf16 parameters,
+fp32 main parameters and (distributed) optimizer on the CPU as on a GPU.
+
 Transformer Engine is probed here too, on every machine: megatron-core guards
 its TE imports against ImportError only, so a TE whose PyTorch part fails
 otherwise (a library built for another torch or CUDA raises OSError) would
@@ -220,24 +225,39 @@ def _clip_grads_on_cpu(parameters, max_norm, total_norm, use_decoupled_grad=Fals
         torch._foreach_mul_([g.detach() for g in grads], coeff)
 
 
-def _cpu_autocast_linear_functions():
-    """Run megatron's linear autograd functions under the *CPU* autocast state.
+@contextlib.contextmanager
+def _cpu_tensors_named_as_cuda():
+    """``Tensor.type()`` answers 'torch.cuda.BFloat16Tensor' for a CPU bf16 tensor (and so on)."""
+    original = torch.Tensor.type
 
-    They are decorated with CUDA's ``custom_fwd/custom_bwd``, so under CPU bf16
-    autocast the backward ran without autocast and multiplied a bf16 gradient
-    by an fp32 weight. Re-decorated for the CPU, the backward sees the forward's
-    autocast state (bf16 compute, fp32 parameters and gradients).
-    """
-    import megatron.core.tensor_parallel.layers as layers
+    def type_(self, *args, **kwargs):
+        name = original(self, *args, **kwargs)
+        if args or kwargs or self.device.type != "cpu":
+            return name
+        return name.replace("torch.", "torch.cuda.", 1)
 
-    for cls in vars(layers).values():
-        if not (isinstance(cls, type) and issubclass(cls, torch.autograd.Function)):
-            continue
-        for name, wrap in (("forward", torch.amp.custom_fwd), ("backward", torch.amp.custom_bwd)):
-            fn = cls.__dict__.get(name)
-            original = getattr(getattr(fn, "__func__", fn), "__wrapped__", None)
-            if original is not None:
-                setattr(cls, name, staticmethod(wrap(original, device_type="cpu")))
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _cpu_mixed_precision_optimizers():
+    """Build megatron's Float16 and distributed optimizers over CPU parameters: their
+    constructors sort parameters by ``param.type()`` names of CUDA tensors only."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    for cls in (Float16OptimizerWithFloat16Params, DistributedOptimizer):
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def wrapped(self, *args, __init=init, **kwargs):
+            with _cpu_tensors_named_as_cuda():
+                __init(self, *args, **kwargs)
+
+        cls.__init__ = wrapped
 
 
 def _cpu_grad_clipping():
@@ -268,6 +288,6 @@ def apply() -> bool:
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     _cpu_rng_tracker_functions()
     _cpu_grad_clipping()
-    _cpu_autocast_linear_functions()
+    _cpu_mixed_precision_optimizers()
     _applied = True
     return True

@@ -8,6 +8,11 @@
 
 --data-path takes a dataset prefix, Megatron-style 'W1 P1 W2 P2' blends, or a
 sampled blend written by tools/difference_sample.py.
+
+--bf16 means what it means in Megatron-LM, on a GPU and on the CPU alike: bf16
+parameters and activations, fp32 main parameters in the optimizer and fp32
+gradient reduction. Preemption: --exit-signal-handler saves a checkpoint and
+exits 0 on SIGTERM; rerun the same command (with --load = --save) to resume.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-length", type=int, default=1024)
     g.add_argument("--data-order", choices=["shuffled", "original"], default="shuffled",
                    help="order of training instances within each epoch")
+    g.add_argument("--data-cache-path", help="where megatron's GPTDataset keeps its index cache "
+                   "(document-mode data; default: a cache/ directory beside the data, which must "
+                   "then be writable). Built once by rank 0, read by the others: a shared filesystem")
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)
     g.add_argument("--global-batch-size", type=int, default=32)
@@ -59,10 +67,30 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard the optimizer state and fp32 main parameters over data-parallel ranks")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="overlap the gradient reduce-scatter/all-reduce with the backward pass")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="overlap the parameter all-gather with the next forward pass "
+                        "(needs --use-distributed-optimizer and --overlap-grad-reduce)")
+    g.add_argument("--ddp-bucket-size", type=int,
+                   help="elements per gradient bucket (default: megatron-core's, with overlap)")
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save")
     g.add_argument("--load")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="load the model weights only (the optimizer starts from them)")
     g.add_argument("--save-interval", type=int, default=0)
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="save the distributed optimizer's state so that it reloads at any TP/PP/DP "
+                        "(default: each rank writes its own shard, reloadable at another DP size only)")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM: finish the iteration, save a checkpoint, exit 0")
+    g.add_argument("--exit-duration-in-mins", type=float,
+                   help="save and exit 0 once the run has used this many minutes")
+    g.add_argument("--exit-interval", type=int,
+                   help="save and exit 0 when the iteration is a multiple of this")
     g.add_argument("--eval-interval", type=int, default=0)
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--log-interval", type=int, default=10)
@@ -105,7 +133,7 @@ def model_config_from_args(args, data_vocab: int):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from megatron_miniplm.training.engine import OptimizerSettings
+    from megatron_miniplm.training.engine import DDPSettings, OptimizerSettings
     from megatron_miniplm.training.trainer import TrainConfig, Trainer
 
     try:
@@ -117,9 +145,18 @@ def main(argv=None) -> int:
         parser.error(str(e))
     if (args.train_iters is None) == (args.train_tokens is None):
         parser.error("give exactly one of --train-iters and --train-tokens")
+    if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
+        parser.error("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")
+    ddp = DDPSettings(use_distributed_optimizer=args.use_distributed_optimizer,
+                      overlap_grad_reduce=args.overlap_grad_reduce,
+                      overlap_param_gather=args.overlap_param_gather, ddp_bucket_size=args.ddp_bucket_size)
     iters = args.train_iters if args.train_iters is not None else max(1, args.train_tokens // (args.global_batch_size * args.seq_length))
     cfg = TrainConfig(
         model=model, data_path=args.data_path, valid_data_path=args.valid_data_path,
+        data_cache_path=args.data_cache_path, ddp=ddp, no_load_optim=args.no_load_optim,
+        exit_signal_handler=args.exit_signal_handler, exit_duration_in_mins=args.exit_duration_in_mins,
+        exit_interval=args.exit_interval,
+        dist_ckpt_optim_fully_reshardable=args.dist_ckpt_optim_fully_reshardable,
         seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
         global_batch_size=args.global_batch_size, train_iters=iters,
         optimizer=OptimizerSettings(

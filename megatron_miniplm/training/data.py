@@ -116,16 +116,17 @@ class SampleStream:
 
     @classmethod
     def from_data_path(cls, items: Sequence[str], seed: int, shuffle: bool = True,
-                       num_samples: int = 0, seq_length: int = 0):
-        """The stream for ``--data-path``: instance datasets and sampled blends are read
-        one instance per sample; document-mode datasets through megatron's GPTDataset."""
+                       num_samples: int = 0, seq_length: int = 0, cache_path: Optional[str] = None):
+        """The stream for a data path: instance datasets and sampled blends are read one
+        instance per sample; document-mode datasets through megatron's GPTDataset, whose
+        index cache goes to ``cache_path`` (default: beside the data)."""
         prefixes, weights = parse_data_path(items)
         sources = [InstanceSource(p) for p in prefixes]
         modes = {s.instance_mode == "document" for s in sources}
         if len(modes) > 1:
-            raise ValueError(f"--data-path mixes document-mode and instance-mode datasets: {prefixes}")
+            raise ValueError(f"the data path mixes document-mode and instance-mode datasets: {prefixes}")
         if modes.pop():
-            return DocumentStream(sources, weights, seed, num_samples, seq_length)
+            return DocumentStream(sources, weights, seed, num_samples, seq_length, cache_path)
         return cls(sources, weights, seed, shuffle)
 
     @property
@@ -190,9 +191,12 @@ class DocumentStream:
     Documents are concatenated and cut into seq_length + 1 token windows that
     cross document boundaries, shuffled per epoch; blends by weight. Each window
     is returned as an instance, so the MiniPLM loss mask applies unchanged.
+    megatron-core builds the window index on rank 0 and the other ranks read it
+    from the cache (``cache_path``, or ``cache/`` beside the data as in Megatron-LM).
     """
 
-    def __init__(self, sources: list, weights: list, seed: int, num_samples: int, seq_length: int):
+    def __init__(self, sources: list, weights: list, seed: int, num_samples: int, seq_length: int,
+                 cache_path: Optional[str] = None):
         from megatron.core.datasets.blended_megatron_dataset_builder import (
             BlendedMegatronDatasetBuilder,
         )
@@ -213,7 +217,7 @@ class DocumentStream:
             blend=(prefixes, weights if len(prefixes) > 1 else None), split="1,0,0",
             tokenizer=_EodTokenizer(int(sources[0].eod_id), self.vocab_size),
             reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-            create_attention_mask=False,
+            create_attention_mask=False, path_to_cache=cache_path,
         )
         self.dataset = BlendedMegatronDatasetBuilder(
             GPTDataset, [num_samples, 0, 0], lambda: True, config

@@ -5,10 +5,17 @@ the split into micro-batches, data-parallel ranks and pipeline stages
 (``calculate_per_token_loss``): summed per micro-batch, token counts
 all-reduced, gradients divided once in ``finalize_model_grads``. That is what
 makes DP=2, TP=2 and PP=2 runs give the same losses as one process.
+
+Precision is Megatron-LM's on every device: ``bf16`` means bf16 parameters and
+activations with fp32 main parameters and fp32 gradient reduction in
+megatron-core's mixed-precision (or distributed) optimizer; otherwise fp32
+throughout. The CPU runs the same objects as a GPU (``megatron_miniplm.platform``
+lets megatron-core's optimizers accept CPU tensors).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator, Optional
@@ -28,54 +35,57 @@ class OptimizerSettings:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98
     adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    clip_grad: float = 1.0  # 0 turns clipping off (no grad norm is computed)
     bf16: bool = False
 
 
-def wrap_ddp(model: torch.nn.Module, *, bf16: bool = False):
-    """megatron-core DDP: bucketed grad all-reduce over the data-parallel group."""
+@dataclass(frozen=True)
+class DDPSettings:
+    """megatron-core DDP and the distributed optimizer, with Megatron-LM's flags and defaults."""
+
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    ddp_bucket_size: Optional[int] = None  # elements per bucket; None: megatron-core's default
+
+    def __post_init__(self):
+        if self.overlap_param_gather and not (self.use_distributed_optimizer and self.overlap_grad_reduce):
+            raise ValueError("overlap_param_gather needs use_distributed_optimizer and "
+                             "overlap_grad_reduce (as in Megatron-LM)")
+
+
+def wrap_ddp(model: torch.nn.Module, settings: DDPSettings = DDPSettings()):
+    """megatron-core DDP: bucketed gradient reduction over the data-parallel group, in fp32."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     # Read by DDP at construction: with per-token loss it sums gradients over DP
     # (no 1/DP factor) and finalize_model_grads divides by the global token count.
     model.config.calculate_per_token_loss = True
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        # The distributed optimizer's checkpoints do not resume on CPU: GPU only.
-        use_distributed_optimizer=bf16 and platform.cuda_available(),
+        grad_reduce_in_fp32=True,  # Megatron-LM forces it for bf16; moot for fp32
+        overlap_grad_reduce=settings.overlap_grad_reduce,
+        overlap_param_gather=settings.overlap_param_gather,
+        use_distributed_optimizer=settings.use_distributed_optimizer,
+        bucket_size=settings.ddp_bucket_size,
     )
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
 
-def build_model_chunks(config, *, bf16: bool = False) -> list:
-    """This rank's ``GPTModel`` slice on its device, DDP-wrapped, schedule hooks attached.
-
-    bf16 on GPU: bf16 parameters (fp32 master weights in the optimizer). bf16 on
-    CPU: fp32 parameters under bf16 autocast (run them with ``forward_step_for(bf16)``),
-    since megatron's mixed-precision wrappers accept only CUDA tensors.
-    """
+def build_model_chunks(config, *, bf16: bool = False, ddp: DDPSettings = DDPSettings()) -> list:
+    """This rank's ``GPTModel`` slice on its device, DDP-wrapped, schedule hooks attached."""
     from megatron_miniplm.models.gpt import build_model
 
-    on_gpu = platform.cuda_available()
-    mixed = bf16 and on_gpu
-    model = build_model(config, params_dtype=torch.bfloat16 if mixed else torch.float32, bf16=mixed)
-    if on_gpu:
-        model.cuda()
-    chunks = [wrap_ddp(model, bf16=bf16)]
+    model = build_model(config, params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16)
+    chunks = [wrap_ddp(model, ddp)]
     attach_schedule_hooks(chunks)
     return chunks
 
 
 def build_optimizer(model_chunks: list, settings: OptimizerSettings):
-    """``get_megatron_optimizer``; mixed precision (bf16 params, fp32 master) on GPU.
-
-    On CPU, megatron's mixed-precision wrappers accept only CUDA tensors, so bf16
-    training there keeps fp32 parameters (see ``megatron_miniplm.platform``).
-    """
+    """``get_megatron_optimizer``: Adam with fp32 main parameters for bf16 models, sharded
+    over data-parallel ranks when the chunks' DDP uses the distributed optimizer."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    mixed = settings.bf16 and platform.cuda_available()
     config = OptimizerConfig(
         optimizer="adam",
         lr=settings.lr,
@@ -85,15 +95,17 @@ def build_optimizer(model_chunks: list, settings: OptimizerSettings):
         adam_beta2=settings.adam_beta2,
         adam_eps=settings.adam_eps,
         clip_grad=settings.clip_grad,
-        bf16=mixed,
-        params_dtype=torch.bfloat16 if mixed else torch.float32,
-        use_distributed_optimizer=mixed,
+        bf16=settings.bf16,
+        params_dtype=torch.bfloat16 if settings.bf16 else torch.float32,
+        use_distributed_optimizer=model_chunks[0].ddp_config.use_distributed_optimizer,
     )
     return get_megatron_optimizer(config, model_chunks)
 
 
 def attach_schedule_hooks(model_chunks: list) -> None:
-    """Point the model config at DDP's grad sync and megatron's grad finalization."""
+    """Point the model config at DDP's grad sync and megatron's grad finalization (as
+    Megatron-LM's training loop does: with overlap, the schedule starts each chunk's
+    gradient reduction itself)."""
     from megatron.core.distributed import finalize_model_grads
 
     for chunk in model_chunks:
@@ -101,7 +113,26 @@ def attach_schedule_hooks(model_chunks: list) -> None:
         assert config.calculate_per_token_loss, "wrap the model with wrap_ddp first"
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = chunk.no_sync
-        config.grad_sync_func = None
+        config.grad_sync_func = chunk.start_grad_sync if chunk.ddp_config.overlap_grad_reduce else None
+        config.param_sync_func = chunk.start_param_sync if chunk.ddp_config.overlap_param_gather else None
+
+
+@contextlib.contextmanager
+def params_gathered(model_chunks: list):
+    """Every rank's parameters complete inside the block (a save, an evaluation).
+
+    With --overlap-param-gather the all-gather of the updated parameters is left
+    in flight after a step and finished by forward pre-hooks; as Megatron-LM does,
+    the hooks are taken off and the gather is completed first, then put back.
+    """
+    overlapped = [c for c in model_chunks if c.ddp_config.overlap_param_gather]
+    for chunk in overlapped:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in overlapped:
+            chunk.enable_forward_pre_hook()
 
 
 def masked_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -113,25 +144,15 @@ def masked_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return total, count, {"lm loss": report}
 
 
-def gpt_forward_step(data_iterator: Iterator[dict], model, autocast_bf16: bool = False):
-    """Schedule forward step for batches of {tokens, labels, loss_mask, position_ids}.
-
-    ``autocast_bf16``: bf16 compute over fp32 parameters (the CPU's bf16 path).
-    """
+def gpt_forward_step(data_iterator: Iterator[dict], model):
+    """Schedule forward step for batches of {tokens, labels, loss_mask, position_ids}."""
     batch = next(data_iterator)
     device = platform.device()
     tokens = batch["tokens"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     position_ids = batch["position_ids"].to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
-        output = model(tokens, position_ids, None, labels=labels)
+    output = model(tokens, position_ids, None, labels=labels)
     return output, partial(masked_loss, batch["loss_mask"].to(device, non_blocking=True))
-
-
-def forward_step_for(bf16: bool):
-    """The schedule's forward step matching build_model_chunks(bf16=...): bf16 parameters
-    on GPU, bf16 autocast over fp32 parameters on CPU."""
-    return partial(gpt_forward_step, autocast_bf16=bf16 and not platform.cuda_available())
 
 
 @dataclass

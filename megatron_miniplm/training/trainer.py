@@ -1,11 +1,21 @@
-"""The pre-training loop: reference LM on D_ref, students on the sampled blend."""
+"""The pre-training loop: reference LM on D_ref, students on the sampled blend.
+
+Set-up (``Trainer.__init__``: validation, parallel state, data, model, optimizer,
+resume), the loop (``train``: one ``engine.train_step`` per iteration, then
+logging, evaluation, saving and the exit checks) and finalisation (the last
+save and validation) are separate steps. A run stops early and cleanly, saving a
+checkpoint first, on Megatron-LM's exit conditions: a signal (``exit_signal_handler``),
+a wall-clock budget (``exit_duration_in_mins``) or an iteration multiple
+(``exit_interval``); rerunning the same command resumes it exactly.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -14,6 +24,7 @@ import torch.distributed as dist
 from megatron_miniplm import parallel, platform
 from megatron_miniplm.data.samples import collate_instances
 from megatron_miniplm.models.config import ModelConfig
+from megatron_miniplm.signals import SignalFlag, any_rank
 from megatron_miniplm.training import engine
 from megatron_miniplm.training.checkpoint import load_checkpoint, save_checkpoint
 from megatron_miniplm.training.data import SampleStream
@@ -29,9 +40,11 @@ class TrainConfig:
     global_batch_size: int = 32
     train_iters: int = 1000
     valid_data_path: Optional[list] = None
+    data_cache_path: Optional[str] = None  # megatron GPTDataset index cache (document mode)
     eval_interval: int = 0
     eval_iters: int = 10
     optimizer: engine.OptimizerSettings = field(default_factory=engine.OptimizerSettings)
+    ddp: engine.DDPSettings = field(default_factory=engine.DDPSettings)
     lr_warmup_iters: int = 0
     lr_decay_iters: Optional[int] = None
     lr_decay_style: str = "cosine"
@@ -40,7 +53,12 @@ class TrainConfig:
     bf16: bool = False
     save: Optional[str] = None
     load: Optional[str] = None
+    no_load_optim: bool = False
     save_interval: int = 0
+    dist_ckpt_optim_fully_reshardable: bool = False
+    exit_signal_handler: bool = False
+    exit_duration_in_mins: Optional[float] = None
+    exit_interval: Optional[int] = None
     log_interval: int = 10
     tensorboard_dir: Optional[str] = None
     metrics_file: Optional[str] = None
@@ -51,6 +69,7 @@ class TrainConfig:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
+        self.start_time = time.time()
         self.cfg = cfg
         cfg.model.check_tensor_parallel(cfg.tensor_model_parallel_size)
         self.info = parallel.initialize(parallel.ParallelConfig(
@@ -58,22 +77,23 @@ class Trainer:
         ))
         self._check_batch_layout()
         self.train_data = SampleStream.from_data_path(
-            cfg.data_path, cfg.seed, cfg.shuffle,
-            num_samples=cfg.train_iters * cfg.global_batch_size, seq_length=cfg.seq_length,
+            cfg.data_path, cfg.seed, cfg.shuffle, num_samples=cfg.train_iters * cfg.global_batch_size,
+            seq_length=cfg.seq_length, cache_path=cfg.data_cache_path,
         )
         self.valid_data = (
             SampleStream.from_data_path(
                 cfg.valid_data_path, cfg.seed, shuffle=False,
                 num_samples=cfg.eval_iters * cfg.global_batch_size, seq_length=cfg.seq_length,
+                cache_path=cfg.data_cache_path,
             ) if cfg.valid_data_path else None
         )
-        self._check_data(self.train_data, "--data-path")
+        self._check_data(self.train_data, "training data")
         if self.valid_data is not None:
-            self._check_data(self.valid_data, "--valid-data-path")
+            self._check_data(self.valid_data, "validation data")
 
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        self.model = engine.build_model_chunks(cfg.model, bf16=cfg.bf16)
+        self.model = engine.build_model_chunks(cfg.model, bf16=cfg.bf16, ddp=cfg.ddp)
         self.optimizer = engine.build_optimizer(self.model, cfg.optimizer)
         decay = cfg.lr_decay_iters or cfg.train_iters
         self.scheduler = OptimizerParamScheduler(
@@ -86,43 +106,51 @@ class Trainer:
         self.consumed_samples = 0
         self.consumed_tokens = 0
         if cfg.load:
-            state = load_checkpoint(cfg.load, self.model, self.optimizer, self.scheduler)
-            if state is not None:
-                self.iteration = state["iteration"]
-                self.consumed_samples = state["consumed_samples"]
-                self.consumed_tokens = state["consumed_tokens"]
-                self._log(f"resumed from {cfg.load} at iteration {self.iteration}")
-            elif cfg.load != cfg.save:
-                raise FileNotFoundError(f"--load {cfg.load}: no checkpoint found")
-        self.forward_step = engine.forward_step_for(cfg.bf16)
+            self._resume()
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.seq_length)
         self.peak_flops = device_peak_flops(cfg.peak_tflops)
         self.writer = self._tensorboard()
+        self._log_startup()
 
     # ---- validation of settings ----------------------------------------------------------
     def _check_batch_layout(self) -> None:
         cfg, dp = self.cfg, self.info.dp_size
         if cfg.global_batch_size % (cfg.micro_batch_size * dp) != 0:
             raise ValueError(
-                f"--global-batch-size {cfg.global_batch_size} is not divisible by "
-                f"--micro-batch-size {cfg.micro_batch_size} x data-parallel size {dp}"
+                f"global batch size {cfg.global_batch_size} is not divisible by "
+                f"micro batch size {cfg.micro_batch_size} x data-parallel size {dp}"
             )
         if cfg.seq_length > cfg.model.max_position_embeddings:
-            raise ValueError(f"--seq-length {cfg.seq_length} exceeds the model's "
+            raise ValueError(f"sequence length {cfg.seq_length} exceeds the model's "
                              f"{cfg.model.max_position_embeddings} positions")
 
-    def _check_data(self, data: SampleStream, flag: str) -> None:
+    def _check_data(self, data: SampleStream, what: str) -> None:
         for source in data.sources:
             if source.vocab_size > self.cfg.model.vocab_size:
                 raise ValueError(
-                    f"{flag} {source.prefix}: the data's vocabulary ({source.vocab_size}) exceeds "
+                    f"{what} {source.prefix}: the data's vocabulary ({source.vocab_size}) exceeds "
                     f"the model's ({self.cfg.model.vocab_size})"
                 )
             if source.instance_mode != "document" and source.seq_length > self.cfg.seq_length:
                 raise ValueError(
-                    f"{flag} {source.prefix}: instances of up to {source.seq_length + 1} tokens "
-                    f"need --seq-length >= {source.seq_length}"
+                    f"{what} {source.prefix}: instances of up to {source.seq_length + 1} tokens "
+                    f"need a sequence length >= {source.seq_length}"
                 )
+
+    def _resume(self) -> None:
+        cfg = self.cfg
+        state = load_checkpoint(cfg.load, self.model, self.optimizer, self.scheduler,
+                                load_optim=not cfg.no_load_optim)
+        if state is None:
+            if cfg.load != cfg.save:
+                raise FileNotFoundError(f"load directory {cfg.load}: no checkpoint found")
+            return
+        self.iteration = state["iteration"]
+        self.consumed_samples = state["consumed_samples"]
+        self.consumed_tokens = state["consumed_tokens"]
+        self._log(f"resumed from {cfg.load} at iteration {self.iteration}"
+                  + ("" if state["optimizer_loaded"] else
+                     " (model weights only: optimizer state initialised from them)"))
 
     # ---- data ----------------------------------------------------------------------------
     @property
@@ -141,53 +169,85 @@ class Trainer:
 
     # ---- loop ----------------------------------------------------------------------------
     def train(self) -> dict:
+        """Run to ``train_iters`` (or an exit condition); returns the last iteration's metrics,
+        with ``exit_reason`` when the run stopped early."""
         cfg = self.cfg
         last: dict = {}
         start_iteration = self.iteration
-        window_start, window_tokens, window_iters = time.perf_counter(), 0, 0
-        while self.iteration < cfg.train_iters:
-            result = engine.train_step(
-                self.model, self.optimizer,
-                self._microbatches(self.train_data, self.consumed_samples),
-                num_microbatches=self.num_microbatches,
-                micro_batch_size=cfg.micro_batch_size, seq_length=cfg.seq_length,
-                forward_step=self.forward_step,
-            )
-            self.scheduler.step(increment=1)
-            self.iteration += 1
-            self.consumed_samples += cfg.global_batch_size
-            loss, tokens = self._from_last_stage(result.loss, result.tokens)
-            self.consumed_tokens += int(tokens)
-            window_tokens += cfg.global_batch_size * cfg.seq_length
-            window_iters += 1
-            last = {"iteration": self.iteration, "loss": loss,
-                    "grad_norm": result.grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
-                    "consumed_tokens": self.consumed_tokens, "skipped": result.skipped}
-            if self.iteration % cfg.log_interval == 0 or self.iteration == cfg.train_iters:
-                elapsed = time.perf_counter() - window_start
-                self._report(last, window_tokens / elapsed, elapsed / window_iters)
-                window_start, window_tokens, window_iters = time.perf_counter(), 0, 0
-            self._write_metrics(last)
-            if cfg.eval_interval and self.valid_data and self.iteration % cfg.eval_interval == 0:
-                self.evaluate()
-            if cfg.save and cfg.save_interval and self.iteration % cfg.save_interval == 0:
-                self.save()
-        ran = self.iteration > start_iteration
-        if cfg.save and (ran or start_iteration == 0) and (
-            not cfg.save_interval or self.iteration % cfg.save_interval != 0
-        ):
-            self.save()
+        saved_at = None
+        window = _Window()
+        signal_flag = SignalFlag() if cfg.exit_signal_handler else contextlib.nullcontext()
+        with signal_flag:
+            while self.iteration < cfg.train_iters:
+                last = self._train_step()
+                window.add(cfg.global_batch_size * cfg.seq_length)
+                if self.iteration % cfg.log_interval == 0 or self.iteration == cfg.train_iters:
+                    self._report(last, *window.take())
+                self._write_metrics(last)
+                if cfg.eval_interval and self.valid_data and self.iteration % cfg.eval_interval == 0:
+                    self.evaluate()
+                if cfg.save and cfg.save_interval and self.iteration % cfg.save_interval == 0:
+                    self.save()
+                    saved_at = self.iteration
+                reason = self._exit_reason(signal_flag)
+                if reason:
+                    if cfg.save and saved_at != self.iteration:
+                        self.save()
+                    self._log(f" exiting at iteration {self.iteration}: {reason}"
+                              + (f"; resume with --load {cfg.save}" if cfg.save else ""))
+                    return dict(last, exit_reason=reason)
+        self._finish(ran=self.iteration > start_iteration or start_iteration == 0, saved_at=saved_at)
         if self.valid_data is not None:
             last["valid_loss"] = self.evaluate()
         return last
 
+    def _train_step(self) -> dict:
+        cfg = self.cfg
+        result = engine.train_step(
+            self.model, self.optimizer, self._microbatches(self.train_data, self.consumed_samples),
+            num_microbatches=self.num_microbatches, micro_batch_size=cfg.micro_batch_size,
+            seq_length=cfg.seq_length, forward_step=engine.gpt_forward_step,
+        )
+        self.scheduler.step(increment=1)
+        self.iteration += 1
+        self.consumed_samples += cfg.global_batch_size
+        loss, tokens = self._from_last_stage(result.loss, result.tokens)
+        self.consumed_tokens += int(tokens)
+        return {"iteration": self.iteration, "loss": loss, "grad_norm": result.grad_norm,
+                "lr": self.optimizer.param_groups[0]["lr"], "consumed_tokens": self.consumed_tokens,
+                "skipped": result.skipped}
+
+    def _exit_reason(self, signal_flag) -> Optional[str]:
+        """Megatron-LM's exit conditions, agreed by every rank (one all-reduce when a signal
+        handler or a time budget is set)."""
+        cfg = self.cfg
+        checks = []
+        if cfg.exit_signal_handler:
+            checks.append((signal_flag.received, f"{signal_flag.name} received"))
+        if cfg.exit_duration_in_mins:
+            minutes = (time.time() - self.start_time) / 60
+            checks.append((minutes > cfg.exit_duration_in_mins,
+                           f"{cfg.exit_duration_in_mins:g} minutes of wall-clock time used"))
+        if checks:
+            for agreed, (_, reason) in zip(any_rank([flag for flag, _ in checks]), checks):
+                if agreed:
+                    return reason
+        if cfg.exit_interval and self.iteration % cfg.exit_interval == 0 and self.iteration < cfg.train_iters:
+            return f"iteration is a multiple of the exit interval {cfg.exit_interval}"
+        return None
+
+    def _finish(self, *, ran: bool, saved_at: Optional[int]) -> None:
+        """The final save (unless this iteration was just saved, or nothing ran on a resume)."""
+        if self.cfg.save and ran and saved_at != self.iteration:
+            self.save()
+
     def evaluate(self) -> float:
-        """Mean NLL per counted token over the first --eval-iters global batches of the validation data."""
+        """Mean NLL per counted token over the first ``eval_iters`` global batches of the validation data."""
         for chunk in self.model:
             chunk.eval()
         device = platform.device()  # NCCL reduces device tensors only
         totals = torch.zeros(2, dtype=torch.float64, device=device)
-        with torch.no_grad():
+        with engine.params_gathered(self.model), torch.no_grad():
             for i in range(self.cfg.eval_iters):
                 batches = list(self._microbatches(self.valid_data, i * self.cfg.global_batch_size))
                 losses = engine.forward_losses(
@@ -213,12 +273,19 @@ class Trainer:
         return loss
 
     def save(self) -> None:
-        save_checkpoint(
-            self.cfg.save, self.iteration, self.model, self.optimizer, self.scheduler,
-            {"consumed_samples": self.consumed_samples, "consumed_tokens": self.consumed_tokens},
-            self.cfg.model, tokenizer=self.train_data.sources[0].metas[0].get("tokenizer"),
-        )
+        with engine.params_gathered(self.model):
+            save_checkpoint(
+                self.cfg.save, self.iteration, self.model, self.optimizer, self.scheduler,
+                {"consumed_samples": self.consumed_samples, "consumed_tokens": self.consumed_tokens},
+                self.cfg.model, tokenizer=self.train_data.sources[0].metas[0].get("tokenizer"),
+                dtype="bf16" if self.cfg.bf16 else "fp32", optimizer_format=self._optimizer_format(),
+            )
         self._log(f" saved checkpoint at iteration {self.iteration} to {self.cfg.save}")
+
+    def _optimizer_format(self) -> Optional[str]:
+        if not self.cfg.ddp.use_distributed_optimizer:
+            return None
+        return "fully_reshardable" if self.cfg.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
 
     # ---- reporting -----------------------------------------------------------------------
     def _from_last_stage(self, *values) -> tuple:
@@ -232,18 +299,40 @@ class Trainer:
         dist.broadcast(t, src=src, group=ps.get_pipeline_model_parallel_group())
         return tuple(t.tolist())
 
+    def _log_startup(self) -> None:
+        """What runs where: the layout, the device, precision and optimizer, the layers."""
+        from megatron_miniplm.models.gpt import describe_backend
+
+        cfg, info, ddp = self.cfg, self.info, self.cfg.ddp
+        precision = ("bf16 parameters, fp32 main parameters and gradient reduction" if cfg.bf16
+                     else "fp32 parameters")
+        optimizer = "distributed optimizer (sharded over DP)" if ddp.use_distributed_optimizer else "optimizer"
+        overlap = [name for name, on in (("grad reduce", ddp.overlap_grad_reduce),
+                                         ("param gather", ddp.overlap_param_gather)) if on]
+        self._log(
+            f"world {info.world_size} ({info.backend}, {info.device.type}) | TP {info.tp_size} "
+            f"PP {info.pp_size} DP {info.dp_size} | model '{cfg.model.name}': {cfg.model.num_layers} "
+            f"layers, hidden {cfg.model.hidden_size} | {precision}, Adam {optimizer}"
+            f"{', overlapped ' + ' and '.join(overlap) if overlap else ''} | "
+            f"{describe_backend('auto')} | seq {cfg.seq_length}, micro batch {cfg.micro_batch_size}, "
+            f"global batch {cfg.global_batch_size} ({self.num_microbatches} micro-batches per DP rank) | "
+            f"iterations {self.iteration} -> {cfg.train_iters}"
+        )
+
     def _report(self, m: dict, tokens_per_s: float, s_per_iter: float) -> None:
         tflops = tokens_per_s * self.flops_per_token / self.info.world_size / 1e12
         mfu = f" | MFU {100 * tflops * 1e12 / self.peak_flops:.1f}%" if self.peak_flops else ""
+        grad_norm = f" | grad norm {m['grad_norm']:.3f}" if m["grad_norm"] is not None else ""
         self._log(
             f" iteration {m['iteration']:>7}/{self.cfg.train_iters} | consumed tokens "
-            f"{m['consumed_tokens']:>12} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | grad norm "
-            f"{m['grad_norm']:.3f} | {s_per_iter * 1000:.0f} ms/iter | {tokens_per_s:.0f} tokens/s "
+            f"{m['consumed_tokens']:>12} | loss {m['loss']:.4f} | lr {m['lr']:.3e}{grad_norm} | "
+            f"{s_per_iter * 1000:.0f} ms/iter | {tokens_per_s:.0f} tokens/s "
             f"| {tflops:.3f} TFLOP/s/device{mfu}"
         )
         if self.writer:
             for key in ("loss", "lr", "grad_norm"):
-                self.writer.add_scalar(f"train/{key}", m[key], m["iteration"])
+                if m[key] is not None:
+                    self.writer.add_scalar(f"train/{key}", m[key], m["iteration"])
             self.writer.add_scalar("train/tokens_per_s", tokens_per_s, m["iteration"])
 
     def _write_metrics(self, m: dict) -> None:
@@ -261,8 +350,23 @@ class Trainer:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise RuntimeError("--tensorboard-dir needs the tensorboard package") from e
+            raise RuntimeError("a tensorboard directory needs the tensorboard package") from e
         return SummaryWriter(self.cfg.tensorboard_dir)
 
-    def config_summary(self) -> dict:
-        return {k: v for k, v in asdict(self.cfg).items() if k != "model"}
+
+class _Window:
+    """Tokens and time since the last report."""
+
+    def __init__(self):
+        self.start, self.tokens, self.iters = time.perf_counter(), 0, 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+        self.iters += 1
+
+    def take(self) -> tuple[float, float]:
+        """(tokens/s, s/iteration) over the window; starts a new one."""
+        elapsed = time.perf_counter() - self.start
+        rate, per_iter = self.tokens / elapsed, elapsed / max(self.iters, 1)
+        self.__init__()
+        return rate, per_iter

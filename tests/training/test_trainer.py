@@ -11,44 +11,8 @@ import pytest
 
 from corpus import pattern_instances, write_dataset
 from distributed import run_distributed
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOOL = os.path.join(REPO, "tools", "pretrain_gpt.py")
-SEQ = 32
-VOCAB = 512
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    train = write_dataset(str(root / "train"), pattern_instances(400, VOCAB, SEQ + 1, seed=1), VOCAB, SEQ)
-    valid = write_dataset(str(root / "valid"), pattern_instances(40, VOCAB, SEQ + 1, seed=2), VOCAB, SEQ)
-    return train, valid
-
-
-def args(corpus, *extra, iters=6):
-    train, valid = corpus
-    return ["--model-preset", "tiny", "--data-path", train, "--seq-length", str(SEQ),
-            "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(iters),
-            "--lr", "3e-3", "--lr-warmup-iters", "2", "--log-interval", "1", "--seed", "5", *extra]
-
-
-def metrics(path):
-    """Last record per iteration (a resumed run appends re-run iterations)."""
-    out = {}
-    with open(path) as f:
-        for line in f:
-            m = json.loads(line)
-            if "loss" in m:
-                out[m["iteration"]] = m
-    return out
-
-
-def _train(argv):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import pretrain_gpt
-
-    assert pretrain_gpt.main(argv) == 0
+from trainer_helpers import SEQ, TOOL, VOCAB, args, metrics, parameters_at_tp1
+from trainer_helpers import train as _train
 
 
 def test_loss_falls(corpus, tmp_path):
@@ -61,14 +25,6 @@ def test_loss_falls(corpus, tmp_path):
     assert losses[100]["loss"] < 0.6 * losses[1]["loss"]
     valid = [json.loads(l) for l in open(m) if "valid_loss" in l]
     assert valid and valid[-1]["valid_loss"] < 0.7 * losses[1]["loss"]
-
-
-@pytest.fixture(scope="module")
-def initial_checkpoint(corpus, tmp_path_factory):
-    """Iteration-0 checkpoint at TP=1: every layout starts from the same weights."""
-    root = tmp_path_factory.mktemp("init")
-    run_distributed(_train, 1, args(corpus, "--save", str(root), iters=0))
-    return str(root)
 
 
 def _layout_losses(corpus, initial_checkpoint, tmp_path, world, *layout):
@@ -130,7 +86,7 @@ def test_interrupted_save_leaves_previous_checkpoint(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--global-batch-size", "7"], "not divisible by --micro-batch-size"),
+    (["--global-batch-size", "7"], "not divisible by micro batch size"),
     (["--vocab-size", "100"], "exceeds the model's"),
     (["--data-path", "/nonexistent/prefix"], "meta file not found"),
     (["--num-attention-heads", "4", "--tensor-model-parallel-size", "3"], "does not divide"),
@@ -164,21 +120,6 @@ def test_document_mode_through_megatron_gpt_dataset(tmp_path):
     assert sorted(metrics(m)) == [1, 2, 3]
 
 
-def _leading_values_at_pp1(save_dir, out):
-    """Every parameter of a checkpoint, read at TP=1/PP=1: name -> first 256 values."""
-    import torch
-
-    from megatron_miniplm import parallel
-    from megatron_miniplm.checkpointing import load_model, load_model_config
-    from megatron_miniplm.models.gpt import build_model
-
-    parallel.initialize()
-    model = build_model(load_model_config(save_dir))
-    load_model([model], save_dir)
-    torch.save({k: v.flatten()[:256].clone() for k, v in model.state_dict().items()
-                if torch.is_tensor(v) and v.numel() >= 256}, out)
-
-
 def test_pipeline_stages_from_scratch_are_distinct(corpus, tmp_path):
     """PP=2 from scratch: no tensor of stage 1 starts as a (scaled) copy of a tensor of stage 0.
     With one seed on every stage, stage 1's first layer repeats the draws of stage 0's
@@ -189,7 +130,7 @@ def test_pipeline_stages_from_scratch_are_distinct(corpus, tmp_path):
     run_distributed(_train, 2, args(corpus, "--model-preset", "tiny-untied", "--save", save,
                                     "--pipeline-model-parallel-size", "2", iters=0))
     out = str(tmp_path / "values.pt")
-    run_distributed(_leading_values_at_pp1, 1, save, out)
+    run_distributed(parameters_at_tp1, 1, save, out, 256)
     values = torch.load(out)
     stage1 = {k: v for k, v in values.items() if "layers.2." in k or "layers.3." in k or "output_layer" in k}
     stage0 = {k: v for k, v in values.items() if k not in stage1}
@@ -202,3 +143,23 @@ def test_pipeline_stages_from_scratch_are_distinct(corpus, tmp_path):
                 continue
             corr = torch.corrcoef(torch.stack([v1, v0]))[0, 1].abs().item()
             assert corr < 0.5, f"{k1} (stage 1) starts as a copy of {k0} (stage 0): correlation {corr:.3f}"
+
+
+def test_data_cache_path_keeps_the_data_directory_untouched(tmp_path):
+    """Document-mode data on two ranks: megatron's GPTDataset index is built once (rank 0) into
+    --data-cache-path and read there by the other rank; nothing is written beside the data,
+    so a read-only data directory works. Without the flag the cache goes beside the data, as
+    in Megatron-LM."""
+    data_dir, cache = tmp_path / "data", tmp_path / "cache"
+    data_dir.mkdir()
+    prefix = write_dataset(str(data_dir / "docs"), pattern_instances(60, VOCAB, 20, seed=3), VOCAB, SEQ,
+                           mode="document")
+    before = sorted(os.listdir(data_dir))
+    common = ["--model-preset", "tiny", "--data-path", prefix, "--seq-length", str(SEQ),
+              "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2"]
+    run_distributed(_train, 2, [*common, "--data-cache-path", str(cache)])
+    assert sorted(os.listdir(data_dir)) == before
+    built = [f for _, _, files in os.walk(cache) for f in files]
+    assert any(f.endswith("document_index.npy") for f in built), built
+    run_distributed(_train, 1, common)
+    assert os.path.isdir(os.path.join(prefix, "cache"))  # megatron-core's default: PREFIX/cache/

@@ -1,0 +1,54 @@
+"""Running tools/pretrain_gpt.py in tests: the tiny corpus's arguments, metrics, checkpoints."""
+
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(REPO, "tools", "pretrain_gpt.py")
+SEQ = 32
+VOCAB = 512
+
+
+def args(corpus, *extra, iters=6):
+    train, valid = corpus
+    return ["--model-preset", "tiny", "--data-path", train, "--seq-length", str(SEQ),
+            "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(iters),
+            "--lr", "3e-3", "--lr-warmup-iters", "2", "--log-interval", "1", "--seed", "5", *extra]
+
+
+def metrics(path):
+    """Last record per iteration (a resumed run appends re-run iterations)."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            m = json.loads(line)
+            if "loss" in m:
+                out[m["iteration"]] = m
+    return out
+
+
+def train(argv):
+    """tools/pretrain_gpt.py's main in this process (run it under tests/distributed.py)."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import pretrain_gpt
+
+    assert pretrain_gpt.main(argv) == 0
+
+
+def parameters_at_tp1(save_dir, out, leading=None):
+    """Every tensor of a checkpoint, read at TP=1/PP=1 in fp32, saved to ``out``: name ->
+    values (the first ``leading`` of each, flattened, when given). Run under run_distributed."""
+    import torch
+
+    from megatron_miniplm import parallel
+    from megatron_miniplm.checkpointing import load_model, load_model_config
+    from megatron_miniplm.models.gpt import build_model
+
+    parallel.initialize()
+    model = build_model(load_model_config(save_dir))
+    load_model([model], save_dir)
+    state = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    if leading:
+        state = {k: v.flatten()[:leading].clone() for k, v in state.items() if v.numel() >= leading}
+    torch.save(state, out)
