@@ -8,7 +8,9 @@ chunks and appends each finished batch to the replica's progress shard. When
 every batch is recorded, rank 0 assembles the score file(s) atomically and
 removes the progress. Rerunning the same command after a kill redoes only the
 unrecorded batches; since a batch's instances, padding and kernels do not
-depend on the run, the result is bit-identical.
+depend on the run, the result is bit-identical. On SIGTERM (what clusters send
+before a kill) every rank stops at the next step that all replicas take, the
+progress is flushed, and the run returns ``interrupted``: rerun to continue.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_miniplm.scoring import resume
+from megatron_miniplm.signals import SignalFlag, any_rank
 from megatron_miniplm.scoring.bucketing import plan_batches, replica_batches, steps
 from megatron_miniplm.scoring.dataset import ScoringError, open_dataset
 from megatron_miniplm.scoring.identity import check_final, check_progress, output_prefixes, run_identity
@@ -68,6 +71,7 @@ class RunSummary:
     tokens_this_session: int
     elapsed_s: float
     tokens_per_s: float
+    interrupted: bool = False  # stopped by SIGTERM: progress kept, no score file yet
 
 
 # --- collective helpers --------------------------------------------------------
@@ -251,26 +255,39 @@ def score(cfg: ScoreConfig) -> RunSummary:
                  cfg.dtype_name)
     bar = _progress_bar(cfg, int(plan.batch_sizes()[mine].sum()), info.dp_size)
 
+    # Steps that every replica takes: where the ranks can agree to stop on a signal.
+    common_steps = min(-(-int((~done[replica_batches(plan, r, info.dp_size)]).sum()) // per_step)
+                       for r in range(info.dp_size))
     start, cpu_start = time.perf_counter(), time.process_time()
     tokens_done = 0
-    for group in steps(mine, per_step):
-        batches = [plan.batch(int(k)) for k in group]
-        inputs = [collate_instances(dataset.instances(b.ids), dataset.pad_id) for b in batches]
-        results = run_step(model, scorer, inputs)
+    stopped = False
+    with SignalFlag() as sigterm:
+        for i, group in enumerate(steps(mine, per_step)):
+            if i < common_steps and any_rank([sigterm.received])[0]:
+                stopped = True
+                break
+            batches = [plan.batch(int(k)) for k in group]
+            inputs = [collate_instances(dataset.instances(b.ids), dataset.pad_id) for b in batches]
+            results = run_step(model, scorer, inputs)
+            if writer is not None:
+                for b, scores in zip(batches, results):
+                    writer.append(b.index, scores.numpy())
+            if bar is not None:
+                tokens_done += sum(b.tokens for b in batches)
+                bar.update(sum(len(b.ids) for b in batches))
+                bar.set_postfix_str(f"{tokens_done / max(time.perf_counter() - start, 1e-9):,.0f} tok/s")
         if writer is not None:
-            for b, scores in zip(batches, results):
-                writer.append(b.index, scores.numpy())
+            writer.close()  # flushed and fsynced
         if bar is not None:
-            tokens_done += sum(b.tokens for b in batches)
-            bar.update(sum(len(b.ids) for b in batches))
-            bar.set_postfix_str(f"{tokens_done / max(time.perf_counter() - start, 1e-9):,.0f} tok/s")
-    if writer is not None:
-        writer.close()
-    if bar is not None:
-        bar.close()
-    cpu_s = time.process_time() - cpu_start
-    dist.barrier()
+            bar.close()
+        cpu_s = time.process_time() - cpu_start
+        dist.barrier()
     elapsed = time.perf_counter() - start
+    if stopped:
+        if info.rank == 0:
+            log.warning("stopped by %s: the progress so far is kept in %s; rerun the same command "
+                        "to continue", sigterm.name, pdir)
+        return RunSummary(prefixes, False, dataset.num_instances, 0, elapsed, 0.0, interrupted=True)
 
     def finish():
         scores = resume.assemble(pdir, plan.order, plan.starts, dataset.num_instances)

@@ -395,3 +395,48 @@ def test_sigkill_mid_run_then_rerun_is_bit_identical(layouts):
     total = int(np.sum([len(x) - 1 for x in make_instances(KILL_INSTANCES, seed=4, max_len=129) if len(x) > 1]))
     assert 0 < meta["tokens_this_session"] < total  # the last run did only what was left
     assert not os.path.exists(output + ".progress")
+
+
+def _worker(proc: subprocess.Popen, rank: int):
+    """torchrun's worker process of the given rank."""
+    import psutil
+
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "score_docs.py" in " ".join(child.cmdline()):
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+def test_sigterm_flushes_progress_and_exits_cleanly(layouts):
+    """SIGTERM to one worker only: every rank stops at the same step, the progress is kept,
+    torchrun exits 0 without a score file; the rerun gives the uninterrupted run's bytes."""
+    import signal
+    import time
+
+    from megatron_miniplm.scoring import resume
+
+    root = layouts
+    output = os.path.join(root, "big_sigterm")
+    pdir = resume.progress_dir(output)
+    proc = _torchrun(root, output)
+    deadline = time.monotonic() + 240
+    while _records(pdir) < 3:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.002)
+    _worker(proc, 1).send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped by SIGTERM" in err and "rerun the same command" in err
+    assert not os.path.exists(output + ".npy")
+    recorded = _records(pdir)
+    assert recorded >= 3
+    proc = _torchrun(root, output)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    want, _ = _load(os.path.join(root, "big_uninterrupted"))
+    got, meta = _load(output)
+    assert got.tobytes() == want.tobytes() and meta["resumed"] is True
