@@ -2,8 +2,8 @@
 
 A process learns its place in the job from torchrun (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT) or, when started by ``srun`` without torchrun, from
-Slurm (SLURM_PROCID, the step's task count, SLURM_LOCALID, the first host of the
-node list). A process with neither is a world of one. Seeds follow Megatron-LM:
+Slurm (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID, the first host of the
+step's node list). A process with neither is a world of one. Seeds follow Megatron-LM:
 every pipeline stage gets its own (seed + 100 x pipeline rank), so the layers of
 different stages never start as copies of each other.
 """
@@ -110,7 +110,9 @@ def launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
         port = environ.get("MASTER_PORT")
         return LaunchEnv(num("RANK", "0"), num("WORLD_SIZE"), num("LOCAL_RANK", "0"),
                          environ.get("MASTER_ADDR"), int(port) if port else None, "torchrun")
-    tasks_var = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in environ else "SLURM_NTASKS"
+    # srun's task count of this step; the batch script itself (one process, whatever
+    # SLURM_NTASKS says of the allocation) has none and is a world of one.
+    tasks_var = "SLURM_STEP_NUM_TASKS"
     if "SLURM_PROCID" in environ and num(tasks_var, "1") > 1:
         addr = environ.get("MASTER_ADDR")
         if not addr:

@@ -121,7 +121,15 @@ def test_torchrun_variables_win_over_slurm():
 
 
 def test_a_single_slurm_task_is_a_world_of_one():
-    env = parallel.launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "9"})
+    env = parallel.launch_env({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_JOB_ID": "9"})
+    assert (env.world_size, env.launcher) == (1, "single")
+
+
+def test_the_batch_script_itself_is_a_world_of_one():
+    """A tool run in the sbatch script (not through srun): SLURM_NTASKS describes the
+    allocation, not this process."""
+    env = parallel.launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_ID": "9",
+                               "SLURM_JOB_NODELIST": "gpu[1-2]"})
     assert (env.world_size, env.launcher) == (1, "single")
 
 
@@ -143,7 +151,7 @@ def test_srun_tasks_form_one_world(tmp_path):
             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     job = str(random.randrange(10**6))
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=dict(
-        base, SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_NTASKS="2", SLURM_JOB_ID=job,
+        base, SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_STEP_NUM_TASKS="2", SLURM_JOB_ID=job,
         SLURM_JOB_NODELIST="127.0.0.1"), stderr=subprocess.PIPE, text=True) for r in range(2)]
     for p in procs:
         assert p.wait(timeout=180) == 0, p.stderr.read()[-2000:]
