@@ -53,7 +53,7 @@ def check_destination(path: str, overwrite: bool) -> None:
     if os.path.isfile(path):
         raise ConversionError(f"--save {path} is a file")
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise ConversionError(f"--save {path} exists and is not empty (pass --overwrite to replace it)")
+        raise ConversionError(f"{path} exists and is not empty (overwrite=True, --overwrite, replaces it)")
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ def find_packaged_gguf(package: str = SMOLLM2_PACKAGE) -> str:
     if not files:
         raise ConversionError(f"package '{package}' holds no .gguf file")
     if len(files) > 1:
-        raise ConversionError(f"package '{package}' holds several .gguf files: {files}; pass --load FILE")
+        raise ConversionError(f"package '{package}' holds several .gguf files: {files}; give one of them as the source (load, --load)")
     return files[0]
 
 
@@ -39,5 +39,5 @@ def single_gguf_in(directory: str) -> str | None:
     """The name of the only .gguf file in a directory, None if there is none."""
     names = sorted(n for n in os.listdir(directory) if is_gguf(n))
     if len(names) > 1:
-        raise ConversionError(f"{directory} holds several .gguf files ({', '.join(names)}): pass --gguf-file or --load FILE")
+        raise ConversionError(f"{directory} holds several .gguf files ({', '.join(names)}): name one (gguf_file, --gguf-file) or give it as the source (load, --load)")
     return names[0] if names else None

@@ -97,7 +97,7 @@ def tokenizer_record(tokenizer_json: str, eod_token: Optional[str] = None) -> di
     try:
         tok = load_tokenizer(tokenizer_json, eod_token)
     except TokenizerError as e:  # no EOD, unreadable file
-        raise ConversionError(f"{e} (pass --eod-token)") from e
+        raise ConversionError(str(e)) from e
     return {
         "path": f"{TOKENIZER_DIR}/{TOKENIZER_JSON}",
         "sha256": tok.sha256,

@@ -188,7 +188,7 @@ class HFTokenizer(Tokenizer):
                 return eos, vocab[eos]
         raise TokenizerError(
             f"{self.path}: no end-of-document token found (tried {', '.join(EOD_CANDIDATES)} "
-            "and tokenizer_config.json's eos_token); pass --eod-token"
+            "and tokenizer_config.json's eos_token); name the EOD token (eod_token, --eod-token)"
         )
 
     def _ids_iter(self, texts):
@@ -254,7 +254,7 @@ class SentencePieceTokenizer(Tokenizer):
         for cand in EOD_CANDIDATES:
             if (i := self._piece_id(cand)) is not None:
                 return cand, i
-        raise TokenizerError(f"{self.path}: the model has no eos piece; pass --eod-token")
+        raise TokenizerError(f"{self.path}: the model has no eos piece; name the EOD token (eod_token, --eod-token)")
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._sp.encode(list(texts), out_type=int, num_threads=self._threads)
