@@ -6,8 +6,12 @@
 #
 # Every setting is an environment variable; the defaults are the small CPU demo (`make demo`).
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, NPROC_PER_NODE (torchrun), and
-# point CORPUS_TRAIN / CORPUS_TEST / TEACHER / TOKENIZER at real data and models. A stage whose
-# outputs exist and are complete is skipped, so an interrupted pipeline resumes where it stopped.
+# point CORPUS_TRAIN / CORPUS_TEST / TEACHER / TOKENIZER at real data and models. Under Slurm,
+# run this script once, in the batch step, with LAUNCHER=srun (examples/slurm/): the
+# single-process stages then run on the first node and each distributed stage is one srun
+# over all nodes. A stage whose outputs exist and are complete is skipped, so an interrupted
+# pipeline resumes where it stopped; a stage stopped by SIGTERM (preemption, a time limit)
+# ends the script with exit code 3 after saving, and the same command resumes it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +20,7 @@ WORK_DIR=${WORK_DIR:-demo_runs}
 NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}; NPROC_PER_NODE=${NPROC_PER_NODE:-1}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29511}
 TP=${TP:-1}; PP=${PP:-1}
+LAUNCHER=${LAUNCHER:-torchrun}   # torchrun (one launcher per node) or srun (one launcher per job)
 
 # Data: by default a 5-domain corpus built from this machine's Python installation.
 CORPUS_TRAIN=${CORPUS_TRAIN:-}
@@ -44,14 +49,20 @@ mkdir -p "$WORK_DIR" "$WORK_DIR/scores" "$WORK_DIR/blends"
 W=$WORK_DIR
 stage() { printf '\n=== stage %s: %s\n' "$1" "$2"; }
 skip() { printf '    done already (%s): skipped\n' "$1"; }
-# Distributed tools go through torchrun when there is more than one process.
+# Distributed tools go through srun or torchrun when there is more than one process.
 launch() {
-    if [ "$NNODES" -gt 1 ] || [ "$NPROC_PER_NODE" -gt 1 ]; then
+    if [ "$LAUNCHER" = srun ]; then
+        srun --nodes "$NNODES" --ntasks-per-node "$NPROC_PER_NODE" --kill-on-bad-exit=1 $PYTHON "$@"
+    elif [ "$NNODES" -gt 1 ] || [ "$NPROC_PER_NODE" -gt 1 ]; then
         torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC_PER_NODE" \
             --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" "$@"
     else
         $PYTHON "$@"
     fi
+}
+stopped_early() {  # a distributed stage returned 0 without finishing: it was asked to stop
+    printf '\n%s stopped before completing (SIGTERM: preemption or a time limit); its progress is saved.\nRun the same command again to resume.\n' "$1" >&2
+    exit 3
 }
 json_get() { $PYTHON -c "import json,sys; print(json.load(open(sys.argv[1]))$2)" "$1"; }
 # Training iterations for EPOCHS passes over a dataset or blend of TOKENS tokens.
@@ -104,7 +115,8 @@ train() {  # train NAME DATA ITERS LR MODEL_FLAGS...
         --train-iters "$iters" --lr "$lr" --lr-warmup-iters $(( iters / 20 + 1 )) --eval-iters 4 \
         --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" $BF16 --seed "$SEED" \
         --save "$W/$name" --load "$W/$name" --save-interval 200 --log-interval 25 \
-        --metrics-file "$W/$name.metrics.jsonl"
+        --metrics-file "$W/$name.metrics.jsonl" --exit-signal-handler
+    [ "$(cat "$marker" 2>/dev/null)" = "$iters" ] || stopped_early "training $name"
 }
 
 stage 5 "train the reference LM on D_ref"
@@ -117,6 +129,8 @@ for model in teacher reference; do
     launch tools/score_docs.py --data-path "$W/data/rest" --load "$W/$model" --output "$W/scores/$model" \
         --micro-batch-size "$SCORE_MBS" --tensor-model-parallel-size "$TP" \
         --pipeline-model-parallel-size "$PP" $BF16
+    compgen -G "$W/scores/$model.meta.json" >/dev/null || compgen -G "$W/scores/${model}_[0-9]*.meta.json" >/dev/null \
+        || stopped_early "scoring with the $model"
 done
 
 stage 7 "Difference Sampling (alpha = $ALPHA) and the uniform baseline of the same token budget"
