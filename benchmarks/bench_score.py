@@ -274,7 +274,7 @@ def main() -> None:
                 os.remove(ours + suffix)
         shutil.rmtree(ours + ".progress", ignore_errors=True)
         t = time.perf_counter()
-        run(score_cmd + ["--output", ours], env=env)
+        run(score_cmd + ["--output-prefix", ours], env=env)
         results["score_docs_wall"].append(time.perf_counter() - t)
         _, meta = load_scores(ours)
         results["score_docs"].append({"tokens": meta["tokens_this_session"], "elapsed_s": meta["elapsed_s"],

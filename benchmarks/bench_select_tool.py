@@ -7,7 +7,7 @@ teacher and reference score files, then times, each in a fresh process:
 
     floor  python + numpy: map every score file and the .idx lengths and sum them once
            (what any implementation must at least do, interpreter start-up included)
-    tool   tools/difference_sample.py --alpha 0.5 (--order original, shuffled, and with
+    tool   tools/difference_sample.py --alpha 0.5 (--data-order original, shuffled, and with
            --report): validation, scoring, selection, the blend written with fsync, its
            meta (and the report: domain table, histograms, decoded examples)
 
@@ -128,13 +128,13 @@ def main() -> None:
         with open(floor_script, "w") as f:
             f.write(FLOOR)
         floor_cmd = [floor_script, *prefixes]
-        variants = {"--order original": ["--order", "original"], "--order shuffled": ["--order", "shuffled"],
+        variants = {"--data-order original": ["--data-order", "original"], "--data-order shuffled": ["--data-order", "shuffled"],
                     "--report": ["--report", os.path.join(root, "report")]}
         for name, extra in variants.items():
             tool_cmd = ["tools/difference_sample.py", "--data-path", *prefixes,
                         "--teacher-scores", *[x.replace("corpus_", "teacher_") for x in prefixes],
                         "--reference-scores", *[x.replace("corpus_", "reference_") for x in prefixes],
-                        "--alpha", "0.5", *extra, "--output", os.path.join(root, "out", "blend")]
+                        "--alpha", "0.5", *extra, "--output-prefix", os.path.join(root, "out", "blend")]
             floors, tools, stages = [], [], []
             for _ in range(args.rounds):  # interleaved, so machine noise hits both alike
                 floors.append(timed(floor_cmd))

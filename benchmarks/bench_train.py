@@ -64,7 +64,7 @@ def main() -> int:
     batches = make_batches(config, micro, seq, args.steps, device)
 
     chunks = engine.build_model_chunks(config, bf16=args.bf16)
-    optimizer = engine.build_optimizer(chunks, engine.OptimizerSettings(lr=1e-4, bf16=args.bf16))
+    optimizer = engine.build_optimizer(chunks, engine.OptimizerSettings(lr=1e-4), bf16=args.bf16)
 
     def ours_step():
         engine.train_step(chunks, optimizer, iter(batches[:1]), num_microbatches=1,

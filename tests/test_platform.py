@@ -79,7 +79,7 @@ def test_cuda_type_names_stay_inside_megatron_optimizers():
 
     parallel.initialize()
     chunks = engine.build_model_chunks(get_preset("tiny"), bf16=True)
-    optimizer = engine.build_optimizer(chunks, engine.OptimizerSettings(bf16=True))
+    optimizer = engine.build_optimizer(chunks, engine.OptimizerSettings(), bf16=True)
     assert any(isinstance(o, Float16OptimizerWithFloat16Params) for o in optimizer.chained_optimizers)
     assert torch.zeros(1, dtype=torch.bfloat16).type() == "torch.BFloat16Tensor"
     assert torch.zeros(1).type() == "torch.FloatTensor"

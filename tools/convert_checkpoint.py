@@ -87,7 +87,7 @@ def main(argv=None) -> int:
                       file=sys.stderr)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
     summary["seconds"] = round(time.time() - start, 1)
     print(json.dumps(summary, indent=2))
     return 0

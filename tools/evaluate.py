@@ -71,7 +71,7 @@ def main(argv=None) -> int:
                     results[name].update(out)
         except (ScoringError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
-            return 2
+            return 1
         finally:
             parallel.destroy()
     if args.tasks and rank0:
@@ -84,26 +84,14 @@ def main(argv=None) -> int:
                 limit=args.limit, batch_size=args.batch_size,
             )
     if rank0:
-        print_table(results)
+        from megatron_miniplm.evaluation.table import format_table
+
+        print("\n" + format_table(results))
         if args.json:
             from megatron_miniplm.atomic_io import write_json_atomic
 
             write_json_atomic(args.json, results)
     return 0
-
-
-def print_table(results: dict) -> None:
-    rows = [(name, r) for name, r in results.items()]
-    if any("lm_loss" in r for _, r in rows):
-        print(f"\n{'model':<24}{'LM loss':>10}{'token loss':>12}{'ppl':>10}{'instances':>11}{'tokens':>10}")
-        for name, r in rows:
-            if "lm_loss" in r:
-                print(f"{name:<24}{r['lm_loss']:>10.4f}{r['token_weighted_loss']:>12.4f}"
-                      f"{r['perplexity']:>10.2f}{r['instances']:>11}{r['tokens']:>10}")
-    for name, r in rows:
-        for task, metrics in r.get("tasks", {}).items():
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            print(f"{name:<24}{task}: {shown}")
 
 
 if __name__ == "__main__":

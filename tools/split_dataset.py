@@ -18,14 +18,11 @@ from megatron_miniplm.data.cli import run_stage, setup_logging
 
 
 def get_args(argv=None) -> argparse.Namespace:
+    from megatron_miniplm.data.split import SplitConfig
+    from megatron_miniplm.settings import add_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input-prefix", required=True, help="dataset written by tools/preprocess_data.py (sharded or not)")
-    p.add_argument("--ref-prefix", required=True, help="output: D_ref")
-    p.add_argument("--rest-prefix", required=True, help="output: every other instance")
-    size = p.add_mutually_exclusive_group(required=True)
-    size.add_argument("--ref-fraction", type=float, help="fraction of the instances that go to D_ref, in (0, 1)")
-    size.add_argument("--ref-tokens", type=int, help="D_ref gets the fewest random instances holding this many tokens")
-    p.add_argument("--seed", type=int, default=1234, help="the same seed gives the same split")
+    add_arguments(p, SplitConfig)
     return p.parse_args(argv)
 
 
@@ -33,10 +30,9 @@ def main(argv=None) -> int:
     args = get_args(argv)
     setup_logging()
     from megatron_miniplm.data.split import SplitConfig, split_dataset
+    from megatron_miniplm.settings import from_args
 
-    config = SplitConfig(args.input_prefix, args.ref_prefix, args.rest_prefix,
-                         ref_fraction=args.ref_fraction, ref_tokens=args.ref_tokens, seed=args.seed)
-    return run_stage(split_dataset, config)
+    return run_stage(split_dataset, from_args(SplitConfig, args))
 
 
 if __name__ == "__main__":

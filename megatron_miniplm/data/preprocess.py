@@ -37,6 +37,7 @@ from megatron_miniplm.data.meta import FORMAT_VERSION
 from megatron_miniplm.data.records import BadRecord, InputError, SkipReason, parse_key
 from megatron_miniplm.data.tokenizer import load_tokenizer
 from megatron_miniplm.data.worker import BlockTokenizer, TokenizedBlock, WorkerConfig
+from megatron_miniplm.settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +46,37 @@ ON_ERROR = ("fail", "skip")
 
 @dataclass
 class PreprocessConfig:
-    inputs: list[str]
-    output_prefix: str
-    tokenizer: str
-    seq_length: int = 1024
-    workers: int = 1  # tokenizer threads
-    json_key: str = "text"
-    domain_key: str = "meta.pile_set_name"  # "" puts every document in domain "default"
-    instance_mode: str = "miniplm"
-    on_error: str = "fail"
-    shard_size_tokens: int | None = None
-    eod_token: str | None = None
-    block_bytes: int = 1 << 20
-    max_domains: int = 4096
-    progress: bool = True
-    log_skipped: int = 10  # the first N skipped records are logged with file:line
+    """A preprocessing run; its settings are tools/preprocess_data.py's flags."""
+
+    inputs: list[str] = setting(group="input", flag="--input", metavar="FILE_OR_GLOB",
+                                help=".jsonl, .jsonl.gz or .jsonl.zst files or globs (quote globs), read in order")
+    output_prefix: str = setting(group="output", help="PREFIX of PREFIX.bin/.idx/.domains.npy/.meta.json")
+    tokenizer: str = setting(group="tokenizer", metavar="PATH",
+                             help="HF tokenizer.json (or a directory holding one) or a sentencepiece .model")
+    seq_length: int = setting(1024, group="instances", help="instances hold at most seq-length+1 tokens")
+    workers: int = setting(1, group="runtime",
+                           help="tokenizer threads (and the size of HF tokenizers' Rust thread pool); "
+                                "the output does not depend on it")
+    json_key: str = setting("text", group="input", help="key of the document text (dotted for nested keys)")
+    domain_key: str = setting("meta.pile_set_name", group="input",
+                              help="key of the domain name (dotted for nested keys); '' puts everything "
+                                   "in domain 'default'")
+    instance_mode: str = setting(
+        "miniplm", group="instances", choices=[m.value for m in InstanceMode],
+        help="miniplm: per-domain instances of <= seq-length+1 tokens cut at sentence boundaries; "
+             "packed: fixed seq-length+1 cuts per domain; document: one record per document")
+    on_error: str = setting("fail", group="input", choices=ON_ERROR,
+                            help="bad input (invalid JSON or UTF-8, missing key, non-string or empty text, "
+                                 "truncated .gz/.zst): stop with file:line:reason, or skip and count by reason")
+    shard_size_tokens: int | None = setting(None, group="output",
+                                            help="write shards PREFIX_00000, ... of at most this many tokens each")
+    eod_token: str | None = setting(None, group="tokenizer",
+                                    help="end-of-document token appended to every document (default: from "
+                                         "the tokenizer, e.g. <|endoftext|>)")
+    block_bytes: int = setting(1 << 20, group="runtime", help="bytes of JSONL handed to a worker at a time")
+    max_domains: int = setting(4096, group="input", help="guard against a wrong --domain-key")
+    progress: bool = setting(True, group="runtime", flag="--no-progress", help="no progress bar")
+    log_skipped: int = setting(10, group="runtime", help="log the first N skipped records with file:line")
 
     def validate(self) -> None:
         InstanceMode(self.instance_mode)

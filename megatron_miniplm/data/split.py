@@ -23,6 +23,7 @@ import numpy as np
 from megatron_miniplm.data.dataset_writer import DatasetWriter
 from megatron_miniplm.data.instances import Instances
 from megatron_miniplm.data.meta import dataset_prefixes, read_dataset_meta, verify_fingerprint
+from megatron_miniplm.settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,14 @@ def instance_keys(start: int, stop: int, seed: int) -> np.ndarray:
 
 @dataclass
 class SplitConfig:
-    input_prefix: str
-    ref_prefix: str
-    rest_prefix: str
-    ref_fraction: float | None = None  # fraction of the instances
-    ref_tokens: int | None = None  # or at least this many tokens
-    seed: int = 1234
+    """A D_ref split; its settings are tools/split_dataset.py's flags."""
+
+    input_prefix: str = setting(help="dataset written by tools/preprocess_data.py (sharded or not)")
+    ref_prefix: str = setting(help="output: D_ref")
+    rest_prefix: str = setting(help="output: every other instance")
+    ref_fraction: float | None = setting(None, help="fraction of the instances that go to D_ref, in (0, 1)")
+    ref_tokens: int | None = setting(None, help="or: D_ref gets the fewest random instances holding this many tokens")
+    seed: int = setting(1234, help="the same seed gives the same split")
     chunk_instances: int = 1 << 20
 
     def validate(self) -> None:

@@ -37,7 +37,7 @@ def evaluate_lm_loss(checkpoint: str, data_path: str, output: str, **score_optio
     from megatron_miniplm.scoring.scorer import ScoreConfig, score
 
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    summary = score(ScoreConfig(data_path=data_path, load=checkpoint, output=output, **score_options))
+    summary = score(ScoreConfig(data_path=data_path, load=checkpoint, output_prefix=output, **score_options))
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     scores = np.concatenate([load_scores(p)[0] for p in summary.outputs])

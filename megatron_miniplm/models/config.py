@@ -11,22 +11,31 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron_miniplm.settings import setting
+
+
+MODEL = "model"
+
 
 @dataclass(frozen=True)
 class ModelConfig:
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    vocab_size: int
-    num_query_groups: Optional[int] = None  # GQA key/value heads; None = one per attention head
-    max_position_embeddings: int = 4096
-    rotary_base: float = 1_000_000.0
-    norm_epsilon: float = 1e-6
-    qkv_bias: bool = True
-    tie_embeddings: bool = True
-    init_method_std: float = 0.02
-    make_vocab_size_divisible_by: int = 128
+    num_layers: int = setting(group=MODEL, help="transformer layers")
+    hidden_size: int = setting(group=MODEL, help="hidden size")
+    ffn_hidden_size: int = setting(group=MODEL, help="SwiGLU inner size")
+    num_attention_heads: int = setting(group=MODEL, help="attention heads")
+    vocab_size: int = setting(group=MODEL, help="vocabulary size before padding (default: the data's)")
+    num_query_groups: Optional[int] = setting(
+        None, group=MODEL, help="key/value heads (GQA); default: one per attention head")
+    max_position_embeddings: int = setting(4096, group=MODEL, help="longest sequence the model takes")
+    rotary_base: float = setting(1_000_000.0, group=MODEL, help="RoPE base (Qwen's)")
+    norm_epsilon: float = setting(1e-6, group=MODEL, help="RMSNorm epsilon")
+    qkv_bias: bool = setting(True, group=MODEL, flag="--no-add-qkv-bias",
+                             help="no bias on the QKV projection (Qwen has one, Llama does not)")
+    tie_embeddings: bool = setting(True, group=MODEL, flag="--untie-embeddings-and-output-weights",
+                                   help="an output layer of its own instead of the input embedding")
+    init_method_std: float = setting(0.02, group=MODEL, help="standard deviation of the initial weights")
+    make_vocab_size_divisible_by: int = setting(
+        128, group=MODEL, help="pad the vocabulary to a multiple of this (x TP where TP does not divide it)")
     name: str = "custom"
     # Published size, in parameters, for the report; None where the paper's
     # name is nominal rather than a count (see PRESET_NOTES).

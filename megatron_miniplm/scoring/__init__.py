@@ -1,2 +1,2 @@
-"""Per-instance scoring: teacher and reference NLL of every instance (issue 7), and the
+"""Per-instance scoring: teacher and reference NLL of every instance, and the
 score-file format (score_file.py) that Difference Sampling reads."""

@@ -1,9 +1,9 @@
-"""What a scoring run computes, and the refusals that protect an --output.
+"""What a scoring run computes, and the refusals that protect an output prefix.
 
 A run is named by the dataset (its shards' fingerprints), the model (checkpoint
 path, config, checkpoint_info.json) and the settings that change numbers (dtype,
 layout, batching, attention, logits chunk) plus the batch plan's digest. The
-progress directory and every score file carry that identity; an --output that
+progress directory and every score file carry that identity; an output prefix that
 holds (partial) scores of another dataset, model or settings is refused rather
 than overwritten or mixed.
 """
@@ -63,16 +63,16 @@ def check_progress(directory: str, identity: dict, output: str) -> Optional[dict
         return None
     if old.get("dataset", {}).get("shards") != identity["dataset"]["shards"]:
         raise ScoringError(
-            f"--output {output}: {directory} holds partial scores of another dataset "
-            f"({old.get('dataset', {}).get('prefix')}); use another --output or delete {directory}")
+            f"output prefix {output}: {directory} holds partial scores of another dataset "
+            f"({old.get('dataset', {}).get('prefix')}); use another output prefix or delete {directory}")
     if old.get("model") != identity["model"]:
         raise ScoringError(
-            f"--output {output}: {directory} holds partial scores of another model "
-            f"({old.get('model', {}).get('checkpoint')}); use another --output or delete {directory}")
+            f"output prefix {output}: {directory} holds partial scores of another model "
+            f"({old.get('model', {}).get('checkpoint')}); use another output prefix or delete {directory}")
     if old.get("settings") != identity["settings"] or old.get("plan") != identity["plan"]:
         diff = _differences(old.get("settings", {}), identity["settings"])
         raise ScoringError(
-            f"--output {output}: {directory} holds partial scores computed with other settings "
+            f"output prefix {output}: {directory} holds partial scores computed with other settings "
             f"({'; '.join(diff) or 'batch plan'}); rerun with the same flags to resume, "
             f"or delete {directory} to start over")
     return old
@@ -92,9 +92,9 @@ def check_final(prefixes: list[str], dataset: ScoringDataset, identity: dict) ->
             with open(meta_path, encoding="utf-8") as f:
                 meta = json.load(f)
         except (OSError, ValueError) as e:
-            raise ScoringError(f"--output: {meta_path} exists but is not readable JSON ({e})") from None
+            raise ScoringError(f"output prefix: {meta_path} exists but is not readable JSON ({e})") from None
         if not isinstance(meta, dict) or "dataset_fingerprint" not in meta or "model" not in meta:
-            raise ScoringError(f"--output: {meta_path} exists and is not a score file; use another --output")
+            raise ScoringError(f"output prefix: {meta_path} exists and is not a score file; use another output prefix")
         if meta.get("dataset_fingerprint") != shard_meta["fingerprint"]:
             raise ScoringError(
                 f"--output: {meta_path} holds scores of another dataset "
@@ -108,7 +108,7 @@ def check_final(prefixes: list[str], dataset: ScoringDataset, identity: dict) ->
             diff = _differences(meta.get("settings", {}), identity["settings"])
             raise ScoringError(
                 f"--output: {meta_path} holds scores of this dataset and model computed with other "
-                f"settings ({'; '.join(diff)}); use another --output or delete it to recompute")
+                f"settings ({'; '.join(diff)}); use another output prefix or delete it to recompute")
         if not os.path.exists(npy):
             complete = False
     return complete

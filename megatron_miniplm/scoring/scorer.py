@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_miniplm.scoring import resume
+from megatron_miniplm.settings import setting
 from megatron_miniplm.signals import SignalFlag, any_rank
 from megatron_miniplm.scoring.bucketing import plan_batches, replica_batches, steps
 from megatron_miniplm.scoring.dataset import ScoringError, open_dataset
@@ -41,22 +42,39 @@ LOSS_MASK_RULE = "a prediction counts unless its input token is the pad token (p
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    data_path: str
-    load: str
-    output: str
-    micro_batch_size: int = 8
-    max_tokens_per_batch: Optional[int] = None  # default: micro_batch_size x longest instance
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    bf16: bool = False
-    attention_backend: str = "auto"
-    logits_chunk_mb: int = 32  # fp32 logits held at once per TP rank
-    microbatches_per_step: Optional[int] = None  # default: 1 without PP, 4 x PP with it
-    verify_fingerprint: bool = True
-    fsync: bool = True
-    progress: bool = True
-    keep_freed_memory: bool = True  # CPU: glibc keeps big freed blocks (see scoring/memory.py)
-    seed: int = 1234
+    """A scoring run; its settings are tools/score_docs.py's flags."""
+
+    data_path: str = setting(group="data and model", metavar="PREFIX",
+                             help="dataset prefix written by tools/preprocess_data.py (a sharded dataset's top level)")
+    load: str = setting(group="data and model", metavar="CKPT",
+                        help="megatron checkpoint directory (converted, or a trainer's save dir: latest iteration)")
+    output_prefix: str = setting(group="data and model", metavar="SCORES_PREFIX", flag="--output-prefix",
+                                 help="score file prefix")
+    micro_batch_size: int = setting(8, group="parallelism and batching",
+                                    help="instances per batch at full length (length-bucketed batches)")
+    max_tokens_per_batch: Optional[int] = setting(
+        None, group="parallelism and batching",
+        help="token budget of a batch: short instances are batched more densely "
+             "(default: micro-batch-size x longest instance)")
+    tensor_model_parallel_size: int = setting(1, group="parallelism and batching", help="tensor-parallel ranks")
+    pipeline_model_parallel_size: int = setting(1, group="parallelism and batching", help="pipeline stages")
+    bf16: bool = setting(False, group="numerics and speed", help="bf16 weights and activations (fp32 softmax)")
+    attention_backend: str = setting("auto", group="numerics and speed", choices=("auto", "local", "sdpa", "te"),
+                                     help="auto: TE on a GPU with TE, else SDPA")
+    logits_chunk_mb: int = setting(32, group="numerics and speed",
+                                   help="memory for the fp32 logits of one chunk of positions, per TP rank")
+    microbatches_per_step: Optional[int] = setting(
+        None, group="parallelism and batching",
+        help="batches per pipeline-schedule call and per progress save (default 1, or 4 x pipeline size)")
+    verify_fingerprint: bool = setting(True, group="run", flag="--no-verify-fingerprint",
+                                       help="skip re-hashing the dataset's .idx files against their meta")
+    fsync: bool = setting(True, group="run", flag="--no-fsync", help="do not fsync progress records")
+    progress: bool = setting(True, group="run", flag="--no-progress", help="no tqdm progress bar")
+    keep_freed_memory: bool = setting(
+        True, group="run", flag="--no-keep-freed-memory",
+        help="CPU: leave glibc's mmap/trim thresholds as they are (by default raised, so that big "
+             "activations are not page-faulted in at every layer)")
+    seed: int = setting(1234, group="run", help="Megatron-LM's seeding (no randomness in scoring itself)")
 
     @property
     def dtype_name(self) -> str:
@@ -193,9 +211,9 @@ def score(cfg: ScoreConfig) -> RunSummary:
 
         keep_freed_memory()
 
-    out_dir = os.path.dirname(os.path.abspath(cfg.output))
+    out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
     if not os.path.isdir(out_dir):
-        raise ScoringError(f"--output {cfg.output}: directory {out_dir} does not exist")
+        raise ScoringError(f"output prefix {cfg.output_prefix}: directory {out_dir} does not exist")
     if cfg.verify_fingerprint:
         on_rank0(verify_dataset, cfg.data_path)  # hashes every .idx: once, not on every rank
     dataset = open_dataset(cfg.data_path, verify=False)
@@ -214,15 +232,15 @@ def score(cfg: ScoreConfig) -> RunSummary:
     chunk_tokens = chunk_tokens_for(cfg.logits_chunk_mb << 20, vocab_local)
     backend = scoring_attention_backend(cfg.attention_backend)
     identity = run_identity(cfg, dataset, source, plan, chunk_tokens, backend)
-    prefixes = output_prefixes(cfg.output, len(dataset.shard_prefixes))
-    pdir = resume.progress_dir(cfg.output)
+    prefixes = output_prefixes(cfg.output_prefix, len(dataset.shard_prefixes))
+    pdir = resume.progress_dir(cfg.output_prefix)
 
     def prepare():
         complete = check_final(prefixes, dataset, identity)
         if complete:
             resume.remove(pdir)  # a kill between the final rename and this cleanup
             return True, None
-        old = check_progress(pdir, identity, cfg.output)
+        old = check_progress(pdir, identity, cfg.output_prefix)
         if old is None:
             resume.write_run(pdir, {**identity, "torch_threads": torch.get_num_threads()})
         elif old.get("torch_threads") != torch.get_num_threads():

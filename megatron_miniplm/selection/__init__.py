@@ -1,4 +1,4 @@
-"""Difference Sampling: from per-instance scores to a sampled blend (issue 8).
+"""Difference Sampling: from per-instance scores to a sampled blend.
 
     shards       dataset shards as selection sees them (meta, .idx lengths, domains)
     difference   SelectionConfig, scores and the C++-backed selection (+ baselines)

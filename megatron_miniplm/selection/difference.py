@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from megatron_miniplm import _cpp
+from megatron_miniplm.settings import setting
 
 METHODS = ("difference", "uniform", "teacher", "reference")
 ORDERS = ("original", "shuffled")
@@ -32,12 +33,18 @@ class SelectionError(ValueError):
 
 @dataclass(frozen=True)
 class SelectionConfig:
-    method: str = "difference"
-    alpha: Optional[float] = None  # fraction of instances kept, in (0, 1]
-    keep_tokens: Optional[int] = None  # or: a token budget
-    order: str = "original"  # order of the sampled blend: original | shuffled
-    seed: int = 1234  # the shuffle, and the uniform baseline's ranking
-    num_threads: int = 0  # 0: all cores
+    """Which instances to keep; its settings are tools/difference_sample.py's flags."""
+
+    method: str = setting("difference", group="selection", choices=METHODS,
+                          help="difference (MiniPLM), or a baseline: uniform random, teacher (lowest "
+                               "teacher NLL), reference (highest reference NLL)")
+    alpha: Optional[float] = setting(None, group="selection", help="fraction of instances to keep, in (0, 1]")
+    keep_tokens: Optional[int] = setting(None, group="selection",
+                                         help="or a token budget: the best instances whose total fits")
+    order: str = setting("original", group="selection", flag="--data-order", choices=ORDERS,
+                         help="order of the blend's instances")
+    seed: int = setting(1234, group="selection", help="seed of the shuffled order and the uniform baseline")
+    num_threads: int = setting(0, group="selection", help="C++ worker threads (0: all cores)")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -20,20 +20,31 @@ from megatron_miniplm.selection.difference import (
     RANKINGS, SelectionConfig, SelectionError, compute_scores, kept_mask, select, write_blend,
 )
 from megatron_miniplm.selection.shards import Shard, concat_lengths, open_shards, shard_offsets
+from megatron_miniplm.settings import setting
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class SampleRequest:
-    data_paths: list[str]
-    output: str
+    """A selection run: inputs, outputs and the selection; its settings are
+    tools/difference_sample.py's flags."""
+
+    data_paths: list[str] = setting(
+        group="data", flag="--data-path", metavar="PREFIX",
+        help="dataset prefixes (a sharded dataset's top-level prefix expands to its shards)")
+    output: str = setting(group="output", flag="--output-prefix", metavar="BLEND_PREFIX",
+                          help="writes BLEND_PREFIX.npy + .meta.json")
     config: SelectionConfig
-    teacher_scores: Optional[list[str]] = None
-    reference_scores: Optional[list[str]] = None
-    report_dir: Optional[str] = None
-    report_examples: int = 5
-    materialize: bool = False
+    teacher_scores: Optional[list[str]] = setting(None, group="data", metavar="T",
+                                                  help="teacher score files, one per shard")
+    reference_scores: Optional[list[str]] = setting(None, group="data", metavar="R",
+                                                    help="reference score files, one per shard")
+    report_dir: Optional[str] = setting(None, group="output", flag="--report", metavar="DIR",
+                                        help="write a selection report (tables, histograms, examples)")
+    report_examples: int = setting(5, group="output", help="top and bottom instances shown in the report")
+    materialize: bool = setting(False, group="output",
+                                help="write the selected instances as a new indexed dataset instead of a blend")
 
 
 @dataclass
@@ -73,18 +84,18 @@ def _check_output(req: SampleRequest, shards: list[Shard]) -> None:
     inputs += list(req.teacher_scores or []) + list(req.reference_scores or [])
     for p in inputs:
         if os.path.abspath(p) == out:
-            raise SelectionError(f"--output {req.output}: same prefix as an input ({p}); it would overwrite it")
+            raise SelectionError(f"output prefix {req.output}: same prefix as an input ({p}); it would overwrite it")
     if req.report_dir and os.path.exists(req.report_dir) and not os.path.isdir(req.report_dir):
-        raise SelectionError(f"--report {req.report_dir}: exists and is not a directory")
+        raise SelectionError(f"report directory {req.report_dir}: exists and is not a directory")
     parent = os.path.dirname(out)
     if os.path.exists(parent) and not os.path.isdir(parent):
-        raise SelectionError(f"--output {req.output}: {parent} is not a directory")
+        raise SelectionError(f"output prefix {req.output}: {parent} is not a directory")
     # Re-running over an earlier output of the same kind is fine; clobbering anything else is not.
     existing_dataset = any(os.path.exists(req.output + ext) for ext in (".bin", ".idx"))
     if not req.materialize and existing_dataset:
-        raise SelectionError(f"--output {req.output}: a dataset exists there; a blend would overwrite its meta file")
+        raise SelectionError(f"output prefix {req.output}: a dataset exists there; a blend would overwrite its meta file")
     if req.materialize and blend_io.is_blend(req.output):
-        raise SelectionError(f"--output {req.output}: a sampled blend exists there; choose another prefix")
+        raise SelectionError(f"output prefix {req.output}: a sampled blend exists there; choose another prefix")
 
 
 def _check_shards(shards: list[Shard], req: SampleRequest) -> None:

@@ -24,12 +24,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_miniplm.atomic_io import write_text_atomic
+from megatron_miniplm.atomic_io import write_json_atomic, write_text_atomic
 from megatron_miniplm.checkpointing import (
     LATEST_FILE, MODEL_CONFIG_FILE, CheckpointMismatch, checkpoint_name, latest_checkpoint,
     load_model_state, load_sharded, sharded_model_state,
 )
 from megatron_miniplm.models.config import ModelConfig
+
+RUN_CONFIG_FILE = "run_config.json"
 
 
 def resume_dir(save_dir: str) -> Optional[str]:
@@ -83,6 +85,7 @@ def save_checkpoint(
     tokenizer: Optional[dict] = None,
     dtype: str = "fp32",
     optimizer_format: Optional[str] = None,
+    run_config: Optional[dict] = None,
 ) -> str:
     """Collective. Returns the published checkpoint directory.
 
@@ -90,6 +93,7 @@ def save_checkpoint(
     ``checkpoint_info.json`` with the tokenizer files, so that scoring can check
     the model against a dataset and the HF export ships the right tokenizer.
     ``optimizer_format``: the distributed optimizer's sharding type (None for the others).
+    ``run_config``: everything the run was made with, kept as ``run_config.json``.
     """
     from megatron.core import dist_checkpointing
 
@@ -115,6 +119,8 @@ def save_checkpoint(
     dist.barrier()
     if rank == 0:
         model_config.save(os.path.join(partial, MODEL_CONFIG_FILE))
+        if run_config is not None:
+            write_json_atomic(os.path.join(partial, RUN_CONFIG_FILE), run_config)
         _write_info(partial, tokenizer, dtype)
         if os.path.exists(final):  # a re-save of the same iteration
             shutil.rmtree(final)

@@ -24,6 +24,9 @@ from megatron_miniplm.data.meta import dataset_prefixes as shard_prefixes_of
 from megatron_miniplm.data.meta import read_dataset_meta
 
 
+DATA_ORDERS = ("shuffled", "original")  # each epoch reshuffled, or the data's own order
+
+
 def _open_indexed(prefix: str):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 

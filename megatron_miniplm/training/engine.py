@@ -23,35 +23,49 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from megatron_miniplm import platform
+from megatron_miniplm.settings import setting
 
 
 @dataclass(frozen=True)
 class OptimizerSettings:
-    """AdamW with the paper's defaults (β 0.9 / 0.98, weight decay 0.1, clip 1.0)."""
+    """AdamW with MiniPLM's recipe where it differs from Megatron-LM's defaults (each help says)."""
 
-    lr: float = 6e-4
-    min_lr: float = 6e-5
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.98
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0  # 0 turns clipping off (no grad norm is computed)
-    bf16: bool = False
+    lr: float = setting(6e-4, group="optimizer",
+                        help="peak learning rate (MiniPLM's students; Megatron-LM has no default)")
+    min_lr: Optional[float] = setting(
+        None, group="optimizer",
+        help="floor of the decay (default: lr / 10, MiniPLM's recipe; Megatron-LM's is 0)")
+    weight_decay: float = setting(0.1, group="optimizer", help="MiniPLM's recipe (Megatron-LM: 0.01)")
+    adam_beta1: float = setting(0.9, group="optimizer", help="Adam's beta1")
+    adam_beta2: float = setting(0.98, group="optimizer", help="MiniPLM's recipe (Megatron-LM: 0.999)")
+    adam_eps: float = setting(1e-8, group="optimizer", help="Adam's epsilon")
+    clip_grad: float = setting(1.0, group="optimizer", help="gradient norm clipping; 0 turns it off")
+
+    @property
+    def final_lr(self) -> float:
+        return self.min_lr if self.min_lr is not None else self.lr / 10
 
 
 @dataclass(frozen=True)
 class DDPSettings:
     """megatron-core DDP and the distributed optimizer, with Megatron-LM's flags and defaults."""
 
-    use_distributed_optimizer: bool = False
-    overlap_grad_reduce: bool = False
-    overlap_param_gather: bool = False
-    ddp_bucket_size: Optional[int] = None  # elements per bucket; None: megatron-core's default
+    use_distributed_optimizer: bool = setting(
+        False, group="distributed",
+        help="shard the optimizer state and fp32 main parameters over data-parallel ranks")
+    overlap_grad_reduce: bool = setting(
+        False, group="distributed", help="overlap the gradient reduce-scatter/all-reduce with the backward pass")
+    overlap_param_gather: bool = setting(
+        False, group="distributed",
+        help="overlap the parameter all-gather with the next forward pass "
+             "(needs --use-distributed-optimizer and --overlap-grad-reduce)")
+    ddp_bucket_size: Optional[int] = setting(
+        None, group="distributed", help="elements per gradient bucket (default: megatron-core's, with overlap)")
 
     def __post_init__(self):
         if self.overlap_param_gather and not (self.use_distributed_optimizer and self.overlap_grad_reduce):
-            raise ValueError("overlap_param_gather needs use_distributed_optimizer and "
-                             "overlap_grad_reduce (as in Megatron-LM)")
+            raise ValueError("overlap_param_gather (--overlap-param-gather) needs use_distributed_optimizer "
+                             "and overlap_grad_reduce, as in Megatron-LM")
 
 
 def wrap_ddp(model: torch.nn.Module, settings: DDPSettings = DDPSettings()):
@@ -81,7 +95,7 @@ def build_model_chunks(config, *, bf16: bool = False, ddp: DDPSettings = DDPSett
     return chunks
 
 
-def build_optimizer(model_chunks: list, settings: OptimizerSettings):
+def build_optimizer(model_chunks: list, settings: OptimizerSettings, *, bf16: bool = False):
     """``get_megatron_optimizer``: Adam with fp32 main parameters for bf16 models, sharded
     over data-parallel ranks when the chunks' DDP uses the distributed optimizer."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -89,14 +103,14 @@ def build_optimizer(model_chunks: list, settings: OptimizerSettings):
     config = OptimizerConfig(
         optimizer="adam",
         lr=settings.lr,
-        min_lr=settings.min_lr,
+        min_lr=settings.final_lr,
         weight_decay=settings.weight_decay,
         adam_beta1=settings.adam_beta1,
         adam_beta2=settings.adam_beta2,
         adam_eps=settings.adam_eps,
         clip_grad=settings.clip_grad,
-        bf16=settings.bf16,
-        params_dtype=torch.bfloat16 if settings.bf16 else torch.float32,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=model_chunks[0].ddp_config.use_distributed_optimizer,
     )
     return get_megatron_optimizer(config, model_chunks)

@@ -24,47 +24,104 @@ import torch.distributed as dist
 from megatron_miniplm import parallel, platform
 from megatron_miniplm.data.samples import collate_instances
 from megatron_miniplm.models.config import ModelConfig
+from megatron_miniplm.settings import setting, to_mapping
 from megatron_miniplm.signals import SignalFlag, any_rank
 from megatron_miniplm.training import engine
 from megatron_miniplm.training.checkpoint import load_checkpoint, save_checkpoint
-from megatron_miniplm.training.data import SampleStream
+from megatron_miniplm.training.data import DATA_ORDERS, SampleStream
 from megatron_miniplm.training.flops import device_peak_flops, training_flops_per_token
+
+
+DATA, TRAINING, PARALLEL, CHECKPOINTING, LOGGING = "data", "training", "parallelism", "checkpointing", "logging"
 
 
 @dataclass
 class TrainConfig:
-    model: ModelConfig
-    data_path: list
-    seq_length: int = 1024
-    micro_batch_size: int = 4
-    global_batch_size: int = 32
-    train_iters: int = 1000
-    valid_data_path: Optional[list] = None
-    data_cache_path: Optional[str] = None  # megatron GPTDataset index cache (document mode)
-    eval_interval: int = 0
-    eval_iters: int = 10
+    """Everything a training run is made with; saved with every checkpoint (run_config.json).
+    Its settings are tools/pretrain_gpt.py's flags (``megatron_miniplm.settings``)."""
+
+    model: ModelConfig = setting(cli=False, help="the model (the tool builds it from a preset, "
+                                                 "a model_config.json or shape flags)")
+    data_path: list[str] = setting(
+        group=DATA, metavar="PATH",
+        help="a dataset prefix, Megatron-style 'W1 P1 W2 P2' blends, or a sampled blend of "
+             "tools/difference_sample.py")
+    valid_data_path: Optional[list[str]] = setting(None, group=DATA, metavar="PATH", help="validation data")
+    data_cache_path: Optional[str] = setting(
+        None, group=DATA,
+        help="where megatron's GPTDataset keeps its index cache (document-mode data; default: a "
+             "cache/ directory beside the data, which must then be writable). Built once by rank 0 "
+             "and read by the others: a filesystem every node sees")
+    data_order: str = setting("shuffled", group=DATA, choices=DATA_ORDERS,
+                              help="order of the training instances within each epoch")
+    seq_length: int = setting(1024, group=DATA, help="tokens per training sequence")
+    micro_batch_size: int = setting(4, group=TRAINING, help="sequences per micro-batch and rank")
+    global_batch_size: int = setting(32, group=TRAINING, help="sequences per optimizer step")
+    train_iters: Optional[int] = setting(None, group=TRAINING, help="optimizer steps")
+    train_tokens: Optional[int] = setting(
+        None, group=TRAINING,
+        help="alternative to --train-iters: a token budget (iterations = tokens / (global batch x seq length))")
     optimizer: engine.OptimizerSettings = field(default_factory=engine.OptimizerSettings)
+    lr_warmup_iters: int = setting(0, group="optimizer", help="linear warm-up steps")
+    lr_warmup_fraction: Optional[float] = setting(
+        None, group="optimizer", help="or: warm-up steps as a fraction of the decay steps (as in Megatron-LM)")
+    lr_decay_iters: Optional[int] = setting(None, group="optimizer",
+                                            help="decay steps (default: the training iterations)")
+    lr_decay_style: str = setting("cosine", group="optimizer", choices=("cosine", "linear", "constant"),
+                                  help="learning-rate decay after the warm-up")
+    bf16: bool = setting(False, group=TRAINING,
+                         help="bf16 parameters and activations, fp32 main parameters and gradient reduction")
+    seed: int = setting(1234, group=TRAINING, help="Megatron-LM's seeding: + 100 x pipeline rank")
+    tensor_model_parallel_size: int = setting(1, group=PARALLEL, help="tensor-parallel ranks per model replica")
+    pipeline_model_parallel_size: int = setting(1, group=PARALLEL, help="pipeline stages per model replica")
     ddp: engine.DDPSettings = field(default_factory=engine.DDPSettings)
-    lr_warmup_iters: int = 0
-    lr_decay_iters: Optional[int] = None
-    lr_decay_style: str = "cosine"
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    bf16: bool = False
-    save: Optional[str] = None
-    load: Optional[str] = None
-    no_load_optim: bool = False
-    save_interval: int = 0
-    dist_ckpt_optim_fully_reshardable: bool = False
-    exit_signal_handler: bool = False
-    exit_duration_in_mins: Optional[float] = None
-    exit_interval: Optional[int] = None
-    log_interval: int = 10
-    tensorboard_dir: Optional[str] = None
-    metrics_file: Optional[str] = None
-    seed: int = 1234
-    shuffle: bool = True
-    peak_tflops: Optional[float] = None
+    save: Optional[str] = setting(None, group=CHECKPOINTING, help="directory of the checkpoints")
+    load: Optional[str] = setting(
+        None, group=CHECKPOINTING,
+        help="resume from this directory's latest checkpoint (give --save's to resume a run), or "
+             "start from a model checkpoint's weights")
+    no_load_optim: bool = setting(False, group=CHECKPOINTING,
+                                  help="load the model weights only (the optimizer starts from them)")
+    save_interval: int = setting(0, group=CHECKPOINTING, help="save every this many iterations (and at the end)")
+    dist_ckpt_optim_fully_reshardable: bool = setting(
+        False, group=CHECKPOINTING,
+        help="save the distributed optimizer's state so that it reloads at any TP/PP/DP (default: each "
+             "rank writes its own shard, which reloads at another DP size only)")
+    exit_signal_handler: bool = setting(False, group=CHECKPOINTING,
+                                        help="on SIGTERM: finish the iteration, save a checkpoint, exit 0")
+    exit_duration_in_mins: Optional[float] = setting(
+        None, group=CHECKPOINTING, help="save and exit 0 once the run has used this many minutes")
+    exit_interval: Optional[int] = setting(
+        None, group=CHECKPOINTING, help="save and exit 0 when the iteration is a multiple of this")
+    eval_interval: int = setting(0, group=LOGGING, help="validate every this many iterations (and at the end)")
+    eval_iters: int = setting(10, group=LOGGING, help="validation global batches")
+    log_interval: int = setting(10, group=LOGGING, help="iterations per log line")
+    tensorboard_dir: Optional[str] = setting(None, group=LOGGING, help="write tensorboard events here")
+    metrics_file: Optional[str] = setting(None, group=LOGGING, help="JSON lines, one per iteration (rank 0)")
+    peak_tflops: Optional[float] = setting(None, group=LOGGING, help="device peak for MFU where it is not known")
+
+    def __post_init__(self):
+        if (self.train_iters is None) == (self.train_tokens is None):
+            raise ValueError("give exactly one of train_iters (--train-iters) and train_tokens (--train-tokens)")
+        if self.lr_warmup_fraction is not None and self.lr_warmup_iters:
+            raise ValueError("give lr_warmup_iters (--lr-warmup-iters) or lr_warmup_fraction "
+                             "(--lr-warmup-fraction), not both")
+
+    @property
+    def decay_iters(self) -> int:
+        return self.lr_decay_iters or self.iterations
+
+    @property
+    def warmup_iters(self) -> int:
+        if self.lr_warmup_fraction is not None:
+            return int(self.lr_warmup_fraction * self.decay_iters)
+        return self.lr_warmup_iters
+
+    @property
+    def iterations(self) -> int:
+        if self.train_iters is not None:
+            return self.train_iters
+        return max(1, self.train_tokens // (self.global_batch_size * self.seq_length))
 
 
 class Trainer:
@@ -77,7 +134,7 @@ class Trainer:
         ))
         self._check_batch_layout()
         self.train_data = SampleStream.from_data_path(
-            cfg.data_path, cfg.seed, cfg.shuffle, num_samples=cfg.train_iters * cfg.global_batch_size,
+            cfg.data_path, cfg.seed, cfg.data_order == "shuffled", num_samples=cfg.iterations * cfg.global_batch_size,
             seq_length=cfg.seq_length, cache_path=cfg.data_cache_path,
         )
         self.valid_data = (
@@ -94,11 +151,11 @@ class Trainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         self.model = engine.build_model_chunks(cfg.model, bf16=cfg.bf16, ddp=cfg.ddp)
-        self.optimizer = engine.build_optimizer(self.model, cfg.optimizer)
-        decay = cfg.lr_decay_iters or cfg.train_iters
+        self.optimizer = engine.build_optimizer(self.model, cfg.optimizer, bf16=cfg.bf16)
+        decay, warmup = cfg.decay_iters, cfg.warmup_iters
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=cfg.optimizer.lr, min_lr=cfg.optimizer.min_lr,
-            lr_warmup_steps=cfg.lr_warmup_iters, lr_decay_steps=max(decay, cfg.lr_warmup_iters + 1),
+            self.optimizer, init_lr=0.0, max_lr=cfg.optimizer.lr, min_lr=cfg.optimizer.final_lr,
+            lr_warmup_steps=warmup, lr_decay_steps=max(decay, warmup + 1),
             lr_decay_style=cfg.lr_decay_style, start_wd=cfg.optimizer.weight_decay,
             end_wd=cfg.optimizer.weight_decay, wd_incr_steps=decay, wd_incr_style="constant",
         )
@@ -169,7 +226,7 @@ class Trainer:
 
     # ---- loop ----------------------------------------------------------------------------
     def train(self) -> dict:
-        """Run to ``train_iters`` (or an exit condition); returns the last iteration's metrics,
+        """Run to the configured iterations (or an exit condition); returns the last iteration's metrics,
         with ``exit_reason`` when the run stopped early."""
         cfg = self.cfg
         last: dict = {}
@@ -178,10 +235,10 @@ class Trainer:
         window = _Window()
         signal_flag = SignalFlag() if cfg.exit_signal_handler else contextlib.nullcontext()
         with signal_flag:
-            while self.iteration < cfg.train_iters:
+            while self.iteration < cfg.iterations:
                 last = self._train_step()
                 window.add(cfg.global_batch_size * cfg.seq_length)
-                if self.iteration % cfg.log_interval == 0 or self.iteration == cfg.train_iters:
+                if self.iteration % cfg.log_interval == 0 or self.iteration == cfg.iterations:
                     self._report(last, *window.take())
                 self._write_metrics(last)
                 if cfg.eval_interval and self.valid_data and self.iteration % cfg.eval_interval == 0:
@@ -232,7 +289,7 @@ class Trainer:
             for agreed, (_, reason) in zip(any_rank([flag for flag, _ in checks]), checks):
                 if agreed:
                     return reason
-        if cfg.exit_interval and self.iteration % cfg.exit_interval == 0 and self.iteration < cfg.train_iters:
+        if cfg.exit_interval and self.iteration % cfg.exit_interval == 0 and self.iteration < cfg.iterations:
             return f"iteration is a multiple of the exit interval {cfg.exit_interval}"
         return None
 
@@ -279,6 +336,7 @@ class Trainer:
                 {"consumed_samples": self.consumed_samples, "consumed_tokens": self.consumed_tokens},
                 self.cfg.model, tokenizer=self.train_data.sources[0].metas[0].get("tokenizer"),
                 dtype="bf16" if self.cfg.bf16 else "fp32", optimizer_format=self._optimizer_format(),
+                run_config=to_mapping(self.cfg),
             )
         self._log(f" saved checkpoint at iteration {self.iteration} to {self.cfg.save}")
 
@@ -316,7 +374,7 @@ class Trainer:
             f"{', overlapped ' + ' and '.join(overlap) if overlap else ''} | "
             f"{describe_backend('auto')} | seq {cfg.seq_length}, micro batch {cfg.micro_batch_size}, "
             f"global batch {cfg.global_batch_size} ({self.num_microbatches} micro-batches per DP rank) | "
-            f"iterations {self.iteration} -> {cfg.train_iters}"
+            f"iterations {self.iteration} -> {cfg.iterations}"
         )
 
     def _report(self, m: dict, tokens_per_s: float, s_per_iter: float) -> None:
@@ -324,7 +382,7 @@ class Trainer:
         mfu = f" | MFU {100 * tflops * 1e12 / self.peak_flops:.1f}%" if self.peak_flops else ""
         grad_norm = f" | grad norm {m['grad_norm']:.3f}" if m["grad_norm"] is not None else ""
         self._log(
-            f" iteration {m['iteration']:>7}/{self.cfg.train_iters} | consumed tokens "
+            f" iteration {m['iteration']:>7}/{self.cfg.iterations} | consumed tokens "
             f"{m['consumed_tokens']:>12} | loss {m['loss']:.4f} | lr {m['lr']:.3e}{grad_norm} | "
             f"{s_per_iter * 1000:.0f} ms/iter | {tokens_per_s:.0f} tokens/s "
             f"| {tflops:.3f} TFLOP/s/device{mfu}"

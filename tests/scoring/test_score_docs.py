@@ -78,7 +78,7 @@ def _config(root, name, **kw):
     from megatron_miniplm.scoring.scorer import ScoreConfig
 
     kw.setdefault("data_path", os.path.join(root, "data"))
-    return ScoreConfig(load=os.path.join(root, "ckpt"), output=os.path.join(root, name),
+    return ScoreConfig(load=os.path.join(root, "ckpt"), output_prefix=os.path.join(root, name),
                        micro_batch_size=kw.pop("micro_batch_size", 4), progress=False, fsync=False, **kw)
 
 
@@ -301,15 +301,15 @@ def test_what_is_not_refused(refusals, root):
         assert not any(f.startswith(name + ".") for f in os.listdir(root)), name
 
 
-def test_cli_refusal_exits_2_with_the_reason(root):
+def test_cli_refusal_exits_1_with_the_reason(root):
     os.makedirs(os.path.join(root, "ckpt_cli"), exist_ok=True)
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "tools", "score_docs.py"), "--data-path",
-         os.path.join(root, "data"), "--load", os.path.join(root, "ckpt_cli"), "--output",
+         os.path.join(root, "data"), "--load", os.path.join(root, "ckpt_cli"), "--output-prefix",
          os.path.join(root, "cli")],
         capture_output=True, text=True, timeout=120,
     )
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.returncode == 1, proc.stderr[-2000:]
     assert "error: --load:" in proc.stderr and "not a megatron checkpoint" in proc.stderr
 
 
@@ -329,7 +329,7 @@ def _torchrun(root: str, output: str) -> subprocess.Popen:
     # then raced for by other processes on a shared machine).
     cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc-per-node", "2",
            os.path.join(REPO, "tools", "score_docs.py"), "--data-path", os.path.join(root, "big"),
-           "--load", os.path.join(root, "ckpt"), "--output", output, "--micro-batch-size", "1",
+           "--load", os.path.join(root, "ckpt"), "--output-prefix", output, "--micro-batch-size", "1",
            "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

@@ -180,13 +180,13 @@ def test_cli(corpus, tmp_path):
     out = str(tmp_path / "cli_blend")
     base = [sys.executable, os.path.join(ROOT, "tools", "difference_sample.py"), "--data-path", *corpus.prefixes,
             "--teacher-scores", *corpus.teacher, "--reference-scores", *corpus.reference]
-    res = subprocess.run(base + ["--alpha", "0.5", "--output", out, "--order", "shuffled", "--seed", "5"],
+    res = subprocess.run(base + ["--alpha", "0.5", "--output-prefix", out, "--data-order", "shuffled", "--seed", "5"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "kept" in res.stdout
     rows, meta = load_blend(out)
     assert meta["seed"] == 5 and len(rows) == instances_to_keep(0.5, corpus.offsets[-1])
-    bad = subprocess.run(base + ["--alpha", "1.5", "--output", str(tmp_path / "x")],
+    bad = subprocess.run(base + ["--alpha", "1.5", "--output-prefix", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "alpha must be in (0, 1]" in bad.stderr
     assert not os.path.exists(str(tmp_path / "x.npy")) and not os.path.exists(str(tmp_path / "x.meta.json"))

@@ -104,7 +104,7 @@ def test_the_log_line_without_a_grad_norm():
     from megatron_miniplm.training.trainer import Trainer
 
     lines = []
-    fake = type("T", (), {"cfg": type("C", (), {"train_iters": 9})(), "flops_per_token": 1.0,
+    fake = type("T", (), {"cfg": type("C", (), {"iterations": 9})(), "flops_per_token": 1.0,
                           "info": type("I", (), {"world_size": 1})(), "peak_flops": None, "writer": None,
                           "_log": lambda self, line: lines.append(line)})()
     Trainer._report(fake, {"iteration": 1, "consumed_tokens": 5, "loss": 2.0, "lr": 1e-3,

@@ -130,7 +130,7 @@ def test_pipeline_stages_from_scratch_are_distinct(corpus, tmp_path):
     run_distributed(_train, 2, args(corpus, "--model-preset", "tiny-untied", "--save", save,
                                     "--pipeline-model-parallel-size", "2", iters=0))
     out = str(tmp_path / "values.pt")
-    run_distributed(parameters_at_tp1, 1, save, out, 256)
+    run_distributed(parameters_at_tp1, 1, {save: out}, 256)
     values = torch.load(out)
     stage1 = {k: v for k, v in values.items() if "layers.2." in k or "layers.3." in k or "output_layer" in k}
     stage0 = {k: v for k, v in values.items() if k not in stage1}

@@ -36,9 +36,10 @@ def train(argv):
     assert pretrain_gpt.main(argv) == 0
 
 
-def parameters_at_tp1(save_dir, out, leading=None):
-    """Every tensor of a checkpoint, read at TP=1/PP=1 in fp32, saved to ``out``: name ->
-    values (the first ``leading`` of each, flattened, when given). Run under run_distributed."""
+def parameters_at_tp1(checkpoints, leading=None):
+    """Every tensor of each checkpoint, read at TP=1/PP=1 in fp32 and saved: ``checkpoints``
+    maps a checkpoint (or save) directory to the file to write, name -> values (the first
+    ``leading`` of each, flattened, when given). Run under run_distributed."""
     import torch
 
     from megatron_miniplm import parallel
@@ -46,9 +47,10 @@ def parameters_at_tp1(save_dir, out, leading=None):
     from megatron_miniplm.models.gpt import build_model
 
     parallel.initialize()
-    model = build_model(load_model_config(save_dir))
-    load_model([model], save_dir)
-    state = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
-    if leading:
-        state = {k: v.flatten()[:leading].clone() for k, v in state.items() if v.numel() >= leading}
-    torch.save(state, out)
+    for save_dir, out in checkpoints.items():
+        model = build_model(load_model_config(save_dir))
+        load_model([model], save_dir)
+        state = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+        if leading:
+            state = {k: v.flatten()[:leading].clone() for k, v in state.items() if v.numel() >= leading}
+        torch.save(state, out)

@@ -1,0 +1,210 @@
+"""One declaration per setting: a stage's config dataclass is the source of its flags.
+
+A field declared with ``setting(...)`` carries its help text and, where it differs
+from ``--field-name``, its Megatron-LM flag. From the dataclass alone:
+
+- ``add_arguments(parser, Cls)`` adds the flags, with the field's default and type;
+- ``from_args(Cls, namespace)`` builds the config from parsed flags;
+- ``to_argv(config)`` writes the flags that reproduce a config (the pipeline launches
+  the tools this way, so a default lives in the dataclass only);
+- ``from_mapping(Cls, dict)`` builds it from a YAML section, refusing unknown keys.
+
+Booleans follow Megatron-LM: a field that defaults to False is a ``--flag``; one that
+defaults to True is turned off by ``--no-flag`` (its ``flag`` metadata names it).
+Nested config dataclasses contribute their own fields, flat, as Megatron-LM's flags are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, Iterable, Mapping, Optional
+
+_NO_DEFAULT = dataclasses.MISSING
+
+
+def setting(default: Any = _NO_DEFAULT, *, help: str, flag: Optional[str] = None,
+            choices: Optional[Iterable] = None, metavar: Optional[str] = None, group: Optional[str] = None,
+            cli: bool = True, default_factory: Any = _NO_DEFAULT) -> Any:
+    """A dataclass field with what its command-line flag needs. ``cli=False``: not a flag
+    (set by the tool or the pipeline itself). ``group``: its section in ``--help``."""
+    metadata = {"help": help, "flag": flag, "choices": tuple(choices) if choices else None,
+                "metavar": metavar, "cli": cli, "group": group}
+    if default_factory is not _NO_DEFAULT:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp):
+    """Optional[X] -> (X, True); X -> (X, False)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _is_config(tp) -> bool:
+    return dataclasses.is_dataclass(tp) and isinstance(tp, type)
+
+
+def _default_of(f: dataclasses.Field):
+    if f.default is not _NO_DEFAULT:
+        return f.default
+    if f.default_factory is not _NO_DEFAULT:
+        return f.default_factory()
+    return _NO_DEFAULT
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def cli_fields(cls) -> list[tuple[dataclasses.Field, Any]]:
+    """(field, type) of every flag of ``cls``, nested configs flattened in declaration order."""
+    out = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, _ = _unwrap_optional(hints[f.name])
+        if f.metadata.get("cli") is False:
+            continue
+        if _is_config(tp):
+            out.extend(cli_fields(tp))
+        elif f.metadata.get("cli", False):
+            out.append((f, hints[f.name]))
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: Iterable[str] = (),
+                  overrides: bool = False) -> None:
+    """Add a flag per setting of ``cls`` (and of its nested configs) to ``parser``, in ``--help``
+    sections by their ``group``. ``overrides``: no defaults and nothing required, so that the
+    parsed namespace holds only the flags given (``given(namespace, cls)``), to apply over
+    another source such as a model preset."""
+    skip = set(skip)
+    groups: dict[Optional[str], Any] = {None: parser}
+    for f, tp in cli_fields(cls):
+        if f.name in skip:
+            continue
+        group = f.metadata.get("group")
+        if group not in groups:
+            existing = [g for g in getattr(parser, "_action_groups", []) if g.title == group]
+            groups[group] = existing[0] if existing else parser.add_argument_group(group)
+        base, optional = _unwrap_optional(tp)
+        default = argparse.SUPPRESS if overrides else _default_of(f)
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
+        if f.metadata.get("metavar"):
+            kwargs["metavar"] = f.metadata["metavar"]
+        if base is bool:
+            kwargs["action"] = "store_false" if _default_of(f) is True else "store_true"
+            kwargs["default"] = default
+        else:
+            if typing.get_origin(base) in (list, tuple):
+                (item,) = typing.get_args(base)[:1]
+                kwargs["nargs"] = "+"
+                kwargs["type"] = item
+            else:
+                kwargs["type"] = base
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+            if default is _NO_DEFAULT:
+                kwargs["required"] = True
+            else:
+                kwargs["default"] = default
+                if default is not None and default is not argparse.SUPPRESS and not isinstance(default, (list, tuple)):
+                    kwargs["help"] += f" (default: {default})"
+        groups[group].add_argument(flag_of(f), **kwargs)
+
+
+def given(namespace: argparse.Namespace, cls) -> dict:
+    """The settings of ``cls`` present in a namespace parsed with ``overrides=True``."""
+    return {f.name: getattr(namespace, f.name) for f, _ in cli_fields(cls) if hasattr(namespace, f.name)}
+
+
+def from_args(cls, namespace: argparse.Namespace, **given):
+    """Build ``cls`` from parsed flags; ``given`` supplies fields that are not flags (or
+    overrides them)."""
+    values = dict(vars(namespace))
+    values.update(given)
+    return _build(cls, values)
+
+
+def _build(cls, values: Mapping[str, Any]):
+    hints = _hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        tp, _ = _unwrap_optional(hints[f.name])
+        if f.name in values and not (_is_config(tp) and isinstance(values[f.name], Mapping)):
+            kwargs[f.name] = values[f.name]
+        elif _is_config(tp) and f.metadata.get("cli", True) is not False:
+            nested = values.get(f.name) if isinstance(values.get(f.name), Mapping) else values
+            kwargs[f.name] = _build(tp, nested)
+    return cls(**kwargs)
+
+
+def to_argv(config, *, skip: Iterable[str] = (), only_changed: bool = True) -> list[str]:
+    """The flags that give ``config`` back through ``add_arguments`` + ``from_args``."""
+    skip = set(skip)
+    argv: list[str] = []
+    for f, tp in cli_fields(type(config)):
+        if f.name in skip:
+            continue
+        value = _lookup(config, f.name)
+        default = _default_of(f)
+        if only_changed and default is not _NO_DEFAULT and value == default:
+            continue
+        base, _ = _unwrap_optional(tp)
+        if base is bool:
+            if value != (default is True):
+                argv.append(flag_of(f))
+            continue
+        if value is None:
+            continue
+        argv.append(flag_of(f))
+        argv.extend(str(v) for v in value) if isinstance(value, (list, tuple)) else argv.append(str(value))
+    return argv
+
+
+def _lookup(config, name: str):
+    """A field's value, looked for in nested configs too."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name == name:
+            return value
+        if dataclasses.is_dataclass(value):
+            try:
+                return _lookup(value, name)
+            except KeyError:
+                pass
+    raise KeyError(name)
+
+
+def from_mapping(cls, data: Mapping[str, Any], where: str = "config", **given):
+    """Build ``cls`` from a (YAML) mapping: nested configs as nested mappings; an unknown key
+    is refused, naming where it stands."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = _hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    kwargs = dict(given)
+    for name, value in data.items():
+        tp, _ = _unwrap_optional(hints[name])
+        if _is_config(tp) and isinstance(value, Mapping):
+            value = from_mapping(tp, value, f"{where}.{name}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def to_mapping(config) -> dict:
+    """A config as plain data (for YAML/JSON): nested configs as nested dicts."""
+    return dataclasses.asdict(config)
