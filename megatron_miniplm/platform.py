@@ -76,6 +76,22 @@ def transformer_engine() -> tuple[bool, str]:
     return True, f"Transformer Engine {version}"
 
 
+def bf16_is_fast() -> tuple[bool, str]:
+    """Whether bf16 matmuls beat fp32 on this process's device, and why: on GPUs, and on
+    CPUs with AMX (Sapphire Rapids and later). Elsewhere bf16 runs through slower kernels
+    (measured on an AVX512-BF16 CPU without AMX: 495 vs 783 tokens/s scoring SmolLM2-135M)."""
+    if cuda_available():
+        return True, "GPU"
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    if "amx_bf16" in flags.split():
+        return True, "CPU with AMX"
+    return False, "CPU without AMX: bf16 matmuls are slower than fp32 here"
+
+
 def _is_cuda(dev) -> bool:
     if isinstance(dev, torch.device):
         return dev.type == "cuda"

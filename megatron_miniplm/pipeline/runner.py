@@ -1,0 +1,255 @@
+"""Running the stages: skip what is done, rerun what changed, one launcher per node.
+
+Each finished stage leaves a completion record (``WORK_DIR/records/STAGE.json``) with
+its fingerprint, its settings and its output directory. A stage is skipped when its
+record's fingerprint is the one the config gives now; otherwise it runs (a stage
+killed half-way has no record and reruns, resuming where its tool can), and every
+stage after it that reads it runs too, because their fingerprints include it. New
+outputs go to a new directory; the old one is removed only once the new record is
+written.
+
+Several nodes (one launcher per node, NODE_RANK 0..NNODES-1): single-process stages
+run on node 0 while the others wait for their records; distributed stages run on
+every node under torchrun. The work directory must be shared: each node writes a
+token at start and waits to see everyone's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_miniplm.atomic_io import write_json_atomic, write_text_atomic
+from megatron_miniplm.pipeline.config import PipelineConfig, to_yaml
+from megatron_miniplm.pipeline.stages import DISTRIBUTED, SINGLE, Graph, Stage
+
+STOPPED_EARLY = 3  # exit code: a stage was stopped by SIGTERM after saving; rerun to resume
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Decision:
+    stage: Stage
+    run: bool
+    reason: str
+
+
+def _record_path(work_dir: str, name: str) -> str:
+    return os.path.join(work_dir, "records", f"{name}.json")
+
+
+def read_record(work_dir: str, name: str) -> Optional[dict]:
+    try:
+        with open(_record_path(work_dir, name), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Settings that differ between a record and now, as 'key old -> new'."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return out
+
+
+def plan(graph: Graph) -> list[Decision]:
+    """What a run would do now, and why, from the records alone (nothing is written)."""
+    work_dir = os.path.abspath(graph.cfg.work_dir)
+    decisions, reruns = [], set()
+    for stage in graph.stages:
+        record = read_record(work_dir, stage.name)
+        upstream = [d for d in stage.deps if d in reruns]
+        if record is not None and record.get("fingerprint") == stage.fingerprint:
+            decisions.append(Decision(stage, False, f"done ({stage.fingerprint})"))
+            continue
+        reruns.add(stage.name)
+        if record is None:
+            reason = "not done yet" if not os.path.isdir(graph.out_dir(stage)) else "started, not finished: resumes"
+        elif upstream:
+            reason = f"reads {', '.join(upstream)}, which {'runs' if len(upstream) == 1 else 'run'} again"
+        else:
+            changed = _changes(record.get("settings", {}), stage.settings)
+            if record.get("inputs") != stage.inputs:
+                changed.append("its input files changed")
+            reason = "made with other settings: " + "; ".join(changed or ["inputs of earlier stages changed"])
+        decisions.append(Decision(stage, True, reason))
+    return decisions
+
+
+def describe(graph: Graph, decisions: list[Decision], sources: dict) -> str:
+    lines = ["# resolved pipeline config", to_yaml(graph.cfg).rstrip(),
+             f"# bf16 -> {str(graph.bf16).lower()} ({graph.bf16_reason})"]
+    if sources:
+        lines += ["", "# set by: " + ", ".join(f"{k} ({v})" for k, v in sorted(sources.items()))]
+    lines += ["", "# stages"]
+    for i, d in enumerate(decisions, 1):
+        lines.append(f"{i:>2}. {d.stage.name:<20} {'RUN ' if d.run else 'skip'}  {d.reason}")
+    return "\n".join(lines)
+
+
+class Runner:
+    def __init__(self, graph: Graph, *, log=print):
+        self.graph, self.cfg, self.log = graph, graph.cfg, log
+        self.work_dir = os.path.abspath(self.cfg.work_dir)
+        self.par = self.cfg.parallel
+        self.node0 = self.par.node_rank == 0
+
+    # ---- the run --------------------------------------------------------------------------
+    def run(self, decisions: list[Decision]) -> None:
+        os.makedirs(os.path.join(self.work_dir, "records"), exist_ok=True)
+        if self.par.nnodes > 1 and self.par.launcher == "torchrun":
+            check_shared_work_dir(self.work_dir, self.par.nnodes, self.par.node_rank)
+        if self.node0:
+            write_text_atomic(os.path.join(self.work_dir, "pipeline_config.yaml"), to_yaml(self.cfg))
+        dirs = {}
+        for i, decision in enumerate(decisions, 1):
+            stage = decision.stage
+            dirs[stage.name] = self.graph.out_dir(stage)
+            self.log(f"\n=== stage {i}/{len(decisions)}: {stage.name} — "
+                     f"{'run: ' + decision.reason if decision.run else decision.reason}")
+            if stage.kind == SINGLE and not self.node0:
+                self._wait_for(stage)
+            elif decision.run and not self._done(stage):
+                self._run(stage, dirs)
+
+    def _done(self, stage: Stage) -> bool:
+        """A record of this fingerprint appeared since the plan (another launcher ran it)."""
+        record = read_record(self.work_dir, stage.name)
+        return record is not None and record.get("fingerprint") == stage.fingerprint
+
+    def _run(self, stage: Stage, dirs: dict) -> None:
+        out = dirs[stage.name]
+        if stage.kind == SINGLE and os.path.isdir(out):
+            shutil.rmtree(out)  # a killed single-process stage starts over (its tools write atomically)
+        os.makedirs(out, exist_ok=True)
+        started = time.time()
+        try:
+            for argv in stage.commands(out, dirs):
+                argv = argv() if callable(argv) else argv
+                self._execute(stage, argv)
+            missing = stage.finished(out, dirs)
+            if missing:
+                raise StageFailed(f"stage {stage.name} stopped before completing ({missing}): it was asked to "
+                                  f"stop (SIGTERM: preemption or a time limit) and saved its progress; run the "
+                                  f"same command again to resume", STOPPED_EARLY)
+        except StageFailed as e:
+            if stage.kind == SINGLE:
+                write_json_atomic(_record_path(self.work_dir, stage.name) + ".failed",
+                                  {"fingerprint": stage.fingerprint, "error": str(e)})
+            raise
+        if self.node0:
+            self._record(stage, out, time.time() - started)
+
+    def _execute(self, stage: Stage, argv: list[str]) -> None:
+        launch = self._launcher(argv) if stage.kind == DISTRIBUTED else argv
+        self.log("    $ " + " ".join(launch))
+        code = subprocess.call(launch)
+        if code != 0:
+            raise StageFailed(f"stage {stage.name} failed (exit {code}): {' '.join(argv[:2])}", code)
+
+    def _launcher(self, argv: list[str]) -> list[str]:
+        par = self.par
+        python, script, *args = argv
+        if par.launcher == "srun":
+            return ["srun", "--nodes", str(par.nnodes), "--ntasks-per-node", str(par.nproc_per_node),
+                    "--kill-on-bad-exit=1", python, script, *args]
+        if par.nnodes == 1 and par.nproc_per_node == 1:
+            return argv
+        torchrun = os.path.join(os.path.dirname(python), "torchrun")
+        return [torchrun if os.path.exists(torchrun) else "torchrun", "--nnodes", str(par.nnodes),
+                "--node-rank", str(par.node_rank), "--nproc-per-node", str(par.nproc_per_node),
+                "--master-addr", par.master_addr, "--master-port", str(par.master_port), script, *args]
+
+    def _record(self, stage: Stage, out: str, seconds: float) -> None:
+        write_json_atomic(_record_path(self.work_dir, stage.name), {
+            "stage": stage.name, "fingerprint": stage.fingerprint, "settings": stage.settings,
+            "inputs": stage.inputs, "deps": stage.deps, "output": out, "seconds": round(seconds, 1),
+            "completed": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname()})
+        failed = _record_path(self.work_dir, stage.name) + ".failed"
+        if os.path.exists(failed):
+            os.remove(failed)
+        parent = os.path.dirname(out)
+        for old in os.listdir(parent):  # earlier fingerprints' outputs, kept until now
+            if old != stage.fingerprint:
+                shutil.rmtree(os.path.join(parent, old), ignore_errors=True)
+
+    def _wait_for(self, stage: Stage, poll_s: float = 1.0) -> None:
+        """Another node's launcher waits here while node 0 runs a single-process stage."""
+        waited, told = 0.0, 0.0
+        while not self._done(stage):
+            failure = _read_failure(self.work_dir, stage)
+            if failure:
+                raise StageFailed(f"stage {stage.name} failed on node 0: {failure}")
+            if waited - told >= 60:
+                self.log(f"    waiting for node 0 ({stage.name}, {waited:.0f} s)")
+                told = waited
+            time.sleep(poll_s)
+            waited += poll_s
+        self.log(f"    done by node 0 ({stage.fingerprint})")
+
+
+def _read_failure(work_dir: str, stage: Stage) -> Optional[str]:
+    try:
+        with open(_record_path(work_dir, stage.name) + ".failed", encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record.get("error") if record.get("fingerprint") == stage.fingerprint else None
+
+
+def check_shared_work_dir(work_dir: str, nnodes: int, node_rank: int, timeout_s: float = 120.0) -> None:
+    """Each node writes a token into the work directory and must see every other node's:
+    several nodes need one shared filesystem. Tokens older than this launch (by the
+    filesystem's own clock) do not count."""
+    tokens = os.path.join(work_dir, "records", "nodes")
+    os.makedirs(tokens, exist_ok=True)
+    mine = os.path.join(tokens, f"node{node_rank}")
+    write_text_atomic(mine, f"{socket.gethostname()} {os.getpid()}\n")
+    since = os.stat(mine).st_mtime - timeout_s
+    deadline = time.time() + timeout_s
+    while True:
+        seen = [r for r in range(nnodes) if _fresh(os.path.join(tokens, f"node{r}"), since)]
+        if len(seen) == nnodes:
+            return
+        if time.time() > deadline:
+            missing = sorted(set(range(nnodes)) - set(seen))
+            raise StageFailed(f"work directory {work_dir}: node {node_rank} does not see the tokens of node(s) "
+                              f"{missing} after {timeout_s:.0f} s. Several nodes need one shared filesystem "
+                              f"(Lustre, GPFS, NFS) for the work directory, and every node's launcher started")
+        time.sleep(0.5)
+
+
+def _fresh(path: str, since: float) -> bool:
+    try:
+        return os.stat(path).st_mtime >= since
+    except OSError:
+        return False
+
+
+def execute(graph: Graph, decisions: list[Decision], *, log=print) -> int:
+    """Run the plan; the exit status (0, a failed stage's, or STOPPED_EARLY)."""
+    log("\n".join(f"{d.stage.name:<20} {'RUN ' if d.run else 'skip'}  {d.reason}" for d in decisions))
+    try:
+        Runner(graph, log=log).run(decisions)
+    except StageFailed as e:
+        log(f"\n{e}")
+        return e.code
+    return 0

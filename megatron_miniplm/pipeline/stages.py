@@ -1,0 +1,379 @@
+"""MiniPLM's stages, from a resolved pipeline config.
+
+Each stage knows what it is made with (``settings``, plus the identity of outside
+files it reads and the fingerprints of the stages it reads from), the commands that
+make it, and how to tell that it finished. Its outputs live in a directory named by
+its fingerprint, so a changed setting never resumes or overwrites another run's
+outputs; stages that read a changed stage get new fingerprints too.
+
+    corpus -> teacher -> data -> split -> reference -> score-teacher, score-reference
+           -> select -> student-miniplm, student-<baseline>... -> evaluate
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from megatron_miniplm.pipeline.config import PipelineConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SINGLE, DISTRIBUTED = "single", "distributed"
+
+
+def tool(name: str) -> str:
+    return os.path.join(REPO, "tools", name)
+
+
+@dataclass
+class Stage:
+    name: str
+    kind: str  # SINGLE: one process on the first node; DISTRIBUTED: every rank of the job
+    settings: dict
+    deps: list[str] = field(default_factory=list)
+    inputs: dict = field(default_factory=dict)  # outside files: path -> [size, mtime_ns]
+    # commands(out_dir, dirs of the stages read) -> argv lists, built when the stage runs
+    # (some settings come from what earlier stages wrote, e.g. the selection's token count)
+    commands: Callable[[str, dict], list[list[str]]] = None
+    # finished(out_dir, dirs of the stages read) -> None when complete, else what is missing
+    # (a stage stopped by SIGTERM returns 0 before it is complete)
+    finished: Callable[[str, dict], Optional[str]] = lambda out, d: None
+    fingerprint: str = ""
+
+    def compute_fingerprint(self, upstream: dict) -> str:
+        blob = json.dumps({"stage": self.name, "settings": self.settings, "inputs": self.inputs,
+                           "deps": {d: upstream[d] for d in self.deps}}, sort_keys=True, default=str)
+        self.fingerprint = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return self.fingerprint
+
+
+def file_identity(paths: list[str]) -> dict:
+    """path -> [size, mtime_ns] of each file (every file under a directory): what a stage
+    reading outside files is fingerprinted by (cheap for 100 GB corpora)."""
+    out = {}
+    for path in paths:
+        path = os.path.abspath(path)
+        files = ([os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path])
+        for f in sorted(files):
+            try:
+                st = os.stat(f)
+                out[f] = [st.st_size, st.st_mtime_ns]
+            except OSError:  # missing: the invariants refuse it before anything runs
+                out[f] = None
+    return out
+
+
+def expand(patterns: list[str]) -> list[str]:
+    files = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(pattern))
+        files.extend(matched or [pattern])
+    return files
+
+
+def _read_meta(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _iterations(epochs: float, tokens: int, global_batch: int, seq: int) -> int:
+    return max(1, -(-int(epochs * tokens) // (global_batch * seq)))
+
+
+def model_flags(spec: dict) -> list[str]:
+    """tools/pretrain_gpt.py's model flags for a config's model mapping."""
+    from megatron_miniplm.models.config import ModelConfig
+    from megatron_miniplm.settings import cli_fields, flag_of
+
+    argv = ["--model-preset", spec["preset"]] if spec.get("preset") else []
+    for f, tp in cli_fields(ModelConfig):
+        if f.name not in spec:
+            continue
+        value = spec[f.name]
+        if isinstance(value, bool):
+            if value != f.default:
+                argv.append(flag_of(f))
+        else:
+            argv += [flag_of(f), str(value)]
+    return argv
+
+
+def _score_files(prefix: str) -> list[str]:
+    """A scoring output's score prefixes: PREFIX, or PREFIX_00000 ... for a sharded dataset."""
+    if os.path.exists(prefix + ".meta.json"):
+        return [prefix]
+    return sorted(p[: -len(".meta.json")] for p in glob.glob(prefix + "_[0-9][0-9][0-9][0-9][0-9].meta.json"))
+
+
+class Graph:
+    """The stages of one config, in the order they run, with their fingerprints."""
+
+    def __init__(self, cfg: PipelineConfig, python: str = sys.executable):
+        self.cfg, self.python = cfg, python
+        if cfg.bf16 == "auto":
+            from megatron_miniplm import platform
+
+            self.bf16, why = platform.bf16_is_fast()
+            self.bf16_reason = f"auto: {why}"
+        else:
+            self.bf16, self.bf16_reason = bool(cfg.bf16), "set"
+        self.stages: list[Stage] = []
+        self._build()
+        prints: dict = {}
+        for stage in self.stages:
+            prints[stage.name] = stage.compute_fingerprint(prints)
+
+    def __getitem__(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+    def out_dir(self, stage: Stage) -> str:
+        return os.path.join(os.path.abspath(self.cfg.work_dir), stage.name, stage.fingerprint)
+
+    # ---- the stages -----------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg = self.cfg
+        py = self.python
+        if cfg.corpus.train is None:
+            self.stages.append(Stage(
+                "corpus", SINGLE, {"chars_per_domain": cfg.corpus.demo_chars_per_domain, "seed": cfg.seed},
+                commands=lambda out, d: [[py, tool("build_demo_corpus.py"), "--output-dir", out, "--chars-per-domain",
+                                          str(cfg.corpus.demo_chars_per_domain), "--seed", str(cfg.seed)]]))
+        self._teacher()
+        self._data()
+        self._split()
+        self._train("reference", cfg.reference, data_stage="split", data_name="ref", iters_from="split")
+        for model in ("teacher", "reference"):
+            self._score(model)
+        self._select()
+        for name in self.student_names:
+            self._train(f"student-{name}", cfg.student, data_stage="select", data_name=name, iters_from="select")
+        self._evaluate()
+
+    @property
+    def student_names(self) -> list[str]:
+        return ["miniplm", *self.cfg.selection.get("baselines", [])]
+
+    def teacher_source(self) -> str:
+        if self.cfg.teacher.load:
+            return os.path.abspath(self.cfg.teacher.load)
+        from megatron_miniplm.conversion.gguf import find_packaged_gguf
+
+        return find_packaged_gguf()
+
+    def teacher_label(self) -> str:
+        if self.cfg.teacher.name:
+            return self.cfg.teacher.name
+        base = os.path.basename(os.path.normpath(self.teacher_source()))
+        return base[:-5] if base.endswith(".gguf") else base
+
+    @staticmethod
+    def is_megatron_checkpoint(path: str) -> bool:
+        return os.path.isdir(path) and (os.path.isfile(os.path.join(path, "model_config.json")) or
+                                        os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt")))
+
+    def _teacher(self) -> None:
+        cfg, source = self.cfg, self.teacher_source()
+        par = cfg.parallel
+        if self.is_megatron_checkpoint(source):
+            commands = lambda out, d: []  # noqa: E731 - used in place
+        else:
+            commands = lambda out, d: [[self.python, tool("convert_checkpoint.py"), "--direction", "hf-to-megatron",  # noqa: E731
+                                        "--load", source, "--save", os.path.join(out, "ckpt"),
+                                        "--tensor-model-parallel-size", str(par.tensor_model_parallel_size),
+                                        "--pipeline-model-parallel-size", str(par.pipeline_model_parallel_size)]]
+        self.stages.append(Stage("teacher", SINGLE, {"source": source}, inputs=file_identity([source]),
+                                 commands=commands))
+
+    def teacher_checkpoint(self, dirs: dict) -> str:
+        source = self.teacher_source()
+        return source if self.is_megatron_checkpoint(source) else os.path.join(dirs["teacher"], "ckpt")
+
+    def tokenizer_path(self, dirs: dict) -> str:
+        if self.cfg.tokenizer:
+            return os.path.abspath(self.cfg.tokenizer)
+        return os.path.join(self.teacher_checkpoint(dirs), "tokenizer")
+
+    def _data(self) -> None:
+        from megatron_miniplm.data.preprocess import PreprocessConfig
+        from megatron_miniplm.settings import to_argv
+
+        cfg = self.cfg
+        deps = ["teacher"] + (["corpus"] if cfg.corpus.train is None else [])
+        inputs = {}
+        if cfg.corpus.train is not None:
+            inputs = file_identity(expand(cfg.corpus.train) + expand(cfg.corpus.test or []))
+        if cfg.tokenizer:
+            inputs.update(file_identity([cfg.tokenizer]))
+
+        def commands(out, d):
+            if cfg.corpus.train is None:
+                train, test = [os.path.join(d["corpus"], "train.jsonl")], [os.path.join(d["corpus"], "test.jsonl")]
+            else:
+                train, test = cfg.corpus.train, cfg.corpus.test
+            argv = []
+            for name, files in (("train", train), ("test", test)):
+                pre = PreprocessConfig(inputs=list(files), output_prefix=os.path.join(out, name),
+                                       tokenizer=self.tokenizer_path(d), seq_length=cfg.seq_length,
+                                       progress=False, **cfg.preprocess)
+                argv.append([self.python, tool("preprocess_data.py"), *to_argv(pre, only_changed=False)])
+            return argv
+
+        self.stages.append(Stage("data", SINGLE, {"preprocess": cfg.preprocess, "seq_length": cfg.seq_length,
+                                                  "tokenizer": cfg.tokenizer, "corpus": [cfg.corpus.train, cfg.corpus.test]},
+                                 deps=deps, inputs=inputs, commands=commands))
+
+    def _split(self) -> None:
+        from megatron_miniplm.data.split import SplitConfig
+        from megatron_miniplm.settings import to_argv
+
+        cfg = self.cfg
+
+        def commands(out, d):
+            split = SplitConfig(input_prefix=os.path.join(d["data"], "train"), ref_prefix=os.path.join(out, "ref"),
+                                rest_prefix=os.path.join(out, "rest"), seed=cfg.seed, **cfg.split)
+            return [[self.python, tool("split_dataset.py"), *to_argv(split, only_changed=False)]]
+
+        self.stages.append(Stage("split", SINGLE, {"split": cfg.split, "seed": cfg.seed}, deps=["data"],
+                                 commands=commands))
+
+    def train_config(self, lm, out: str, d: dict, data_path: str, iters: int):
+        from megatron_miniplm.models.config import ModelConfig
+        from megatron_miniplm.settings import from_mapping
+        from megatron_miniplm.training.trainer import TrainConfig
+
+        cfg, par = self.cfg, self.cfg.parallel
+        placeholder = ModelConfig(num_layers=1, hidden_size=8, ffn_hidden_size=8, num_attention_heads=1, vocab_size=8)
+        values = dict(lm.train, data_path=[data_path], valid_data_path=[os.path.join(d["data"], "test")],
+                      seq_length=cfg.seq_length, seed=cfg.seed, bf16=self.bf16,
+                      tensor_model_parallel_size=par.tensor_model_parallel_size,
+                      pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+                      save=os.path.join(out, "ckpt"), load=os.path.join(out, "ckpt"), train_iters=iters,
+                      metrics_file=os.path.join(out, "metrics.jsonl"), exit_signal_handler=True)
+        return _flat_train_config(values, placeholder)
+
+    def _train(self, name: str, lm, *, data_stage: str, data_name: str, iters_from: str) -> None:
+        from megatron_miniplm.settings import to_argv
+
+        cfg = self.cfg
+
+        def iterations(d) -> int:
+            """Epochs over the stage's data: D_ref for the reference; for every student the
+            MiniPLM selection's tokens, so that all students take the same steps."""
+            meta = _read_meta(os.path.join(d[data_stage], ("ref" if iters_from == "split" else "miniplm") + ".meta.json"))
+            tokens = meta["num_tokens"] if iters_from == "split" else meta["tokens_kept"]
+            gbs = self.train_config(lm, "", d, "", 1).global_batch_size
+            return _iterations(lm.epochs, tokens, gbs, cfg.seq_length)
+
+        def commands(out, d):
+            train = self.train_config(lm, out, d, os.path.join(d[data_stage], data_name), iterations(d))
+            return [[self.python, tool("pretrain_gpt.py"), *model_flags(lm.model), *to_argv(train)]]
+
+        def finished(out, d):
+            marker = os.path.join(out, "ckpt", "latest_checkpointed_iteration.txt")
+            got = open(marker).read().strip() if os.path.exists(marker) else None
+            want = str(iterations(d))
+            return None if got == want else f"checkpoint at iteration {got}, {want} wanted"
+
+        deps = [data_stage, "data"]
+        self.stages.append(Stage(name, DISTRIBUTED, {"model": lm.model, "epochs": lm.epochs, "train": lm.train,
+                                                     "seq_length": cfg.seq_length, "seed": cfg.seed, "bf16": self.bf16,
+                                                     "data": data_name, "layout": _layout(cfg)},
+                                 deps=deps, commands=commands, finished=finished))
+
+    def _score(self, model: str) -> None:
+        from megatron_miniplm.scoring.scorer import ScoreConfig
+        from megatron_miniplm.settings import to_argv
+
+        cfg, par = self.cfg, self.cfg.parallel
+
+        def commands(out, d):
+            load = self.teacher_checkpoint(d) if model == "teacher" else os.path.join(d["reference"], "ckpt")
+            score = ScoreConfig(data_path=os.path.join(d["split"], "rest"), load=load,
+                                output_prefix=os.path.join(out, "scores"), seed=cfg.seed, bf16=self.bf16,
+                                tensor_model_parallel_size=par.tensor_model_parallel_size,
+                                pipeline_model_parallel_size=par.pipeline_model_parallel_size, progress=False,
+                                **cfg.scoring)
+            return [[self.python, tool("score_docs.py"), *to_argv(score)]]
+
+        def finished(out, d):
+            return None if _score_files(os.path.join(out, "scores")) else "no score file yet"
+
+        self.stages.append(Stage(f"score-{model}", DISTRIBUTED,
+                                 {"scoring": cfg.scoring, "bf16": self.bf16, "seed": cfg.seed, "layout": _layout(cfg)},
+                                 deps=[model, "split"], commands=commands, finished=finished))
+
+    def _select(self) -> None:
+        from megatron_miniplm.selection.difference import SelectionConfig
+        from megatron_miniplm.selection.sample import SampleRequest
+        from megatron_miniplm.settings import to_argv
+
+        cfg = self.cfg
+        settings = {k: v for k, v in cfg.selection.items() if k != "baselines"}
+
+        def commands(out, d):
+            rest = os.path.join(d["split"], "rest")
+            scores = dict(teacher_scores=_score_files(os.path.join(d["score-teacher"], "scores")),
+                          reference_scores=_score_files(os.path.join(d["score-reference"], "scores")))
+            main = SampleRequest(data_paths=[rest], output=os.path.join(out, "miniplm"),
+                                 config=SelectionConfig(seed=cfg.seed, **settings),
+                                 report_dir=os.path.join(out, "report"), **scores)
+            argv = [[self.python, tool("difference_sample.py"), *to_argv(main)]]
+            for baseline in cfg.selection.get("baselines", []):
+                # Same token budget as MiniPLM's selection: known once it is written.
+                argv.append(lambda baseline=baseline: [
+                    self.python, tool("difference_sample.py"), *to_argv(SampleRequest(
+                        data_paths=[rest], output=os.path.join(out, baseline),
+                        config=SelectionConfig(method=baseline, seed=cfg.seed, order=settings.get("order", "original"),
+                                               keep_tokens=_read_meta(os.path.join(out, "miniplm.meta.json"))["tokens_kept"]),
+                        **scores))])
+            return argv
+
+        self.stages.append(Stage("select", SINGLE, {"selection": cfg.selection, "seed": cfg.seed},
+                                 deps=["split", "score-teacher", "score-reference"], commands=commands))
+
+    def _evaluate(self) -> None:
+        cfg, par = self.cfg, self.cfg.parallel
+        students = [f"student-{n}" for n in self.student_names]
+
+        def commands(out, d):
+            loads = [os.path.join(d[s], "ckpt") for s in students] + [os.path.join(d["reference"], "ckpt"),
+                                                                      self.teacher_checkpoint(d)]
+            names = students + ["reference", f"teacher ({self.teacher_label()})"]
+            argv = [self.python, tool("evaluate.py"), "--load", *loads, "--name", *names,
+                    "--data-path", os.path.join(d["data"], "test"), "--output-dir", os.path.join(out, "eval"),
+                    "--json", os.path.join(out, "results.json"),
+                    "--tensor-model-parallel-size", str(par.tensor_model_parallel_size),
+                    "--pipeline-model-parallel-size", str(par.pipeline_model_parallel_size)]
+            argv += ["--bf16"] if self.bf16 else []
+            argv += ["--micro-batch-size", str(cfg.evaluation.get("micro_batch_size", 8))]
+            return [argv]
+
+        def finished(out, d):
+            return None if os.path.exists(os.path.join(out, "results.json")) else "no results yet"
+
+        self.stages.append(Stage("evaluate", DISTRIBUTED, {"evaluation": cfg.evaluation, "bf16": self.bf16,
+                                                           "teacher": self.teacher_label(), "layout": _layout(cfg)},
+                                 deps=[*students, "reference", "teacher", "data"], commands=commands,
+                                 finished=finished))
+
+
+def _layout(cfg: PipelineConfig) -> dict:
+    """The parallel layout, which changes numbers (reduction order): part of a fingerprint."""
+    par = cfg.parallel
+    return {"world": par.nnodes * par.nproc_per_node, "tp": par.tensor_model_parallel_size,
+            "pp": par.pipeline_model_parallel_size}
+
+
+def _flat_train_config(values: dict, model):
+    """A TrainConfig from flat settings (nested optimizer / DDP settings included)."""
+    import argparse
+
+    from megatron_miniplm.settings import from_args
+    from megatron_miniplm.training.trainer import TrainConfig
+
+    return from_args(TrainConfig, argparse.Namespace(**values), model=model)

@@ -1,0 +1,60 @@
+"""The pipeline config: one declaration per setting, sources in order, refusals that name the setting."""
+
+import os
+
+import pytest
+import yaml
+
+from megatron_miniplm.pipeline import config
+from megatron_miniplm.pipeline.config import ConfigError, PipelineConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_the_demo_config_file_is_the_defaults():
+    cfg, _ = config.load(os.path.join(REPO, "examples", "configs", "demo.yaml"), environ={})
+    assert cfg == PipelineConfig()
+
+
+def test_every_example_config_loads():
+    for name in os.listdir(os.path.join(REPO, "examples", "configs")):
+        config.load(os.path.join(REPO, "examples", "configs", name), environ={})
+
+
+def test_sources_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"selection": {"alpha": 0.4}, "seed": 7}))
+    cfg, sources = config.load(str(path), ["selection.alpha=0.2"], environ={"ALPHA": "0.3", "SEED": "9"})
+    assert cfg.selection["alpha"] == 0.2 and sources["selection.alpha"] == "command line"
+    assert cfg.seed == 9 and sources["seed"] == "$SEED"
+    assert cfg.selection["baselines"] == ["uniform"]  # untouched keys keep their defaults
+
+
+def test_the_launchers_environment_variables_still_work():
+    env = {"REF_MODEL": "--model-preset qwen-104M", "STUDENT_MODEL": "--num-layers 3 --hidden-size 64 "
+           "--ffn-hidden-size 128 --num-attention-heads 4 --untie-embeddings-and-output-weights",
+           "BF16": "", "MBS": "2", "GBS": "8", "CORPUS_TRAIN": "a.jsonl 'b c.jsonl'", "NNODES": "2",
+           "WORK_DIR": "/x"}
+    cfg, _ = config.load(None, environ=env)
+    assert cfg.reference.model == {"preset": "qwen-104M"}
+    assert cfg.student.model == {"num_layers": 3, "hidden_size": 64, "ffn_hidden_size": 128,
+                                 "num_attention_heads": 4, "tie_embeddings": False}
+    assert cfg.bf16 is False
+    assert cfg.reference.train["micro_batch_size"] == cfg.student.train["micro_batch_size"] == 2
+    assert cfg.corpus.train == ["a.jsonl", "b c.jsonl"] and cfg.parallel.nnodes == 2 and cfg.work_dir == "/x"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("selection.beta=1", "selection.beta: not a SelectionConfig setting"),
+    ("student.train.seed=3", "student.train.seed: set seed once, at the top"),
+    ("scoring.seq_length=64", "scoring.seq_length: set seq_length once, at the top"),
+    ("reference.train.data_path=[x]", "reference.train.data_path: set by the pipeline itself"),
+    ("colour=red", "unknown setting(s) colour"),
+    ("student.model.depth=3", "student.model: unknown model setting(s) depth"),
+    ("evaluation.tasks=x", "evaluation: only micro_batch_size"),
+    ("alpha", "expected key=value"),
+])
+def test_refusals_name_the_setting(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[")):
+        config.load(None, [override], environ={})

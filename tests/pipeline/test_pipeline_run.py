@@ -1,0 +1,154 @@
+"""The whole pipeline on a tiny setting: one node with two processes; an unchanged rerun skips
+everything; a changed alpha reruns exactly the selection, the students and the evaluation;
+two launchers as two nodes give the one-node results; --dry-run writes nothing; the
+invariants refuse before anything runs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline_helpers import PIPELINE, run_pipeline, tiny_config, write_config
+from distributed import free_port
+
+SINGLE_STAGES = ("teacher", "data", "split", "select")
+
+
+def _results(work_dir):
+    with open(os.path.join(work_dir, "records", "evaluate.json")) as f:
+        out = json.load(f)["output"]
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+def _stages(output, what):
+    """Stage names the output reports as run ('RUN ') or skipped ('skip')."""
+    lines = output.split("\n=== stage", 1)[0].splitlines()
+    return [line.split()[0] for line in lines if line[21:25] == what]
+
+
+@pytest.fixture(scope="module")
+def one_node(setting, tmp_path_factory):
+    """The pipeline on one node with two processes (DP=2)."""
+    root = tmp_path_factory.mktemp("one-node")
+    config = write_config(root / "tiny.yaml", tiny_config(setting, root / "work"))
+    out = run_pipeline(config, "parallel.nproc_per_node=2", f"parallel.master_port={free_port()}")
+    assert out.returncode == 0, out.stdout[-4000:]
+    return root, config, out.stdout
+
+
+def test_it_runs_and_reports(one_node):
+    root, _, output = one_node
+    results = _results(root / "work")
+    assert set(results) == {"student-miniplm", "student-uniform", "reference", "teacher (tiny-qwen2)"}
+    assert all(r["instances"] > 0 for r in results.values())
+    assert "Selection: kept fraction per domain" in output and "| noise |" in output
+    assert (root / "work" / "pipeline_config.yaml").exists()
+    from megatron_miniplm.checkpointing import latest_checkpoint
+
+    record = json.load(open(root / "work" / "records" / "student-miniplm.json"))
+    checkpoint = latest_checkpoint(os.path.join(record["output"], "ckpt"))
+    student = json.load(open(os.path.join(checkpoint, "run_config.json")))
+    assert student["seed"] == 1234 and student["seq_length"] == 32  # the run config travels with the checkpoint
+
+
+def test_an_unchanged_rerun_skips_everything(one_node):
+    root, config, _ = one_node
+    out = run_pipeline(config, "parallel.nproc_per_node=2")
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert _stages(out.stdout, "RUN ") == []
+    assert len(_stages(out.stdout, "skip")) == 10
+    assert "student-miniplm" in out.stdout  # the table is printed again
+
+
+def test_dry_run_changes_nothing(one_node):
+    root, config, _ = one_node
+    before = sorted((p, os.path.getmtime(os.path.join(p, f))) for p, _, fs in os.walk(root / "work") for f in fs)
+    out = run_pipeline(config, "selection.alpha=0.3", "parallel.nproc_per_node=2", "--dry-run")
+    assert out.returncode == 0 and "# resolved pipeline config" in out.stdout
+    assert "selection.alpha 0.5 -> 0.3" in out.stdout
+    after = sorted((p, os.path.getmtime(os.path.join(p, f))) for p, _, fs in os.walk(root / "work") for f in fs)
+    assert before == after
+
+
+def test_a_changed_alpha_reruns_exactly_what_reads_it(one_node):
+    root, config, _ = one_node
+    copy = root / "alpha"
+    subprocess.run(["cp", "-a", str(root / "work"), str(copy)], check=True)
+    # the records name absolute output paths: point the copy's config at the copy
+    import yaml
+
+    data = yaml.safe_load(open(config))
+    data["work_dir"] = str(copy)
+    for record in os.listdir(copy / "records"):
+        path = copy / "records" / record
+        if record.endswith(".json"):
+            path.write_text(path.read_text().replace(str(root / "work"), str(copy)))
+    config2 = write_config(root / "alpha.yaml", data)
+    before = _results(copy)
+    out = run_pipeline(config2, "selection.alpha=0.3", "parallel.nproc_per_node=2")
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert _stages(out.stdout, "RUN ") == ["select", "student-miniplm", "student-uniform", "evaluate"]
+    after = _results(copy)
+    assert after["reference"]["lm_loss"] == before["reference"]["lm_loss"]  # the same reference model
+    assert after["student-miniplm"]["lm_loss"] != before["student-miniplm"]["lm_loss"]
+
+
+def test_two_nodes_match_one_node(setting, one_node, tmp_path):
+    """Two launcher processes as two nodes (one process each, one shared work directory):
+    each single-process stage runs once, on node 0, and the results are the one-node run's."""
+    root, _, _ = one_node
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(setting, tmp_path / "work"))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("ALPHA", "WORK_DIR")}
+    procs = [subprocess.Popen([sys.executable, PIPELINE, config, "parallel.nnodes=2", f"parallel.node_rank={r}",
+                               "parallel.nproc_per_node=1", f"parallel.master_port={port}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**env, "OMP_NUM_THREADS": "1"}) for r in (0, 1)]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    for tool in ("convert_checkpoint.py", "preprocess_data.py", "split_dataset.py", "difference_sample.py"):
+        assert tool in logs[0] and tool not in logs[1], tool  # single-process stages: node 0 only
+    assert logs[1].count("done by node 0") == len(SINGLE_STAGES)
+    want, got = _results(root / "work"), _results(tmp_path / "work")
+    assert want.keys() == got.keys()
+    for name in want:
+        assert got[name]["lm_loss"] == pytest.approx(want[name]["lm_loss"], abs=1e-4), name
+
+
+@pytest.mark.parametrize("override,message", [
+    ("parallel.tensor_model_parallel_size=3", "does not divide the 2 attention heads"),
+    ("parallel.pipeline_model_parallel_size=4", "does not divide the teacher's 2 layers"),
+    ("tokenizer=OTHER", "differs from the teacher's"),
+    ("seq_length=1000", "exceeds the teacher's 256 positions"),
+    ("selection.baselines=[uniform,random]", "selection.baselines"),
+    ("selection.keep_tokens=100", "give exactly one of alpha"),
+    ("split.ref_fraction=1.5", "split: ref_fraction must be in (0, 1)"),
+    ("student.train.global_batch_size=7", "global_batch_size 7 is not divisible"),
+    ("student.epochs=0", "student.epochs 0"),
+    ("corpus.test=null", "corpus.test is not"),
+    ("corpus.train=[/nonexistent/*.jsonl]", "no file matches"),
+])
+def test_invariants_refuse_naming_the_settings(setting, tmp_path, override, message):
+    from megatron_miniplm.pipeline import config, invariants, stages
+
+    if override == "tokenizer=OTHER":
+        other = tmp_path / "other.json"
+        other.write_text('{"model": {"type": "WordLevel", "vocab": {"a": 0}}}')
+        override = f"tokenizer={other}"
+    path = write_config(tmp_path / "tiny.yaml", tiny_config(setting, tmp_path / "work"))
+    cfg, _ = config.load(path, [override], environ={})
+    with pytest.raises(config.ConfigError) as refused:
+        invariants.check(stages.Graph(cfg))
+    assert message in str(refused.value)
+
+
+def test_a_refused_config_exits_1_before_anything_runs(setting, tmp_path):
+    path = write_config(tmp_path / "tiny.yaml", tiny_config(setting, tmp_path / "work"))
+    out = run_pipeline(path, "parallel.tensor_model_parallel_size=3", "seq_length=1000", timeout=120)
+    assert out.returncode == 1, out.stdout[-2000:]
+    assert "does not divide" in out.stdout and "exceeds the teacher's" in out.stdout  # all problems at once
+    assert not (tmp_path / "work").exists()

@@ -1,0 +1,109 @@
+"""The runner on toy stages: records, skips, reruns after a change or a kill, failures,
+the shared-directory check."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from megatron_miniplm.pipeline import runner
+from megatron_miniplm.pipeline.config import Parallel, PipelineConfig
+from megatron_miniplm.pipeline.stages import DISTRIBUTED, SINGLE, Stage
+
+# A toy stage's command: append its name to a log, wait a little, write its output.
+STEP = ("import os, sys, time; out, name, log = sys.argv[1:4]; "
+        "open(log, 'a').write(name + '\\n'); time.sleep(float(sys.argv[4])); "
+        "open(os.path.join(out, 'done'), 'w').write(name)")
+
+
+def toy_graph(work_dir, log, *, b_setting=1, b_sleep=0.0, nnodes=1, node_rank=0):
+    def stage(name, kind, settings, deps, sleep=0.0):
+        return Stage(name, kind, settings, deps=deps,
+                     commands=lambda out, d, n=name, s=sleep: [[sys.executable, "-c", STEP, out, n, str(log), str(s)]],
+                     finished=lambda out, d: None if os.path.exists(os.path.join(out, "done")) else "not done")
+
+    stages = [stage("a", SINGLE, {"x": 1}, []), stage("b", DISTRIBUTED, {"x": b_setting}, ["a"], b_sleep),
+              stage("c", SINGLE, {"x": 1}, ["b"])]
+    prints = {}
+    for s in stages:
+        prints[s.name] = s.compute_fingerprint(prints)
+    cfg = PipelineConfig(work_dir=str(work_dir), parallel=Parallel(nnodes=nnodes, node_rank=node_rank))
+    graph = SimpleNamespace(cfg=cfg, stages=stages)
+    graph.out_dir = lambda s: os.path.join(str(work_dir), s.name, s.fingerprint)
+    return graph
+
+
+def ran(log):
+    return open(log).read().split() if os.path.exists(log) else []
+
+
+def test_records_skip_and_downstream_reruns(tmp_path):
+    log = tmp_path / "log"
+    graph = toy_graph(tmp_path / "w", log)
+    assert runner.execute(graph, runner.plan(graph), log=lambda *a: None) == 0
+    assert ran(log) == ["a", "b", "c"]
+    assert not any(d.run for d in runner.plan(graph))  # an unchanged rerun skips everything
+    assert runner.execute(graph, runner.plan(graph), log=lambda *a: None) == 0
+    assert ran(log) == ["a", "b", "c"]
+
+    changed = toy_graph(tmp_path / "w", log, b_setting=2)
+    decisions = {d.stage.name: d for d in runner.plan(changed)}
+    assert not decisions["a"].run
+    assert decisions["b"].run and "x 1 -> 2" in decisions["b"].reason
+    assert decisions["c"].run and "reads b" in decisions["c"].reason
+    old_b = changed.out_dir(graph.stages[1])
+    assert runner.execute(changed, runner.plan(changed), log=lambda *a: None) == 0
+    assert ran(log) == ["a", "b", "c", "b", "c"]
+    assert not os.path.exists(old_b)  # the old output went once the new one was recorded
+
+
+def test_a_stage_killed_half_way_reruns(tmp_path):
+    log, work = tmp_path / "log", tmp_path / "w"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_runner as t; "
+            "from megatron_miniplm.pipeline import runner; g = t.toy_graph(sys.argv[2], sys.argv[3], b_sleep=30); "
+            "runner.execute(g, runner.plan(g))")
+    proc = subprocess.Popen([sys.executable, "-c", code, os.path.dirname(__file__), str(work), str(log)],
+                            start_new_session=True, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while ran(log) != ["a", "b"]:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    graph = toy_graph(work, log)
+    decisions = {d.stage.name: d for d in runner.plan(graph)}
+    assert not decisions["a"].run
+    assert decisions["b"].run and "started, not finished" in decisions["b"].reason
+    assert runner.execute(graph, runner.plan(graph), log=lambda *a: None) == 0
+    assert ran(log) == ["a", "b", "b", "c"]
+
+
+def test_a_stage_that_stops_early_ends_the_run_with_3(tmp_path):
+    graph = toy_graph(tmp_path / "w", tmp_path / "log")
+    graph.stages[1].finished = lambda out, d: "checkpoint at iteration 4, 10 wanted"
+    lines = []
+    assert runner.execute(graph, runner.plan(graph), log=lines.append) == runner.STOPPED_EARLY
+    assert "run the same command again to resume" in lines[-1]
+    assert runner.read_record(str(tmp_path / "w"), "b") is None and runner.read_record(str(tmp_path / "w"), "c") is None
+
+
+def test_other_nodes_wait_for_single_stages_and_see_failures(tmp_path):
+    work = tmp_path / "w"
+    node1 = toy_graph(work, tmp_path / "log1", nnodes=2, node_rank=1)
+    failed = runner._record_path(str(work), "a") + ".failed"
+    os.makedirs(os.path.dirname(failed))
+    from megatron_miniplm.atomic_io import write_json_atomic
+
+    write_json_atomic(failed, {"fingerprint": node1.stages[0].fingerprint, "error": "stage a failed (exit 1)"})
+    with pytest.raises(runner.StageFailed, match="failed on node 0: stage a failed"):
+        runner.Runner(node1, log=lambda *a: None)._wait_for(node1.stages[0], poll_s=0.01)
+
+
+def test_a_work_directory_not_shared_is_refused(tmp_path):
+    with pytest.raises(runner.StageFailed, match=r"does not see the tokens of node\(s\) \[1\].*shared filesystem"):
+        runner.check_shared_work_dir(str(tmp_path), nnodes=2, node_rank=0, timeout_s=1)
+    runner.check_shared_work_dir(str(tmp_path), nnodes=1, node_rank=0, timeout_s=1)
