@@ -27,6 +27,7 @@ setup(
         "tokenizers",
         "transformers",
         "psutil",  # dist_checkpointing.save hangs without it
+        "pyyaml",  # the pipeline config
         "tqdm",
         "zstandard",
     ],
