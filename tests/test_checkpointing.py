@@ -44,7 +44,7 @@ def _model(extra_state: bool, tie: bool = True, seed: int = 1):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from megatron_miniplm import parallel
-    from megatron_miniplm.models import get_preset
+    from presets import get_preset
     from megatron_miniplm.models.gpt import layer_spec, transformer_config
 
     class AttentionWithExtraState(DotProductAttention):

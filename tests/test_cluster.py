@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from corpus import pattern_instances, write_dataset
+from presets import model_flags
 from distributed import free_port, run_distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +47,7 @@ def runs(tmp_path_factory):
     for layout, launch in (("one-node", _one_node), ("two-nodes", _two_nodes)):
         out = root / layout
         out.mkdir()
-        train = ["--model-preset", "tiny", "--data-path", data, "--seq-length", str(SEQ),
+        train = [*model_flags("tiny"), "--data-path", data, "--seq-length", str(SEQ),
                  "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "4",
                  "--bf16", "--use-distributed-optimizer", "--save", str(out / "ckpt"),
                  "--save-interval", "2", "--metrics-file", str(out / "metrics.jsonl"), "--log-interval", "1"]

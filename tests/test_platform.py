@@ -56,7 +56,7 @@ def test_rng_tracker_forks_the_cpu_generator():
 
 
 def test_same_seed_same_init_different_seed_different():
-    from megatron_miniplm.models import get_preset
+    from presets import get_preset
     from megatron_miniplm.models.gpt import build_model
 
     def weights(seed):
@@ -74,7 +74,7 @@ def test_cuda_type_names_stay_inside_megatron_optimizers():
     they are built; everything else keeps torch's own names."""
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
-    from megatron_miniplm.models import get_preset
+    from presets import get_preset
     from megatron_miniplm.training import engine
 
     parallel.initialize()

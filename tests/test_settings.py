@@ -9,7 +9,8 @@ import pytest
 from megatron_miniplm import settings
 from megatron_miniplm.data.preprocess import PreprocessConfig
 from megatron_miniplm.data.split import SplitConfig
-from megatron_miniplm.models.config import ModelConfig, get_preset
+from megatron_miniplm.models.config import ModelConfig
+from presets import get_preset
 from megatron_miniplm.scoring.scorer import ScoreConfig
 from megatron_miniplm.selection.difference import SelectionConfig
 from megatron_miniplm.selection.sample import SampleRequest

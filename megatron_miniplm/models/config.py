@@ -140,20 +140,6 @@ PRESETS: dict[str, ModelConfig] = {
         max_position_embeddings=8192, init_method_std=0.041666666666666664,
         published_params=135_000_000,
     ),
-    # Tiny presets for tests and the CPU demo.
-    "tiny": ModelConfig(
-        name="tiny", num_layers=2, hidden_size=64, ffn_hidden_size=176,
-        num_attention_heads=4, vocab_size=512, max_position_embeddings=512,
-    ),
-    "tiny-gqa": ModelConfig(
-        name="tiny-gqa", num_layers=2, hidden_size=64, ffn_hidden_size=160,
-        num_attention_heads=4, num_query_groups=2, vocab_size=512, qkv_bias=False,
-        rotary_base=10_000.0, max_position_embeddings=512,
-    ),
-    "tiny-untied": ModelConfig(
-        name="tiny-untied", num_layers=4, hidden_size=64, ffn_hidden_size=176,
-        num_attention_heads=4, vocab_size=512, tie_embeddings=False, max_position_embeddings=512,
-    ),
 }
 
 PRESET_NOTES = {

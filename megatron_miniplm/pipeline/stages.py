@@ -146,12 +146,12 @@ class Graph:
         self._teacher()
         self._data()
         self._split()
-        self._train("reference", cfg.reference, data_stage="split", data_name="ref", iters_from="split")
+        self._train("reference", cfg.reference, data_stage="split", data_name="ref")
         for model in ("teacher", "reference"):
             self._score(model)
         self._select()
         for name in self.student_names:
-            self._train(f"student-{name}", cfg.student, data_stage="select", data_name=name, iters_from="select")
+            self._train(f"student-{name}", cfg.student, data_stage="select", data_name=name)
         self._evaluate()
 
     @property
@@ -247,6 +247,8 @@ class Graph:
         from megatron_miniplm.training.trainer import TrainConfig
 
         cfg, par = self.cfg, self.cfg.parallel
+        # The model goes to the tool as model flags (model_flags): the tool resolves a preset or a
+        # shape against the data's vocabulary. TrainConfig needs one, so it gets a stand-in.
         placeholder = ModelConfig(num_layers=1, hidden_size=8, ffn_hidden_size=8, num_attention_heads=1, vocab_size=8)
         values = dict(lm.train, data_path=[data_path], valid_data_path=[os.path.join(d["data"], "test")],
                       seq_length=cfg.seq_length, seed=cfg.seed, bf16=self.bf16,
@@ -256,16 +258,16 @@ class Graph:
                       metrics_file=os.path.join(out, "metrics.jsonl"), exit_signal_handler=True)
         return _flat_train_config(values, placeholder)
 
-    def _train(self, name: str, lm, *, data_stage: str, data_name: str, iters_from: str) -> None:
+    def _train(self, name: str, lm, *, data_stage: str, data_name: str) -> None:
         from megatron_miniplm.settings import to_argv
 
         cfg = self.cfg
+        # Epochs over D_ref for the reference; for every student over the MiniPLM selection's
+        # tokens, so that all students take the same steps.
+        budget, key = ("ref", "num_tokens") if data_stage == "split" else ("miniplm", "tokens_kept")
 
         def iterations(d) -> int:
-            """Epochs over the stage's data: D_ref for the reference; for every student the
-            MiniPLM selection's tokens, so that all students take the same steps."""
-            meta = _read_meta(os.path.join(d[data_stage], ("ref" if iters_from == "split" else "miniplm") + ".meta.json"))
-            tokens = meta["num_tokens"] if iters_from == "split" else meta["tokens_kept"]
+            tokens = _read_meta(os.path.join(d[data_stage], budget + ".meta.json"))[key]
             gbs = self.train_config(lm, "", d, "", 1).global_batch_size
             return _iterations(lm.epochs, tokens, gbs, cfg.seq_length)
 

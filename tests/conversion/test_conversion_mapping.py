@@ -8,7 +8,7 @@ from megatron_miniplm.conversion.errors import ConversionError
 from megatron_miniplm.conversion.hf_config import (
     hf_config_from_model_config, layout_of, model_config_from_hf,
 )
-from megatron_miniplm.models import get_preset
+from presets import get_preset
 
 
 @pytest.mark.parametrize("heads,groups", [(4, 4), (4, 2), (9, 3), (8, 1)])

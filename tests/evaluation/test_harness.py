@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from corpus import pattern_instances, write_dataset
+from presets import model_flags
 from distributed import run_distributed
 
 pytest.importorskip("lm_eval")
@@ -81,7 +82,7 @@ def test_lm_eval_local_task_on_a_trained_student(tmp_path):
     json.dump(meta, open(meta_path, "w"))
     ckpt = str(tmp_path / "ckpt")
     run_distributed(_train, 1, [
-        "--model-preset", "tiny", "--vocab-size", str(VOCAB), "--data-path", prefix,
+        *model_flags("tiny"), "--vocab-size", str(VOCAB), "--data-path", prefix,
         "--seq-length", str(SEQ), "--micro-batch-size", "8", "--global-batch-size", "16",
         "--train-iters", "150", "--lr", "1e-2", "--lr-warmup-iters", "10", "--save", ckpt,
         "--log-interval", "50",

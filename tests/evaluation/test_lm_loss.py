@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from corpus import pattern_instances, write_dataset
+from presets import model_flags
 from distributed import run_distributed
 from megatron_miniplm.evaluation.lm_loss import lm_loss_from_scores
 
@@ -38,7 +39,7 @@ def test_evaluate_agrees_with_the_trainers_validation_loss(tmp_path):
     valid = write_dataset(str(tmp_path / "valid"), pattern_instances(40, VOCAB, SEQ + 1, seed=2), VOCAB, SEQ)
     metrics, ckpt = tmp_path / "m.jsonl", str(tmp_path / "ckpt")
     # 5 eval iterations x 8 = the 40 validation instances, in order: the same tokens as evaluate.py.
-    run_distributed(_train, 1, ["--model-preset", "tiny", "--data-path", train, "--valid-data-path", valid,
+    run_distributed(_train, 1, [*model_flags("tiny"), "--data-path", train, "--valid-data-path", valid,
                                 "--seq-length", str(SEQ), "--micro-batch-size", "4", "--global-batch-size", "8",
                                 "--eval-iters", "5", "--train-iters", "20", "--lr", "5e-3", "--save", ckpt,
                                 "--metrics-file", str(metrics)])

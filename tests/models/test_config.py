@@ -2,7 +2,8 @@
 
 import pytest
 
-from megatron_miniplm.models.config import PRESETS, ModelConfig, get_preset
+from megatron_miniplm.models.config import PRESETS, ModelConfig
+from presets import get_preset
 from megatron_miniplm.models.param_count import count_parameters
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megatron_miniplm import parallel
-from megatron_miniplm.models import get_preset
+from presets import get_preset
 from megatron_miniplm.models.gpt import build_model, resolve_attention_backend
 
 

@@ -73,6 +73,22 @@ def test_dry_run_changes_nothing(one_node):
     assert before == after
 
 
+@pytest.mark.parametrize("override,reruns", [
+    ("student.model.num_layers=4", ["student-miniplm", "student-uniform", "evaluate"]),
+    ("teacher.name=another", ["evaluate"]),
+    ("scoring.micro_batch_size=4", ["score-teacher", "score-reference", "select", "student-miniplm",
+                                    "student-uniform", "evaluate"]),
+    ("seed=99", ["split", "reference", "score-teacher", "score-reference", "select", "student-miniplm",
+                 "student-uniform", "evaluate"]),
+])
+def test_a_change_reruns_exactly_the_stages_that_depend_on_it(one_node, override, reruns):
+    _, config, _ = one_node
+    out = run_pipeline(config, override, "parallel.nproc_per_node=2", "--dry-run", timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:]
+    planned = [line.split()[1] for line in out.stdout.split("# stages", 1)[1].splitlines() if " RUN " in line]
+    assert planned == reruns
+
+
 def test_a_changed_alpha_reruns_exactly_what_reads_it(one_node):
     root, config, _ = one_node
     copy = root / "alpha"

@@ -67,7 +67,7 @@ def save_checkpoint(directory: str, preset: str = "tiny", vocab: int = VOCAB, to
     and, unless ``tokenizer`` is None, a checkpoint_info.json naming the tokenizer."""
     from megatron_miniplm import parallel
     from megatron_miniplm.checkpointing import save_model
-    from megatron_miniplm.models import get_preset
+    from presets import get_preset
     from megatron_miniplm.models.gpt import build_model
 
     parallel.initialize(parallel.ParallelConfig(seed=seed))

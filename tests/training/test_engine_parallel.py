@@ -38,7 +38,7 @@ def _run(root: str, name: str, tp: int, pp: int, save_init: bool):
 
     from megatron_miniplm import parallel
     from megatron_miniplm.checkpointing import load_model, save_model
-    from megatron_miniplm.models import get_preset
+    from presets import get_preset
     from megatron_miniplm.models.gpt import build_model
     from megatron_miniplm.training.engine import (
         OptimizerSettings, attach_schedule_hooks, build_optimizer, forward_losses, train_step,
@@ -72,7 +72,7 @@ def _run(root: str, name: str, tp: int, pp: int, save_init: bool):
 def _load_tp1(root: str, names: list):
     from megatron_miniplm import parallel
     from megatron_miniplm.checkpointing import load_model
-    from megatron_miniplm.models import get_preset
+    from presets import get_preset
     from megatron_miniplm.models.gpt import build_model
 
     parallel.initialize()

@@ -20,7 +20,7 @@ def _build(out, bf16, distributed):
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
     from megatron_miniplm import parallel
-    from megatron_miniplm.models import get_preset
+    from presets import get_preset
     from megatron_miniplm.training import engine
 
     parallel.initialize(parallel.ParallelConfig(seed=3))

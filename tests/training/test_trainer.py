@@ -10,6 +10,7 @@ import time
 import pytest
 
 from corpus import pattern_instances, write_dataset
+from presets import model_flags
 from distributed import run_distributed
 from trainer_helpers import SEQ, TOOL, VOCAB, args, metrics, parameters_at_tp1
 from trainer_helpers import train as _train
@@ -114,7 +115,7 @@ def test_document_mode_through_megatron_gpt_dataset(tmp_path):
         assert (window == stream_again[i]).all()  # deterministic from the seed
     assert sum((stream[i] == 0).sum() for i in range(16)) > 0  # windows cross document ends
     m = tmp_path / "m.jsonl"
-    run_distributed(_train, 1, ["--model-preset", "tiny", "--data-path", prefix, "--seq-length",
+    run_distributed(_train, 1, [*model_flags("tiny"), "--data-path", prefix, "--seq-length",
                                 str(SEQ), "--micro-batch-size", "2", "--global-batch-size", "4",
                                 "--train-iters", "3", "--metrics-file", str(m)])
     assert sorted(metrics(m)) == [1, 2, 3]
@@ -127,7 +128,7 @@ def test_pipeline_stages_from_scratch_are_distinct(corpus, tmp_path):
     import torch
 
     save = str(tmp_path / "pp2")
-    run_distributed(_train, 2, args(corpus, "--model-preset", "tiny-untied", "--save", save,
+    run_distributed(_train, 2, args(corpus, *model_flags("tiny-untied"), "--save", save,
                                     "--pipeline-model-parallel-size", "2", iters=0))
     out = str(tmp_path / "values.pt")
     run_distributed(parameters_at_tp1, 1, {save: out}, 256)
@@ -155,7 +156,7 @@ def test_data_cache_path_keeps_the_data_directory_untouched(tmp_path):
     prefix = write_dataset(str(data_dir / "docs"), pattern_instances(60, VOCAB, 20, seed=3), VOCAB, SEQ,
                            mode="document")
     before = sorted(os.listdir(data_dir))
-    common = ["--model-preset", "tiny", "--data-path", prefix, "--seq-length", str(SEQ),
+    common = [*model_flags("tiny"), "--data-path", prefix, "--seq-length", str(SEQ),
               "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2"]
     run_distributed(_train, 2, [*common, "--data-cache-path", str(cache)])
     assert sorted(os.listdir(data_dir)) == before

@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+from presets import model_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "pretrain_gpt.py")
 SEQ = 32
@@ -12,7 +14,7 @@ VOCAB = 512
 
 def args(corpus, *extra, iters=6):
     train, valid = corpus
-    return ["--model-preset", "tiny", "--data-path", train, "--seq-length", str(SEQ),
+    return [*model_flags("tiny"), "--data-path", train, "--seq-length", str(SEQ),
             "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(iters),
             "--lr", "3e-3", "--lr-warmup-iters", "2", "--log-interval", "1", "--seed", "5", *extra]
 
