@@ -7,6 +7,12 @@ noise hits both alike. Prints tokens/s of each and the ratio (target >= 0.9).
 With a GPU it also prints TFLOP/s and MFU.
 
     python benchmarks/bench_train.py [--preset NAME] [--seq-length 256] [--micro-batch-size 8] [--bf16]
+    python benchmarks/bench_train.py --kd-teacher-load CKPT [--bf16]   # Vanilla KD step vs plain step
+
+With --kd-teacher-load (e.g. SmolLM2-135M converted by tools/convert_checkpoint.py; without
+a path the packaged GGUF is converted into a temporary directory) it measures instead the
+cost of a Vanilla KD training step against a plain step of the same student (vocabulary
+the teacher's), interleaved likewise, and the FLOPs each counts.
 """
 
 from __future__ import annotations
@@ -54,7 +60,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=6, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--kd-teacher-load", nargs="?", const="smollm2", default=None,
+                    help="measure a Vanilla KD step against a plain one (no path: the packaged SmolLM2-135M)")
     args = ap.parse_args()
+    if args.kd_teacher_load:
+        return kd_main(args)
 
     config = get_preset(args.preset) if args.preset else BENCH_MODEL
     parallel.initialize(parallel.ParallelConfig(seed=1))
@@ -111,6 +121,71 @@ def main() -> int:
         plain_best = statistics.median(plain_tps)
         print(f"plain PyTorch:    {plain_best:10.0f} tokens/s  ({plain_best * flops / 1e12:.3f} TFLOP/s)")
         print(f"ratio (ours / plain): {ours_best / plain_best:.2f}x   (target >= 0.9x)")
+    parallel.destroy()
+    return 0
+
+
+def _packaged_teacher(directory: str) -> str:
+    import subprocess
+
+    from megatron_miniplm.conversion.gguf import find_packaged_gguf
+
+    out = os.path.join(directory, "teacher")
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools",
+                    "convert_checkpoint.py"), "--direction", "hf-to-megatron", "--load", find_packaged_gguf(),
+                    "--save", out], check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def kd_main(args) -> int:
+    import tempfile
+    from functools import partial
+
+    from megatron_miniplm.checkpointing import load_model_config
+    from megatron_miniplm.scoring.model import resolve_checkpoint
+    from megatron_miniplm.training.kd import KDSettings, Teacher, kd_forward_step
+
+    with tempfile.TemporaryDirectory() as tmp:
+        load = _packaged_teacher(tmp) if args.kd_teacher_load == "smollm2" else args.kd_teacher_load
+        teacher_config = load_model_config(load)
+        parallel.initialize(parallel.ParallelConfig(seed=1))
+        config = (get_preset(args.preset) if args.preset else BENCH_MODEL).replace(vocab_size=teacher_config.vocab_size)
+        seq, micro = args.seq_length, args.micro_batch_size
+        batches = make_batches(config, micro, seq, 1, platform.device())
+        chunks = engine.build_model_chunks(config, bf16=args.bf16)
+        optimizer = engine.build_optimizer(chunks, engine.OptimizerSettings(lr=1e-4), bf16=args.bf16)
+        settings = KDSettings(kd_teacher_load=load)
+        tokenizer = (resolve_checkpoint(load).info or {}).get("tokenizer") or {"vocab_size": config.vocab_size}
+        teacher = Teacher(settings, config, bf16=args.bf16, data_path="synthetic (the teacher's tokenizer)",
+                          data_tokenizer=tokenizer)
+        kd_step = partial(kd_forward_step, teacher, settings)
+
+        def step(forward):
+            engine.train_step(chunks, optimizer, iter(batches), num_microbatches=1, micro_batch_size=micro,
+                              seq_length=seq, forward_step=forward)
+
+        def timed(forward):
+            step(forward)
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step(forward)
+            return args.steps / (time.perf_counter() - t)
+
+        plain, kd = [], []
+        for _ in range(args.rounds):
+            plain.append(timed(engine.gpt_forward_step))
+            kd.append(timed(kd_step))
+        p, k = statistics.median(plain), statistics.median(kd)
+        student_flops = training_flops_per_token(config, seq)
+        teacher_flops = training_flops_per_token(teacher_config, seq) / 3
+        print(f"student {config.num_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}; "
+              f"teacher {teacher_config.name} ({teacher_config.num_layers} layers, hidden {teacher_config.hidden_size}); "
+              f"batch {micro} x {seq}; {'bf16' if args.bf16 else 'fp32'}; device {platform.device()}; "
+              f"threads {torch.get_num_threads()}")
+        print(f"plain step:      {1000 / p:8.0f} ms  ({micro * seq * p:8.0f} tokens/s)")
+        print(f"Vanilla KD step: {1000 / k:8.0f} ms  ({micro * seq * k:8.0f} tokens/s)")
+        print(f"KD step / plain step: {p / k:.2f}x the time; FLOPs per token {student_flops / 1e9:.3f} G "
+              f"+ teacher forward {teacher_flops / 1e9:.3f} G = {(student_flops + teacher_flops) / student_flops:.2f}x")
     parallel.destroy()
     return 0
 

@@ -171,10 +171,16 @@ def gpt_forward_step(data_iterator: Iterator[dict], model):
 
 @dataclass
 class StepResult:
-    loss: Optional[float]  # mean NLL per counted token; None off the last pipeline stage
+    losses: dict  # mean per counted token of each logged loss ("lm loss"; with KD "kd loss",
+    #               "total loss"); empty off the last pipeline stage
     tokens: int  # counted tokens in the global batch (this DP rank's share on other stages: 0)
     grad_norm: Optional[float]
     skipped: bool
+
+    @property
+    def loss(self) -> Optional[float]:
+        """The optimized objective: the LM loss, or the mixed loss under KD."""
+        return self.losses.get("total loss", self.losses.get("lm loss"))
 
 
 def train_step(
@@ -203,19 +209,22 @@ def train_step(
         forward_only=False,
     )
     ok, grad_norm, _ = optimizer.step()
-    loss, tokens = reduce_loss_reports(reports)
-    return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, skipped=not ok)
+    losses, tokens = reduce_loss_reports(reports)
+    return StepResult(losses=losses, tokens=tokens, grad_norm=grad_norm, skipped=not ok)
 
 
-def reduce_loss_reports(reports: list) -> tuple[Optional[float], int]:
-    """Global mean loss from the per-micro-batch [sum, count] reports (last stage only)."""
+def reduce_loss_reports(reports: list) -> tuple[dict, int]:
+    """Global mean of each logged loss from the per-micro-batch [sum, count] reports (last
+    stage only; one all-reduce for all of them), and the counted tokens."""
     from megatron.core import parallel_state as ps
 
     if not reports:
-        return None, 0
-    totals = torch.stack([r["lm loss"] for r in reports]).sum(dim=0).double()
+        return {}, 0
+    names = list(reports[0])
+    totals = torch.stack([torch.stack([r[k] for k in names]) for r in reports]).sum(dim=0).double()  # [k, 2]
     torch.distributed.all_reduce(totals, group=ps.get_data_parallel_group())
-    return (totals[0] / totals[1].clamp(min=1)).item(), int(totals[1].item())
+    means = (totals[:, 0] / totals[:, 1].clamp(min=1)).tolist()
+    return dict(zip(names, means)), int(totals[0, 1].item())
 
 
 def forward_losses(model_chunks: list, data_iterator, *, num_microbatches: int,

@@ -30,6 +30,7 @@ from megatron_miniplm.training import engine
 from megatron_miniplm.training.checkpoint import load_checkpoint, save_checkpoint
 from megatron_miniplm.training.data import DATA_ORDERS, SampleStream
 from megatron_miniplm.training.flops import device_peak_flops, training_flops_per_token
+from megatron_miniplm.training.kd import KDSettings, Teacher, kd_forward_step
 
 
 DATA, TRAINING, PARALLEL, CHECKPOINTING, LOGGING = "data", "training", "parallelism", "checkpointing", "logging"
@@ -75,6 +76,7 @@ class TrainConfig:
     tensor_model_parallel_size: int = setting(1, group=PARALLEL, help="tensor-parallel ranks per model replica")
     pipeline_model_parallel_size: int = setting(1, group=PARALLEL, help="pipeline stages per model replica")
     ddp: engine.DDPSettings = field(default_factory=engine.DDPSettings)
+    kd: KDSettings = field(default_factory=KDSettings)
     save: Optional[str] = setting(None, group=CHECKPOINTING, help="directory of the checkpoints")
     load: Optional[str] = setting(
         None, group=CHECKPOINTING,
@@ -152,6 +154,13 @@ class Trainer:
 
         self.model = engine.build_model_chunks(cfg.model, bf16=cfg.bf16, ddp=cfg.ddp)
         self.optimizer = engine.build_optimizer(self.model, cfg.optimizer, bf16=cfg.bf16)
+        self.teacher, self.forward_step = None, engine.gpt_forward_step
+        if cfg.kd.enabled:
+            from functools import partial
+
+            self.teacher = Teacher(cfg.kd, cfg.model, bf16=cfg.bf16, data_tokenizer=self._data_tokenizer(),
+                                   data_path=cfg.data_path[-1])
+            self.forward_step = partial(kd_forward_step, self.teacher, cfg.kd)
         decay, warmup = cfg.decay_iters, cfg.warmup_iters
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=cfg.optimizer.lr, min_lr=cfg.optimizer.final_lr,
@@ -162,9 +171,14 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.consumed_tokens = 0
+        self.consumed_flops = 0.0
         if cfg.load:
             self._resume()
+        # Training FLOPs per token, the teacher's forward pass included under KD (it is a
+        # third of its training FLOPs): what MiniPLM is compared with at equal compute.
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.seq_length)
+        if self.teacher is not None:
+            self.flops_per_token += training_flops_per_token(self.teacher.config, cfg.seq_length) / 3
         self.peak_flops = device_peak_flops(cfg.peak_tflops)
         self.writer = self._tensorboard()
         self._log_startup()
@@ -194,6 +208,9 @@ class Trainer:
                     f"need a sequence length >= {source.seq_length}"
                 )
 
+    def _data_tokenizer(self) -> dict:
+        return self.train_data.sources[0].metas[0].get("tokenizer") or {}
+
     def _resume(self) -> None:
         cfg = self.cfg
         state = load_checkpoint(cfg.load, self.model, self.optimizer, self.scheduler,
@@ -202,9 +219,14 @@ class Trainer:
             if cfg.load != cfg.save:
                 raise FileNotFoundError(f"load directory {cfg.load}: no checkpoint found")
             return
+        recorded = state.get("kd_teacher")
+        if self.teacher is not None and recorded is not None and recorded != self.teacher.identity():
+            raise ValueError(f"{cfg.load} was trained with the KD teacher {recorded.get('checkpoint')}, "
+                             f"not {self.teacher.source.path}: resume with the same teacher")
         self.iteration = state["iteration"]
         self.consumed_samples = state["consumed_samples"]
         self.consumed_tokens = state["consumed_tokens"]
+        self.consumed_flops = state.get("consumed_flops", 0.0)
         self._log(f"resumed from {cfg.load} at iteration {self.iteration}"
                   + ("" if state["optimizer_loaded"] else
                      " (model weights only: optimizer state initialised from them)"))
@@ -263,16 +285,23 @@ class Trainer:
         result = engine.train_step(
             self.model, self.optimizer, self._microbatches(self.train_data, self.consumed_samples),
             num_microbatches=self.num_microbatches, micro_batch_size=cfg.micro_batch_size,
-            seq_length=cfg.seq_length, forward_step=engine.gpt_forward_step,
+            seq_length=cfg.seq_length, forward_step=self.forward_step,
         )
         self.scheduler.step(increment=1)
         self.iteration += 1
         self.consumed_samples += cfg.global_batch_size
-        loss, tokens = self._from_last_stage(result.loss, result.tokens)
+        names = ("lm loss", "kd loss", "total loss") if self.teacher is not None else ("lm loss",)
+        *losses, tokens = self._from_last_stage(*(result.losses.get(n) for n in names), result.tokens)
+        losses = dict(zip(names, losses))
         self.consumed_tokens += int(tokens)
-        return {"iteration": self.iteration, "loss": loss, "grad_norm": result.grad_norm,
-                "lr": self.optimizer.param_groups[0]["lr"], "consumed_tokens": self.consumed_tokens,
-                "skipped": result.skipped}
+        self.consumed_flops += cfg.global_batch_size * cfg.seq_length * self.flops_per_token
+        m = {"iteration": self.iteration, "loss": losses.get("total loss", losses["lm loss"]),
+             "grad_norm": result.grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
+             "consumed_tokens": self.consumed_tokens, "consumed_flops": self.consumed_flops,
+             "skipped": result.skipped}
+        if self.teacher is not None:
+            m.update(lm_loss=losses["lm loss"], kd_loss=losses["kd loss"])
+        return m
 
     def _exit_reason(self, signal_flag) -> Optional[str]:
         """Megatron-LM's exit conditions, agreed by every rank (one all-reduce when a signal
@@ -331,10 +360,13 @@ class Trainer:
 
     def save(self) -> None:
         with engine.params_gathered(self.model):
+            train_state = {"consumed_samples": self.consumed_samples, "consumed_tokens": self.consumed_tokens,
+                           "consumed_flops": self.consumed_flops}
+            if self.teacher is not None:
+                train_state["kd_teacher"] = self.teacher.identity()
             save_checkpoint(
-                self.cfg.save, self.iteration, self.model, self.optimizer, self.scheduler,
-                {"consumed_samples": self.consumed_samples, "consumed_tokens": self.consumed_tokens},
-                self.cfg.model, tokenizer=self.train_data.sources[0].metas[0].get("tokenizer"),
+                self.cfg.save, self.iteration, self.model, self.optimizer, self.scheduler, train_state,
+                self.cfg.model, tokenizer=self._data_tokenizer() or None,
                 dtype="bf16" if self.cfg.bf16 else "fp32", optimizer_format=self._optimizer_format(),
                 run_config=to_mapping(self.cfg),
             )
@@ -372,7 +404,10 @@ class Trainer:
             f"PP {info.pp_size} DP {info.dp_size} | model '{cfg.model.name}': {cfg.model.num_layers} "
             f"layers, hidden {cfg.model.hidden_size} | {precision}, Adam {optimizer}"
             f"{', overlapped ' + ' and '.join(overlap) if overlap else ''} | "
-            f"{describe_backend('auto')} | seq {cfg.seq_length}, micro batch {cfg.micro_batch_size}, "
+            f"{describe_backend('auto')} | "
+            + (f"Vanilla KD from {self.teacher.source.path} (ratio {cfg.kd.kd_ratio}, temperature "
+               f"{cfg.kd.kd_temperature}) | " if self.teacher is not None else "")
+            + f"seq {cfg.seq_length}, micro batch {cfg.micro_batch_size}, "
             f"global batch {cfg.global_batch_size} ({self.num_microbatches} micro-batches per DP rank) | "
             f"iterations {self.iteration} -> {cfg.iterations}"
         )
@@ -381,15 +416,16 @@ class Trainer:
         tflops = tokens_per_s * self.flops_per_token / self.info.world_size / 1e12
         mfu = f" | MFU {100 * tflops * 1e12 / self.peak_flops:.1f}%" if self.peak_flops else ""
         grad_norm = f" | grad norm {m['grad_norm']:.3f}" if m["grad_norm"] is not None else ""
+        kd = f" (lm {m['lm_loss']:.4f}, kd {m['kd_loss']:.4f})" if "kd_loss" in m else ""
         self._log(
             f" iteration {m['iteration']:>7}/{self.cfg.iterations} | consumed tokens "
-            f"{m['consumed_tokens']:>12} | loss {m['loss']:.4f} | lr {m['lr']:.3e}{grad_norm} | "
+            f"{m['consumed_tokens']:>12} | loss {m['loss']:.4f}{kd} | lr {m['lr']:.3e}{grad_norm} | "
             f"{s_per_iter * 1000:.0f} ms/iter | {tokens_per_s:.0f} tokens/s "
             f"| {tflops:.3f} TFLOP/s/device{mfu}"
         )
         if self.writer:
-            for key in ("loss", "lr", "grad_norm"):
-                if m[key] is not None:
+            for key in ("loss", "lm_loss", "kd_loss", "lr", "grad_norm"):
+                if m.get(key) is not None:
                     self.writer.add_scalar(f"train/{key}", m[key], m["iteration"])
             self.writer.add_scalar("train/tokens_per_s", tokens_per_s, m["iteration"])
 
