@@ -52,6 +52,10 @@ def main(argv=None) -> int:
     if len(names) != len(args.load):
         parser.error("--name needs one label per --load")
     results = {name: {} for name in names}
+    for name, ckpt in zip(names, args.load):
+        flops = train_flops(ckpt)
+        if flops is not None:
+            results[name]["train_flops"] = flops
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if args.data_path:
         from megatron_miniplm import parallel
@@ -92,6 +96,20 @@ def main(argv=None) -> int:
 
             write_json_atomic(args.json, results)
     return 0
+
+
+def train_flops(checkpoint: str):
+    """The training FLOPs a trainer's checkpoint records (the KD teacher's forward included);
+    None for other checkpoints (a converted model)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_miniplm.checkpointing import resolve_checkpoint_dir
+
+    try:
+        state = dist_checkpointing.load_common_state_dict(resolve_checkpoint_dir(checkpoint))
+    except Exception:  # not a dist checkpoint of ours: no record to read
+        return None
+    return state.get("train_state", {}).get("consumed_flops")
 
 
 if __name__ == "__main__":

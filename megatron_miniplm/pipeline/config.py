@@ -37,7 +37,7 @@ OWNED = {
     "selection": {"method", "seed"},
     "train": {"data_path", "valid_data_path", "seq_length", "seed", "bf16", "tensor_model_parallel_size",
               "pipeline_model_parallel_size", "save", "load", "train_iters", "train_tokens", "metrics_file",
-              "exit_signal_handler", "model"},
+              "exit_signal_handler", "model", "kd_teacher_load", "kd_ratio", "kd_temperature"},
 }
 
 
@@ -119,6 +119,10 @@ class PipelineConfig:
                                    "and the baselines of the same token budget, each trained as a student: "
                                    "uniform, teacher, reference")
     student: LanguageModel = field(default_factory=_demo_student)
+    vanilla_kd: dict = setting(default_factory=lambda: {"enabled": False},
+                               help="a Vanilla KD student beside the others (online distillation from the "
+                                    "teacher, trained on the uniform sample with the same steps and seed): "
+                                    "enabled, and kd_ratio / kd_temperature of tools/pretrain_gpt.py")
     evaluation: dict = setting(default_factory=lambda: {"micro_batch_size": 8},
                                help="held-out LM loss: micro_batch_size")
     parallel: Parallel = field(default_factory=Parallel)
@@ -135,7 +139,7 @@ ENV_KEYS = {
     "MBS": ("reference.train.micro_batch_size", "student.train.micro_batch_size"),
     "GBS": ("reference.train.global_batch_size", "student.train.global_batch_size"),
     "REF_LR": "reference.train.lr", "STUDENT_LR": "student.train.lr",
-    "SCORE_MBS": "scoring.micro_batch_size", "ALPHA": "selection.alpha",
+    "SCORE_MBS": "scoring.micro_batch_size", "ALPHA": "selection.alpha", "VANILLA_KD": "vanilla_kd.enabled",
     "TP": "parallel.tensor_model_parallel_size", "PP": "parallel.pipeline_model_parallel_size",
     "NNODES": "parallel.nnodes", "NODE_RANK": "parallel.node_rank", "NPROC_PER_NODE": "parallel.nproc_per_node",
     "MASTER_ADDR": "parallel.master_addr", "MASTER_PORT": "parallel.master_port", "LAUNCHER": "parallel.launcher",
@@ -281,6 +285,10 @@ def _check_sections(cfg: PipelineConfig) -> None:
                 raise ConfigError(f"{where}.{key}: set by the pipeline itself")
             if key not in known:
                 raise ConfigError(f"{where}.{key}: not a {cls.__name__} setting; known: {', '.join(sorted(known))}")
+    unknown = set(cfg.vanilla_kd) - {"enabled", "kd_ratio", "kd_temperature"}
+    if unknown:
+        raise ConfigError(f"vanilla_kd: unknown setting(s) {', '.join(sorted(unknown))}; known: enabled, "
+                          f"kd_ratio, kd_temperature")
     if set(cfg.evaluation) - {"micro_batch_size"}:
         raise ConfigError(f"evaluation: only micro_batch_size can be set, got {sorted(cfg.evaluation)}")
     for where, lm in (("reference", cfg.reference), ("student", cfg.student)):

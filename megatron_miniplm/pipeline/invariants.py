@@ -112,6 +112,20 @@ def check(graph: Graph) -> None:
     if bad or len(set(baselines)) != len(baselines):
         refuse(f"selection.baselines {baselines}: each of {', '.join(BASELINES)} at most once")
 
+    if cfg.vanilla_kd.get("enabled"):
+        if "uniform" not in baselines:
+            refuse("vanilla_kd.enabled needs the uniform baseline (selection.baselines): the Vanilla KD "
+                   "student trains on the uniform sample")
+        if par.pipeline_model_parallel_size > 1:
+            refuse("vanilla_kd.enabled: Vanilla KD does not support pipeline parallelism "
+                   f"(parallel.pipeline_model_parallel_size {par.pipeline_model_parallel_size})")
+        from megatron_miniplm.training.kd import KDSettings
+
+        try:
+            KDSettings(kd_teacher_load="teacher", **{k: v for k, v in cfg.vanilla_kd.items() if k != "enabled"})
+        except (TypeError, ValueError) as e:
+            refuse(f"vanilla_kd: {e}")
+
     from megatron_miniplm.data.split import SplitConfig
 
     try:

@@ -152,11 +152,22 @@ class Graph:
         self._select()
         for name in self.student_names:
             self._train(f"student-{name}", cfg.student, data_stage="select", data_name=name)
+        if cfg.vanilla_kd.get("enabled"):
+            # online distillation on the uniform sample, with the students' steps and seed
+            self._train("student-vanilla-kd", cfg.student, data_stage="select", data_name="uniform",
+                        kd={k: v for k, v in cfg.vanilla_kd.items() if k != "enabled"})
         self._evaluate()
 
     @property
     def student_names(self) -> list[str]:
+        """The students trained on a selection: MiniPLM's and each baseline's."""
         return ["miniplm", *self.cfg.selection.get("baselines", [])]
+
+    @property
+    def students(self) -> list[str]:
+        """Every student stage, the Vanilla KD one included."""
+        kd = ["student-vanilla-kd"] if self.cfg.vanilla_kd.get("enabled") else []
+        return [f"student-{n}" for n in self.student_names] + kd
 
     def teacher_source(self) -> str:
         if self.cfg.teacher.load:
@@ -241,7 +252,7 @@ class Graph:
         self.stages.append(Stage("split", SINGLE, {"split": cfg.split, "seed": cfg.seed}, deps=["data"],
                                  commands=commands))
 
-    def train_config(self, lm, out: str, d: dict, data_path: str, iters: int):
+    def train_config(self, lm, out: str, d: dict, data_path: str, iters: int, kd: Optional[dict] = None):
         from megatron_miniplm.models.config import ModelConfig
         from megatron_miniplm.settings import from_mapping
         from megatron_miniplm.training.trainer import TrainConfig
@@ -256,9 +267,11 @@ class Graph:
                       pipeline_model_parallel_size=par.pipeline_model_parallel_size,
                       save=os.path.join(out, "ckpt"), load=os.path.join(out, "ckpt"), train_iters=iters,
                       metrics_file=os.path.join(out, "metrics.jsonl"), exit_signal_handler=True)
+        if kd is not None:
+            values.update(kd, kd_teacher_load=self.teacher_checkpoint(d))
         return _flat_train_config(values, placeholder)
 
-    def _train(self, name: str, lm, *, data_stage: str, data_name: str) -> None:
+    def _train(self, name: str, lm, *, data_stage: str, data_name: str, kd: Optional[dict] = None) -> None:
         from megatron_miniplm.settings import to_argv
 
         cfg = self.cfg
@@ -272,7 +285,7 @@ class Graph:
             return _iterations(lm.epochs, tokens, gbs, cfg.seq_length)
 
         def commands(out, d):
-            train = self.train_config(lm, out, d, os.path.join(d[data_stage], data_name), iterations(d))
+            train = self.train_config(lm, out, d, os.path.join(d[data_stage], data_name), iterations(d), kd)
             return [[self.python, tool("pretrain_gpt.py"), *model_flags(lm.model), *to_argv(train)]]
 
         def finished(out, d):
@@ -281,11 +294,13 @@ class Graph:
             want = str(iterations(d))
             return None if got == want else f"checkpoint at iteration {got}, {want} wanted"
 
+        settings = {"model": lm.model, "epochs": lm.epochs, "train": lm.train, "seq_length": cfg.seq_length,
+                    "seed": cfg.seed, "bf16": self.bf16, "data": data_name, "layout": _layout(cfg)}
         deps = [data_stage, "data"]
-        self.stages.append(Stage(name, DISTRIBUTED, {"model": lm.model, "epochs": lm.epochs, "train": lm.train,
-                                                     "seq_length": cfg.seq_length, "seed": cfg.seed, "bf16": self.bf16,
-                                                     "data": data_name, "layout": _layout(cfg)},
-                                 deps=deps, commands=commands, finished=finished))
+        if kd is not None:
+            settings["kd"] = kd
+            deps.append("teacher")
+        self.stages.append(Stage(name, DISTRIBUTED, settings, deps=deps, commands=commands, finished=finished))
 
     def _score(self, model: str) -> None:
         from megatron_miniplm.scoring.scorer import ScoreConfig
@@ -340,7 +355,7 @@ class Graph:
 
     def _evaluate(self) -> None:
         cfg, par = self.cfg, self.cfg.parallel
-        students = [f"student-{n}" for n in self.student_names]
+        students = self.students
 
         def commands(out, d):
             loads = [os.path.join(d[s], "ckpt") for s in students] + [os.path.join(d["reference"], "ckpt"),

@@ -18,7 +18,8 @@ def tiny_config(setting, work_dir, **top) -> dict:
             "teacher": {"load": teacher, "name": "tiny-qwen2"}, "preprocess": {"workers": 1},
             "split": {"ref_fraction": 0.3},
             "reference": {"model": TINY_MODEL, "epochs": 1, "train": TINY_TRAIN},
-            "student": {"model": TINY_MODEL, "epochs": 1, "train": TINY_TRAIN}, **top}
+            "student": {"model": TINY_MODEL, "epochs": 1, "train": TINY_TRAIN},
+            "vanilla_kd": {"enabled": True}, **top}
 
 
 def write_config(path, data) -> str:

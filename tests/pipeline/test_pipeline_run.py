@@ -42,8 +42,14 @@ def one_node(setting, tmp_path_factory):
 def test_it_runs_and_reports(one_node):
     root, _, output = one_node
     results = _results(root / "work")
-    assert set(results) == {"student-miniplm", "student-uniform", "reference", "teacher (tiny-qwen2)"}
+    assert set(results) == {"student-miniplm", "student-uniform", "student-vanilla-kd", "reference",
+                            "teacher (tiny-qwen2)"}
     assert all(r["instances"] > 0 for r in results.values())
+    # same steps for every student; the Vanilla KD student's compute includes the teacher's forward
+    flops = {k: r.get("train_flops") for k, r in results.items()}
+    assert flops["student-miniplm"] == flops["student-uniform"] < flops["student-vanilla-kd"]
+    assert flops["teacher (tiny-qwen2)"] is None
+    assert "train FLOPs" in output
     assert "Selection: kept fraction per domain" in output and "| noise |" in output
     assert (root / "work" / "pipeline_config.yaml").exists()
     from megatron_miniplm.checkpointing import latest_checkpoint
@@ -59,7 +65,7 @@ def test_an_unchanged_rerun_skips_everything(one_node):
     out = run_pipeline(config, "parallel.nproc_per_node=2")
     assert out.returncode == 0, out.stdout[-3000:]
     assert _stages(out.stdout, "RUN ") == []
-    assert len(_stages(out.stdout, "skip")) == 10
+    assert len(_stages(out.stdout, "skip")) == 11
     assert "student-miniplm" in out.stdout  # the table is printed again
 
 
@@ -74,12 +80,13 @@ def test_dry_run_changes_nothing(one_node):
 
 
 @pytest.mark.parametrize("override,reruns", [
-    ("student.model.num_layers=4", ["student-miniplm", "student-uniform", "evaluate"]),
+    ("student.model.num_layers=4", ["student-miniplm", "student-uniform", "student-vanilla-kd", "evaluate"]),
+    ("vanilla_kd.kd_ratio=0.9", ["student-vanilla-kd", "evaluate"]),
     ("teacher.name=another", ["evaluate"]),
     ("scoring.micro_batch_size=4", ["score-teacher", "score-reference", "select", "student-miniplm",
-                                    "student-uniform", "evaluate"]),
+                                    "student-uniform", "student-vanilla-kd", "evaluate"]),
     ("seed=99", ["split", "reference", "score-teacher", "score-reference", "select", "student-miniplm",
-                 "student-uniform", "evaluate"]),
+                 "student-uniform", "student-vanilla-kd", "evaluate"]),
 ])
 def test_a_change_reruns_exactly_the_stages_that_depend_on_it(one_node, override, reruns):
     _, config, _ = one_node
@@ -106,7 +113,8 @@ def test_a_changed_alpha_reruns_exactly_what_reads_it(one_node):
     before = _results(copy)
     out = run_pipeline(config2, "selection.alpha=0.3", "parallel.nproc_per_node=2")
     assert out.returncode == 0, out.stdout[-3000:]
-    assert _stages(out.stdout, "RUN ") == ["select", "student-miniplm", "student-uniform", "evaluate"]
+    assert _stages(out.stdout, "RUN ") == ["select", "student-miniplm", "student-uniform", "student-vanilla-kd",
+                                           "evaluate"]
     after = _results(copy)
     assert after["reference"]["lm_loss"] == before["reference"]["lm_loss"]  # the same reference model
     assert after["student-miniplm"]["lm_loss"] != before["student-miniplm"]["lm_loss"]
@@ -146,6 +154,8 @@ def test_two_nodes_match_one_node(setting, one_node, tmp_path):
     ("student.train.global_batch_size=7", "global_batch_size 7 is not divisible"),
     ("student.epochs=0", "student.epochs 0"),
     ("corpus.test=null", "corpus.test is not"),
+    ("selection.baselines=[teacher]", "vanilla_kd.enabled needs the uniform baseline"),
+    ("vanilla_kd.kd_ratio=2", "vanilla_kd: kd_ratio (--kd-ratio) must be in [0, 1]"),
     ("corpus.train=[/nonexistent/*.jsonl]", "no file matches"),
 ])
 def test_invariants_refuse_naming_the_settings(setting, tmp_path, override, message):
