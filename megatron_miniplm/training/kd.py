@@ -35,8 +35,10 @@ class KDSettings:
         None, group=KD, metavar="CKPT",
         help="distil online from this teacher checkpoint (a converted HF/GGUF model works); "
              "pipeline parallelism is not supported with it")
-    kd_ratio: float = setting(0.5, group=KD, help="r in (1 - r) * LM loss + r * KD loss, in [0, 1]")
-    kd_temperature: float = setting(1.0, group=KD, help="softmax temperature T of both models (> 0)")
+    kd_ratio: float = setting(0.5, group=KD, help="r in (1 - r) * LM loss + r * KD loss, in [0, 1] (0.5: the "
+                                                   "official MiniPLM code's Vanilla KD default)")
+    kd_temperature: float = setting(1.0, group=KD, help="softmax temperature T of both models (> 0); the KD "
+                                                        "loss is T^2 * KL, as in Hinton et al.")
 
     def __post_init__(self):
         if not (0.0 <= self.kd_ratio <= 1.0):
