@@ -92,6 +92,12 @@ def bf16_is_fast() -> tuple[bool, str]:
     return False, "CPU without AMX: bf16 matmuls are slower than fp32 here"
 
 
+def hf_inference_dtype() -> str:
+    """The dtype models exported to HF are run in for zero-shot tasks: bf16 on a GPU (as
+    users serve them), fp32 on a CPU (exact, and not slower there without AMX)."""
+    return "bfloat16" if cuda_available() else "float32"
+
+
 def _is_cuda(dev) -> bool:
     if isinstance(dev, torch.device):
         return dev.type == "cuda"

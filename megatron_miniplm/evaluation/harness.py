@@ -20,6 +20,24 @@ def export_to_hf(checkpoint: str, directory: str) -> str:
     return directory
 
 
+# The paper's zero-shot suite and the metric it reports for each: acc_norm where the
+# task has it, else acc. ``--tasks miniplm`` expands to it, with the average.
+MINIPLM_TASKS = {"hellaswag": "acc_norm", "lambada_openai": "acc", "winogrande": "acc", "openbookqa": "acc_norm",
+                 "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "social_iqa": "acc",
+                 "storycloze_2018": "acc"}
+SUITES = {"miniplm": MINIPLM_TASKS}
+
+
+def expand_tasks(tasks: Sequence[str]) -> list[str]:
+    """Task names with suites (``miniplm``) expanded, in order, without repeats."""
+    out: list[str] = []
+    for t in tasks:
+        for name in SUITES.get(t, [t]):
+            if name not in out:
+                out.append(name)
+    return out
+
+
 def run_tasks(
     hf_dir: str,
     tasks: Sequence[str],
@@ -28,9 +46,13 @@ def run_tasks(
     num_fewshot: int = 0,
     limit: Optional[int] = None,
     batch_size: int = 8,
-    device: str = "cpu",
 ) -> dict:
-    """{task: {metric: value}} for an HF model directory."""
+    """{task: {metric: value}} for an HF model directory, on this process's device (bf16 on a
+    GPU, fp32 on a CPU); a task whose data cannot be loaded gets {"missing": reason}. When a
+    suite is asked for, its row ``<suite> average`` is the mean of its tasks' reported metric
+    over the tasks that ran (``tasks`` says how many of how many)."""
+    from megatron_miniplm import platform
+
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -40,18 +62,36 @@ def run_tasks(
     except ImportError as e:
         raise RuntimeError("zero-shot tasks need lm-evaluation-harness: pip install 'megatron-miniplm[eval]'") from e
 
+    names = expand_tasks(tasks)
     manager = TaskManager(include_path=include_path)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
+    unknown = [t for t in names if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown lm-eval task(s): {', '.join(unknown)}"
                          + ("" if include_path else " (local tasks need --include-path)"))
-    model = HFLM(pretrained=hf_dir, tokenizer=exact_tokenizer(hf_dir), dtype="float32",
-                 batch_size=batch_size, device=device)
-    out = lm_eval.simple_evaluate(
-        model=model, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-    )
-    return {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            for task, metrics in out["results"].items()}
+    model = HFLM(pretrained=hf_dir, tokenizer=exact_tokenizer(hf_dir), dtype=platform.hf_inference_dtype(),
+                 batch_size=batch_size, device=str(platform.device()))
+    results = {}
+    for name in names:
+        try:
+            manager.load([name])  # builds the task and loads its data: where a missing dataset fails
+        except Exception as e:  # any loader's error (offline hub, manual download, bad path): report it
+            results[name] = {"missing": _first_line(e)}
+            continue
+        out = lm_eval.simple_evaluate(model=model, tasks=[name], num_fewshot=num_fewshot, limit=limit,
+                                      task_manager=manager)
+        for task, metrics in out["results"].items():
+            results[task] = {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    for suite, metric_of in SUITES.items():
+        if suite in tasks:
+            ran = [results[t][m] for t, m in metric_of.items() if m in results.get(t, {})]
+            results[f"{suite} average"] = {"average": sum(ran) / len(ran) if ran else float("nan"),
+                                           "tasks": len(ran), "of": len(metric_of)}
+    return results
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
 def exact_tokenizer(hf_dir: str):

@@ -29,8 +29,10 @@ def lm_loss_from_scores(scores: np.ndarray) -> dict:
     }
 
 
-def evaluate_lm_loss(checkpoint: str, data_path: str, output: str, **score_options) -> dict | None:
-    """Collective (every rank calls it); the result on rank 0, None elsewhere."""
+def score_test_set(checkpoint: str, data_path: str, output: str, **score_options) -> np.ndarray | None:
+    """Per-instance (nll_sum, token_count) of a checkpoint on a test set, through the scorer
+    (resumable, any TP/PP/DP). Collective (every rank calls it); the scores on rank 0,
+    None elsewhere."""
     import torch.distributed as dist
 
     from megatron_miniplm.scoring.score_file import load_scores
@@ -40,5 +42,4 @@ def evaluate_lm_loss(checkpoint: str, data_path: str, output: str, **score_optio
     summary = score(ScoreConfig(data_path=data_path, load=checkpoint, output_prefix=output, **score_options))
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
-    scores = np.concatenate([load_scores(p)[0] for p in summary.outputs])
-    return {"checkpoint": checkpoint, "data_path": data_path, **lm_loss_from_scores(scores)}
+    return np.concatenate([load_scores(p)[0] for p in summary.outputs])

@@ -90,7 +90,7 @@ def _demo_student() -> LanguageModel:
     return LanguageModel(
         model={"num_layers": 4, "hidden_size": 256, "ffn_hidden_size": 704, "num_attention_heads": 4},
         epochs=2, train={"lr": 2e-3, "lr_warmup_fraction": 0.05, "micro_batch_size": 4, "global_batch_size": 16,
-                         "eval_iters": 4, "save_interval": 200, "log_interval": 25})
+                         "eval_iters": 4, "eval_interval": 12, "save_interval": 200, "log_interval": 25})
 
 
 @dataclass
@@ -123,10 +123,17 @@ class PipelineConfig:
                                help="a Vanilla KD student beside the others (online distillation from the "
                                     "teacher, trained on the uniform sample with the same steps and seed): "
                                     "enabled, and kd_ratio / kd_temperature of tools/pretrain_gpt.py")
-    evaluation: dict = setting(default_factory=lambda: {"micro_batch_size": 8},
-                               help="held-out LM loss: micro_batch_size")
+    student_seeds: Optional[list] = setting(
+        None, help="train every student once per seed of this list (the table shows the mean and spread "
+                   "across seeds; the paired differences pool them); default: [seed]")
+    evaluation: dict = setting(default_factory=lambda: {"micro_batch_size": 8, "bootstrap_samples": 10000,
+                                                        "confidence": 0.95},
+                               help="held-out LM loss: micro_batch_size; the paired differences' bootstrap "
+                                    "interval: bootstrap_samples, confidence")
     parallel: Parallel = field(default_factory=Parallel)
 
+
+EVALUATION_KEYS = {"micro_batch_size", "bootstrap_samples", "confidence"}
 
 # The environment variables examples/pretrain_miniplm.sh has always read -> config keys.
 ENV_KEYS = {
@@ -289,8 +296,9 @@ def _check_sections(cfg: PipelineConfig) -> None:
     if unknown:
         raise ConfigError(f"vanilla_kd: unknown setting(s) {', '.join(sorted(unknown))}; known: enabled, "
                           f"kd_ratio, kd_temperature")
-    if set(cfg.evaluation) - {"micro_batch_size"}:
-        raise ConfigError(f"evaluation: only micro_batch_size can be set, got {sorted(cfg.evaluation)}")
+    if set(cfg.evaluation) - EVALUATION_KEYS:
+        raise ConfigError(f"evaluation: unknown setting(s) {', '.join(sorted(set(cfg.evaluation) - EVALUATION_KEYS))}; "
+                          f"known: {', '.join(sorted(EVALUATION_KEYS))}")
     for where, lm in (("reference", cfg.reference), ("student", cfg.student)):
         _check_model_spec(f"{where}.model", lm.model)
     if cfg.bf16 not in (True, False, "auto"):

@@ -112,6 +112,12 @@ def check(graph: Graph) -> None:
     if bad or len(set(baselines)) != len(baselines):
         refuse(f"selection.baselines {baselines}: each of {', '.join(BASELINES)} at most once")
 
+    seeds = cfg.student_seeds
+    if seeds is not None and (not isinstance(seeds, list) or not seeds
+                              or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
+                              or len(set(seeds)) != len(seeds)):
+        refuse(f"student_seeds {seeds!r}: a non-empty list of distinct integers")
+
     if cfg.vanilla_kd.get("enabled"):
         if "uniform" not in baselines:
             refuse("vanilla_kd.enabled needs the uniform baseline (selection.baselines): the Vanilla KD "

@@ -150,12 +150,13 @@ class Graph:
         for model in ("teacher", "reference"):
             self._score(model)
         self._select()
-        for name in self.student_names:
-            self._train(f"student-{name}", cfg.student, data_stage="select", data_name=name)
-        if cfg.vanilla_kd.get("enabled"):
-            # online distillation on the uniform sample, with the students' steps and seed
-            self._train("student-vanilla-kd", cfg.student, data_stage="select", data_name="uniform",
-                        kd={k: v for k, v in cfg.vanilla_kd.items() if k != "enabled"})
+        kd = {k: v for k, v in cfg.vanilla_kd.items() if k != "enabled"}
+        for stage, label, seed in self.students:
+            if label == "student-vanilla-kd":
+                # online distillation on the uniform sample, with the students' steps and seeds
+                self._train(stage, cfg.student, data_stage="select", data_name="uniform", seed=seed, kd=kd)
+            else:
+                self._train(stage, cfg.student, data_stage="select", data_name=label[len("student-"):], seed=seed)
         self._evaluate()
 
     @property
@@ -164,10 +165,17 @@ class Graph:
         return ["miniplm", *self.cfg.selection.get("baselines", [])]
 
     @property
-    def students(self) -> list[str]:
-        """Every student stage, the Vanilla KD one included."""
-        kd = ["student-vanilla-kd"] if self.cfg.vanilla_kd.get("enabled") else []
-        return [f"student-{n}" for n in self.student_names] + kd
+    def student_seeds(self) -> list[int]:
+        return list(self.cfg.student_seeds or [self.cfg.seed])
+
+    @property
+    def students(self) -> list[tuple[str, str, int]]:
+        """(stage, model label, seed) of every student stage: MiniPLM's, each baseline's and the
+        Vanilla KD one, once per seed (the first seed's stage is named after the model)."""
+        labels = [f"student-{n}" for n in self.student_names]
+        labels += ["student-vanilla-kd"] if self.cfg.vanilla_kd.get("enabled") else []
+        return [(label if k == 0 else f"{label}-seed{seed}", label, seed)
+                for label in labels for k, seed in enumerate(self.student_seeds)]
 
     def teacher_source(self) -> str:
         if self.cfg.teacher.load:
@@ -252,7 +260,8 @@ class Graph:
         self.stages.append(Stage("split", SINGLE, {"split": cfg.split, "seed": cfg.seed}, deps=["data"],
                                  commands=commands))
 
-    def train_config(self, lm, out: str, d: dict, data_path: str, iters: int, kd: Optional[dict] = None):
+    def train_config(self, lm, out: str, d: dict, data_path: str, iters: int, kd: Optional[dict] = None,
+                     seed: Optional[int] = None):
         from megatron_miniplm.models.config import ModelConfig
         from megatron_miniplm.settings import from_mapping
         from megatron_miniplm.training.trainer import TrainConfig
@@ -262,7 +271,7 @@ class Graph:
         # shape against the data's vocabulary. TrainConfig needs one, so it gets a stand-in.
         placeholder = ModelConfig(num_layers=1, hidden_size=8, ffn_hidden_size=8, num_attention_heads=1, vocab_size=8)
         values = dict(lm.train, data_path=[data_path], valid_data_path=[os.path.join(d["data"], "test")],
-                      seq_length=cfg.seq_length, seed=cfg.seed, bf16=self.bf16,
+                      seq_length=cfg.seq_length, seed=cfg.seed if seed is None else seed, bf16=self.bf16,
                       tensor_model_parallel_size=par.tensor_model_parallel_size,
                       pipeline_model_parallel_size=par.pipeline_model_parallel_size,
                       save=os.path.join(out, "ckpt"), load=os.path.join(out, "ckpt"), train_iters=iters,
@@ -271,7 +280,8 @@ class Graph:
             values.update(kd, kd_teacher_load=self.teacher_checkpoint(d))
         return _flat_train_config(values, placeholder)
 
-    def _train(self, name: str, lm, *, data_stage: str, data_name: str, kd: Optional[dict] = None) -> None:
+    def _train(self, name: str, lm, *, data_stage: str, data_name: str, kd: Optional[dict] = None,
+               seed: Optional[int] = None) -> None:
         from megatron_miniplm.settings import to_argv
 
         cfg = self.cfg
@@ -285,7 +295,7 @@ class Graph:
             return _iterations(lm.epochs, tokens, gbs, cfg.seq_length)
 
         def commands(out, d):
-            train = self.train_config(lm, out, d, os.path.join(d[data_stage], data_name), iterations(d), kd)
+            train = self.train_config(lm, out, d, os.path.join(d[data_stage], data_name), iterations(d), kd, seed)
             return [[self.python, tool("pretrain_gpt.py"), *model_flags(lm.model), *to_argv(train)]]
 
         def finished(out, d):
@@ -295,7 +305,7 @@ class Graph:
             return None if got == want else f"checkpoint at iteration {got}, {want} wanted"
 
         settings = {"model": lm.model, "epochs": lm.epochs, "train": lm.train, "seq_length": cfg.seq_length,
-                    "seed": cfg.seed, "bf16": self.bf16, "data": data_name, "layout": _layout(cfg)}
+                    "seed": cfg.seed if seed is None else seed, "bf16": self.bf16, "data": data_name, "layout": _layout(cfg)}
         deps = [data_stage, "data"]
         if kd is not None:
             settings["kd"] = kd
@@ -356,27 +366,32 @@ class Graph:
     def _evaluate(self) -> None:
         cfg, par = self.cfg, self.cfg.parallel
         students = self.students
+        ev = cfg.evaluation
 
         def commands(out, d):
-            loads = [os.path.join(d[s], "ckpt") for s in students] + [os.path.join(d["reference"], "ckpt"),
-                                                                      self.teacher_checkpoint(d)]
-            names = students + ["reference", f"teacher ({self.teacher_label()})"]
+            loads = [os.path.join(d[stage], "ckpt") for stage, _, _ in students]
+            loads += [os.path.join(d["reference"], "ckpt"), self.teacher_checkpoint(d)]
+            names = [label for _, label, _ in students] + ["reference", f"teacher ({self.teacher_label()})"]
+            metrics = [os.path.join(d[stage], "metrics.jsonl") for stage, _, _ in students] + ["-", "-"]
             argv = [self.python, tool("evaluate.py"), "--load", *loads, "--name", *names,
                     "--data-path", os.path.join(d["data"], "test"), "--output-dir", os.path.join(out, "eval"),
-                    "--json", os.path.join(out, "results.json"),
+                    "--json", os.path.join(out, "results.json"), "--report-dir", os.path.join(out, "report"),
+                    "--metrics-file", *metrics,
+                    "--bootstrap-samples", str(ev.get("bootstrap_samples", 10000)), "--bootstrap-seed", str(cfg.seed),
+                    "--confidence", str(ev.get("confidence", 0.95)),
                     "--tensor-model-parallel-size", str(par.tensor_model_parallel_size),
                     "--pipeline-model-parallel-size", str(par.pipeline_model_parallel_size)]
             argv += ["--bf16"] if self.bf16 else []
-            argv += ["--micro-batch-size", str(cfg.evaluation.get("micro_batch_size", 8))]
+            argv += ["--micro-batch-size", str(ev.get("micro_batch_size", 8))]
             return [argv]
 
         def finished(out, d):
             return None if os.path.exists(os.path.join(out, "results.json")) else "no results yet"
 
-        self.stages.append(Stage("evaluate", DISTRIBUTED, {"evaluation": cfg.evaluation, "bf16": self.bf16,
+        self.stages.append(Stage("evaluate", DISTRIBUTED, {"evaluation": ev, "bf16": self.bf16, "seed": cfg.seed,
                                                            "teacher": self.teacher_label(), "layout": _layout(cfg)},
-                                 deps=[*students, "reference", "teacher", "data"], commands=commands,
-                                 finished=finished))
+                                 deps=[*(stage for stage, _, _ in students), "reference", "teacher", "data"],
+                                 commands=commands, finished=finished))
 
 
 def _layout(cfg: PipelineConfig) -> dict:

@@ -19,6 +19,9 @@ def print_summary(graph: Graph, *, table: bool = True) -> None:
     print(f"\nHeld-out LM loss (teacher: {graph.teacher_label()}): {results_path}")
     if table:
         print(format_table(results))
+    for key, what in (("report", "Evaluation report"), ("curves", "Validation loss curves")):
+        if results.get(key):
+            print(f"{what}: {results[key]}")
     if os.path.exists(report):
         print(f"\nSelection: kept fraction per domain ({report})")
         with open(report, encoding="utf-8") as f:

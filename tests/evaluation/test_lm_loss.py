@@ -50,7 +50,56 @@ def test_evaluate_agrees_with_the_trainers_validation_loss(tmp_path):
                              "--json", str(out_json)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "student" in result.stdout and "LM loss" in result.stdout
-    got = json.load(open(out_json))["student"]
+    got = json.load(open(out_json))["models"]["student"]
     assert got["instances"] == 40
     assert got["token_weighted_loss"] == pytest.approx(trainer_loss, abs=1e-4)
     assert got["lm_loss"] != pytest.approx(got["token_weighted_loss"], abs=1e-6)  # different averages
+
+
+def test_evaluate_reports_domains_seeds_the_paired_difference_and_curves(tmp_path):
+    """Two models, one of them with two seeds, on a test set with two domains: the tool's JSON,
+    table, markdown report and curve PNG."""
+    from megatron_miniplm.evaluation.compare import instance_losses, paired_difference, pooled
+    from megatron_miniplm.evaluation.curves import validation_curve
+    from megatron_miniplm.scoring.score_file import load_scores
+
+    train = write_dataset(str(tmp_path / "train"), pattern_instances(160, VOCAB, SEQ + 1, seed=1), VOCAB, SEQ)
+    domains = np.arange(40) % 2
+    test = write_dataset(str(tmp_path / "test"), pattern_instances(40, VOCAB, SEQ + 1, seed=2), VOCAB, SEQ,
+                         domains=domains)
+    runs = [("good", 5, "3e-3", 16), ("good", 6, "3e-3", 16), ("short", 5, "3e-3", 4)]
+    loads, names, metric_files = [], [], []
+    for k, (name, seed, lr, iters) in enumerate(runs):
+        ckpt, m = str(tmp_path / f"ckpt{k}"), str(tmp_path / f"m{k}.jsonl")
+        run_distributed(_train, 1, [*model_flags("tiny"), "--data-path", train, "--valid-data-path", test,
+                                    "--seq-length", str(SEQ), "--micro-batch-size", "4", "--global-batch-size", "8",
+                                    "--eval-iters", "2", "--eval-interval", "4", "--train-iters", str(iters),
+                                    "--lr", lr, "--seed", str(seed), "--save", ckpt, "--metrics-file", m])
+        loads.append(ckpt), names.append(name), metric_files.append(m)
+    out_json, report = tmp_path / "eval.json", tmp_path / "report"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--load", *loads,
+                             "--name", *names, "--data-path", test, "--output-dir", str(tmp_path / "ev"),
+                             "--report-dir", str(report), "--metrics-file", *metric_files,
+                             "--bootstrap-samples", "500", "--json", str(out_json)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    res = json.load(open(out_json))
+    good, short = res["models"]["good"], res["models"]["short"]
+    assert good["seeds"] == 2 and short["seeds"] == 1 and good["lm_loss_std"] > 0
+    assert set(good["domains"]) == {"d0", "d1"} and good["domains"]["d0"]["instances"] == 20
+    assert good["train_flops"] == pytest.approx(4 * short["train_flops"])  # 16 vs 4 steps
+    # the tool's difference is the pooled paired difference of the scorer's per-instance losses
+    scores = {p: load_scores(str(tmp_path / "ev" / p) + "-test")[0] for p in ("good", "good-seed2", "short")}
+    want = paired_difference(pooled([instance_losses(scores["good"]), instance_losses(scores["good-seed2"])]),
+                             instance_losses(scores["short"]), samples=500, seed=0)
+    got = res["comparisons"]["short"]["overall"]
+    assert got["mean"] == pytest.approx(want.mean) and got["low"] == pytest.approx(want.low)
+    assert got["mean"] < 0  # 16 steps beat 4
+    assert res["verdicts"] == [want.verdict("good", "short")] and res["verdicts"][0] in result.stdout
+    assert "LM loss per domain" in result.stdout and "(all)" in result.stdout
+    text = open(report / "evaluation_report.md").read()
+    assert "| short |" in text and "curves.png" in text
+    png = open(report / "curves.png", "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    curve = validation_curve(metric_files[0])
+    assert [p["iteration"] for p in curve] == [4, 8, 12, 16]
+    assert all(b["consumed_flops"] > a["consumed_flops"] for a, b in zip(curve, curve[1:]))

@@ -51,7 +51,7 @@ def test_the_launchers_environment_variables_still_work():
     ("reference.train.data_path=[x]", "reference.train.data_path: set by the pipeline itself"),
     ("colour=red", "unknown setting(s) colour"),
     ("student.model.depth=3", "student.model: unknown model setting(s) depth"),
-    ("evaluation.tasks=x", "evaluation: only micro_batch_size"),
+    ("evaluation.tasks=x", "evaluation: unknown setting(s) tasks"),
     ("alpha", "expected key=value"),
 ])
 def test_refusals_name_the_setting(override, message):

@@ -20,6 +20,13 @@ def _results(work_dir):
     with open(os.path.join(work_dir, "records", "evaluate.json")) as f:
         out = json.load(f)["output"]
     with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)["models"]
+
+
+def _evaluation(work_dir):
+    with open(os.path.join(work_dir, "records", "evaluate.json")) as f:
+        out = json.load(f)["output"]
+    with open(os.path.join(out, "results.json")) as f:
         return json.load(f)
 
 
@@ -50,6 +57,14 @@ def test_it_runs_and_reports(one_node):
     assert flops["student-miniplm"] == flops["student-uniform"] < flops["student-vanilla-kd"]
     assert flops["teacher (tiny-qwen2)"] is None
     assert "train FLOPs" in output
+    # MiniPLM against each other model, overall and per domain, with the sentence it supports
+    ev = _evaluation(root / "work")
+    assert list(ev["comparisons"]) == ["student-uniform", "student-vanilla-kd", "reference", "teacher (tiny-qwen2)"]
+    assert set(ev["models"]["student-miniplm"]["domains"]) == {"pattern", "noise"}
+    assert set(ev["comparisons"]["student-uniform"]["domains"]) == {"pattern", "noise"}
+    assert len(ev["verdicts"]) == 4 and all(v in output for v in ev["verdicts"])
+    assert "LM loss per domain" in output and "Evaluation report: " in output
+    assert os.path.exists(ev["report"]) and open(ev["curves"], "rb").read(4) == b"\x89PNG"
     assert "Selection: kept fraction per domain" in output and "| noise |" in output
     assert (root / "work" / "pipeline_config.yaml").exists()
     from megatron_miniplm.checkpointing import latest_checkpoint
@@ -82,6 +97,8 @@ def test_dry_run_changes_nothing(one_node):
 @pytest.mark.parametrize("override,reruns", [
     ("student.model.num_layers=4", ["student-miniplm", "student-uniform", "student-vanilla-kd", "evaluate"]),
     ("vanilla_kd.kd_ratio=0.9", ["student-vanilla-kd", "evaluate"]),
+    ("student_seeds=[1234,7]", ["student-miniplm-seed7", "student-uniform-seed7", "student-vanilla-kd-seed7",
+                                "evaluate"]),
     ("teacher.name=another", ["evaluate"]),
     ("scoring.micro_batch_size=4", ["score-teacher", "score-reference", "select", "student-miniplm",
                                     "student-uniform", "student-vanilla-kd", "evaluate"]),
@@ -156,6 +173,7 @@ def test_two_nodes_match_one_node(setting, one_node, tmp_path):
     ("corpus.test=null", "corpus.test is not"),
     ("selection.baselines=[teacher]", "vanilla_kd.enabled needs the uniform baseline"),
     ("vanilla_kd.kd_ratio=2", "vanilla_kd: kd_ratio (--kd-ratio) must be in [0, 1]"),
+    ("student_seeds=[3,3]", "student_seeds [3, 3]: a non-empty list of distinct integers"),
     ("corpus.train=[/nonexistent/*.jsonl]", "no file matches"),
 ])
 def test_invariants_refuse_naming_the_settings(setting, tmp_path, override, message):

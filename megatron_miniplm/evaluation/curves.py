@@ -1,0 +1,76 @@
+"""Validation loss against consumed tokens and training FLOPs, every student in one PNG.
+
+Read from the metrics files the trainer writes (JSON lines): a validation line carries
+the iteration and ``valid_loss``; the training line of the same iteration carries the
+consumed tokens and FLOPs (the Vanilla KD teacher's forward passes included), so the
+FLOPs panel compares methods at equal compute as the paper does. A resumed run may
+repeat iterations in its file: the last line of an iteration wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+
+def validation_curve(metrics_file: str) -> list[dict]:
+    """[{"iteration", "valid_loss", "consumed_tokens", "consumed_flops"}] in iteration order."""
+    train, valid = {}, {}
+    with open(metrics_file, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            m = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue  # a last line cut by a kill
+            raise ValueError(f"{metrics_file}:{number}: not a JSON line") from None
+        (valid if "valid_loss" in m else train)[m["iteration"]] = m
+    points = []
+    for it in sorted(valid):
+        t = train.get(it, {})
+        points.append({"iteration": it, "valid_loss": valid[it]["valid_loss"],
+                       "consumed_tokens": t.get("consumed_tokens"), "consumed_flops": t.get("consumed_flops")})
+    return points
+
+
+def plot_curves(runs: dict, png: str) -> str:
+    """``runs``: {model: [metrics files, one per seed]}. Writes ``png`` (atomically) and returns it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megatron_miniplm.atomic_io import publish, temp_name
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (name, files) in enumerate(runs.items()):
+        for s, path in enumerate(_as_list(files)):
+            points = validation_curve(path)
+            label = name if s == 0 else None
+            for ax, key in zip(axes, ("consumed_tokens", "consumed_flops")):
+                xy = [(p[key], p["valid_loss"]) for p in points if p[key] is not None]
+                if xy:
+                    ax.plot(*zip(*xy), marker="o", markersize=3, color=colors[k % len(colors)], label=label,
+                            alpha=1.0 if s == 0 else 0.6)
+    axes[0].set_xlabel("consumed tokens")
+    axes[1].set_xlabel("training FLOPs (teacher forward included)")
+    for ax in axes:
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    tmp = temp_name(png)
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    publish(tmp, png)
+    return png
+
+
+def _as_list(files) -> Sequence[str]:
+    return [files] if isinstance(files, str) else list(files)

@@ -1,0 +1,134 @@
+"""The evaluation's results: per model (seeds pooled), per domain, and the paired comparison.
+
+``summarize`` turns each checkpoint's per-instance test scores into the results that
+tools/evaluate.py prints, writes as JSON and as a markdown report. Checkpoints given
+the same name are seeds of one model: its losses are the mean over seeds, with the
+spread between them, and the paired comparison pools them (see compare.py).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from megatron_miniplm.evaluation.compare import (
+    PairedDifference, compare_models, instance_losses, per_domain, spread,
+)
+from megatron_miniplm.evaluation.lm_loss import lm_loss_from_scores
+
+
+def test_domains(data_path: str) -> tuple[Optional[np.ndarray], list[str]]:
+    """Domain id per test instance (over every shard, global numbering) and the domain
+    names; (None, []) when the dataset has no domain file."""
+    from megatron_miniplm.selection.shards import DatasetError, domain_table, open_shards
+
+    shards = open_shards([data_path])
+    names, maps = domain_table(shards)
+    try:
+        ids = [s.mapped_domains(m) for s, m in zip(shards, maps)]
+    except DatasetError:
+        return None, []
+    return (np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)), names
+
+
+def summarize(runs: dict, domains: Optional[np.ndarray], domain_names: Sequence[str], *,
+              bootstrap_samples: int = 10_000, seed: int = 0, level: float = 0.95) -> dict:
+    """``runs``: {model: [(checkpoint, scores [N, 2]) per seed]} in table order; the first
+    model is compared with every other one."""
+    models, losses = {}, {}
+    for name, seeds in runs.items():
+        per_seed = [{"checkpoint": ckpt, **lm_loss_from_scores(scores)} for ckpt, scores in seeds]
+        losses[name] = [instance_losses(scores) for _, scores in seeds]
+        row = {k: float(np.mean([r[k] for r in per_seed])) for k in ("lm_loss", "token_weighted_loss", "perplexity")}
+        row.update(instances=per_seed[0]["instances"], tokens=per_seed[0]["tokens"], seeds=len(per_seed),
+                   lm_loss_std=spread([r["lm_loss"] for r in per_seed]), runs=per_seed)
+        if domains is not None:
+            doms = [per_domain(l, domains, domain_names) for l in losses[name]]
+            row["domains"] = {d: {"lm_loss": float(np.mean([x[d]["lm_loss"] for x in doms])),
+                                  "lm_loss_std": spread([x[d]["lm_loss"] for x in doms]),
+                                  "instances": doms[0][d]["instances"]} for d in doms[0]}
+        models[name] = row
+    comparisons = compare_models(losses, domains, domain_names, samples=bootstrap_samples, seed=seed,
+                                 level=level) if len(runs) > 1 else {}
+    first = next(iter(runs))
+    verdicts = [_difference(c["overall"]).verdict(first, other) for other, c in comparisons.items()]
+    return {"models": models, "baseline_of_comparison": first, "comparisons": comparisons,
+            "bootstrap": {"samples": bootstrap_samples, "seed": seed, "level": level}, "verdicts": verdicts}
+
+
+def _difference(d: dict) -> PairedDifference:
+    return PairedDifference(mean=d["mean"], low=d["low"], high=d["high"], instances=d["instances"], level=d["level"])
+
+
+def _loss(row: dict) -> str:
+    std = row.get("lm_loss_std")
+    return f"{row['lm_loss']:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
+def _ci(d: dict) -> str:
+    mark = " *" if d["excludes_zero"] else ""
+    return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{mark}"
+
+
+def markdown(results: dict, *, curves: Optional[str] = None) -> str:
+    """The evaluation report: losses per model and domain, the paired differences, verdicts."""
+    models, comparisons = results["models"], results["comparisons"]
+    first = results.get("baseline_of_comparison")
+    level = results.get("bootstrap", {}).get("level", 0.95)
+    lines = ["# Evaluation", ""]
+    lines += [f"- {v}" for v in results.get("verdicts", [])]
+    lines += ["", "## LM loss per model", "",
+              "LM loss: mean over test instances of each instance's mean NLL (nats); "
+              "± the standard deviation across seeds.", "",
+              "| model | seeds | LM loss | token loss | instances | tokens | train FLOPs |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in models.items():
+        flops = f"{r['train_flops']:.3g}" if r.get("train_flops") else ""
+        if "lm_loss" in r:
+            lines.append(f"| {name} | {r['seeds']} | {_loss(r)} | {r['token_weighted_loss']:.4f} | "
+                         f"{r['instances']} | {r['tokens']} | {flops} |")
+    domains = _domain_names(models)
+    if domains:
+        lines += ["", "## LM loss per domain", "", "| model | " + " | ".join(domains) + " |",
+                  "|---|" + "---:|" * len(domains)]
+        for name, r in models.items():
+            cells = [_loss(r["domains"][d]) if d in r.get("domains", {}) else "" for d in domains]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        counts = [str(next(iter(models.values()))["domains"].get(d, {}).get("instances", "")) for d in domains]
+        lines.append("| (instances) | " + " | ".join(counts) + " |")
+    if comparisons:
+        lines += ["", f"## {first} minus each other model", "",
+                  f"Mean paired difference over test instances with its {100 * level:g}% bootstrap interval "
+                  f"({results['bootstrap']['samples']} resamples of the instances, seed {results['bootstrap']['seed']}); "
+                  "negative: lower loss than the other model; * the interval excludes zero.", "",
+                  "| against | overall | " + " | ".join(domains) + " |", "|---|---:|" + "---:|" * len(domains)]
+        for other, c in comparisons.items():
+            cells = [_ci(c["domains"][d]) if d in c["domains"] else "" for d in domains]
+            lines.append(f"| {other} | {_ci(c['overall'])} | " + " | ".join(cells) + " |")
+    tasks = [(name, task, m) for name, r in models.items() for task, m in r.get("tasks", {}).items()]
+    if tasks:
+        lines += ["", "## Zero-shot tasks", "", "| model | task | result |", "|---|---|---|"]
+        for name, task, m in tasks:
+            result = (f"missing: {m['missing']}" if "missing" in m else
+                      ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in m.items()))
+            lines.append(f"| {name} | {task} | {result} |")
+    if curves:
+        lines += ["", "## Curves", "", f"![validation loss against tokens and FLOPs]({curves})"]
+    return "\n".join(lines) + "\n"
+
+
+def _domain_names(models: dict) -> list[str]:
+    names: list[str] = []
+    for r in models.values():
+        for d in r.get("domains", {}):
+            if d not in names:
+                names.append(d)
+    return names
+
+
+def write_report(path: str, results: dict, *, curves: Optional[str] = None) -> None:
+    from megatron_miniplm.atomic_io import write_text_atomic
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_text_atomic(path, markdown(results, curves=curves))

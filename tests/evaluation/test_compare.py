@@ -1,0 +1,111 @@
+"""The comparison: paired differences with bootstrap intervals, per-domain losses, seeds, verdicts."""
+
+import numpy as np
+import pytest
+
+from megatron_miniplm.evaluation.compare import paired_difference, per_domain
+from megatron_miniplm.evaluation.lm_loss import lm_loss_from_scores
+from megatron_miniplm.evaluation.report import markdown, summarize
+from megatron_miniplm.evaluation.table import format_table
+
+
+def _numpy_bootstrap(a, b, samples, seed, level):
+    """The reference: one resample at a time, as the textbook writes it."""
+    d = np.asarray(a) - np.asarray(b)
+    rng = np.random.default_rng(seed)
+    means = [d[rng.integers(0, d.size, size=d.size)].mean() for _ in range(samples)]
+    tail = 100 * (1 - level) / 2
+    return d.mean(), *np.percentile(means, [tail, 100 - tail])
+
+
+@pytest.mark.parametrize("level", [0.95, 0.9])
+def test_paired_difference_equals_a_numpy_reference(level):
+    rng = np.random.default_rng(3)
+    a = rng.gamma(4.0, 1.0, size=257)
+    b = a + rng.normal(0.02, 0.3, size=257)
+    got = paired_difference(a, b, samples=2000, seed=11, level=level, block=97)
+    mean, low, high = _numpy_bootstrap(a, b, 2000, 11, level)
+    assert got.mean == pytest.approx(mean, abs=1e-12)
+    assert (got.low, got.high) == (pytest.approx(low, abs=1e-12), pytest.approx(high, abs=1e-12))
+    assert got.instances == 257 and got.level == level
+
+
+def test_a_known_shift_is_detected_and_said():
+    rng = np.random.default_rng(5)
+    base = rng.gamma(4.0, 1.0, size=300)  # instances differ a lot; the pairing removes that
+    miniplm = base + rng.normal(0, 0.1, size=300) - 0.06
+    uniform = base + rng.normal(0, 0.1, size=300)
+    d = paired_difference(miniplm, uniform, samples=4000, seed=0)
+    assert d.high < 0 and d.excludes_zero
+    assert d.mean == pytest.approx(-0.06, abs=0.02)
+    assert d.verdict("student-miniplm", "student-uniform").endswith("student-miniplm is lower at 95%")
+    up = paired_difference(uniform, miniplm, samples=4000, seed=0)
+    assert up.low > 0 and up.verdict("a", "b").endswith("a is higher at 95%")
+
+
+def test_no_shift_gives_an_interval_containing_zero_in_at_least_90_percent_of_trials():
+    contains = 0
+    for trial in range(100):
+        rng = np.random.default_rng(1000 + trial)
+        base = rng.gamma(4.0, 1.0, size=200)
+        a, b = base + rng.normal(0, 0.2, size=200), base + rng.normal(0, 0.2, size=200)
+        d = paired_difference(a, b, samples=1000, seed=trial)
+        contains += d.low <= 0 <= d.high
+        if d.low <= 0 <= d.high:
+            assert d.verdict("a", "b").endswith("not distinguishable from zero at 95%")
+    assert contains >= 90
+
+
+def test_instances_without_counted_tokens_are_left_out_and_shapes_must_match():
+    a = np.array([1.0, np.nan, 3.0, 2.0])
+    b = np.array([0.5, 2.0, np.nan, 1.0])
+    assert paired_difference(a, b, samples=100).instances == 2
+    with pytest.raises(ValueError, match="same instances"):
+        paired_difference(a, b[:3])
+
+
+def _scores(rng, n, shift=0.0):
+    counts = rng.integers(1, 50, size=n).astype(np.float64)
+    counts[::17] = 0  # instances with nothing counted
+    per_token = rng.gamma(4.0, 1.0, size=n) + shift
+    return np.stack([per_token * counts, counts], axis=1)
+
+
+def test_per_domain_losses_recombine_to_the_overall_loss():
+    rng = np.random.default_rng(8)
+    scores = _scores(rng, 500)
+    domains = rng.integers(0, 4, size=500)
+    names = ["code", "prose", "tests", "empty-domain", "never-seen"]
+    overall = lm_loss_from_scores(scores)
+    per = per_domain(np.where(scores[:, 1] > 0, scores[:, 0] / np.maximum(scores[:, 1], 1), np.nan), domains, names)
+    assert set(per) == {"code", "prose", "tests", "empty-domain"}
+    assert sum(p["instances"] for p in per.values()) == overall["instances"]
+    weighted = sum(p["lm_loss"] * p["instances"] for p in per.values()) / overall["instances"]
+    assert weighted == pytest.approx(overall["lm_loss"], abs=1e-12)
+
+
+def test_seeds_are_pooled_and_their_spread_reported():
+    rng = np.random.default_rng(2)
+    n = 400
+    domains = rng.integers(0, 2, size=n)
+    base = _scores(rng, n)
+    noisy = lambda s, shift: np.stack([s[:, 0] + shift * s[:, 1] + rng.normal(0, 0.05, n) * s[:, 1], s[:, 1]], 1)
+    runs = {"miniplm": [("m1", noisy(base, -0.1)), ("m2", noisy(base, -0.1)), ("m3", noisy(base, -0.1))],
+            "uniform": [("u1", noisy(base, 0.0)), ("u2", noisy(base, 0.0)), ("u3", noisy(base, 0.0))],
+            "teacher": [("t", noisy(base, -2.0))]}
+    res = summarize(runs, domains, ["code", "prose"], bootstrap_samples=1000, seed=4)
+    m = res["models"]["miniplm"]
+    per_seed = [lm_loss_from_scores(s)["lm_loss"] for _, s in runs["miniplm"]]
+    assert m["seeds"] == 3 and m["lm_loss"] == pytest.approx(np.mean(per_seed))
+    assert m["lm_loss_std"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert res["models"]["teacher"]["lm_loss_std"] is None
+    c = res["comparisons"]["uniform"]
+    assert c["overall"]["excludes_zero"] and c["overall"]["high"] < 0
+    assert c["overall"]["mean"] == pytest.approx(-0.1, abs=0.02)
+    assert set(c["domains"]) == {"code", "prose"}
+    assert res["verdicts"][0].startswith("miniplm − uniform = -0.")
+    assert "miniplm is lower at 95%" in res["verdicts"][0]
+    table = format_table(res)
+    assert "LM loss per domain" in table and "± " in table and "(all)" in table and " *" in table
+    report = markdown(res, curves="curves.png")
+    assert "| uniform |" in report and "![validation loss" in report and res["verdicts"][1] in report
