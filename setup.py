@@ -27,6 +27,7 @@ setup(
         "tokenizers",
         "transformers",
         "psutil",  # dist_checkpointing.save hangs without it
+        "pyarrow",  # Parquet and datasets (Arrow) inputs of tools/preprocess_data.py
         "pyyaml",  # the pipeline config
         "tqdm",
         "zstandard",

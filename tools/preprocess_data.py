@@ -4,10 +4,16 @@
     python tools/preprocess_data.py --input 'data/*.jsonl.zst' --output-prefix out/pile \\
         --tokenizer qwen/tokenizer.json --seq-length 1024 --workers 16
 
+Inputs: .jsonl (.json, .ndjson), optionally .gz or .zst; .parquet files, read a row group
+at a time; directories written by HF datasets' Dataset.save_to_disk (Arrow IPC streams),
+read a record batch at a time; mixed in one run, read in argument order. --json-key and
+--domain-key name JSON keys or columns (dotted: fields of nested objects or struct
+columns); the same documents give the same dataset whatever their format.
+
 Writes PREFIX.bin/.idx (megatron-core IndexedDataset), PREFIX.domains.npy and
 PREFIX.meta.json (or PREFIX_00000.* ... with --shard-size-tokens), all under temporary
 names renamed at the end: a failed run leaves nothing under PREFIX. Exit status 1 on bad
-input (with --on-error fail) or bad arguments, with the file, line and reason.
+input (with --on-error fail) or bad arguments, with the file, line (or row) and reason.
 """
 from __future__ import annotations
 

@@ -1,6 +1,10 @@
 """Streaming reader for .jsonl, .jsonl.gz and .jsonl.zst: line-aligned blocks, in order.
 
-Files are read in fixed-size pieces and decompressed incrementally, so memory does not
+Also the inputs of a run: `resolve_inputs` accepts these, Parquet files and `datasets`
+directories, and `read_blocks` reads each in argument order, the latter two through
+data/arrow_reader.py (whose `RecordBlock`s carry texts instead of lines).
+
+JSONL files are read in fixed-size pieces and decompressed incrementally, so memory does not
 depend on file size (only on the longest line). The raw bytes are hashed on the way
 (sha256 for the meta file), and a compressed stream that ends before its end-of-stream
 marker is reported as truncated: gzip and zstd readers otherwise hand back a silent
@@ -19,6 +23,9 @@ from megatron_miniplm.data.records import BadRecord, SkipReason
 
 TEXT_SUFFIXES = (".jsonl", ".json", ".ndjson")
 COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", "": "none"}
+PARQUET_SUFFIX = ".parquet"
+ARROW_FORMATS = ("parquet", "arrow")  # compression_of() of the inputs data/arrow_reader.py reads
+DATASETS_STATE = "state.json"  # what makes a directory a `datasets` save_to_disk directory
 RAW_READ = 1 << 20  # bytes read from disk at a time
 ZSTD_RAW_READ = 1 << 18  # smaller: zstd output per call is not capped
 GZIP_OUT_MAX = 4 << 20  # most decompressed bytes per zlib call
@@ -28,34 +35,63 @@ class InputNotFoundError(FileNotFoundError):
     pass
 
 
+def is_datasets_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, DATASETS_STATE))
+
+
 def compression_of(path: str) -> str:
-    """'none', 'gzip' or 'zstd'; raises ValueError for anything that is not JSONL."""
+    """The input's encoding: 'none', 'gzip' or 'zstd' for JSONL, 'parquet' for a Parquet
+    file, 'arrow' for a `datasets` directory (Arrow IPC streams); raises ValueError for
+    anything else."""
+    if os.path.isdir(path):
+        if is_datasets_dir(path):
+            return "arrow"
+        if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+            raise ValueError(f"{path}: a datasets DatasetDict directory: give one of its splits' directories")
+        raise ValueError(f"{path}: a directory without {DATASETS_STATE} (not saved by datasets' save_to_disk)")
+    if path.lower().endswith(PARQUET_SUFFIX):
+        return "parquet"
     base, ext = os.path.splitext(path)
     comp = COMPRESSION_SUFFIXES.get(ext)
     if comp is None or comp == "none":
         base, comp = path, "none"
     if not base.endswith(TEXT_SUFFIXES):
         raise ValueError(
-            f"{path}: unsupported input type (expected {', '.join(TEXT_SUFFIXES)}, optionally with .gz or .zst)"
+            f"{path}: unsupported input type (expected {', '.join(TEXT_SUFFIXES)}, optionally with .gz or .zst, "
+            f"{PARQUET_SUFFIX}, or a datasets save_to_disk directory)"
         )
     return comp
 
 
+def input_bytes(path: str) -> int:
+    """Bytes on disk of an input: the file, or a `datasets` directory's data files."""
+    if os.path.isdir(path):
+        from megatron_miniplm.data.arrow_reader import datasets_files
+
+        return sum(os.path.getsize(f) for f in datasets_files(path))
+    return os.path.getsize(path)
+
+
 def resolve_inputs(patterns: Sequence[str]) -> list[str]:
-    """Expand files and globs, in argument order (each glob sorted), without duplicates."""
+    """Expand files and globs, in argument order (each glob sorted), without duplicates.
+    A `datasets` directory is one input, named or matched by a glob (other directories
+    a glob matches are ignored)."""
     out: list[str] = []
     seen = set()
     for pattern in patterns:
         if glob.has_magic(pattern):
-            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p) or is_datasets_dir(p))
             if not matches:
                 raise InputNotFoundError(f"{pattern}: the pattern matches no files")
-        elif os.path.isfile(pattern):
+        elif os.path.isfile(pattern) or os.path.isdir(pattern):
             matches = [pattern]
         else:
             raise InputNotFoundError(f"{pattern}: input file not found")
         for path in matches:
-            compression_of(path)
+            if compression_of(path) == "arrow":
+                from megatron_miniplm.data.arrow_reader import datasets_files
+
+                datasets_files(path)  # its state file is readable and its data files exist
             key = os.path.realpath(path)
             if key not in seen:
                 seen.add(key)
@@ -222,6 +258,19 @@ def read_file(file_index: int, path: str, block_bytes: int = 1 << 20) -> Iterato
     yield FileDone(file_index, path, sha.hexdigest(), raw_bytes, text_bytes, lines)
 
 
-def read_blocks(paths: Sequence[str], block_bytes: int = 1 << 20) -> Iterator[Block | ReadFailure | FileDone]:
+def read_blocks(
+    paths: Sequence[str],
+    block_bytes: int = 1 << 20,
+    text_key: tuple[str, ...] = ("text",),
+    domain_key: tuple[str, ...] | None = ("meta", "pile_set_name"),
+) -> Iterator:
+    """Every input in order: JSONL as `Block`s of lines, Parquet files and `datasets`
+    directories as `arrow_reader.RecordBlock`s (the keys name their columns), each file
+    followed by its FileDone."""
     for i, path in enumerate(paths):
-        yield from read_file(i, path, block_bytes)
+        if compression_of(path) in ARROW_FORMATS:
+            from megatron_miniplm.data.arrow_reader import read_arrow_input
+
+            yield from read_arrow_input(i, path, block_bytes, text_key, domain_key)
+        else:
+            yield from read_file(i, path, block_bytes)

@@ -1,12 +1,17 @@
-"""The preprocessing pipeline: JSONL files -> MiniPLM instances in a Megatron dataset.
+"""The preprocessing pipeline: JSONL, Parquet or `datasets` inputs -> MiniPLM instances
+in a Megatron dataset.
 
     main thread: read + decompress + hash --blocks--> worker threads: parse + tokenize
     main thread: <--token arrays, in input order-- ; build instances ; write
 
-The main thread hands out blocks of about 1 MB of complete lines and consumes the results
-strictly in input order, with a bounded number in flight. Memory therefore depends on the
-block size, the worker count and the longest document, not on the corpus, and the output
-bytes do not depend on the number of workers.
+The main thread hands out blocks of about 1 MB of complete lines (JSONL) or of the texts
+of consecutive rows (Parquet row groups and `datasets` record batches, read one at a time
+and validated by data/arrow_reader.py; the workers only tokenize them) and consumes the
+results strictly in input order, with a bounded number in flight. Memory therefore
+depends on the block size (and a Parquet file's row-group size), the worker count and the
+longest document, not on the corpus, and the output bytes do not depend on the number of
+workers, nor on the input format: the same documents from JSONL, Parquet (any row-group
+size) or a `datasets` directory give the same dataset.
 
 Why threads and not processes: the encoders release the GIL, and threads share one
 tokenizer, hence one BPE word cache. Measured on 2 cores, worker processes (each with its
@@ -29,10 +34,13 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from megatron_miniplm.data.arrow_reader import RecordBlock
 from megatron_miniplm.data.boundaries import BoundaryTables
 from megatron_miniplm.data.dataset_writer import DatasetWriter
 from megatron_miniplm.data.instances import InstanceBuilder, InstanceMode
-from megatron_miniplm.data.jsonl_reader import Block, FileDone, ReadFailure, read_blocks, resolve_inputs
+from megatron_miniplm.data.jsonl_reader import (
+    ARROW_FORMATS, Block, FileDone, ReadFailure, compression_of, input_bytes, read_blocks, resolve_inputs,
+)
 from megatron_miniplm.data.meta import FORMAT_VERSION
 from megatron_miniplm.data.records import BadRecord, InputError, SkipReason, parse_key
 from megatron_miniplm.data.tokenizer import load_tokenizer
@@ -49,7 +57,9 @@ class PreprocessConfig:
     """A preprocessing run; its settings are tools/preprocess_data.py's flags."""
 
     inputs: list[str] = setting(group="input", flag="--input", metavar="FILE_OR_GLOB",
-                                help=".jsonl, .jsonl.gz or .jsonl.zst files or globs (quote globs), read in order")
+                                help=".jsonl, .jsonl.gz or .jsonl.zst files, .parquet files (read a row group at "
+                                     "a time), datasets save_to_disk directories, or globs of these (quote globs); "
+                                     "read in order, formats may be mixed")
     output_prefix: str = setting(group="output", help="PREFIX of PREFIX.bin/.idx/.domains.npy/.meta.json")
     tokenizer: str = setting(group="tokenizer", metavar="PATH",
                              help="HF tokenizer.json (or a directory holding one) or a sentencepiece .model")
@@ -57,23 +67,27 @@ class PreprocessConfig:
     workers: int = setting(1, group="runtime",
                            help="tokenizer threads (and the size of HF tokenizers' Rust thread pool); "
                                 "the output does not depend on it")
-    json_key: str = setting("text", group="input", help="key of the document text (dotted for nested keys)")
+    json_key: str = setting("text", group="input",
+                            help="key (Parquet/datasets: column) of the document text; dotted for nested keys "
+                                 "(struct fields), a key or column literally named with the dots wins")
     domain_key: str = setting("meta.pile_set_name", group="input",
-                              help="key of the domain name (dotted for nested keys); '' puts everything "
-                                   "in domain 'default'")
+                              help="key (Parquet/datasets: column) of the domain name, dotted as --json-key; '' "
+                                   "puts everything in domain 'default'")
     instance_mode: str = setting(
         "miniplm", group="instances", choices=[m.value for m in InstanceMode],
         help="miniplm: per-domain instances of <= seq-length+1 tokens cut at sentence boundaries; "
              "packed: fixed seq-length+1 cuts per domain; document: one record per document")
     on_error: str = setting("fail", group="input", choices=ON_ERROR,
-                            help="bad input (invalid JSON or UTF-8, missing key, non-string or empty text, "
-                                 "truncated .gz/.zst): stop with file:line:reason, or skip and count by reason")
+                            help="bad input (invalid JSON or UTF-8, missing key or column, non-string, null or "
+                                 "empty text, truncated .gz/.zst, unreadable Parquet/Arrow): stop with "
+                                 "file:line:reason (file: row N: reason), or skip and count by reason")
     shard_size_tokens: int | None = setting(None, group="output",
                                             help="write shards PREFIX_00000, ... of at most this many tokens each")
     eod_token: str | None = setting(None, group="tokenizer",
                                     help="end-of-document token appended to every document (default: from "
                                          "the tokenizer, e.g. <|endoftext|>)")
-    block_bytes: int = setting(1 << 20, group="runtime", help="bytes of JSONL handed to a worker at a time")
+    block_bytes: int = setting(1 << 20, group="runtime",
+                               help="bytes of JSONL (Parquet/datasets: of text) handed to a worker at a time")
     max_domains: int = setting(4096, group="input", help="guard against a wrong --domain-key")
     progress: bool = setting(True, group="runtime", flag="--no-progress", help="no progress bar")
     log_skipped: int = setting(10, group="runtime", help="log the first N skipped records with file:line")
@@ -113,10 +127,11 @@ class PreprocessSummary:
     meta: dict  # the (top-level) meta.json written
     output_prefix: str
     seconds: float
-    text_bytes: int  # decompressed JSONL bytes
+    text_bytes: int  # decompressed JSONL bytes; for Parquet/datasets inputs, their text values' bytes
     raw_bytes: int  # bytes read from disk
     documents: int
-    lines: int
+    lines: int  # JSONL lines and Parquet/datasets rows
+    formats: str = "jsonl"  # the inputs: "jsonl", "arrow" (Parquet/datasets) or "mixed"
 
     @property
     def mb_per_s(self) -> float:
@@ -125,8 +140,10 @@ class PreprocessSummary:
     def format(self) -> str:
         m, s = self.meta, max(self.seconds, 1e-9)
         skipped = {k: v for k, v in m["skipped"].items() if v}
+        units, text = {"jsonl": ("lines", "JSONL"), "arrow": ("rows", "text"),
+                       "mixed": ("lines and rows", "JSONL and text")}[self.formats]
         lines = [
-            f"read {len(m['inputs'])} file(s): {self.lines:,} lines, {self.text_bytes / 1e6:,.1f} MB of JSONL "
+            f"read {len(m['inputs'])} file(s): {self.lines:,} {units}, {self.text_bytes / 1e6:,.1f} MB of {text} "
             f"({self.raw_bytes / 1e6:,.1f} MB on disk) in {self.seconds:.1f} s",
             f"throughput: {self.mb_per_s:.2f} MB/s, {self.documents / s:,.0f} docs/s, "
             f"{m['num_tokens'] / s / 1e6:.2f}M tokens/s",
@@ -145,14 +162,14 @@ class PreprocessSummary:
 
 
 def ordered_tokenize(items: Iterable, workers: int, tokenize: BlockTokenizer, max_pending: int) -> Iterator:
-    """`tokenize` over the Blocks of `items` in `workers` threads, other items passed
+    """`tokenize` over the Blocks and RecordBlocks of `items` in `workers` threads, other items passed
     through, all in input order. At most `max_pending` blocks are in flight, which bounds
     memory (Pool.imap, by contrast, reads its whole input ahead)."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize") as pool:
         pending: deque = deque()
         try:
             for item in items:
-                pending.append(pool.submit(tokenize, item) if isinstance(item, Block) else item)
+                pending.append(pool.submit(tokenize, item) if isinstance(item, (Block, RecordBlock)) else item)
                 while pending and (len(pending) > max_pending or not isinstance(pending[0], Future)):
                     head = pending.popleft()
                     yield head.result() if isinstance(head, Future) else head
@@ -166,7 +183,7 @@ def ordered_tokenize(items: Iterable, workers: int, tokenize: BlockTokenizer, ma
 
 
 class _Progress:
-    """tqdm over input bytes on disk, with docs/s, MB/s of JSONL and tokens/s."""
+    """tqdm over input bytes on disk, with docs/s, MB/s of JSONL (Parquet/datasets: of text) and tokens/s."""
 
     def __init__(self, total: int, enabled: bool):
         self.start = time.perf_counter()
@@ -191,6 +208,9 @@ class _Progress:
 
     def file_done(self, raw_bytes: int) -> None:
         self.done_files += raw_bytes
+        if self.bar is not None and self.done_files > self.shown:  # Parquet: its footer is never a block's raw_pos
+            self.bar.update(self.done_files - self.shown)
+            self.shown = self.done_files
 
     def close(self) -> None:
         if self.bar is not None:
@@ -202,6 +222,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     config.validate()
     start = time.perf_counter()
     paths = resolve_inputs(config.inputs)
+    row_based = [compression_of(p) in ARROW_FORMATS for p in paths]  # errors name rows, not lines
     tokenizer = load_tokenizer(config.tokenizer, config.eod_token)
     mode = InstanceMode(config.instance_mode)
     tables = BoundaryTables.from_tokenizer(tokenizer) if mode is InstanceMode.MINIPLM else None
@@ -219,15 +240,15 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     skipped: Counter = Counter()
     domains: dict[str, int] = {}
     docs = text_bytes = tokens = 0
-    progress = _Progress(sum(os.path.getsize(p) for p in paths), config.progress)
+    progress = _Progress(sum(input_bytes(p) for p in paths), config.progress)
 
     def reject(file_index: int, record: BadRecord) -> None:
         if config.on_error == "fail":
-            raise InputError(paths[file_index], record)
+            raise InputError(paths[file_index], record, row_based[file_index])
         skipped[record.reason] += 1
         inputs[file_index].skipped[record.reason.value] += 1
         if sum(skipped.values()) <= config.log_skipped:
-            log.warning("skipped %s", InputError(paths[file_index], record))
+            log.warning("skipped %s", InputError(paths[file_index], record, row_based[file_index]))
 
     def domain_id(name: str, file_index: int) -> int:
         if name not in domains:
@@ -240,7 +261,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
         return domains[name]
 
     try:
-        blocks = read_blocks(paths, config.block_bytes)
+        blocks = read_blocks(paths, config.block_bytes, worker_config.text_key, worker_config.domain_key)
         in_flight = 2 * config.workers + 1
         with DatasetWriter(config.output_prefix, tokenizer.vocab_size, tokenizer.eod_id, config.shard_size_tokens) as writer, \
                 closing(ordered_tokenize(blocks, config.workers, tokenize, in_flight)) as items:
@@ -294,4 +315,5 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
         raw_bytes=sum(st.bytes for st in inputs),
         documents=docs,
         lines=sum(st.lines for st in inputs),
+        formats="jsonl" if not any(row_based) else "arrow" if all(row_based) else "mixed",
     )

@@ -3,12 +3,17 @@
 A block of complete lines goes in; the documents' texts and domains come out, plus one
 `BadRecord` (line number, reason, detail) per line that cannot be used. The caller's
 `--on-error` policy decides whether a bad record stops the run or is counted and skipped.
+Parquet and `datasets` rows are validated by data/arrow_reader.py with the same reasons,
+a row number in place of the line number.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from enum import Enum
+
+
+DEFAULT_DOMAIN = "default"  # every document's domain when there is no domain key
 
 
 class SkipReason(str, Enum):
@@ -19,22 +24,24 @@ class SkipReason(str, Enum):
     INVALID_UTF8 = "invalid_utf8"
     EMPTY_TEXT = "empty_text"
     TRUNCATED_INPUT = "truncated_input"  # a .gz/.zst stream that ends early
-    CORRUPT_INPUT = "corrupt_input"  # a .gz/.zst stream that cannot be decoded
+    CORRUPT_INPUT = "corrupt_input"  # a .gz/.zst stream that cannot be decoded; an unreadable Parquet/Arrow file
 
 
 @dataclass(frozen=True)
 class BadRecord:
-    line: int  # 1-based line number in the (decompressed) input file
+    line: int  # 1-based line number in the (decompressed) input file; row number for Parquet/Arrow
     reason: SkipReason
     detail: str
 
 
 class InputError(ValueError):
-    """Bad input under --on-error fail: names the file, the line and the reason."""
+    """Bad input under --on-error fail: names the file, the line (`path:N: ...`) or, for
+    Parquet/Arrow inputs (`rows`), the row (`path: row N: ...`), and the reason."""
 
-    def __init__(self, path: str, record: BadRecord):
+    def __init__(self, path: str, record: BadRecord, rows: bool = False):
         self.path, self.record = path, record
-        super().__init__(f"{path}:{record.line}: {record.reason.value}: {record.detail}")
+        where = f"{path}: row {record.line}" if rows else f"{path}:{record.line}"
+        super().__init__(f"{where}: {record.reason.value}: {record.detail}")
 
 
 @dataclass
@@ -74,7 +81,7 @@ def parse_block(
     first_line: int,
     text_key: tuple[str, ...],
     domain_key: tuple[str, ...] | None,
-    default_domain: str = "default",
+    default_domain: str = DEFAULT_DOMAIN,
     stop_at_first_error: bool = False,
 ) -> ParsedBlock:
     """Parse the lines of `block` (complete lines; the last may lack its newline)."""

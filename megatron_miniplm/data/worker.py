@@ -1,4 +1,5 @@
-"""The parallel step of preprocessing: parse and tokenize one block of JSONL lines.
+"""The parallel step of preprocessing: parse and tokenize one block of JSONL lines, or
+tokenize the texts of a `RecordBlock` of Parquet/Arrow rows (validated by the reader).
 
 `--workers` threads run it on consecutive blocks. The encoders (HF `tokenizers` in Rust,
 sentencepiece in C++) release the GIL, so the threads encode in parallel while others
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from megatron_miniplm.data.arrow_reader import RecordBlock
 from megatron_miniplm.data.boundaries import BoundaryTables
 from megatron_miniplm.data.jsonl_reader import Block
 from megatron_miniplm.data.records import BadRecord, parse_block
@@ -50,12 +52,16 @@ class BlockTokenizer:
         self.config = config
         self.tokenizer = tokenizer or load_tokenizer(config.tokenizer_path, config.eod_token)
 
-    def __call__(self, block: Block) -> TokenizedBlock:
+    def __call__(self, block: Block | RecordBlock) -> TokenizedBlock:
         config, tokenizer = self.config, self.tokenizer
-        parsed = parse_block(
-            block.data, block.first_line, config.text_key, config.domain_key,
-            stop_at_first_error=config.stop_at_first_error,
-        )
+        if isinstance(block, RecordBlock):
+            parsed, text_bytes = block, block.text_bytes
+        else:
+            parsed = parse_block(
+                block.data, block.first_line, config.text_key, config.domain_key,
+                stop_at_first_error=config.stop_at_first_error,
+            )
+            text_bytes = len(block.data)
         if parsed.texts:
             tokens, lengths = tokenizer.encode_batch_flat(parsed.texts, append_id=tokenizer.eod_id)
         else:
@@ -65,7 +71,7 @@ class BlockTokenizer:
             file_index=block.file_index,
             first_line=block.first_line,
             num_lines=block.num_lines,
-            text_bytes=len(block.data),
+            text_bytes=text_bytes,
             raw_pos=block.raw_pos,
             tokens=tokens,
             doc_lengths=lengths,

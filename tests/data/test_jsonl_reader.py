@@ -106,9 +106,12 @@ def test_resolve_inputs(tmp_path):
         resolve_inputs([str(tmp_path / "missing.jsonl")])
     with pytest.raises(InputNotFoundError, match="matches no files"):
         resolve_inputs([str(tmp_path / "*.nothing")])
-    (tmp_path / "x.parquet").write_bytes(b"")
-    with pytest.raises(ValueError, match="x.parquet: unsupported input type"):
-        resolve_inputs([str(tmp_path / "x.parquet")])
+    (tmp_path / "x.csv").write_bytes(b"")
+    with pytest.raises(ValueError, match="x.csv: unsupported input type"):
+        resolve_inputs([str(tmp_path / "x.csv")])
+    (tmp_path / "plain_dir").mkdir()
+    with pytest.raises(ValueError, match="plain_dir: a directory without state.json"):
+        resolve_inputs([str(tmp_path / "plain_dir")])
 
 
 def test_read_blocks_numbers_files(tmp_path):
