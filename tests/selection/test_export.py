@@ -1,0 +1,194 @@
+"""tools/export_selection.py: the blend as text, in blend order, that tokenizes back to the blend."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data.conftest import make_records, write_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SEQ = 64
+
+
+def _bpe(directory, texts):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def blend(tmp_path_factory):
+    """A preprocessed 3-shard corpus with teacher/reference scores and a shuffled MiniPLM blend."""
+    from megatron_miniplm.data.meta import dataset_prefixes
+    from megatron_miniplm.data.preprocess import PreprocessConfig, preprocess
+    from megatron_miniplm.scoring.score_file import save_scores
+    from megatron_miniplm.selection.difference import SelectionConfig
+    from megatron_miniplm.selection.sample import SampleRequest, run
+    from megatron_miniplm.selection.shards import open_shard
+
+    root = tmp_path_factory.mktemp("export")
+    records = make_records(160, seed=5)
+    tokenizer = _bpe(str(root), [r["text"] for r in records])
+    corpus = write_jsonl(str(root / "corpus.jsonl"), records)
+    prefix = str(root / "data")
+    preprocess(PreprocessConfig(inputs=[corpus], output_prefix=prefix, tokenizer=tokenizer, seq_length=SEQ,
+                                shard_size_tokens=6000, progress=False))
+    shards = dataset_prefixes(prefix)
+    assert len(shards) >= 3
+    rng = np.random.default_rng(0)
+    teacher, reference = [], []
+    for s in shards:
+        shard = open_shard(s)
+        count = np.maximum(shard.index.lengths.astype(np.float64) - 1, 0)
+        for role, out in (("teacher", teacher), ("reference", reference)):
+            mean = rng.uniform(1.0, 4.0, size=len(count))
+            out.append(save_scores(f"{s}.{role}", np.stack([mean * count, count], 1),
+                                   {"dataset_fingerprint": shard.fingerprint, "model": {"name": role}}) and f"{s}.{role}")
+    out = str(root / "blend" / "miniplm")
+    os.makedirs(os.path.dirname(out))
+    run(SampleRequest(data_paths=[prefix], output=out, config=SelectionConfig(alpha=0.5, order="shuffled"),
+                      teacher_scores=teacher, reference_scores=reference))
+    return {"root": root, "prefix": prefix, "blend": out, "tokenizer": tokenizer, "shards": shards}
+
+
+def _pieces(blend_prefix):
+    """(blend row, piece tokens without EOD, shard, instance) of every document piece, in blend order."""
+    from megatron_miniplm.selection.blend import BlendReader
+
+    reader = BlendReader(blend_prefix)
+    eod = reader.meta["tokenizer"]["eod_id"]
+    out = []
+    for j in range(len(reader)):
+        tokens = np.asarray(reader[j], dtype=np.int64)
+        s, i = (int(v) for v in reader.rows[j])
+        cut = [-1, *np.flatnonzero(tokens == eod), len(tokens)]
+        out += [(j, tokens[a + 1:b], s, i) for a, b in zip(cut, cut[1:]) if b > a + 1]
+    return out
+
+
+def _export(blend, output, *extra):
+    return subprocess.run([sys.executable, os.path.join(REPO, "tools", "export_selection.py"), "--blend", blend,
+                           "--output", output, "--no-progress", *extra], capture_output=True, text=True)
+
+
+def test_records_in_blend_order_with_domains_and_scores_that_tokenize_back(blend, tmp_path):
+    from megatron_miniplm.data.tokenizer import load_tokenizer
+    from megatron_miniplm.scoring.score_file import load_scores
+    from megatron_miniplm.selection.export import iter_records
+    from megatron_miniplm.selection.shards import domain_table, open_shards
+
+    out = str(tmp_path / "refined.jsonl")
+    result = _export(blend["blend"], out)
+    assert result.returncode == 0, result.stderr
+    records = list(iter_records(out))
+    pieces = _pieces(blend["blend"])
+    assert len(records) == len(pieces) > 80
+    assert "records" in result.stdout and f"{len(records):,} records" in result.stdout
+    shuffled_rows = [p[0] for p in pieces]
+    assert [r["meta"]["blend_row"] for r in records] == shuffled_rows  # blend order
+    shards = open_shards(blend["shards"])
+    names, maps = domain_table(shards)
+    tok = load_tokenizer(blend["tokenizer"])
+    for r, (j, piece, s, i) in zip(records, pieces):
+        assert tok.encode_batch([r["text"]])[0] == piece.tolist(), (j, r["text"])
+        assert r["meta"]["pile_set_name"] == names[maps[s][shards[s].domains()[i]]]
+        t = load_scores(f"{blend['shards'][s]}.teacher")[0][i]
+        ref = load_scores(f"{blend['shards'][s]}.reference")[0][i]
+        assert r["meta"]["teacher_nll"] == pytest.approx(t[0] / t[1])
+        assert r["meta"]["difference_score"] == pytest.approx(ref[0] / ref[1] - t[0] / t[1])
+
+
+def test_preprocessing_the_export_gives_back_the_selected_tokens(blend, tmp_path):
+    """Each record, re-tokenized as one document (EOD appended), is its piece of the blend."""
+    from megatron_miniplm.data.preprocess import PreprocessConfig, preprocess
+    from megatron_miniplm.selection.shards import open_shards
+
+    out = str(tmp_path / "refined.jsonl.zst")
+    assert _export(blend["blend"], out).returncode == 0
+    again = str(tmp_path / "again")
+    preprocess(PreprocessConfig(inputs=[out], output_prefix=again, tokenizer=blend["tokenizer"], seq_length=4096,
+                                instance_mode="document", progress=False))
+    shard, = open_shards([again])
+    pieces = _pieces(blend["blend"])
+    assert shard.num_instances == len(pieces)
+    eod = shard.meta["tokenizer"]["eod_id"]
+    for k, (_, piece, _, _) in enumerate(pieces):
+        assert shard.tokens(k).tolist() == piece.tolist() + [eod], k
+    assert sorted(shard.domain_names) == sorted({n for n in shard.domain_names})
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".parquet"])
+def test_every_format_holds_the_same_records(blend, tmp_path, suffix):
+    from megatron_miniplm.selection.export import iter_records
+
+    assert _export(blend["blend"], str(tmp_path / "a.jsonl")).returncode == 0
+    assert _export(blend["blend"], str(tmp_path / f"b{suffix}")).returncode == 0
+    assert list(iter_records(str(tmp_path / f"b{suffix}"))) == list(iter_records(str(tmp_path / "a.jsonl")))
+
+
+def test_a_killed_sharded_export_resumes_to_the_same_files(blend, tmp_path, monkeypatch):
+    from megatron_miniplm.selection import export
+
+    whole = tmp_path / "whole"
+    cfg = dict(blend=blend["blend"], shard_size_mb=0.004, batch_size=4, progress=False)
+    done = export.export_selection(export.ExportConfig(output=str(whole / "r.jsonl"), **cfg))
+    assert len(done.files) >= 4
+
+    calls = {"n": 0}
+    real = export._Source.records
+
+    def dying(self, lo, hi):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise KeyboardInterrupt  # stands in for a kill: nothing after this point is written
+        return real(self, lo, hi)
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(export._Source, "records", dying)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_selection(export.ExportConfig(output=str(part / "r.jsonl"), **cfg))
+    finished = json.load(open(part / "r.jsonl.export.json"))["shards"]
+    assert 1 <= len(finished) < len(done.files)
+    assert not [f for f in os.listdir(part) if ".tmp-" in f]  # the open shard was removed
+    monkeypatch.setattr(export._Source, "records", real)
+    again = export.export_selection(export.ExportConfig(output=str(part / "r.jsonl"), **cfg))
+    assert again.resumed_from_row == finished[-1]["rows"][1] > 0
+    assert [os.path.basename(f) for f in again.files] == [os.path.basename(f) for f in done.files]
+    for a, b in zip(done.files, again.files):
+        assert open(a, "rb").read() == open(b, "rb").read(), b
+    assert again.records == done.records
+
+
+def test_another_tokenizer_gives_a_student_corpus(blend, tmp_path):
+    """The cross-family recipe: the export tokenized with a different vocabulary."""
+    from megatron_miniplm.data.preprocess import PreprocessConfig, preprocess
+    from megatron_miniplm.selection.export import iter_records
+
+    out = str(tmp_path / "refined.parquet")
+    assert _export(blend["blend"], out).returncode == 0
+    records = list(iter_records(out))
+    other = _bpe(str(tmp_path), [r["text"] for r in make_records(80, seed=9)])
+    summary = preprocess(PreprocessConfig(inputs=[out], output_prefix=str(tmp_path / "student"), tokenizer=other,
+                                          seq_length=SEQ, progress=False))
+    assert summary.documents == len(records)
+    assert summary.meta["tokenizer"]["path"] != blend["tokenizer"]
+    assert set(summary.meta["domains"]) == {r["meta"]["pile_set_name"] for r in records}
+
+
+def test_refusals(blend, tmp_path):
+    result = _export(blend["blend"], str(tmp_path / "x.csv"))
+    assert result.returncode == 1 and "unsupported output type" in result.stderr
+    result = _export(str(tmp_path / "nope"), str(tmp_path / "x.jsonl"))
+    assert result.returncode == 1 and "nope.meta.json" in result.stderr
+    assert not os.path.exists(tmp_path / "x.jsonl")
