@@ -105,6 +105,11 @@ class PipelineConfig:
                                         "(GPUs, CPUs with AMX)")
     tokenizer: Optional[str] = setting(None, help="tokenizer of the data (default: the teacher's); teacher, "
                                                   "reference and students must share it")
+    student_tokenizer: Optional[str] = setting(
+        None, help="tokenizer of the students when it is not the teacher's (KD across model families): the "
+                   "selections are exported as text, re-tokenized with it, and the students are trained and "
+                   "evaluated on those (teacher and reference are then left out of the table: losses per "
+                   "token of different tokenizers do not compare)")
     corpus: Corpus = field(default_factory=Corpus)
     teacher: Teacher = field(default_factory=Teacher)
     preprocess: dict = setting(default_factory=lambda: {"workers": 2},
@@ -138,7 +143,7 @@ EVALUATION_KEYS = {"micro_batch_size", "bootstrap_samples", "confidence"}
 # The environment variables examples/pretrain_miniplm.sh has always read -> config keys.
 ENV_KEYS = {
     "WORK_DIR": "work_dir", "SEED": "seed", "SEQ_LENGTH": "seq_length", "BF16": "bf16",
-    "TOKENIZER": "tokenizer", "CORPUS_TRAIN": "corpus.train", "CORPUS_TEST": "corpus.test",
+    "TOKENIZER": "tokenizer", "STUDENT_TOKENIZER": "student_tokenizer", "CORPUS_TRAIN": "corpus.train", "CORPUS_TEST": "corpus.test",
     "CHARS_PER_DOMAIN": "corpus.demo_chars_per_domain", "TEACHER": "teacher.load",
     "WORKERS": "preprocess.workers", "REF_FRACTION": "split.ref_fraction",
     "REF_MODEL": "reference.model", "STUDENT_MODEL": "student.model",

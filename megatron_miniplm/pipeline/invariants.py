@@ -112,6 +112,13 @@ def check(graph: Graph) -> None:
     if bad or len(set(baselines)) != len(baselines):
         refuse(f"selection.baselines {baselines}: each of {', '.join(BASELINES)} at most once")
 
+    if cfg.student_tokenizer:
+        if not os.path.exists(cfg.student_tokenizer):
+            refuse(f"student_tokenizer: {cfg.student_tokenizer} does not exist")
+        if cfg.vanilla_kd.get("enabled"):
+            refuse("vanilla_kd.enabled with student_tokenizer: Vanilla KD needs the teacher's vocabulary "
+                   "(token-level distillation); leave student_tokenizer unset or disable vanilla_kd")
+
     seeds = cfg.student_seeds
     if seeds is not None and (not isinstance(seeds, list) or not seeds
                               or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)

@@ -150,19 +150,27 @@ class Graph:
         for model in ("teacher", "reference"):
             self._score(model)
         self._select()
+        if cfg.student_tokenizer:
+            self._retokenize()
         kd = {k: v for k, v in cfg.vanilla_kd.items() if k != "enabled"}
         for stage, label, seed in self.students:
             if label == "student-vanilla-kd":
                 # online distillation on the uniform sample, with the students' steps and seeds
-                self._train(stage, cfg.student, data_stage="select", data_name="uniform", seed=seed, kd=kd)
+                self._train(stage, cfg.student, data_stage=self.student_data, data_name="uniform", seed=seed, kd=kd)
             else:
-                self._train(stage, cfg.student, data_stage="select", data_name=label[len("student-"):], seed=seed)
+                self._train(stage, cfg.student, data_stage=self.student_data, data_name=label[len("student-"):],
+                            seed=seed)
         self._evaluate()
 
     @property
     def student_names(self) -> list[str]:
         """The students trained on a selection: MiniPLM's and each baseline's."""
         return ["miniplm", *self.cfg.selection.get("baselines", [])]
+
+    @property
+    def student_data(self) -> str:
+        """The stage holding the students' data: the selections, or their re-tokenized text."""
+        return "retokenize" if self.cfg.student_tokenizer else "select"
 
     @property
     def student_seeds(self) -> list[int]:
@@ -230,12 +238,8 @@ class Graph:
             inputs.update(file_identity([cfg.tokenizer]))
 
         def commands(out, d):
-            if cfg.corpus.train is None:
-                train, test = [os.path.join(d["corpus"], "train.jsonl")], [os.path.join(d["corpus"], "test.jsonl")]
-            else:
-                train, test = cfg.corpus.train, cfg.corpus.test
             argv = []
-            for name, files in (("train", train), ("test", test)):
+            for name, files in zip(("train", "test"), self.corpus_files(d)):
                 pre = PreprocessConfig(inputs=list(files), output_prefix=os.path.join(out, name),
                                        tokenizer=self.tokenizer_path(d), seq_length=cfg.seq_length,
                                        progress=False, **cfg.preprocess)
@@ -245,6 +249,41 @@ class Graph:
         self.stages.append(Stage("data", SINGLE, {"preprocess": cfg.preprocess, "seq_length": cfg.seq_length,
                                                   "tokenizer": cfg.tokenizer, "corpus": [cfg.corpus.train, cfg.corpus.test]},
                                  deps=deps, inputs=inputs, commands=commands))
+
+    def corpus_files(self, d: dict) -> tuple[list, list]:
+        """(train, test) input files: the configured corpus, or the demo corpus stage's."""
+        if self.cfg.corpus.train is None:
+            return [os.path.join(d["corpus"], "train.jsonl")], [os.path.join(d["corpus"], "test.jsonl")]
+        return list(self.cfg.corpus.train), list(self.cfg.corpus.test)
+
+    def _retokenize(self) -> None:
+        """Students of another tokenizer: each selection exported as text and tokenized with
+        theirs, and the test documents too."""
+        from megatron_miniplm.data.preprocess import PreprocessConfig
+        from megatron_miniplm.selection.export import ExportConfig
+        from megatron_miniplm.settings import to_argv
+
+        cfg = self.cfg
+        tokenizer = os.path.abspath(cfg.student_tokenizer)
+
+        def commands(out, d):
+            argv = []
+            for name in self.student_names:
+                text = os.path.join(out, f"{name}.jsonl.zst")
+                argv.append([self.python, tool("export_selection.py"), *to_argv(ExportConfig(
+                    blend=os.path.join(d["select"], name), output=text, progress=False))])
+                argv.append([self.python, tool("preprocess_data.py"), *to_argv(PreprocessConfig(
+                    inputs=[text], output_prefix=os.path.join(out, name), tokenizer=tokenizer,
+                    seq_length=cfg.seq_length, progress=False, **cfg.preprocess), only_changed=False)])
+            argv.append([self.python, tool("preprocess_data.py"), *to_argv(PreprocessConfig(
+                inputs=self.corpus_files(d)[1], output_prefix=os.path.join(out, "test"), tokenizer=tokenizer,
+                seq_length=cfg.seq_length, progress=False, **cfg.preprocess), only_changed=False)])
+            return argv
+
+        self.stages.append(Stage("retokenize", SINGLE, {"tokenizer": tokenizer, "preprocess": cfg.preprocess,
+                                                        "seq_length": cfg.seq_length},
+                                 deps=["select", "data"] + (["corpus"] if cfg.corpus.train is None else []),
+                                 inputs=file_identity([tokenizer]), commands=commands))
 
     def _split(self) -> None:
         from megatron_miniplm.data.split import SplitConfig
@@ -261,7 +300,7 @@ class Graph:
                                  commands=commands))
 
     def train_config(self, lm, out: str, d: dict, data_path: str, iters: int, kd: Optional[dict] = None,
-                     seed: Optional[int] = None):
+                     seed: Optional[int] = None, valid_stage: str = "data"):
         from megatron_miniplm.models.config import ModelConfig
         from megatron_miniplm.settings import from_mapping
         from megatron_miniplm.training.trainer import TrainConfig
@@ -270,7 +309,7 @@ class Graph:
         # The model goes to the tool as model flags (model_flags): the tool resolves a preset or a
         # shape against the data's vocabulary. TrainConfig needs one, so it gets a stand-in.
         placeholder = ModelConfig(num_layers=1, hidden_size=8, ffn_hidden_size=8, num_attention_heads=1, vocab_size=8)
-        values = dict(lm.train, data_path=[data_path], valid_data_path=[os.path.join(d["data"], "test")],
+        values = dict(lm.train, data_path=[data_path], valid_data_path=[os.path.join(d[valid_stage], "test")],
                       seq_length=cfg.seq_length, seed=cfg.seed if seed is None else seed, bf16=self.bf16,
                       tensor_model_parallel_size=par.tensor_model_parallel_size,
                       pipeline_model_parallel_size=par.pipeline_model_parallel_size,
@@ -287,7 +326,9 @@ class Graph:
         cfg = self.cfg
         # Epochs over D_ref for the reference; for every student over the MiniPLM selection's
         # tokens, so that all students take the same steps.
-        budget, key = ("ref", "num_tokens") if data_stage == "split" else ("miniplm", "tokens_kept")
+        budget, key = {"split": ("ref", "num_tokens"), "select": ("miniplm", "tokens_kept"),
+                       "retokenize": ("miniplm", "num_tokens")}[data_stage]
+        valid_stage = "retokenize" if data_stage == "retokenize" else "data"
 
         def iterations(d) -> int:
             tokens = _read_meta(os.path.join(d[data_stage], budget + ".meta.json"))[key]
@@ -295,7 +336,8 @@ class Graph:
             return _iterations(lm.epochs, tokens, gbs, cfg.seq_length)
 
         def commands(out, d):
-            train = self.train_config(lm, out, d, os.path.join(d[data_stage], data_name), iterations(d), kd, seed)
+            train = self.train_config(lm, out, d, os.path.join(d[data_stage], data_name), iterations(d), kd, seed,
+                                      valid_stage)
             return [[self.python, tool("pretrain_gpt.py"), *model_flags(lm.model), *to_argv(train)]]
 
         def finished(out, d):
@@ -368,13 +410,20 @@ class Graph:
         students = self.students
         ev = cfg.evaluation
 
+        # With another student tokenizer only the students share a test set (and a unit of loss).
+        same_tokenizer = not cfg.student_tokenizer
+        test_stage = "data" if same_tokenizer else "retokenize"
+
         def commands(out, d):
             loads = [os.path.join(d[stage], "ckpt") for stage, _, _ in students]
-            loads += [os.path.join(d["reference"], "ckpt"), self.teacher_checkpoint(d)]
-            names = [label for _, label, _ in students] + ["reference", f"teacher ({self.teacher_label()})"]
-            metrics = [os.path.join(d[stage], "metrics.jsonl") for stage, _, _ in students] + ["-", "-"]
+            names = [label for _, label, _ in students]
+            metrics = [os.path.join(d[stage], "metrics.jsonl") for stage, _, _ in students]
+            if same_tokenizer:
+                loads += [os.path.join(d["reference"], "ckpt"), self.teacher_checkpoint(d)]
+                names += ["reference", f"teacher ({self.teacher_label()})"]
+                metrics += ["-", "-"]
             argv = [self.python, tool("evaluate.py"), "--load", *loads, "--name", *names,
-                    "--data-path", os.path.join(d["data"], "test"), "--output-dir", os.path.join(out, "eval"),
+                    "--data-path", os.path.join(d[test_stage], "test"), "--output-dir", os.path.join(out, "eval"),
                     "--json", os.path.join(out, "results.json"), "--report-dir", os.path.join(out, "report"),
                     "--metrics-file", *metrics,
                     "--bootstrap-samples", str(ev.get("bootstrap_samples", 10000)), "--bootstrap-seed", str(cfg.seed),
@@ -390,7 +439,8 @@ class Graph:
 
         self.stages.append(Stage("evaluate", DISTRIBUTED, {"evaluation": ev, "bf16": self.bf16, "seed": cfg.seed,
                                                            "teacher": self.teacher_label(), "layout": _layout(cfg)},
-                                 deps=[*(stage for stage, _, _ in students), "reference", "teacher", "data"],
+                                 deps=[*(stage for stage, _, _ in students), "reference", "teacher", "data"]
+                                 + ([] if same_tokenizer else ["retokenize"]),
                                  commands=commands, finished=finished))
 
 

@@ -113,20 +113,25 @@ def test_a_change_reruns_exactly_the_stages_that_depend_on_it(one_node, override
     assert planned == reruns
 
 
-def test_a_changed_alpha_reruns_exactly_what_reads_it(one_node):
-    root, config, _ = one_node
-    copy = root / "alpha"
-    subprocess.run(["cp", "-a", str(root / "work"), str(copy)], check=True)
-    # the records name absolute output paths: point the copy's config at the copy
+def _copy_of_the_run(root, config, name):
+    """The one-node run's work directory copied, and a config pointing at the copy."""
     import yaml
 
+    copy = root / name
+    subprocess.run(["cp", "-a", str(root / "work"), str(copy)], check=True)
+    # the records name absolute output paths: point the copy's config at the copy
     data = yaml.safe_load(open(config))
     data["work_dir"] = str(copy)
     for record in os.listdir(copy / "records"):
         path = copy / "records" / record
         if record.endswith(".json"):
             path.write_text(path.read_text().replace(str(root / "work"), str(copy)))
-    config2 = write_config(root / "alpha.yaml", data)
+    return copy, write_config(root / f"{name}.yaml", data)
+
+
+def test_a_changed_alpha_reruns_exactly_what_reads_it(one_node):
+    root, config, _ = one_node
+    copy, config2 = _copy_of_the_run(root, config, "alpha")
     before = _results(copy)
     out = run_pipeline(config2, "selection.alpha=0.3", "parallel.nproc_per_node=2")
     assert out.returncode == 0, out.stdout[-3000:]
@@ -135,6 +140,40 @@ def test_a_changed_alpha_reruns_exactly_what_reads_it(one_node):
     after = _results(copy)
     assert after["reference"]["lm_loss"] == before["reference"]["lm_loss"]  # the same reference model
     assert after["student-miniplm"]["lm_loss"] != before["student-miniplm"]["lm_loss"]
+
+
+def test_students_with_another_tokenizer(setting, one_node):
+    """KD across model families: the selections exported as text and re-tokenized with the
+    students' own tokenizer (a byte-level BPE; the teacher's is word-level)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from megatron_miniplm.checkpointing import latest_checkpoint
+    from megatron_miniplm.data.tokenizer import file_sha256
+
+    root, config, _ = one_node
+    copy, config2 = _copy_of_the_run(root, config, "cross")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([json.loads(l)["text"] for l in open(setting[1])], trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    student_tokenizer = root / "student-tokenizer"
+    student_tokenizer.mkdir()
+    tok.save(str(student_tokenizer / "tokenizer.json"))
+    out = run_pipeline(config2, f"student_tokenizer={student_tokenizer}", "vanilla_kd.enabled=false",
+                       "parallel.nproc_per_node=2")
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert _stages(out.stdout, "RUN ") == ["retokenize", "student-miniplm", "student-uniform", "evaluate"]
+    results = _results(copy)
+    assert set(results) == {"student-miniplm", "student-uniform"}  # one unit of loss: the students' tokenizer
+    for name in results:
+        ckpt = latest_checkpoint(results[name]["runs"][0]["checkpoint"])
+        info = json.load(open(os.path.join(ckpt, "checkpoint_info.json")))
+        assert info["tokenizer"]["sha256"] == file_sha256(str(student_tokenizer / "tokenizer.json"))
+    with open(os.path.join(copy, "records", "retokenize.json")) as f:
+        retokenized = json.load(f)["output"]
+    assert os.path.exists(os.path.join(retokenized, "miniplm.jsonl.zst"))
 
 
 def test_two_nodes_match_one_node(setting, one_node, tmp_path):
@@ -174,6 +213,8 @@ def test_two_nodes_match_one_node(setting, one_node, tmp_path):
     ("selection.baselines=[teacher]", "vanilla_kd.enabled needs the uniform baseline"),
     ("vanilla_kd.kd_ratio=2", "vanilla_kd: kd_ratio (--kd-ratio) must be in [0, 1]"),
     ("student_seeds=[3,3]", "student_seeds [3, 3]: a non-empty list of distinct integers"),
+    ("student_tokenizer=/nonexistent/tok.json", "student_tokenizer: /nonexistent/tok.json does not exist"),
+    ("student_tokenizer=/", "vanilla_kd.enabled with student_tokenizer: Vanilla KD needs the teacher's vocabulary"),
     ("corpus.train=[/nonexistent/*.jsonl]", "no file matches"),
 ])
 def test_invariants_refuse_naming_the_settings(setting, tmp_path, override, message):
