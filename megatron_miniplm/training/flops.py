@@ -1,32 +1,63 @@
-"""Model FLOPs per token and MFU, the way training-throughput tables count them."""
+"""Model FLOPs per token and MFU, counted as Megatron-LM counts them.
+
+Per token, for forward and backward (3 GEMMs per weight: forward, data and weight
+gradients) at 2 FLOPs per multiply-add, so 6 x the multiply-adds of:
+
+- attention, per layer: the QKV projection h x (q + 2 kv) with GQA's smaller k/v
+  projections, the core attention q x s (QK^T and softmax(QK^T)V, each q x s / 2:
+  causal, only half of the score matrix is computed), the output projection q x h;
+- the SwiGLU MLP, per layer: 3 x h x ffn (gate, up and down projections);
+- the output layer: h x the padded vocabulary (what the GEMM really multiplies).
+
+Embedding lookups, norms, softmax and the loss are not counted. The teacher of Vanilla
+KD adds its forward pass: a third of its training FLOPs.
+"""
 
 from __future__ import annotations
 
 from megatron_miniplm.models.config import ModelConfig
 
-# Dense bf16 peak FLOP/s per device (no sparsity).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+# Dense bf16 peak FLOP/s per device (no sparsity), most specific name first: matched
+# against torch.cuda.get_device_name() ("NVIDIA H100 80GB HBM3" is the SXM part,
+# "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA A100-SXM4-80GB", ...).
+PEAK_BF16_FLOPS = (
+    ("H200", 989e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM5 (HBM3)
+    ("A100-SXM4-80GB", 312e12), ("A100-SXM4-40GB", 312e12),
+    ("A100 80GB PCIe", 312e12), ("A100-PCIE-40GB", 312e12), ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10", 125e12),
+)
 
 
-def training_flops_per_token(config: ModelConfig, seq_length: int) -> float:
-    """Forward + backward (3x forward) matmul FLOPs per token, causal attention at full cost."""
-    h, kv = config.hidden_size, config.kv_heads * config.head_dim
-    per_layer = 2 * h * (h + 2 * kv) + 2 * h * h + 3 * 2 * h * config.ffn_hidden_size
-    attention = 2 * 2 * seq_length * h  # scores and context
-    head = 2 * h * config.vocab_size
-    return 3.0 * (config.num_layers * (per_layer + attention) + head)
+def training_flops_per_token(config: ModelConfig, seq_length: int, tensor_parallel_size: int = 1) -> float:
+    """Training (forward + backward) matmul FLOPs per token of a sequence of seq_length."""
+    h, s = config.hidden_size, seq_length
+    q = config.num_attention_heads * config.head_dim
+    kv = config.kv_heads * config.head_dim
+    attention = h * (q + 2 * kv) + q * s + q * h
+    mlp = 3 * h * config.ffn_hidden_size
+    logits = h * config.padded_vocab_size(tensor_parallel_size)
+    return 6.0 * (config.num_layers * (attention + mlp) + logits)
+
+
+def peak_flops_of(device_name: str) -> float | None:
+    """Dense bf16 peak of a CUDA device by its name; None when not in the table."""
+    for key, peak in PEAK_BF16_FLOPS:
+        if key in device_name:
+            return peak
+    return None
 
 
 def device_peak_flops(override_tflops: float | None = None) -> float | None:
-    """Peak dense bf16 FLOP/s of this process's device; None when unknown (e.g. CPU)."""
+    """Peak dense bf16 FLOP/s of this process's device (``override_tflops``: --peak-tflops);
+    None when unknown (a CPU, or a GPU not in the table)."""
     if override_tflops:
         return override_tflops * 1e12
     import torch
 
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key, peak in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return peak
-    return None
+    return peak_flops_of(torch.cuda.get_device_name())

@@ -176,9 +176,10 @@ class Trainer:
             self._resume()
         # Training FLOPs per token, the teacher's forward pass included under KD (it is a
         # third of its training FLOPs): what MiniPLM is compared with at equal compute.
-        self.flops_per_token = training_flops_per_token(cfg.model, cfg.seq_length)
+        tp = cfg.tensor_model_parallel_size
+        self.flops_per_token = training_flops_per_token(cfg.model, cfg.seq_length, tp)
         if self.teacher is not None:
-            self.flops_per_token += training_flops_per_token(self.teacher.config, cfg.seq_length) / 3
+            self.flops_per_token += training_flops_per_token(self.teacher.config, cfg.seq_length, tp) / 3
         self.peak_flops = device_peak_flops(cfg.peak_tflops)
         self.writer = self._tensorboard()
         self._log_startup()
@@ -259,7 +260,7 @@ class Trainer:
         with signal_flag:
             while self.iteration < cfg.iterations:
                 last = self._train_step()
-                window.add(cfg.global_batch_size * cfg.seq_length)
+                window.add(cfg.global_batch_size * cfg.seq_length, last["counted_tokens"])
                 if self.iteration % cfg.log_interval == 0 or self.iteration == cfg.iterations:
                     self._report(last, *window.take())
                 self._write_metrics(last)
@@ -297,7 +298,8 @@ class Trainer:
         self.consumed_flops += cfg.global_batch_size * cfg.seq_length * self.flops_per_token
         m = {"iteration": self.iteration, "loss": losses.get("total loss", losses["lm loss"]),
              "grad_norm": result.grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
-             "consumed_tokens": self.consumed_tokens, "consumed_flops": self.consumed_flops,
+             "consumed_tokens": self.consumed_tokens, "counted_tokens": int(tokens),
+             "consumed_flops": self.consumed_flops,
              "skipped": result.skipped}
         if self.teacher is not None:
             m.update(lm_loss=losses["lm loss"], kd_loss=losses["kd loss"])
@@ -412,7 +414,7 @@ class Trainer:
             f"iterations {self.iteration} -> {cfg.iterations}"
         )
 
-    def _report(self, m: dict, tokens_per_s: float, s_per_iter: float) -> None:
+    def _report(self, m: dict, tokens_per_s: float, counted_per_s: float, s_per_iter: float) -> None:
         tflops = tokens_per_s * self.flops_per_token / self.info.world_size / 1e12
         mfu = f" | MFU {100 * tflops * 1e12 / self.peak_flops:.1f}%" if self.peak_flops else ""
         grad_norm = f" | grad norm {m['grad_norm']:.3f}" if m["grad_norm"] is not None else ""
@@ -420,7 +422,7 @@ class Trainer:
         self._log(
             f" iteration {m['iteration']:>7}/{self.cfg.iterations} | consumed tokens "
             f"{m['consumed_tokens']:>12} | loss {m['loss']:.4f}{kd} | lr {m['lr']:.3e}{grad_norm} | "
-            f"{s_per_iter * 1000:.0f} ms/iter | {tokens_per_s:.0f} tokens/s "
+            f"{s_per_iter * 1000:.0f} ms/iter | {tokens_per_s:.0f} tokens/s ({counted_per_s:.0f} non-pad) "
             f"| {tflops:.3f} TFLOP/s/device{mfu}"
         )
         if self.writer:
@@ -449,18 +451,19 @@ class Trainer:
 
 
 class _Window:
-    """Tokens and time since the last report."""
+    """Tokens (all, and those the loss counts: not padding) and time since the last report."""
 
     def __init__(self):
-        self.start, self.tokens, self.iters = time.perf_counter(), 0, 0
+        self.start, self.tokens, self.counted, self.iters = time.perf_counter(), 0, 0, 0
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, counted: int) -> None:
         self.tokens += tokens
+        self.counted += counted
         self.iters += 1
 
-    def take(self) -> tuple[float, float]:
-        """(tokens/s, s/iteration) over the window; starts a new one."""
+    def take(self) -> tuple[float, float, float]:
+        """(tokens/s, counted tokens/s, s/iteration) over the window; starts a new one."""
         elapsed = time.perf_counter() - self.start
-        rate, per_iter = self.tokens / elapsed, elapsed / max(self.iters, 1)
+        rates = self.tokens / elapsed, self.counted / elapsed, elapsed / max(self.iters, 1)
         self.__init__()
-        return rate, per_iter
+        return rates
