@@ -213,10 +213,10 @@ class HFTokenizer(Tokenizer):
         return fast.encode_flat(texts, append_id)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        return self._tok.decode(_ints(ids), skip_special_tokens=True)
 
     def decode_batch(self, batch: Sequence[Sequence[int]]) -> list[str]:
-        return self._tok.decode_batch([[int(i) for i in ids] for ids in batch], skip_special_tokens=True)
+        return self._tok.decode_batch([_ints(ids) for ids in batch], skip_special_tokens=True)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -260,10 +260,15 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.encode(list(texts), out_type=int, num_threads=self._threads)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
+        return self._sp.decode(_ints(ids))
 
     def decode_batch(self, batch: Sequence[Sequence[int]]) -> list[str]:
-        return self._sp.decode([[int(i) for i in ids] for ids in batch], num_threads=self._threads)
+        return self._sp.decode([_ints(ids) for ids in batch], num_threads=self._threads)
+
+
+def _ints(ids: Sequence[int]) -> list[int]:
+    """Python ints for the decoders (numpy arrays convert in one call)."""
+    return ids.tolist() if isinstance(ids, np.ndarray) else [int(i) for i in ids]
 
 
 def load_tokenizer(path: str, eod_token: str | None = None) -> Tokenizer:

@@ -184,10 +184,8 @@ class _JsonlShard:
         else:
             self._raw, self.f = None, raw
 
-    def write(self, records: list[dict]) -> int:
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-        self.f.write(data)
-        return len(data)
+    def write(self, records: list[dict]) -> None:
+        self.f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
 
     def close(self) -> None:
         self.f.close()
@@ -215,10 +213,13 @@ class _ParquetShard:
             ("teacher_nll", pa.float64()), ("reference_nll", pa.float64()), ("difference_score", pa.float64())]))])
         self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
 
-    def write(self, records: list[dict]) -> int:
-        table = self.pa.Table.from_pylist(records, schema=self.schema)
-        self.writer.write_table(table)
-        return sum(len(r["text"].encode("utf-8")) for r in records)
+    def write(self, records: list[dict]) -> None:
+        pa, meta_type = self.pa, self.schema.field("meta").type
+        metas = [r["meta"] for r in records]
+        meta = pa.StructArray.from_arrays(
+            [pa.array([m[f.name] for m in metas], type=f.type) for f in meta_type], fields=list(meta_type))
+        self.writer.write_table(pa.Table.from_arrays([pa.array([r["text"] for r in records], pa.string()), meta],
+                                                     schema=self.schema))
 
     def close(self) -> None:
         self.writer.close()
@@ -292,7 +293,8 @@ def export_selection(config: ExportConfig) -> ExportSummary:
                 shard = _open_shard(config.shard_path(k), fmt)
                 current = {"path": config.shard_path(k), "rows": [lo, lo], "records": 0, "text_bytes": 0,
                            "tokens": 0}
-            current["text_bytes"] += shard.write(records)
+            shard.write(records)
+            current["text_bytes"] += sum(len(r["text"].encode("utf-8")) for r in records)
             current["records"] += len(records)
             current["tokens"] += tokens
             current["rows"][1] = hi
