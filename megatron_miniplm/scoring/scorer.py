@@ -69,6 +69,9 @@ class ScoreConfig:
     verify_fingerprint: bool = setting(True, group="run", flag="--no-verify-fingerprint",
                                        help="skip re-hashing the dataset's .idx files against their meta")
     fsync: bool = setting(True, group="run", flag="--no-fsync", help="do not fsync progress records")
+    fsync_interval_s: float = setting(
+        5.0, group="run", help="fsync progress records at most every this many seconds (and at the end); each "
+                               "record is written to its file at once, which is what survives a killed process")
     progress: bool = setting(True, group="run", flag="--no-progress", help="no tqdm progress bar")
     keep_freed_memory: bool = setting(
         True, group="run", flag="--no-keep-freed-memory",
@@ -264,7 +267,8 @@ def score(cfg: ScoreConfig) -> RunSummary:
     mine = mine[~done[mine]]
     writer = None
     if info.is_last_stage and info.tp_rank == 0:
-        writer = resume.ShardWriter(resume.shard_path(pdir, info.dp_rank), fsync=cfg.fsync)
+        writer = resume.ShardWriter(resume.shard_path(pdir, info.dp_rank), fsync=cfg.fsync,
+                                    sync_interval_s=cfg.fsync_interval_s)
     todo_tokens = int(plan.batch_tokens[~done].sum())
     if info.rank == 0:
         log.info("%d instances in %d batches; %d batches to do%s; TP=%d PP=%d DP=%d, %s",

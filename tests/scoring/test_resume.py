@@ -98,3 +98,20 @@ def test_run_file_is_written_atomically(tmp_path):
     assert os.listdir(d) == ["run.json"]  # no temporary left behind
     with open(os.path.join(d, "run.json"), encoding="utf-8") as f:
         assert f.read() == '{\n  "a": {\n    "path": "/d\\u00e9j\\u00e0"\n  },\n  "b": 1\n}\n'  # sorted keys, ASCII
+
+
+def test_records_reach_the_file_at_once_and_fsync_is_paced(tmp_path, monkeypatch):
+    """Every appended record is readable without a close (what a killed process leaves);
+    fsync runs at most every sync_interval_s seconds of the clock, and at close."""
+    synced = []
+    monkeypatch.setattr(resume.os, "fsync", lambda fd: synced.append(now[0]))
+    now = [0.0]
+    path = str(tmp_path / "shard-00000.bin")
+    w = resume.ShardWriter(path, fsync=True, sync_interval_s=5.0, clock=lambda: now[0])
+    for k in range(13):  # one batch a second
+        now[0] = float(k)
+        w.append(k, scores(1, k))
+        assert [r.batch_index for r in resume.read_shard(path)[0]] == list(range(k + 1))
+    assert synced == [5.0, 10.0]
+    w.close()
+    assert synced == [5.0, 10.0, 12.0]
