@@ -9,6 +9,7 @@ unfused attention on the CPU, where it is the fastest of the three for training.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from megatron_miniplm import platform
 from megatron_miniplm.models.config import ModelConfig
+from megatron_miniplm.settings import setting
 
 AttentionBackend = Literal["auto", "local", "sdpa", "te"]
 
@@ -55,6 +57,33 @@ def describe_backend(backend: AttentionBackend) -> str:
     return f"layers: megatron-core local spec, attention: {attention}{note}"
 
 
+RECOMPUTE = "activation recomputation"
+
+
+@dataclass(frozen=True)
+class RecomputeSettings:
+    """Megatron-LM's activation recomputation: memory for compute, the numbers unchanged."""
+
+    recompute_granularity: Optional[str] = setting(
+        None, group=RECOMPUTE, choices=("full", "selective"),
+        help="full: recompute whole transformer layers in the backward pass; selective: only the "
+             "core attention (the memory of long sequences)")
+    recompute_method: Optional[str] = setting(
+        None, group=RECOMPUTE, choices=("uniform", "block"),
+        help="with full: uniform (every --recompute-num-layers layers as one unit) or block (the first "
+             "--recompute-num-layers layers of each pipeline stage)")
+    recompute_num_layers: Optional[int] = setting(None, group=RECOMPUTE, help="layers per unit (uniform) or "
+                                                                               "recomputed layers (block)")
+
+    def __post_init__(self):
+        full = self.recompute_granularity == "full"
+        if full and (self.recompute_method is None or not self.recompute_num_layers):
+            raise ValueError("recompute_granularity full (--recompute-granularity) needs --recompute-method "
+                             "and --recompute-num-layers, as in Megatron-LM")
+        if not full and (self.recompute_method is not None or self.recompute_num_layers is not None):
+            raise ValueError("--recompute-method and --recompute-num-layers go with --recompute-granularity full")
+
+
 def transformer_config(
     config: ModelConfig,
     *,
@@ -62,6 +91,7 @@ def transformer_config(
     pipeline_parallel_size: int = 1,
     params_dtype: torch.dtype = torch.float32,
     bf16: bool = False,
+    recompute: RecomputeSettings = RecomputeSettings(),
 ):
     """The megatron ``TransformerConfig`` of a model at a parallel layout."""
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -104,6 +134,9 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         sequence_parallel=False,
+        recompute_granularity=recompute.recompute_granularity,
+        recompute_method=recompute.recompute_method,
+        recompute_num_layers=recompute.recompute_num_layers,
     )
 
 
@@ -139,6 +172,7 @@ def build_model(
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
     initialize: bool = True,
+    recompute: RecomputeSettings = RecomputeSettings(),
 ):
     """A ``GPTModel`` for this rank's tensor/pipeline slice.
 
@@ -153,7 +187,7 @@ def build_model(
     pp = ps.get_pipeline_model_parallel_world_size()
     tcfg = transformer_config(
         config, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-        params_dtype=params_dtype, bf16=bf16,
+        params_dtype=params_dtype, bf16=bf16, recompute=recompute,
     )
     tcfg.perform_initialization = initialize
     if pre_process is None:

@@ -85,11 +85,12 @@ def wrap_ddp(model: torch.nn.Module, settings: DDPSettings = DDPSettings()):
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
 
-def build_model_chunks(config, *, bf16: bool = False, ddp: DDPSettings = DDPSettings()) -> list:
+def build_model_chunks(config, *, bf16: bool = False, ddp: DDPSettings = DDPSettings(), recompute=None) -> list:
     """This rank's ``GPTModel`` slice on its device, DDP-wrapped, schedule hooks attached."""
-    from megatron_miniplm.models.gpt import build_model
+    from megatron_miniplm.models.gpt import RecomputeSettings, build_model
 
-    model = build_model(config, params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16)
+    model = build_model(config, params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
+                        recompute=recompute or RecomputeSettings())
     chunks = [wrap_ddp(model, ddp)]
     attach_schedule_hooks(chunks)
     return chunks

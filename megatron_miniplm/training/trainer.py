@@ -12,6 +12,7 @@ a wall-clock budget (``exit_duration_in_mins``) or an iteration multiple
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import time
@@ -30,6 +31,7 @@ from megatron_miniplm.training import engine
 from megatron_miniplm.training.checkpoint import load_checkpoint, save_checkpoint
 from megatron_miniplm.training.data import DATA_ORDERS, SampleStream
 from megatron_miniplm.training.flops import device_peak_flops, training_flops_per_token
+from megatron_miniplm.models.gpt import RecomputeSettings
 from megatron_miniplm.training.kd import KDSettings, Teacher, kd_forward_step
 
 
@@ -76,6 +78,7 @@ class TrainConfig:
     tensor_model_parallel_size: int = setting(1, group=PARALLEL, help="tensor-parallel ranks per model replica")
     pipeline_model_parallel_size: int = setting(1, group=PARALLEL, help="pipeline stages per model replica")
     ddp: engine.DDPSettings = field(default_factory=engine.DDPSettings)
+    recompute: RecomputeSettings = field(default_factory=RecomputeSettings)
     kd: KDSettings = field(default_factory=KDSettings)
     save: Optional[str] = setting(None, group=CHECKPOINTING, help="directory of the checkpoints")
     load: Optional[str] = setting(
@@ -95,6 +98,11 @@ class TrainConfig:
         None, group=CHECKPOINTING, help="save and exit 0 once the run has used this many minutes")
     exit_interval: Optional[int] = setting(
         None, group=CHECKPOINTING, help="save and exit 0 when the iteration is a multiple of this")
+    manual_gc: bool = setting(False, group=TRAINING,
+                              help="Python's garbage collector off during training, run every --manual-gc-interval "
+                                   "iterations instead (the same on every rank: no straggler from a collection)")
+    manual_gc_interval: int = setting(0, group=TRAINING, help="iterations between collections with --manual-gc "
+                                                              "(0: only at start)")
     eval_interval: int = setting(0, group=LOGGING, help="validate every this many iterations (and at the end)")
     eval_iters: int = setting(10, group=LOGGING, help="validation global batches")
     log_interval: int = setting(10, group=LOGGING, help="iterations per log line")
@@ -152,7 +160,7 @@ class Trainer:
 
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        self.model = engine.build_model_chunks(cfg.model, bf16=cfg.bf16, ddp=cfg.ddp)
+        self.model = engine.build_model_chunks(cfg.model, bf16=cfg.bf16, ddp=cfg.ddp, recompute=cfg.recompute)
         self.optimizer = engine.build_optimizer(self.model, cfg.optimizer, bf16=cfg.bf16)
         self.teacher, self.forward_step = None, engine.gpt_forward_step
         if cfg.kd.enabled:
@@ -257,9 +265,11 @@ class Trainer:
         saved_at = None
         window = _Window()
         signal_flag = SignalFlag() if cfg.exit_signal_handler else contextlib.nullcontext()
-        with signal_flag:
+        with signal_flag, _manual_gc(cfg.manual_gc):
             while self.iteration < cfg.iterations:
                 last = self._train_step()
+                if cfg.manual_gc and cfg.manual_gc_interval and self.iteration % cfg.manual_gc_interval == 0:
+                    gc.collect()
                 window.add(cfg.global_batch_size * cfg.seq_length, last["counted_tokens"])
                 if self.iteration % cfg.log_interval == 0 or self.iteration == cfg.iterations:
                     self._report(last, *window.take())
@@ -406,7 +416,9 @@ class Trainer:
             f"PP {info.pp_size} DP {info.dp_size} | model '{cfg.model.name}': {cfg.model.num_layers} "
             f"layers, hidden {cfg.model.hidden_size} | {precision}, Adam {optimizer}"
             f"{', overlapped ' + ' and '.join(overlap) if overlap else ''} | "
-            f"{describe_backend('auto')} | "
+            + (f"recompute {cfg.recompute.recompute_granularity} | " if cfg.recompute.recompute_granularity else "")
+            + ("manual GC | " if cfg.manual_gc else "")
+            + f"{describe_backend('auto')} | "
             + (f"Vanilla KD from {self.teacher.source.path} (ratio {cfg.kd.kd_ratio}, temperature "
                f"{cfg.kd.kd_temperature}) | " if self.teacher is not None else "")
             + f"seq {cfg.seq_length}, micro batch {cfg.micro_batch_size}, "
@@ -448,6 +460,22 @@ class Trainer:
         except ImportError as e:
             raise RuntimeError("a tensorboard directory needs the tensorboard package") from e
         return SummaryWriter(self.cfg.tensorboard_dir)
+
+
+@contextlib.contextmanager
+def _manual_gc(enabled: bool):
+    """Megatron-LM's --manual-gc: automatic collection off (one collection first), restored after."""
+    if not enabled:
+        yield
+        return
+    was = gc.isenabled()
+    gc.disable()
+    gc.collect()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 class _Window:
