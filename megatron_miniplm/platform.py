@@ -92,6 +92,14 @@ def bf16_is_fast() -> tuple[bool, str]:
     return False, "CPU without AMX: bf16 matmuls are slower than fp32 here"
 
 
+def pin(batch: dict) -> dict:
+    """A host batch in page-locked memory on a GPU machine (its copies to the device can then
+    overlap compute); as it is on a CPU, where there is no copy to overlap."""
+    if not cuda_available():
+        return batch
+    return {k: v.pin_memory() if hasattr(v, "pin_memory") else v for k, v in batch.items()}
+
+
 def hf_inference_dtype() -> str:
     """The dtype models exported to HF are run in for zero-shot tasks: bf16 on a GPU (as
     users serve them), fp32 on a CPU (exact, and not slower there without AMX)."""

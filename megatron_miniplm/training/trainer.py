@@ -33,6 +33,7 @@ from megatron_miniplm.training.data import DATA_ORDERS, SampleStream
 from megatron_miniplm.training.flops import device_peak_flops, training_flops_per_token
 from megatron_miniplm.models.gpt import RecomputeSettings
 from megatron_miniplm.training.kd import KDSettings, Teacher, kd_forward_step
+from megatron_miniplm.training.prefetch import Prefetcher
 
 
 DATA, TRAINING, PARALLEL, CHECKPOINTING, LOGGING = "data", "training", "parallelism", "checkpointing", "logging"
@@ -61,6 +62,9 @@ class TrainConfig:
     micro_batch_size: int = setting(4, group=TRAINING, help="sequences per micro-batch and rank")
     global_batch_size: int = setting(32, group=TRAINING, help="sequences per optimizer step")
     train_iters: Optional[int] = setting(None, group=TRAINING, help="optimizer steps")
+    num_workers: int = setting(2, group=DATA, help="0: build each global batch when it is needed; >= 1 (Megatron-LM's "
+                                                   "default 2): build the next one in a background thread while "
+                                                   "this one trains (pinned on a GPU)")
     train_tokens: Optional[int] = setting(
         None, group=TRAINING,
         help="alternative to --train-iters: a token budget (iterations = tokens / (global batch x seq length))")
@@ -190,6 +194,9 @@ class Trainer:
             self.flops_per_token += training_flops_per_token(self.teacher.config, cfg.seq_length, tp) / 3
         self.peak_flops = device_peak_flops(cfg.peak_tflops)
         self.writer = self._tensorboard()
+        self.prefetch = Prefetcher(lambda start: list(self._microbatches(self.train_data, start)),
+                                   step=cfg.global_batch_size, end=cfg.iterations * cfg.global_batch_size,
+                                   enabled=cfg.num_workers > 0)
         self._log_startup()
 
     # ---- validation of settings ----------------------------------------------------------
@@ -265,7 +272,7 @@ class Trainer:
         saved_at = None
         window = _Window()
         signal_flag = SignalFlag() if cfg.exit_signal_handler else contextlib.nullcontext()
-        with signal_flag, _manual_gc(cfg.manual_gc):
+        with signal_flag, _manual_gc(cfg.manual_gc), contextlib.closing(self.prefetch):
             while self.iteration < cfg.iterations:
                 last = self._train_step()
                 if cfg.manual_gc and cfg.manual_gc_interval and self.iteration % cfg.manual_gc_interval == 0:
@@ -294,7 +301,7 @@ class Trainer:
     def _train_step(self) -> dict:
         cfg = self.cfg
         result = engine.train_step(
-            self.model, self.optimizer, self._microbatches(self.train_data, self.consumed_samples),
+            self.model, self.optimizer, iter(self.prefetch.take(self.consumed_samples)),
             num_microbatches=self.num_microbatches, micro_batch_size=cfg.micro_batch_size,
             seq_length=cfg.seq_length, forward_step=self.forward_step,
         )

@@ -13,6 +13,7 @@ from trainer_helpers import args, metrics, train
     ["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "1"],
     ["--recompute-granularity", "selective"],
     ["--manual-gc", "--manual-gc-interval", "2"],
+    ["--num-workers", "0"],  # the default builds the next batch ahead, in a thread
 ])
 def test_same_losses_and_gradients(corpus, initial_checkpoint, tmp_path, flags):
     plain, other = tmp_path / "plain.jsonl", tmp_path / "other.jsonl"
