@@ -133,7 +133,7 @@ def test_a_changed_alpha_reruns_exactly_what_reads_it(one_node):
     root, config, _ = one_node
     copy, config2 = _copy_of_the_run(root, config, "alpha")
     before = _results(copy)
-    out = run_pipeline(config2, "selection.alpha=0.3", "parallel.nproc_per_node=2")
+    out = run_pipeline(config2, "selection.alpha=0.3", "parallel.nproc_per_node=2", f"parallel.master_port={free_port()}")
     assert out.returncode == 0, out.stdout[-3000:]
     assert _stages(out.stdout, "RUN ") == ["select", "student-miniplm", "student-uniform", "student-vanilla-kd",
                                            "evaluate"]
@@ -162,7 +162,7 @@ def test_students_with_another_tokenizer(setting, one_node):
     student_tokenizer.mkdir()
     tok.save(str(student_tokenizer / "tokenizer.json"))
     out = run_pipeline(config2, f"student_tokenizer={student_tokenizer}", "vanilla_kd.enabled=false",
-                       "parallel.nproc_per_node=2")
+                       "parallel.nproc_per_node=2", f"parallel.master_port={free_port()}")
     assert out.returncode == 0, out.stdout[-3000:]
     assert _stages(out.stdout, "RUN ") == ["retokenize", "student-miniplm", "student-uniform", "evaluate"]
     results = _results(copy)
