@@ -171,9 +171,30 @@ def _float(x) -> Optional[float]:
     return x if np.isfinite(x) else None
 
 
-class _JsonlShard:
-    def __init__(self, path: str, fmt: str):
+class _Shard:
+    """One output file under a temporary name: ``close`` publishes it, ``abort`` removes it."""
+
+    def __init__(self, path: str):
         self.path, self.tmp = path, temp_name(path)
+
+    def _finish_writing(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._finish_writing()
+        publish(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self._finish_writing()
+        finally:
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
+
+
+class _JsonlShard(_Shard):
+    def __init__(self, path: str, fmt: str):
+        super().__init__(path)
         raw = open(self.tmp, "wb")
         if fmt == "jsonl.gz":
             self._raw, self.f = raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0)
@@ -187,27 +208,19 @@ class _JsonlShard:
     def write(self, records: list[dict]) -> None:
         self.f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
 
-    def close(self) -> None:
+    def _finish_writing(self) -> None:
         self.f.close()
         if self._raw is not None and not self._raw.closed:
             self._raw.close()
-        publish(self.tmp, self.path)
-
-    def abort(self) -> None:
-        try:
-            self.f.close()
-        finally:
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
 
 
-class _ParquetShard:
+class _ParquetShard(_Shard):
     def __init__(self, path: str):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        super().__init__(path)
         self.pa = pa
-        self.path, self.tmp = path, temp_name(path)
         self.schema = pa.schema([("text", pa.string()), ("meta", pa.struct([
             ("pile_set_name", pa.string()), ("blend_row", pa.int64()), ("piece", pa.int32()),
             ("teacher_nll", pa.float64()), ("reference_nll", pa.float64()), ("difference_score", pa.float64())]))])
@@ -221,16 +234,8 @@ class _ParquetShard:
         self.writer.write_table(pa.Table.from_arrays([pa.array([r["text"] for r in records], pa.string()), meta],
                                                      schema=self.schema))
 
-    def close(self) -> None:
+    def _finish_writing(self) -> None:
         self.writer.close()
-        publish(self.tmp, self.path)
-
-    def abort(self) -> None:
-        try:
-            self.writer.close()
-        finally:
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
 
 
 def _open_shard(path: str, fmt: str):
