@@ -8,6 +8,14 @@ from distributed import run_distributed
 from trainer_helpers import args, metrics, train
 
 
+@pytest.fixture(scope="module")
+def plain_run(corpus, initial_checkpoint, tmp_path_factory):
+    """The metrics of a run with none of the flags, shared by the comparisons."""
+    path = tmp_path_factory.mktemp("plain") / "plain.jsonl"
+    run_distributed(train, 1, args(corpus, "--load", initial_checkpoint, "--metrics-file", str(path)))
+    return metrics(path)
+
+
 @pytest.mark.parametrize("flags", [
     ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"],
     ["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "1"],
@@ -15,11 +23,10 @@ from trainer_helpers import args, metrics, train
     ["--manual-gc", "--manual-gc-interval", "2"],
     ["--num-workers", "0"],  # the default builds the next batch ahead, in a thread
 ])
-def test_same_losses_and_gradients(corpus, initial_checkpoint, tmp_path, flags):
-    plain, other = tmp_path / "plain.jsonl", tmp_path / "other.jsonl"
-    run_distributed(train, 1, args(corpus, "--load", initial_checkpoint, "--metrics-file", str(plain)))
+def test_same_losses_and_gradients(corpus, initial_checkpoint, plain_run, tmp_path, flags):
+    other = tmp_path / "other.jsonl"
     run_distributed(train, 1, args(corpus, "--load", initial_checkpoint, "--metrics-file", str(other), *flags))
-    want, got = metrics(plain), metrics(other)
+    want, got = plain_run, metrics(other)
     assert sorted(got) == sorted(want) == list(range(1, 7))
     for it in want:
         assert got[it]["loss"] == want[it]["loss"], it
