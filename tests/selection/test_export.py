@@ -53,8 +53,9 @@ def blend(tmp_path_factory):
         count = np.maximum(shard.index.lengths.astype(np.float64) - 1, 0)
         for role, out in (("teacher", teacher), ("reference", reference)):
             mean = rng.uniform(1.0, 4.0, size=len(count))
-            out.append(save_scores(f"{s}.{role}", np.stack([mean * count, count], 1),
-                                   {"dataset_fingerprint": shard.fingerprint, "model": {"name": role}}) and f"{s}.{role}")
+            save_scores(f"{s}.{role}", np.stack([mean * count, count], 1),
+                        {"dataset_fingerprint": shard.fingerprint, "model": {"name": role}})
+            out.append(f"{s}.{role}")
     out = str(root / "blend" / "miniplm")
     os.makedirs(os.path.dirname(out))
     run(SampleRequest(data_paths=[prefix], output=out, config=SelectionConfig(alpha=0.5, order="shuffled"),
@@ -112,7 +113,7 @@ def test_records_in_blend_order_with_domains_and_scores_that_tokenize_back(blend
 def test_preprocessing_the_export_gives_back_the_selected_tokens(blend, tmp_path):
     """Each record, re-tokenized as one document (EOD appended), is its piece of the blend."""
     from megatron_miniplm.data.preprocess import PreprocessConfig, preprocess
-    from megatron_miniplm.selection.shards import open_shards
+    from megatron_miniplm.selection.shards import domain_table, open_shards
 
     out = str(tmp_path / "refined.jsonl.zst")
     assert _export(blend["blend"], out).returncode == 0
@@ -120,12 +121,16 @@ def test_preprocessing_the_export_gives_back_the_selected_tokens(blend, tmp_path
     preprocess(PreprocessConfig(inputs=[out], output_prefix=again, tokenizer=blend["tokenizer"], seq_length=4096,
                                 instance_mode="document", progress=False))
     shard, = open_shards([again])
+    sources = open_shards(blend["shards"])
+    names, maps = domain_table(sources)
     pieces = _pieces(blend["blend"])
     assert shard.num_instances == len(pieces)
     eod = shard.meta["tokenizer"]["eod_id"]
     for k, (_, piece, _, _) in enumerate(pieces):
         assert shard.tokens(k).tolist() == piece.tolist() + [eod], k
-    assert sorted(shard.domain_names) == sorted({n for n in shard.domain_names})
+    domains = shard.domains()
+    for k, (_, _, s, i) in enumerate(pieces):  # each record keeps its instance's domain
+        assert shard.domain_names[domains[k]] == names[maps[s][sources[s].domains()[i]]], k
 
 
 @pytest.mark.parametrize("suffix", [".jsonl.gz", ".parquet"])
