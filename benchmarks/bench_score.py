@@ -15,8 +15,9 @@ least disturbed). HF computes what a user would write: full logits, upcast to
 fp32, cross entropy under MiniPLM's loss mask.
 
 The bf16 matmul ceiling is measured in the same run at the model's own linear
-shapes (tokens per batch x in -> out): the tokens/s the model would reach if
-every matmul ran at that speed and nothing else took time.
+shapes (tokens per batch x in -> out; the output head in score_docs' GEMM tiles):
+the tokens/s the model would reach if every matmul ran at that speed and nothing
+else took time.
 """
 
 from __future__ import annotations
@@ -244,16 +245,15 @@ def main() -> None:
     import numpy as np
 
     from megatron_miniplm.checkpointing import load_model_config
-    from megatron_miniplm.scoring.nll import chunk_tokens_for
+    from megatron_miniplm.scoring.nll import TILE_ROWS
     from megatron_miniplm.scoring.score_file import load_scores
-    from megatron_miniplm.scoring.scorer import ScoreConfig
 
     ckpt, data = prepare(args)
     config = load_model_config(ckpt)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     if args.tuned_malloc:
         env.update(MALLOC_MMAP_THRESHOLD_=str(1 << 30), MALLOC_TRIM_THRESHOLD_=str(1 << 30))
-    chunk = chunk_tokens_for(ScoreConfig.logits_chunk_mb << 20, config.padded_vocab_size())  # score_docs' default
+    chunk = TILE_ROWS  # score_docs runs the output head as GEMMs of this many rows, whatever its chunk
     common = ["--data", data, "--ckpt", ckpt, "--threads", str(args.threads), "--seq-length",
               str(args.seq_length), "--micro-batch-size", str(args.micro_batch_size)]
     score_cmd = [PY, os.path.join(REPO, "tools", "score_docs.py"), "--data-path", data, "--load", ckpt,

@@ -13,6 +13,12 @@ pair per shard. A prediction counts unless its input token is the pad token
 rerun the same command to continue; the result is bit-identical to an
 uninterrupted run. The score files appear only when every instance is scored.
 
+Without --micro-batch-size / --logits-chunk-mb the batch (--target-tokens-per-batch,
+65,536 tokens) and the logits chunk are sized from the memory free once the model is
+loaded (a GPU's free memory; on a CPU a fixed 1 GiB budget); the start-up line says
+what was chosen and why, the score meta records it, and a rerun reuses it. Scores do
+not depend on the chunk size (the output head runs in fixed 256-row GEMM tiles).
+
 Refuses (exit 1) a model whose tokenizer or vocabulary differs from the
 dataset's, and an --output-prefix holding (partial) scores of another dataset,
 another model, or other settings. On SIGTERM it flushes its progress and exits 0

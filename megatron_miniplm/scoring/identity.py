@@ -5,7 +5,9 @@ path, config, checkpoint_info.json) and the settings that change numbers (dtype,
 layout, batching, attention, logits chunk) plus the batch plan's digest. The
 progress directory and every score file carry that identity; an output prefix that
 holds (partial) scores of another dataset, model or settings is refused rather
-than overwritten or mixed.
+than overwritten or mixed. They also carry the sizing request and what it came to
+(``sizing``): automatically chosen sizes depend on the free memory at start-up, so a
+rerun asked for the same sizes takes the recorded ones instead of choosing anew.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from megatron_miniplm.scoring import resume
 from megatron_miniplm.scoring.bucketing import BatchPlan
 from megatron_miniplm.scoring.dataset import ScoringDataset, ScoringError
 from megatron_miniplm.scoring.model import ModelSource
+from megatron_miniplm.scoring.sizing import Sizes, request_of
 
 
 def output_prefixes(output: str, num_shards: int) -> list[str]:
@@ -32,7 +35,7 @@ def _jsonable(obj):
 
 
 def run_identity(cfg, dataset: ScoringDataset, source: ModelSource, plan: BatchPlan,
-                 chunk_tokens: int, attention_backend: str) -> dict:
+                 sizes: Sizes, attention_backend: str) -> dict:
     """Everything a resumed run must share with the killed one to reproduce it bit for bit."""
     return _jsonable({
         "dataset": dataset.identity(),
@@ -41,13 +44,36 @@ def run_identity(cfg, dataset: ScoringDataset, source: ModelSource, plan: BatchP
             "dtype": cfg.dtype_name,
             "tensor_model_parallel_size": cfg.tensor_model_parallel_size,
             "pipeline_model_parallel_size": cfg.pipeline_model_parallel_size,
-            "micro_batch_size": cfg.micro_batch_size,
+            "micro_batch_size": sizes.micro_batch_size,
             "max_tokens_per_batch": cfg.max_tokens_per_batch,
             "attention_backend": attention_backend,
-            "logits_chunk_tokens": chunk_tokens,
+            "logits_chunk_tokens": sizes.logits_chunk_tokens,
         },
         "plan": {"digest": plan.digest(), "num_batches": len(plan)},
+        "sizing": sizes.record(request_of(cfg)),
     })
+
+
+def recorded_sizes(prefixes: list[str], progress: str, request: dict) -> Optional[Sizes]:
+    """The sizes of the run this one resumes (its progress) or repeats (its score files),
+    if that run was asked for the same sizes; None otherwise (then they are chosen anew,
+    and a run that differs is refused by the checks below as before)."""
+    from megatron_miniplm.scoring.score_file import score_paths
+
+    request = _jsonable(request)
+    for path in [os.path.join(progress, resume.RUN_FILE)] + [score_paths(p)[1] for p in prefixes]:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        sizing = data.get("sizing") if isinstance(data, dict) else None
+        if isinstance(sizing, dict) and sizing.get("request") == request:
+            try:
+                return Sizes.from_record(sizing)
+            except (KeyError, TypeError, ValueError):
+                continue
+    return None
 
 
 def _differences(old: dict, new: dict) -> list[str]:

@@ -8,7 +8,10 @@ chunks and appends each finished batch to the replica's progress shard. When
 every batch is recorded, rank 0 assembles the score file(s) atomically and
 removes the progress. Rerunning the same command after a kill redoes only the
 unrecorded batches; since a batch's instances, padding and kernels do not
-depend on the run, the result is bit-identical. On SIGTERM (what clusters send
+depend on the run, the result is bit-identical. Batch and logits-chunk sizes are
+chosen from free memory unless given (sizing.py) and recorded, so a resumed run
+uses the same ones; a batch's scores reach the host while the next batch runs
+(step.py), and are recorded then. On SIGTERM (what clusters send
 before a kill) every rank stops at the next step that all replicas take, the
 progress is flushed, and the run returns ``interrupted``: rerun to continue.
 """
@@ -26,14 +29,17 @@ import torch.distributed as dist
 
 from megatron_miniplm.scoring import resume
 from megatron_miniplm.settings import setting
-from megatron_miniplm.signals import SignalFlag, any_rank
+from megatron_miniplm.signals import SignalFlag
 from megatron_miniplm.scoring.bucketing import plan_batches, replica_batches, steps
 from megatron_miniplm.scoring.dataset import ScoringError, open_dataset
-from megatron_miniplm.scoring.identity import check_final, check_progress, output_prefixes, run_identity
-from megatron_miniplm.scoring.model import (
-    build_scoring_model, check_tokenizer, hidden_states_only, output_weight, resolve_checkpoint,
+from megatron_miniplm.scoring.identity import (
+    check_final, check_progress, output_prefixes, recorded_sizes, run_identity,
 )
-from megatron_miniplm.scoring.nll import chunk_tokens_for, per_instance_sums, vocab_parallel_nll
+from megatron_miniplm.scoring.model import build_scoring_model, check_tokenizer, resolve_checkpoint
+from megatron_miniplm.scoring.sizing import (
+    check_request, choose_sizes, least_free_memory, longest_predictions, request_of,
+)
+from megatron_miniplm.scoring.step import BatchScorer, StopVote, run_step, with_rows
 
 log = logging.getLogger("score_docs")
 
@@ -50,8 +56,14 @@ class ScoreConfig:
                         help="megatron checkpoint directory (converted, or a trainer's save dir: latest iteration)")
     output_prefix: str = setting(group="data and model", metavar="SCORES_PREFIX", flag="--output-prefix",
                                  help="score file prefix")
-    micro_batch_size: int = setting(8, group="parallelism and batching",
-                                    help="instances per batch at full length (length-bucketed batches)")
+    micro_batch_size: Optional[int] = setting(
+        None, group="parallelism and batching",
+        help="instances per batch at full length (length-bucketed batches); default: "
+             "--target-tokens-per-batch / the longest instance, fewer if free memory is short")
+    target_tokens_per_batch: int = setting(
+        65536, group="parallelism and batching",
+        help="tokens per batch the automatic --micro-batch-size aims at (a GPU needs large batches "
+             "to run a small teacher at full speed)")
     max_tokens_per_batch: Optional[int] = setting(
         None, group="parallelism and batching",
         help="token budget of a batch: short instances are batched more densely "
@@ -61,8 +73,10 @@ class ScoreConfig:
     bf16: bool = setting(False, group="numerics and speed", help="bf16 weights and activations (fp32 softmax)")
     attention_backend: str = setting("auto", group="numerics and speed", choices=("auto", "local", "sdpa", "te"),
                                      help="auto: TE on a GPU with TE, else SDPA")
-    logits_chunk_mb: int = setting(32, group="numerics and speed",
-                                   help="memory for the fp32 logits of one chunk of positions, per TP rank")
+    logits_chunk_mb: Optional[float] = setting(
+        None, group="numerics and speed",
+        help="memory for the fp32 logits of one chunk of positions, per TP rank, in whole 256-row tiles "
+             "(default: what free memory leaves beside the batch, at most one chunk per batch)")
     microbatches_per_step: Optional[int] = setting(
         None, group="parallelism and batching",
         help="batches per pipeline-schedule call and per progress save (default 1, or 4 x pipeline size)")
@@ -120,61 +134,6 @@ def on_rank0(fn: Callable, *args):
     return value
 
 
-# --- the forward-only step -----------------------------------------------------
-
-class BatchScorer:
-    """Turns the last stage's hidden states into per-instance (NLL sum, count)."""
-
-    def __init__(self, model, vocab_size: int, chunk_tokens: int):
-        from megatron.core import parallel_state as ps
-
-        self.model = model
-        self.weight = output_weight(model)
-        self.vocab_size = vocab_size
-        self.chunk_tokens = chunk_tokens
-        self.group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
-        local = self.weight.shape[0] if self.weight is not None else 0
-        self.vocab_start = ps.get_tensor_model_parallel_rank() * local
-
-    def __call__(self, batch: dict, hidden: torch.Tensor) -> torch.Tensor:
-        mask = batch["loss_mask"] > 0  # [b, s]
-        rows = hidden.transpose(0, 1)[mask.to(hidden.device)]  # [counted, h], row-major
-        targets = batch["labels"][mask].to(hidden.device)
-        nll = vocab_parallel_nll(rows, self.weight, targets, vocab_size=self.vocab_size,
-                                 vocab_start=self.vocab_start, chunk_tokens=self.chunk_tokens,
-                                 group=self.group)
-        return per_instance_sums(nll.cpu(), batch["loss_mask"])
-
-
-def run_step(model, scorer: BatchScorer, batches: list[dict]) -> list[torch.Tensor]:
-    """One schedule call over ``batches`` (micro-batches of any shapes): [b, 2] scores
-    per batch on the last pipeline stage, [] elsewhere."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from megatron_miniplm import platform
-
-    device = platform.device()
-
-    def forward_step(data_iterator, chunk):
-        batch = next(data_iterator)
-        with hidden_states_only(chunk):
-            hidden = chunk(batch["tokens"].to(device), batch["position_ids"].to(device), None)
-
-        def loss_func(output):
-            scores = scorer(batch, output)
-            return output.new_zeros(()), {"scores": scores}
-
-        return hidden, loss_func
-
-    with torch.no_grad():
-        reports = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
-            num_microbatches=len(batches), seq_length=batches[0]["tokens"].shape[1],
-            micro_batch_size=batches[0]["tokens"].shape[0], forward_only=True,
-        )
-    return [r["scores"] for r in reports]
-
-
 # --- the run -------------------------------------------------------------------
 
 def scoring_attention_backend(name: str) -> str:
@@ -205,8 +164,7 @@ def score(cfg: ScoreConfig) -> RunSummary:
     """Collective over the torchrun world (or a single process)."""
     from megatron_miniplm import parallel
     from megatron_miniplm.data.samples import collate_instances
-    if cfg.micro_batch_size < 1:
-        raise ScoringError(f"--micro-batch-size must be >= 1, got {cfg.micro_batch_size}")
+    check_request(cfg)
     info = parallel.initialize(parallel.ParallelConfig(
         cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed))
     if cfg.keep_freed_memory and info.device.type == "cpu":
@@ -230,13 +188,18 @@ def score(cfg: ScoreConfig) -> RunSummary:
         raise ScoringError(f"--pipeline-model-parallel-size {cfg.pipeline_model_parallel_size} does not "
                            f"divide the model's {source.config.num_layers} layers")
 
-    plan = plan_batches(dataset.lengths, cfg.micro_batch_size, cfg.max_tokens_per_batch)
-    vocab_local = source.config.padded_vocab_size(info.tp_size) // info.tp_size
-    chunk_tokens = chunk_tokens_for(cfg.logits_chunk_mb << 20, vocab_local)
     backend = scoring_attention_backend(cfg.attention_backend)
-    identity = run_identity(cfg, dataset, source, plan, chunk_tokens, backend)
     prefixes = output_prefixes(cfg.output_prefix, len(dataset.shard_prefixes))
     pdir = resume.progress_dir(cfg.output_prefix)
+    model = None
+    sizes = on_rank0(recorded_sizes, prefixes, pdir, request_of(cfg))
+    if sizes is None:  # a new run: sized from the memory left once the model is loaded
+        model = build_scoring_model(source, bf16=cfg.bf16, attention_backend=backend)
+        free, free_why = least_free_memory()
+        sizes = choose_sizes(cfg, source.config, tp=info.tp_size, longest=longest_predictions(dataset.lengths),
+                             attention_scores=backend == "local", free_bytes=free, free_why=free_why)
+    plan = plan_batches(dataset.lengths, sizes.micro_batch_size, cfg.max_tokens_per_batch)
+    identity = run_identity(cfg, dataset, source, plan, sizes, backend)
 
     def prepare():
         complete = check_final(prefixes, dataset, identity)
@@ -260,8 +223,9 @@ def score(cfg: ScoreConfig) -> RunSummary:
         return RunSummary(prefixes, True, dataset.num_instances, 0, 0.0, 0.0)
     resumed = bool(done.any())
 
-    model = build_scoring_model(source, bf16=cfg.bf16, attention_backend=backend)
-    scorer = BatchScorer(model, source.config.vocab_size, chunk_tokens)
+    if model is None:
+        model = build_scoring_model(source, bf16=cfg.bf16, attention_backend=backend)
+    scorer = BatchScorer(model, source.config.vocab_size, sizes.logits_chunk_tokens)
     per_step = cfg.microbatches_per_step or (1 if info.pp_size == 1 else 4 * info.pp_size)
     mine = replica_batches(plan, info.dp_rank, info.dp_size)
     mine = mine[~done[mine]]
@@ -275,6 +239,7 @@ def score(cfg: ScoreConfig) -> RunSummary:
                  dataset.num_instances, len(plan), int((~done).sum()),
                  " (resuming)" if resumed else "", info.tp_size, info.pp_size, info.dp_size,
                  cfg.dtype_name)
+        log.info("sizes: %s", sizes.why)
     bar = _progress_bar(cfg, int(plan.batch_sizes()[mine].sum()), info.dp_size)
 
     # Steps that every replica takes: where the ranks can agree to stop on a signal.
@@ -283,22 +248,30 @@ def score(cfg: ScoreConfig) -> RunSummary:
     start, cpu_start = time.perf_counter(), time.process_time()
     tokens_done = 0
     stopped = False
+    vote = StopVote()
+    pending: list = []  # (batch index, step.Pending) of the previous step, recorded during this one
+
+    def record(items):
+        for index, result in items:
+            writer.append(index, result.scores())
+
     with SignalFlag() as sigterm:
         for i, group in enumerate(steps(mine, per_step)):
-            if i < common_steps and any_rank([sigterm.received])[0]:
+            if i < common_steps and vote(sigterm.received):
                 stopped = True
                 break
             batches = [plan.batch(int(k)) for k in group]
-            inputs = [collate_instances(dataset.instances(b.ids), dataset.pad_id) for b in batches]
+            inputs = [with_rows(collate_instances(dataset.instances(b.ids), dataset.pad_id)) for b in batches]
             results = run_step(model, scorer, inputs)
             if writer is not None:
-                for b, scores in zip(batches, results):
-                    writer.append(b.index, scores.numpy())
+                record(pending)  # the previous step's scores, while the device runs this one
+                pending = [(b.index, r) for b, r in zip(batches, results)]
             if bar is not None:
                 tokens_done += sum(b.tokens for b in batches)
                 bar.update(sum(len(b.ids) for b in batches))
                 bar.set_postfix_str(f"{tokens_done / max(time.perf_counter() - start, 1e-9):,.0f} tok/s")
         if writer is not None:
+            record(pending)
             writer.close()  # flushed and fsynced
         if bar is not None:
             bar.close()
@@ -338,9 +311,10 @@ def _write_score_files(cfg, dataset, prefixes, scores, identity, info, plan, ela
         "parallel": {"tensor_model_parallel_size": info.tp_size,
                      "pipeline_model_parallel_size": info.pp_size,
                      "data_parallel_size": info.dp_size, "backend": info.backend},
-        "batching": {"micro_batch_size": cfg.micro_batch_size,
+        "batching": {"micro_batch_size": identity["settings"]["micro_batch_size"],
                      "max_tokens_per_batch": cfg.max_tokens_per_batch,
                      "num_batches": len(plan), "plan_digest": identity["plan"]["digest"]},
+        "sizing": identity["sizing"],  # what was asked for and what it came to (reused on a rerun)
         "loss_mask": LOSS_MASK_RULE,
         "accumulation": "per-token NLL in fp32 from fp32 logits; per-instance sums in float64",
         "elapsed_s": round(elapsed, 3),
