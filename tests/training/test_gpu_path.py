@@ -75,11 +75,14 @@ def test_overlap_on_and_off_give_identical_results(corpus, initial_checkpoint, t
     plain, overlap = torch.load(tmp_path / "plain.pt"), torch.load(tmp_path / "overlap.pt")
     for key in plain:
         assert torch.equal(plain[key], overlap[key]), key  # the last step's gather completed
-    # several buckets, reduced as each fills during the backward pass: the same up to summation order
+    # several buckets, reduced as each fills during the backward pass: the same up to summation
+    # order. Other buckets also shard the distributed optimizer's state at other boundaries, so
+    # the gradient norm is summed in another order and a bf16 rounding of a parameter can flip:
+    # measured 5e-5 at iteration 5 on one CPU, 1e-5 passing on another.
     small = _run(corpus, tmp_path, "buckets", 2, *common, "--overlap-grad-reduce",
                  "--overlap-param-gather", "--ddp-bucket-size", "4000")
     for it, m in runs["plain"].items():
-        assert small[it]["loss"] == pytest.approx(m["loss"], abs=1e-5), it
+        assert small[it]["loss"] == pytest.approx(m["loss"], abs=2e-4), it
 
 
 def _continue_from(save_dir, iteration, dest):
