@@ -48,11 +48,11 @@ def mean_nll(logits: torch.Tensor, tokens: torch.Tensor) -> float:
 def megatron_logits(checkpoint: str, tokens: torch.Tensor) -> torch.Tensor:
     from megatron_miniplm.checkpointing import load_model, load_model_config
     from megatron_miniplm.conversion.session import single_process
-    from megatron_miniplm.models.gpt import build_model
+    from megatron_miniplm.models.gpt import PLAIN_LOCAL, build_model
 
     config = load_model_config(checkpoint)
     with single_process():
-        model = build_model(config, params_dtype=torch.float32, attention_backend="local")
+        model = build_model(config, params_dtype=torch.float32, impl=PLAIN_LOCAL)
         load_model([model], checkpoint)
         model.eval()
         with torch.no_grad():

@@ -45,7 +45,7 @@ def _model(extra_state: bool, tie: bool = True, seed: int = 1):
 
     from megatron_miniplm import parallel
     from presets import get_preset
-    from megatron_miniplm.models.gpt import layer_spec, transformer_config
+    from megatron_miniplm.models.gpt import PLAIN_LOCAL, layer_spec, transformer_config
 
     class AttentionWithExtraState(DotProductAttention):
         def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
@@ -62,7 +62,7 @@ def _model(extra_state: bool, tie: bool = True, seed: int = 1):
 
     parallel.initialize(parallel.ParallelConfig(seed=seed))
     config = dataclasses.replace(get_preset("tiny"), tie_embeddings=tie)
-    spec = copy.deepcopy(layer_spec(config, "local"))
+    spec = copy.deepcopy(layer_spec(PLAIN_LOCAL))
     if extra_state:
         spec.submodules.self_attention.submodules.core_attention = AttentionWithExtraState
     return GPTModel(config=transformer_config(config), transformer_layer_spec=spec,

@@ -80,7 +80,7 @@ def convert_hf_to_megatron(
     overwrite: bool = False,
 ) -> ImportResult:
     from megatron_miniplm.checkpointing import save_model
-    from megatron_miniplm.models.gpt import build_model
+    from megatron_miniplm.models.gpt import PLAIN_LOCAL, build_model
 
     params_dtype = torch_dtype(dtype)
     checkpoint_dir.check_destination(save, overwrite)
@@ -105,7 +105,7 @@ def convert_hf_to_megatron(
             state = source.load_state_dict(params_dtype)
             with single_process():
                 model = build_model(config, params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
-                                    attention_backend="local", initialize=False)
+                                    impl=PLAIN_LOCAL, initialize=False)
                 copy_into(model, mapping.hf_to_megatron(state, config))
                 del state
                 save_model([model], tmp, config)

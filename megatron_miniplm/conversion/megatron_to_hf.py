@@ -63,10 +63,10 @@ def find_tokenizer(load: str, resolved: str, tokenizer: Optional[str]) -> Option
 def load_megatron_state(directory: str, config: ModelConfig) -> dict[str, torch.Tensor]:
     """Whole tensors of a checkpoint saved at any layout, read at TP=1/PP=1 in fp32."""
     from megatron_miniplm.checkpointing import load_model
-    from megatron_miniplm.models.gpt import build_model
+    from megatron_miniplm.models.gpt import PLAIN_LOCAL, build_model
 
     with single_process():
-        model = build_model(config, params_dtype=torch.float32, attention_backend="local", initialize=False)
+        model = build_model(config, params_dtype=torch.float32, impl=PLAIN_LOCAL, initialize=False)
         load_model([model], directory)
         return {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
 

@@ -1,18 +1,22 @@
 """Fused core attention through PyTorch SDPA (flash / memory-efficient kernels).
 
 megatron-core's local ``DotProductAttention`` materialises the full [b, h, s, s]
-score matrix. On a GPU without Transformer Engine this module takes its place
-in the layer spec: same constructor and forward signature, one
-``scaled_dot_product_attention`` call.
+score matrix. With megatron-core's local layers (no Transformer Engine) this module
+takes its place in the layer spec: same constructor and forward signature, one
+``scaled_dot_product_attention`` call. ``FlashSDPAttention`` is the same call held to
+PyTorch's flash kernel (``--attention-backend flash``): where that kernel cannot take
+the inputs, it raises instead of silently running another one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -20,6 +24,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 class SDPAttention(MegatronModule):
     """Causal self-attention over [s, b, heads, head_dim] tensors, GQA-aware."""
+
+    kernels: Optional[tuple] = None  # SDPA's own choice
 
     def __init__(
         self,
@@ -60,10 +66,20 @@ class SDPAttention(MegatronModule):
         else:
             # megatron masks mark positions to *drop*; SDPA's boolean masks mark positions to keep.
             mask, causal = (None if attention_mask is None else ~attention_mask), False
-        context = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            scale=self.softmax_scale, enable_gqa=k.shape[1] != heads,
-        )
+        with self._kernels():
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal,
+                dropout_p=self.dropout if self.training else 0.0,
+                scale=self.softmax_scale, enable_gqa=k.shape[1] != heads,
+            )
         # [b, h, s, d] -> [s, b, h * d]
         return context.permute(2, 0, 1, 3).reshape(seq, batch, heads * head_dim)
+
+    def _kernels(self):
+        return contextlib.nullcontext() if self.kernels is None else sdpa_kernel(list(self.kernels))
+
+
+class FlashSDPAttention(SDPAttention):
+    """SDPA on its flash kernel only."""
+
+    kernels = (SDPBackend.FLASH_ATTENTION,)

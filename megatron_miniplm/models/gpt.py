@@ -1,16 +1,17 @@
 """Build a megatron-core ``GPTModel`` from a ``ModelConfig``.
 
-Layers and attention: Transformer Engine's spec (its fused attention) when
-megatron-core can use Transformer Engine on a GPU, else megatron's local layers
-with PyTorch SDPA (flash) attention on a GPU, else the local spec with its
-unfused attention on the CPU, where it is the fastest of the three for training.
+Layers, attention and fusions follow Megatron-LM's flags and GPU defaults
+(``LayerImpl``, ``TrainingFusions``): Transformer Engine's spec, its attention and
+fused RoPE where TE imports; else megatron-core's local layers with PyTorch SDPA
+(flash) attention on a GPU, and on the CPU whichever attention was measured faster
+for the job. ``resolve_implementation`` decides once what runs here and why, and
+the start-up lines print it.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,86 @@ from megatron_miniplm import platform
 from megatron_miniplm.models.config import ModelConfig
 from megatron_miniplm.settings import setting
 
-AttentionBackend = Literal["auto", "local", "sdpa", "te"]
+IMPL = "implementation and fusions"
+TRANSFORMER_IMPLS = ("transformer_engine", "local")
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")  # Megatron-LM's AttnBackend
+
+
+@dataclass(frozen=True)
+class LayerImpl:
+    """Which layers and attention kernels a model is built with, under Megatron-LM's flags.
+
+    One deliberate difference from Megatron-LM: where Transformer Engine does not import
+    (a CPU, an image without TE) ``transformer_engine`` falls back to megatron-core's local
+    spec instead of failing, so that one command runs everywhere; the start-up line says
+    which layers run and why.
+    """
+
+    transformer_impl: str = setting(
+        "transformer_engine", group=IMPL, choices=TRANSFORMER_IMPLS,
+        help="transformer_engine: Transformer Engine's layers and fused kernels (Megatron-LM's default; "
+             "unlike Megatron-LM, megatron-core's local layers where TE does not import); local: megatron-core's "
+             "local layers")
+    attention_backend: str = setting(
+        "auto", group=IMPL, choices=ATTENTION_BACKENDS,
+        help="core attention. With TE: its flash, fused (cuDNN) or unfused kernels, auto lets TE choose, local is "
+             "megatron-core's unfused attention. With local layers: flash is PyTorch SDPA held to its flash kernel, "
+             "unfused and local megatron-core's attention, fused needs TE; auto is SDPA on a GPU and, on a CPU, "
+             "whichever was measured faster there (megatron-core's for training, SDPA for scoring)")
+    apply_rope_fusion: bool = setting(
+        True, group=IMPL, flag="--no-rope-fusion",
+        help="unfused RoPE (the fused kernel is Transformer Engine's: off where TE does not import)")
+
+    def __post_init__(self):
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            raise ValueError(f"transformer_impl (--transformer-impl) '{self.transformer_impl}': "
+                             f"choose one of {', '.join(TRANSFORMER_IMPLS)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend (--attention-backend) '{self.attention_backend}': "
+                             f"choose one of {', '.join(ATTENTION_BACKENDS)}")
+
+
+@dataclass(frozen=True)
+class TrainingFusions:
+    """Megatron-LM's fusions of the training step that have no effect on a forward-only model."""
+
+    gradient_accumulation_fusion: bool = setting(
+        True, group=IMPL, flag="--no-gradient-accumulation-fusion",
+        help="weight gradients added to the fp32 main gradients by separate kernels (the fused form needs TE's "
+             "linear layers or apex's fused_weight_gradient_mlp_cuda: off without them)")
+    cross_entropy_loss_fusion: bool = setting(
+        False, group=IMPL, help="fused vocabulary-parallel cross entropy (as in Megatron-LM, off by default)")
+    cross_entropy_fusion_impl: str = setting(
+        "native", group=IMPL, choices=("native", "te"),
+        help="native: megatron-core's fused cross entropy; te: Transformer Engine's")
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """What a ``LayerImpl`` (and the training fusions) come to on this machine."""
+
+    spec: str  # "transformer_engine" | "local"
+    attention: str  # "te" (TE's DotProductAttention), "sdpa", "sdpa-flash", "local" (megatron-core's)
+    # TransformerConfig.attention_backend: with TE the kernels it may choose from. megatron-core
+    # passes it to TE through process-wide NVTE_* variables (and refuses a later model that
+    # asks otherwise), so the local spec, where it means nothing, always leaves it at auto.
+    attention_backend: str
+    rope_fusion: bool
+    gradient_accumulation_fusion: bool
+    cross_entropy_fusion: Optional[str]  # None, "native" or "te"
+    notes: tuple = ()  # why something asked for is not used here
+
+    def describe(self) -> str:
+        layers = ("Transformer Engine spec" if self.spec == "transformer_engine" else "megatron-core local spec")
+        attention = {"te": f"TE ({self.attention_backend})", "sdpa": "PyTorch SDPA",
+                     "sdpa-flash": "PyTorch SDPA (flash kernel only)", "local": "megatron-core local (unfused)"}
+        fused = [name for name, on in (("RoPE", self.rope_fusion),
+                                       ("gradient accumulation", self.gradient_accumulation_fusion),
+                                       (f"cross entropy ({self.cross_entropy_fusion})", self.cross_entropy_fusion))
+                 if on]
+        text = (f"layers: {layers}, attention: {attention[self.attention]}, fused: "
+                f"{', '.join(fused) if fused else 'none'}")
+        return text + "".join(f"; {note}" for note in self.notes)
 
 
 def transformer_engine_status() -> tuple[bool, str]:
@@ -37,24 +117,59 @@ def transformer_engine_status() -> tuple[bool, str]:
     return True, why
 
 
-def resolve_attention_backend(backend: AttentionBackend) -> str:
-    if backend != "auto":
-        return backend
-    if not platform.cuda_available():
-        return "local"
-    return "te" if transformer_engine_status()[0] else "sdpa"
+# Layers for code that needs exactly megatron-core's unfused local model (checkpoint
+# conversion and its checks against HF): no probing, the same everywhere.
+PLAIN_LOCAL = Implementation(spec="local", attention="local", attention_backend="auto", rope_fusion=False,
+                             gradient_accumulation_fusion=False, cross_entropy_fusion=None)
 
 
-def describe_backend(backend: AttentionBackend) -> str:
-    """One line for a start-up summary: which layers and attention a model gets here."""
-    resolved = resolve_attention_backend(backend)
-    if resolved == "te":
-        return f"layers: Transformer Engine spec ({transformer_engine_status()[1]}), attention: TE fused"
-    attention = {"sdpa": "PyTorch SDPA", "local": "megatron local (unfused)"}[resolved]
-    note = ""
-    if platform.cuda_available() and backend == "auto":
-        note = f"; no Transformer Engine: {transformer_engine_status()[1]}"
-    return f"layers: megatron-core local spec, attention: {attention}{note}"
+def _apex_grad_accumulation() -> bool:
+    from megatron.core.tensor_parallel import layers
+
+    return bool(layers._grad_accum_fusion_available)
+
+
+def resolve_implementation(layers: LayerImpl = LayerImpl(), fusions: Optional[TrainingFusions] = None, *,
+                           forward_only: bool = False) -> Implementation:
+    """What runs here for these settings. Falls back where a kernel is missing and says why in
+    ``notes``; refuses (ValueError) only what cannot be had at all and has no fallback that
+    means the same: TE's fused attention or TE's cross entropy without TE."""
+    te, why_not = transformer_engine_status()
+    notes = []
+    spec = "transformer_engine" if layers.transformer_impl == "transformer_engine" and te else "local"
+    if layers.transformer_impl == "transformer_engine" and not te:
+        notes.append(f"no Transformer Engine ({why_not})")
+    backend = layers.attention_backend
+    if backend == "fused" and spec != "transformer_engine":
+        raise ValueError("attention_backend fused (--attention-backend) is Transformer Engine's cuDNN attention: "
+                         + (f"Transformer Engine does not import here ({why_not})" if not te
+                            else "it needs --transformer-impl transformer_engine"))
+    if spec == "transformer_engine":
+        attention = "local" if backend == "local" else "te"
+    elif backend == "flash":
+        attention = "sdpa-flash"
+    elif backend in ("unfused", "local"):
+        attention = "local"
+    elif platform.cuda_available() or forward_only:
+        attention = "sdpa"
+    else:
+        # On a CPU megatron-core's attention was measured faster for training than SDPA's CPU
+        # kernels, and SDPA faster for forward-only scoring (bench_score.py).
+        attention = "local"
+    rope = layers.apply_rope_fusion and te
+    if layers.apply_rope_fusion and not te:
+        notes.append("RoPE unfused (the fused RoPE is TE's)")
+    fusions = fusions or TrainingFusions(gradient_accumulation_fusion=False)
+    grad_accum = fusions.gradient_accumulation_fusion and (spec == "transformer_engine" or _apex_grad_accumulation())
+    if fusions.gradient_accumulation_fusion and not grad_accum:
+        notes.append("gradient accumulation unfused (needs TE's layers or apex)")
+    ce = fusions.cross_entropy_fusion_impl if fusions.cross_entropy_loss_fusion else None
+    if ce == "te" and not te:
+        raise ValueError(f"cross_entropy_fusion_impl te (--cross-entropy-fusion-impl) needs Transformer Engine: "
+                         f"{why_not}; use native")
+    return Implementation(spec=spec, attention=attention,
+                          attention_backend=backend if spec == "transformer_engine" else "auto", rope_fusion=rope,
+                          gradient_accumulation_fusion=grad_accum, cross_entropy_fusion=ce, notes=tuple(notes))
 
 
 RECOMPUTE = "activation recomputation"
@@ -92,10 +207,14 @@ def transformer_config(
     params_dtype: torch.dtype = torch.float32,
     bf16: bool = False,
     recompute: RecomputeSettings = RecomputeSettings(),
+    impl: Optional[Implementation] = None,
+    sequence_parallel: bool = False,
 ):
     """The megatron ``TransformerConfig`` of a model at a parallel layout."""
+    from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    impl = impl or resolve_implementation()
     config.check_tensor_parallel(tensor_parallel_size)
     if config.num_layers % pipeline_parallel_size != 0:
         raise ValueError(
@@ -126,41 +245,69 @@ def transformer_config(
         params_dtype=params_dtype,
         bf16=bf16,
         use_cpu_initialization=not on_gpu,
-        # Fused kernels exist only on CUDA.
+        # megatron-core's bias-activation and bias-dropout fusions are jit-compiled (torch.compile
+        # through Triton): there is no CPU build of them.
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        attention_backend=AttnBackend[impl.attention_backend],
+        apply_rope_fusion=impl.rope_fusion,
+        gradient_accumulation_fusion=impl.gradient_accumulation_fusion,
+        cross_entropy_loss_fusion=impl.cross_entropy_fusion is not None,
+        cross_entropy_fusion_impl=impl.cross_entropy_fusion or "native",
         persist_layer_norm=False,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel and tensor_parallel_size > 1,
         recompute_granularity=recompute.recompute_granularity,
         recompute_method=recompute.recompute_method,
         recompute_num_layers=recompute.recompute_num_layers,
     )
 
 
-def layer_spec(config: ModelConfig, backend: AttentionBackend = "auto"):
+class LocalRMSNorm(torch.nn.RMSNorm):
+    """PyTorch's RMSNorm under megatron-core's norm constructor: the norm of the local spec.
+
+    megatron-core's own fallback (``WrappedTorchNorm``, the same PyTorch module) refuses
+    sequence parallelism. Under it each TP rank normalises its own slice of the sequence, so
+    the weight's gradient is a partial sum: marked ``sequence_parallel``, it is all-reduced
+    over the TP group by ``finalize_model_grads``, as megatron-core does for TE's norms.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def layer_spec(impl: Implementation):
+    """The transformer layer's ``ModuleSpec`` for a resolved implementation."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    backend = resolve_attention_backend(backend)
-    if backend == "te":
-        usable, why = transformer_engine_status()
-        if not usable:
-            raise ValueError(f"attention backend 'te' needs Transformer Engine: {why}")
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    if backend == "sdpa":
-        from megatron_miniplm.models.attention import SDPAttention
+    if impl.spec == "transformer_engine":
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec.submodules.input_layernorm = LocalRMSNorm
+        spec.submodules.pre_mlp_layernorm = LocalRMSNorm
+    from megatron_miniplm.models.attention import FlashSDPAttention, SDPAttention
 
-        spec = copy.deepcopy(spec)
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    elif backend != "local":
-        raise ValueError(f"unknown attention backend '{backend}' (auto, local, sdpa, te)")
+    core = {"sdpa": SDPAttention, "sdpa-flash": FlashSDPAttention, "local": DotProductAttention}.get(impl.attention)
+    if core is not None:
+        spec.submodules.self_attention.submodules.core_attention = core
     return spec
+
+
+def _block_spec(impl: Implementation, tcfg):
+    """What GPTModel is given: the layer spec with TE (whose block norm is TE's), else this
+    stage's layers with the local norm as the final one too."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    spec = layer_spec(impl)
+    if impl.spec == "transformer_engine":
+        return spec
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(tcfg), layer_norm=LocalRMSNorm)
 
 
 def build_model(
@@ -168,13 +315,15 @@ def build_model(
     *,
     params_dtype: torch.dtype = torch.float32,
     bf16: bool = False,
-    attention_backend: AttentionBackend = "auto",
+    impl: Optional[Implementation] = None,
+    sequence_parallel: bool = False,
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
     initialize: bool = True,
     recompute: RecomputeSettings = RecomputeSettings(),
 ):
-    """A ``GPTModel`` for this rank's tensor/pipeline slice.
+    """A ``GPTModel`` for this rank's tensor/pipeline slice, built as ``impl`` says
+    (``resolve_implementation``; default: Megatron-LM's layer defaults, forward fusions only).
 
     Needs megatron's parallel state (``megatron_miniplm.parallel.initialize``);
     ``pre_process`` / ``post_process`` default to this rank's pipeline stage.
@@ -183,11 +332,12 @@ def build_model(
     from megatron.core.models.gpt import GPTModel
 
     platform.apply()
+    impl = impl or resolve_implementation()
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     tcfg = transformer_config(
         config, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-        params_dtype=params_dtype, bf16=bf16, recompute=recompute,
+        params_dtype=params_dtype, bf16=bf16, recompute=recompute, impl=impl, sequence_parallel=sequence_parallel,
     )
     tcfg.perform_initialization = initialize
     if pre_process is None:
@@ -196,7 +346,7 @@ def build_model(
         post_process = ps.is_pipeline_last_stage()
     model = GPTModel(
         config=tcfg,
-        transformer_layer_spec=layer_spec(config, attention_backend),
+        transformer_layer_spec=_block_spec(impl, tcfg),
         vocab_size=config.padded_vocab_size(tp),
         max_sequence_length=config.max_position_embeddings,
         pre_process=pre_process,
@@ -207,9 +357,10 @@ def build_model(
         rotary_base=int(config.rotary_base),
     )
     if params_dtype != torch.float32:
-        # Without TE/apex, megatron's torch-norm fallback makes fp32 norm weights whatever
-        # params_dtype says, and every norm then takes PyTorch's unfused mixed-dtype path.
-        # Megatron-LM casts the whole module to the training dtype (Float16Module): so do we.
+        # The local norms are created in fp32 whatever params_dtype says, and every norm would
+        # then take PyTorch's unfused mixed-dtype path. Megatron-LM casts the whole module to
+        # the training dtype (Float16Module): so do we.
         model.to(params_dtype)
     model.miniplm_config = config
+    model.miniplm_impl = impl
     return model

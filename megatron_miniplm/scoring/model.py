@@ -82,8 +82,9 @@ def check_tokenizer(source: ModelSource, dataset_tokenizer: dict, data_path: str
             )
 
 
-def build_scoring_model(source: ModelSource, *, bf16: bool, attention_backend: str = "auto"):
-    """This rank's slice of the model, weights loaded, in eval mode and in one dtype.
+def build_scoring_model(source: ModelSource, *, bf16: bool, impl=None):
+    """This rank's slice of the model, weights loaded, in eval mode and in one dtype;
+    ``impl``: a resolved ``models.gpt.Implementation`` (default: Megatron-LM's defaults here).
 
     The model is built directly in bf16 when asked (never an fp32 copy first);
     megatron leaves the RMSNorm weights in fp32, so they are cast too, which
@@ -97,7 +98,7 @@ def build_scoring_model(source: ModelSource, *, bf16: bool, attention_backend: s
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = build_model(source.config, params_dtype=dtype, bf16=bf16,
-                        attention_backend=attention_backend, initialize=False)
+                        impl=impl, initialize=False)
     load_model([model], source.path)
     model = model.to(dtype).eval()
     for p in model.parameters():

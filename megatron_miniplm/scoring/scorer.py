@@ -21,12 +21,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_miniplm.models.gpt import LayerImpl, resolve_implementation
 from megatron_miniplm.scoring import resume
 from megatron_miniplm.settings import setting
 from megatron_miniplm.signals import SignalFlag
@@ -71,8 +72,7 @@ class ScoreConfig:
     tensor_model_parallel_size: int = setting(1, group="parallelism and batching", help="tensor-parallel ranks")
     pipeline_model_parallel_size: int = setting(1, group="parallelism and batching", help="pipeline stages")
     bf16: bool = setting(False, group="numerics and speed", help="bf16 weights and activations (fp32 softmax)")
-    attention_backend: str = setting("auto", group="numerics and speed", choices=("auto", "local", "sdpa", "te"),
-                                     help="auto: TE on a GPU with TE, else SDPA")
+    layers: LayerImpl = field(default_factory=LayerImpl)  # --transformer-impl, --attention-backend, ...
     logits_chunk_mb: Optional[float] = setting(
         None, group="numerics and speed",
         help="memory for the fp32 logits of one chunk of positions, per TP rank, in whole 256-row tiles "
@@ -136,16 +136,15 @@ def on_rank0(fn: Callable, *args):
 
 # --- the run -------------------------------------------------------------------
 
-def scoring_attention_backend(name: str) -> str:
-    """``auto``: as for training, except on the CPU, where forward-only scoring is faster
-    with PyTorch SDPA (its CPU flash kernel, causal and GQA-aware) than with the local
-    spec, which materialises fp32 [b, heads, s, s] scores (measured in bench_score.py)."""
-    from megatron_miniplm import platform
-    from megatron_miniplm.models.gpt import resolve_attention_backend
-
-    if name == "auto" and not platform.cuda_available():
-        return "sdpa"
-    return resolve_attention_backend(name)
+def scoring_implementation(layers: LayerImpl):
+    """The layers and attention a scoring model gets: as for training, except that ``auto``
+    attention on the CPU is PyTorch SDPA (its CPU flash kernel, causal and GQA-aware), faster
+    there for forward-only scoring than megatron-core's attention, which materialises fp32
+    [b, heads, s, s] scores (measured in bench_score.py)."""
+    try:
+        return resolve_implementation(layers, forward_only=True)
+    except ValueError as e:
+        raise ScoringError(str(e)) from None
 
 
 def verify_dataset(prefix: str) -> None:
@@ -188,18 +187,18 @@ def score(cfg: ScoreConfig) -> RunSummary:
         raise ScoringError(f"--pipeline-model-parallel-size {cfg.pipeline_model_parallel_size} does not "
                            f"divide the model's {source.config.num_layers} layers")
 
-    backend = scoring_attention_backend(cfg.attention_backend)
+    impl = scoring_implementation(cfg.layers)
     prefixes = output_prefixes(cfg.output_prefix, len(dataset.shard_prefixes))
     pdir = resume.progress_dir(cfg.output_prefix)
     model = None
     sizes = on_rank0(recorded_sizes, prefixes, pdir, request_of(cfg))
     if sizes is None:  # a new run: sized from the memory left once the model is loaded
-        model = build_scoring_model(source, bf16=cfg.bf16, attention_backend=backend)
+        model = build_scoring_model(source, bf16=cfg.bf16, impl=impl)
         free, free_why = least_free_memory()
         sizes = choose_sizes(cfg, source.config, tp=info.tp_size, longest=longest_predictions(dataset.lengths),
-                             attention_scores=backend == "local", free_bytes=free, free_why=free_why)
+                             attention_scores=impl.attention == "local", free_bytes=free, free_why=free_why)
     plan = plan_batches(dataset.lengths, sizes.micro_batch_size, cfg.max_tokens_per_batch)
-    identity = run_identity(cfg, dataset, source, plan, sizes, backend)
+    identity = run_identity(cfg, dataset, source, plan, sizes, impl.attention)
 
     def prepare():
         complete = check_final(prefixes, dataset, identity)
@@ -224,7 +223,7 @@ def score(cfg: ScoreConfig) -> RunSummary:
     resumed = bool(done.any())
 
     if model is None:
-        model = build_scoring_model(source, bf16=cfg.bf16, attention_backend=backend)
+        model = build_scoring_model(source, bf16=cfg.bf16, impl=impl)
     scorer = BatchScorer(model, source.config.vocab_size, sizes.logits_chunk_tokens)
     per_step = cfg.microbatches_per_step or (1 if info.pp_size == 1 else 4 * info.pp_size)
     mine = replica_batches(plan, info.dp_rank, info.dp_size)
@@ -240,6 +239,7 @@ def score(cfg: ScoreConfig) -> RunSummary:
                  " (resuming)" if resumed else "", info.tp_size, info.pp_size, info.dp_size,
                  cfg.dtype_name)
         log.info("sizes: %s", sizes.why)
+        log.info("%s", impl.describe())
     bar = _progress_bar(cfg, int(plan.batch_sizes()[mine].sum()), info.dp_size)
 
     # Steps that every replica takes: where the ranks can agree to stop on a signal.

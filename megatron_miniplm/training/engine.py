@@ -85,12 +85,14 @@ def wrap_ddp(model: torch.nn.Module, settings: DDPSettings = DDPSettings()):
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
 
-def build_model_chunks(config, *, bf16: bool = False, ddp: DDPSettings = DDPSettings(), recompute=None) -> list:
-    """This rank's ``GPTModel`` slice on its device, DDP-wrapped, schedule hooks attached."""
+def build_model_chunks(config, *, bf16: bool = False, ddp: DDPSettings = DDPSettings(), recompute=None,
+                       impl=None, sequence_parallel: bool = False) -> list:
+    """This rank's ``GPTModel`` slice on its device, DDP-wrapped, schedule hooks attached;
+    ``impl``: a resolved ``models.gpt.Implementation`` (default: Megatron-LM's defaults here)."""
     from megatron_miniplm.models.gpt import RecomputeSettings, build_model
 
     model = build_model(config, params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
-                        recompute=recompute or RecomputeSettings())
+                        recompute=recompute or RecomputeSettings(), impl=impl, sequence_parallel=sequence_parallel)
     chunks = [wrap_ddp(model, ddp)]
     attach_schedule_hooks(chunks)
     return chunks
@@ -172,16 +174,14 @@ def gpt_forward_step(data_iterator: Iterator[dict], model):
 
 @dataclass
 class StepResult:
-    losses: dict  # mean per counted token of each logged loss ("lm loss"; with KD "kd loss",
-    #               "total loss"); empty off the last pipeline stage
-    tokens: int  # counted tokens in the global batch (this DP rank's share on other stages: 0)
+    """One step's outcome. The logged losses stay on the device: reading them waits for the
+    step to finish, so the trainer reads many steps' at once, at its logging interval."""
+
+    values: torch.Tensor  # float64 [len(loss_names) + 1] on the device: each logged loss's mean per
+    #                       counted token, then the counted tokens of the global batch (zeros off
+    #                       the last pipeline stage)
     grad_norm: Optional[float]
     skipped: bool
-
-    @property
-    def loss(self) -> Optional[float]:
-        """The optimized objective: the LM loss, or the mixed loss under KD."""
-        return self.losses.get("total loss", self.losses.get("lm loss"))
 
 
 def train_step(
@@ -193,8 +193,10 @@ def train_step(
     micro_batch_size: int,
     seq_length: int,
     forward_step: Callable = gpt_forward_step,
+    loss_names: tuple = ("lm loss",),
 ) -> StepResult:
-    """Forward/backward over ``num_microbatches`` micro-batches, then one optimizer step."""
+    """Forward/backward over ``num_microbatches`` micro-batches, then one optimizer step.
+    ``loss_names``: the losses the forward step logs, in the order of ``StepResult.values``."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     for chunk in model_chunks:
@@ -210,22 +212,20 @@ def train_step(
         forward_only=False,
     )
     ok, grad_norm, _ = optimizer.step()
-    losses, tokens = reduce_loss_reports(reports)
-    return StepResult(losses=losses, tokens=tokens, grad_norm=grad_norm, skipped=not ok)
+    return StepResult(values=reduce_loss_reports(reports, loss_names), grad_norm=grad_norm, skipped=not ok)
 
 
-def reduce_loss_reports(reports: list) -> tuple[dict, int]:
-    """Global mean of each logged loss from the per-micro-batch [sum, count] reports (last
-    stage only; one all-reduce for all of them), and the counted tokens."""
+def reduce_loss_reports(reports: list, names: tuple) -> torch.Tensor:
+    """Global mean of each logged loss from the per-micro-batch [sum, count] reports, then the
+    counted tokens, as one device tensor (one all-reduce for all of them; no host sync).
+    Stages without reports (not the last pipeline stage) give zeros."""
     from megatron.core import parallel_state as ps
 
     if not reports:
-        return {}, 0
-    names = list(reports[0])
+        return torch.zeros(len(names) + 1, dtype=torch.float64, device=platform.device())
     totals = torch.stack([torch.stack([r[k] for k in names]) for r in reports]).sum(dim=0).double()  # [k, 2]
     torch.distributed.all_reduce(totals, group=ps.get_data_parallel_group())
-    means = (totals[:, 0] / totals[:, 1].clamp(min=1)).tolist()
-    return dict(zip(names, means)), int(totals[0, 1].item())
+    return torch.cat([totals[:, 0] / totals[:, 1].clamp(min=1), totals[:1, 1]])
 
 
 def forward_losses(model_chunks: list, data_iterator, *, num_microbatches: int,

@@ -129,7 +129,7 @@ class Teacher:
     output layer regathered into the student's vocabulary partition."""
 
     def __init__(self, settings: KDSettings, student, *, bf16: bool, data_tokenizer: dict, data_path: str,
-                 chunk_mb: int = 32):
+                 impl=None, chunk_mb: int = 32):
         from megatron.core import parallel_state as ps
 
         from megatron_miniplm.scoring.model import (
@@ -146,7 +146,7 @@ class Teacher:
             raise ValueError(f"the teacher's vocabulary ({self.source.config.vocab_size}, "
                              f"{settings.kd_teacher_load}) is smaller than the student's ({student.vocab_size})")
         self.config = self.source.config
-        self.model = build_scoring_model(self.source, bf16=bf16, attention_backend="auto")
+        self.model = build_scoring_model(self.source, bf16=bf16, impl=impl)
         tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
         local = student.padded_vocab_size(tp) // tp
         start = rank * local

@@ -31,7 +31,7 @@ from megatron_miniplm.training import engine
 from megatron_miniplm.training.checkpoint import load_checkpoint, save_checkpoint
 from megatron_miniplm.training.data import DATA_ORDERS, SampleStream
 from megatron_miniplm.training.flops import device_peak_flops, training_flops_per_token
-from megatron_miniplm.models.gpt import RecomputeSettings
+from megatron_miniplm.models.gpt import LayerImpl, RecomputeSettings, TrainingFusions, resolve_implementation
 from megatron_miniplm.training.kd import KDSettings, Teacher, kd_forward_step
 from megatron_miniplm.training.prefetch import Prefetcher
 
@@ -81,6 +81,13 @@ class TrainConfig:
     seed: int = setting(1234, group=TRAINING, help="Megatron-LM's seeding: + 100 x pipeline rank")
     tensor_model_parallel_size: int = setting(1, group=PARALLEL, help="tensor-parallel ranks per model replica")
     pipeline_model_parallel_size: int = setting(1, group=PARALLEL, help="pipeline stages per model replica")
+    sequence_parallel: bool = setting(
+        False, group=PARALLEL,
+        help="Megatron-LM's sequence parallelism: norms and the embedding output split over the sequence across "
+             "TP ranks (activation memory / TP; all-gather + reduce-scatter in place of all-reduces). Needs "
+             "--seq-length divisible by TP; ignored at TP 1, as in Megatron-LM")
+    layers: LayerImpl = field(default_factory=LayerImpl)
+    fusions: TrainingFusions = field(default_factory=TrainingFusions)
     ddp: engine.DDPSettings = field(default_factory=engine.DDPSettings)
     recompute: RecomputeSettings = field(default_factory=RecomputeSettings)
     kd: KDSettings = field(default_factory=KDSettings)
@@ -117,6 +124,17 @@ class TrainConfig:
     def __post_init__(self):
         if (self.train_iters is None) == (self.train_tokens is None):
             raise ValueError("give exactly one of train_iters (--train-iters) and train_tokens (--train-tokens)")
+        if self.fusions.cross_entropy_loss_fusion and self.fusions.cross_entropy_fusion_impl == "native" \
+                and not self.bf16:
+            # megatron-core 0.16.1's fused_cross_entropy casts the logits' gradient to bf16 whatever
+            # the logits' dtype: under bf16 that is what the unfused loss gives too (bit for bit),
+            # with fp32 parameters it would silently lose precision.
+            raise ValueError("cross_entropy_loss_fusion (--cross-entropy-loss-fusion) with the native implementation "
+                             "needs --bf16: megatron-core's fused cross entropy rounds the logits' gradient to bf16")
+        tp = self.tensor_model_parallel_size
+        if self.sequence_parallel and tp > 1 and self.seq_length % tp:
+            raise ValueError(f"sequence_parallel (--sequence-parallel) splits the sequence over the {tp} TP ranks: "
+                             f"--seq-length {self.seq_length} is not divisible by {tp}")
         if self.lr_warmup_fraction is not None and self.lr_warmup_iters:
             raise ValueError("give lr_warmup_iters (--lr-warmup-iters) or lr_warmup_fraction "
                              "(--lr-warmup-fraction), not both")
@@ -164,14 +182,17 @@ class Trainer:
 
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        self.model = engine.build_model_chunks(cfg.model, bf16=cfg.bf16, ddp=cfg.ddp, recompute=cfg.recompute)
+        self.impl = resolve_implementation(cfg.layers, cfg.fusions)
+        self.model = engine.build_model_chunks(cfg.model, bf16=cfg.bf16, ddp=cfg.ddp, recompute=cfg.recompute,
+                                               impl=self.impl, sequence_parallel=cfg.sequence_parallel)
         self.optimizer = engine.build_optimizer(self.model, cfg.optimizer, bf16=cfg.bf16)
         self.teacher, self.forward_step = None, engine.gpt_forward_step
         if cfg.kd.enabled:
             from functools import partial
 
             self.teacher = Teacher(cfg.kd, cfg.model, bf16=cfg.bf16, data_tokenizer=self._data_tokenizer(),
-                                   data_path=cfg.data_path[-1])
+                                   data_path=cfg.data_path[-1],
+                                   impl=resolve_implementation(cfg.layers, forward_only=True))
             self.forward_step = partial(kd_forward_step, self.teacher, cfg.kd)
         decay, warmup = cfg.decay_iters, cfg.warmup_iters
         self.scheduler = OptimizerParamScheduler(
@@ -181,6 +202,7 @@ class Trainer:
             end_wd=cfg.optimizer.weight_decay, wd_incr_steps=decay, wd_incr_style="constant",
         )
         self.iteration = 0
+        self._pending: list = []  # steps whose logged values are still on the device
         self.consumed_samples = 0
         self.consumed_tokens = 0
         self.consumed_flops = 0.0
@@ -210,6 +232,7 @@ class Trainer:
         if cfg.seq_length > cfg.model.max_position_embeddings:
             raise ValueError(f"sequence length {cfg.seq_length} exceeds the model's "
                              f"{cfg.model.max_position_embeddings} positions")
+
 
     def _check_data(self, data: SampleStream, what: str) -> None:
         for source in data.sources:
@@ -265,7 +288,11 @@ class Trainer:
     # ---- loop ----------------------------------------------------------------------------
     def train(self) -> dict:
         """Run to the configured iterations (or an exit condition); returns the last iteration's metrics,
-        with ``exit_reason`` when the run stopped early."""
+        with ``exit_reason`` when the run stopped early.
+
+        A step's losses are read on the host only when they are needed: at the logging interval,
+        before a validation, a save or an exit, and at the end (one synchronisation for all the
+        steps since the last read), so the host queues the next step while the device works."""
         cfg = self.cfg
         last: dict = {}
         start_iteration = self.iteration
@@ -274,19 +301,24 @@ class Trainer:
         signal_flag = SignalFlag() if cfg.exit_signal_handler else contextlib.nullcontext()
         with signal_flag, _manual_gc(cfg.manual_gc), contextlib.closing(self.prefetch):
             while self.iteration < cfg.iterations:
-                last = self._train_step()
+                self._train_step()
                 if cfg.manual_gc and cfg.manual_gc_interval and self.iteration % cfg.manual_gc_interval == 0:
                     gc.collect()
-                window.add(cfg.global_batch_size * cfg.seq_length, last["counted_tokens"])
-                if self.iteration % cfg.log_interval == 0 or self.iteration == cfg.iterations:
+                log_now = self.iteration % cfg.log_interval == 0 or self.iteration == cfg.iterations
+                eval_now = bool(cfg.eval_interval and self.valid_data and self.iteration % cfg.eval_interval == 0)
+                save_now = bool(cfg.save and cfg.save_interval and self.iteration % cfg.save_interval == 0)
+                reason = self._exit_reason(signal_flag)
+                if log_now or eval_now or save_now or reason:
+                    for m in self._read_pending():
+                        window.add(cfg.global_batch_size * cfg.seq_length, m["counted_tokens"])
+                        last = m
+                if log_now:
                     self._report(last, *window.take())
-                self._write_metrics(last)
-                if cfg.eval_interval and self.valid_data and self.iteration % cfg.eval_interval == 0:
+                if eval_now:
                     self.evaluate()
-                if cfg.save and cfg.save_interval and self.iteration % cfg.save_interval == 0:
+                if save_now:
                     self.save()
                     saved_at = self.iteration
-                reason = self._exit_reason(signal_flag)
                 if reason:
                     if cfg.save and saved_at != self.iteration:
                         self.save()
@@ -298,29 +330,48 @@ class Trainer:
             last["valid_loss"] = self.evaluate()
         return last
 
-    def _train_step(self) -> dict:
+    @property
+    def loss_names(self) -> tuple:
+        return ("lm loss", "kd loss", "total loss") if self.teacher is not None else ("lm loss",)
+
+    def _train_step(self) -> None:
+        """One optimizer step; its logged values stay on the device until ``_read_pending``."""
         cfg = self.cfg
         result = engine.train_step(
             self.model, self.optimizer, iter(self.prefetch.take(self.consumed_samples)),
             num_microbatches=self.num_microbatches, micro_batch_size=cfg.micro_batch_size,
-            seq_length=cfg.seq_length, forward_step=self.forward_step,
+            seq_length=cfg.seq_length, forward_step=self.forward_step, loss_names=self.loss_names,
         )
         self.scheduler.step(increment=1)
         self.iteration += 1
         self.consumed_samples += cfg.global_batch_size
-        names = ("lm loss", "kd loss", "total loss") if self.teacher is not None else ("lm loss",)
-        *losses, tokens = self._from_last_stage(*(result.losses.get(n) for n in names), result.tokens)
-        losses = dict(zip(names, losses))
-        self.consumed_tokens += int(tokens)
         self.consumed_flops += cfg.global_batch_size * cfg.seq_length * self.flops_per_token
-        m = {"iteration": self.iteration, "loss": losses.get("total loss", losses["lm loss"]),
-             "grad_norm": result.grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
-             "consumed_tokens": self.consumed_tokens, "counted_tokens": int(tokens),
-             "consumed_flops": self.consumed_flops,
-             "skipped": result.skipped}
-        if self.teacher is not None:
-            m.update(lm_loss=losses["lm loss"], kd_loss=losses["kd loss"])
-        return m
+        self._pending.append((self._from_last_stage(result.values), {
+            "iteration": self.iteration, "grad_norm": result.grad_norm,
+            "lr": self.optimizer.param_groups[0]["lr"], "consumed_flops": self.consumed_flops,
+            "skipped": result.skipped}))
+
+    def _read_pending(self) -> list:
+        """The metrics of the steps not yet read, in order (one device-to-host copy for all of
+        them), each written to the metrics file."""
+        if not self._pending:
+            return []
+        rows = torch.stack([values for values, _ in self._pending]).tolist()
+        out = []
+        for row, (_, known) in zip(rows, self._pending):
+            *losses, tokens = row
+            losses = dict(zip(self.loss_names, losses))
+            self.consumed_tokens += int(tokens)
+            m = {"iteration": known["iteration"], "loss": losses.get("total loss", losses["lm loss"]),
+                 "grad_norm": known["grad_norm"], "lr": known["lr"], "consumed_tokens": self.consumed_tokens,
+                 "counted_tokens": int(tokens), "consumed_flops": known["consumed_flops"],
+                 "skipped": known["skipped"]}
+            if self.teacher is not None:
+                m.update(lm_loss=losses["lm loss"], kd_loss=losses["kd loss"])
+            out.append(m)
+        self._pending.clear()
+        self._write_metrics(*out)
+        return out
 
     def _exit_reason(self, signal_flag) -> Optional[str]:
         """Megatron-LM's exit conditions, agreed by every rank (one all-reduce when a signal
@@ -368,8 +419,7 @@ class Trainer:
         from megatron.core import parallel_state as ps
 
         dist.all_reduce(totals, group=ps.get_data_parallel_group())
-        (loss,) = self._from_last_stage((totals[0] / totals[1].clamp(min=1)).item()
-                                        if ps.is_pipeline_last_stage() else None)
+        loss = self._from_last_stage((totals[:1] / totals[1:].clamp(min=1))).item()
         self._log(f" validation at iteration {self.iteration}: loss {loss:.4f} "
                   f"ppl {math.exp(min(loss, 50)):.2f}")
         self._write_metrics({"iteration": self.iteration, "valid_loss": loss})
@@ -397,21 +447,19 @@ class Trainer:
         return "fully_reshardable" if self.cfg.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
 
     # ---- reporting -----------------------------------------------------------------------
-    def _from_last_stage(self, *values) -> tuple:
-        """Scalars known on the last pipeline stage, on every rank (one broadcast for all)."""
+    def _from_last_stage(self, values: torch.Tensor) -> torch.Tensor:
+        """A device tensor of values known on the last pipeline stage, on every rank (a broadcast,
+        no host sync)."""
         from megatron.core import parallel_state as ps
 
         if ps.get_pipeline_model_parallel_world_size() == 1:
             return values
-        t = torch.tensor([v if v is not None else 0.0 for v in values], dtype=torch.float64, device=platform.device())
         src = ps.get_pipeline_model_parallel_last_rank()
-        dist.broadcast(t, src=src, group=ps.get_pipeline_model_parallel_group())
-        return tuple(t.tolist())
+        dist.broadcast(values, src=src, group=ps.get_pipeline_model_parallel_group())
+        return values
 
     def _log_startup(self) -> None:
         """What runs where: the layout, the device, precision and optimizer, the layers."""
-        from megatron_miniplm.models.gpt import describe_backend
-
         cfg, info, ddp = self.cfg, self.info, self.cfg.ddp
         precision = ("bf16 parameters, fp32 main parameters and gradient reduction" if cfg.bf16
                      else "fp32 parameters")
@@ -425,7 +473,8 @@ class Trainer:
             f"{', overlapped ' + ' and '.join(overlap) if overlap else ''} | "
             + (f"recompute {cfg.recompute.recompute_granularity} | " if cfg.recompute.recompute_granularity else "")
             + ("manual GC | " if cfg.manual_gc else "")
-            + f"{describe_backend('auto')} | "
+            + ("sequence parallel | " if cfg.sequence_parallel and info.tp_size > 1 else "")
+            + f"{self.impl.describe()} | "
             + (f"Vanilla KD from {self.teacher.source.path} (ratio {cfg.kd.kd_ratio}, temperature "
                f"{cfg.kd.kd_temperature}) | " if self.teacher is not None else "")
             + f"seq {cfg.seq_length}, micro batch {cfg.micro_batch_size}, "
@@ -450,10 +499,10 @@ class Trainer:
                     self.writer.add_scalar(f"train/{key}", m[key], m["iteration"])
             self.writer.add_scalar("train/tokens_per_s", tokens_per_s, m["iteration"])
 
-    def _write_metrics(self, m: dict) -> None:
+    def _write_metrics(self, *records: dict) -> None:
         if self.cfg.metrics_file and self.info.rank == 0:
             with open(self.cfg.metrics_file, "a") as f:
-                f.write(json.dumps(m) + "\n")
+                f.writelines(json.dumps(m) + "\n" for m in records)
 
     def _log(self, message: str) -> None:
         if self.info.rank == 0:

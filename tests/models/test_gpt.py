@@ -5,7 +5,7 @@ import torch
 
 from megatron_miniplm import parallel
 from presets import get_preset
-from megatron_miniplm.models.gpt import build_model, resolve_attention_backend
+from megatron_miniplm.models.gpt import LayerImpl, TrainingFusions, build_model, resolve_implementation
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -19,15 +19,50 @@ def _inputs(vocab, batch=2, seq=24):
     return tokens, torch.arange(seq).expand(batch, seq)
 
 
-def test_cpu_uses_local_attention():
-    assert resolve_attention_backend("auto") == "local"
+def test_cpu_resolution_of_megatron_defaults():
+    """Megatron-LM's GPU defaults asked for on a CPU: local layers, the measured-faster attention
+    for each job, no fusion that needs TE or apex, and the reasons said."""
+    impl = resolve_implementation(LayerImpl(), TrainingFusions())
+    assert (impl.spec, impl.attention, impl.attention_backend) == ("local", "local", "auto")
+    assert not impl.rope_fusion and not impl.gradient_accumulation_fusion and impl.cross_entropy_fusion is None
+    assert any("no Transformer Engine" in n for n in impl.notes)
+    assert any("RoPE unfused" in n for n in impl.notes)
+    assert any("gradient accumulation unfused" in n for n in impl.notes)
+    assert resolve_implementation(LayerImpl(), forward_only=True).attention == "sdpa"
+    assert resolve_implementation(LayerImpl(attention_backend="flash")).attention == "sdpa-flash"
+    assert resolve_implementation(LayerImpl(attention_backend="unfused"), forward_only=True).attention == "local"
+    fused_ce = resolve_implementation(LayerImpl(), TrainingFusions(cross_entropy_loss_fusion=True))
+    assert fused_ce.cross_entropy_fusion == "native" and "cross entropy (native)" in fused_ce.describe()
+
+
+@pytest.mark.parametrize("asked, error", [
+    (dict(layers=LayerImpl(attention_backend="fused")), "cuDNN attention"),
+    (dict(fusions=TrainingFusions(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="te")),
+     "needs Transformer Engine"),
+])
+def test_te_only_kernels_are_refused_without_te(asked, error):
+    with pytest.raises(ValueError, match=error):
+        resolve_implementation(asked.get("layers", LayerImpl()), asked.get("fusions"))
+
+
+def test_unknown_choices_are_refused():
+    with pytest.raises(ValueError, match="--attention-backend"):
+        LayerImpl(attention_backend="sdpa")
+    with pytest.raises(ValueError, match="--transformer-impl"):
+        LayerImpl(transformer_impl="te")
+
+
+def _impl(attention_backend, forward_only=False):
+    return resolve_implementation(LayerImpl(attention_backend=attention_backend), forward_only=forward_only)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-gqa"])
-def test_sdpa_attention_matches_local(preset):
+@pytest.mark.parametrize("sdpa_kind", ["auto", "flash"])
+def test_sdpa_attention_matches_local(preset, sdpa_kind):
     config = get_preset(preset)
-    local = build_model(config, attention_backend="local")
-    sdpa = build_model(config, attention_backend="sdpa")
+    local = build_model(config, impl=_impl("local"))
+    sdpa = build_model(config, impl=_impl(sdpa_kind, forward_only=True))
+    assert sdpa.miniplm_impl.attention == ("sdpa" if sdpa_kind == "auto" else "sdpa-flash")
     sdpa.load_state_dict(local.state_dict())
     tokens, positions = _inputs(config.vocab_size)
     want = local(tokens, positions, None, labels=tokens)
@@ -98,12 +133,13 @@ platform.apply()  # what every tool does first: megatron-core must now import
 from megatron_miniplm.models import gpt
 platform.cuda_available = lambda: True  # decide as on a GPU node
 usable, why = gpt.transformer_engine_status()
+impl = gpt.resolve_implementation(gpt.LayerImpl())
 try:
-    gpt.layer_spec(None, "te")
+    gpt.resolve_implementation(gpt.LayerImpl(attention_backend="fused"))
     forced = "built"
 except ValueError as e:
     forced = str(e)
-print(json.dumps([usable, why, gpt.resolve_attention_backend("auto"), gpt.describe_backend("auto"), forced]))
+print(json.dumps([usable, why, impl.spec, impl.attention, impl.describe(), forced]))
 """
 
 
@@ -119,15 +155,14 @@ def test_broken_transformer_engine_counts_as_absent(tmp_path):
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    usable, why, backend, summary, forced = json.loads(out.stdout.strip().splitlines()[-1])
+    usable, why, spec, attention, summary, forced = json.loads(out.stdout.strip().splitlines()[-1])
     assert not usable and "transformer_engine.pytorch" in why and "undefined symbol" in why
-    assert backend == "sdpa"
+    assert (spec, attention) == ("local", "sdpa")
     assert "PyTorch SDPA" in summary and "undefined symbol" in summary
-    assert "needs Transformer Engine" in forced
+    assert "does not import" in forced and "undefined symbol" in forced
 
 
-def test_describe_backend_on_cpu():
-    from megatron_miniplm.models.gpt import describe_backend
-
-    assert describe_backend("auto") == "layers: megatron-core local spec, attention: megatron local (unfused)"
-    assert "PyTorch SDPA" in describe_backend("sdpa")
+def test_describe_on_cpu():
+    assert resolve_implementation(LayerImpl(transformer_impl="local", apply_rope_fusion=False)).describe() == (
+        "layers: megatron-core local spec, attention: megatron-core local (unfused), fused: none")
+    assert "PyTorch SDPA" in _impl("auto", forward_only=True).describe()

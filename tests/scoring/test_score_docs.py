@@ -43,10 +43,10 @@ def _reference(root: str, instances) -> None:
     import torch
 
     from megatron_miniplm.checkpointing import load_model, load_model_config
-    from megatron_miniplm.models.gpt import build_model
+    from megatron_miniplm.models.gpt import PLAIN_LOCAL, build_model
 
     config = load_model_config(os.path.join(root, "ckpt"))
-    model = build_model(config, attention_backend="local")
+    model = build_model(config, impl=PLAIN_LOCAL)
     load_model([model], os.path.join(root, "ckpt"))
     model.eval()
     out = np.zeros((len(instances), 2))
@@ -99,7 +99,9 @@ def _single(root: str) -> None:
     score(_config(root, "tp1"))
     score(_config(root, "bf16", bf16=True))
     score(_config(root, "sharded_scores", data_path=os.path.join(root, "sharded"), micro_batch_size=5))
-    score(_config(root, "local_attention", attention_backend="local", logits_chunk_mb=0))
+    from megatron_miniplm.models.gpt import LayerImpl
+
+    score(_config(root, "local_attention", layers=LayerImpl(attention_backend="local"), logits_chunk_mb=0))
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,7 @@ def _run(root: str, name: str, tp: int, pp: int, save_init: bool):
     os.makedirs(out, exist_ok=True)
     save_model([ddp], out)
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
-        torch.save({"losses": losses, "loss": step.loss, "grad_norm": step.grad_norm},
+        torch.save({"losses": losses, "loss": step.values[0].item(), "grad_norm": step.grad_norm},
                    os.path.join(root, f"{name}.pt"))
 
 
