@@ -233,7 +233,6 @@ class Trainer:
             raise ValueError(f"sequence length {cfg.seq_length} exceeds the model's "
                              f"{cfg.model.max_position_embeddings} positions")
 
-
     def _check_data(self, data: SampleStream, what: str) -> None:
         for source in data.sources:
             if source.vocab_size > self.cfg.model.vocab_size:
