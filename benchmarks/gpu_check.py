@@ -416,15 +416,10 @@ def train_args(mode: Mode, data: str, metrics: str, *extra: str) -> list[str]:
 
 
 def read_metrics(path: str) -> dict:
-    """Last record per iteration (a resumed run appends)."""
-    out = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                m = json.loads(line)
-                if "loss" in m:
-                    out[m["iteration"]] = m
-    return out
+    """The last training record of each iteration; {} where the run wrote none."""
+    from megatron_miniplm.training import metrics
+
+    return metrics.read(path).train if os.path.exists(path) else {}
 
 
 def train_uninterrupted(r: Runner, mode: Mode, data: str) -> tuple[Optional[str], str]:

@@ -158,12 +158,8 @@ def initialize(config: ParallelConfig = ParallelConfig()) -> ParallelInfo:
             f"world size {env.world_size} is not divisible by tensor-model-parallel-size {tp} "
             f"x pipeline-model-parallel-size {pp}"
         )
-    use_cuda = platform.cuda_available()
-    backend = "nccl" if use_cuda else "gloo"
-    device_id = None
-    if use_cuda:
-        device_id = torch.device("cuda", env.local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device_id)
+    backend = platform.distributed_backend()
+    device_id = platform.bind_local_device(env.local_rank)
 
     if not dist.is_initialized():
         if env.world_size == 1 and not env.master_addr:

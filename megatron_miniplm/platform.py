@@ -36,6 +36,7 @@ import importlib.util
 import logging
 import sys
 import types
+from typing import Optional
 
 import torch
 
@@ -53,6 +54,39 @@ def device() -> torch.device:
     if cuda_available():
         return torch.device("cuda", torch.cuda.current_device())
     return _CPU
+
+
+def distributed_backend() -> str:
+    """torch.distributed's backend: NCCL between GPUs, gloo between CPU processes."""
+    return "nccl" if cuda_available() else "gloo"
+
+
+def bind_local_device(local_rank: int) -> Optional[torch.device]:
+    """Make this process's CUDA device the one of its local rank and return it (None on a
+    CPU, where every process computes on the host)."""
+    if not cuda_available():
+        return None
+    dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(dev)
+    return dev
+
+
+def device_name() -> Optional[str]:
+    """The CUDA device's name ("NVIDIA H100 80GB HBM3", ...); None on a CPU."""
+    return torch.cuda.get_device_name() if cuda_available() else None
+
+
+def device_rng_state() -> Optional[torch.Tensor]:
+    """The CUDA generator's state, for checkpoints; None on a CPU, where megatron-core's RNG
+    tracker is routed to the CPU generator (``apply``) and is saved with it."""
+    return torch.cuda.get_rng_state() if cuda_available() else None
+
+
+def set_device_rng_state(state: Optional[torch.Tensor]) -> None:
+    """Restore what ``device_rng_state`` saved; a state saved on the other kind of machine
+    (None, or no CUDA here) leaves the generator as seeded."""
+    if state is not None and cuda_available():
+        torch.cuda.set_rng_state(state)
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,36 +3,25 @@
 Read from the metrics files the trainer writes (JSON lines): a validation line carries
 the iteration and ``valid_loss``; the training line of the same iteration carries the
 consumed tokens and FLOPs (the Vanilla KD teacher's forward passes included), so the
-FLOPs panel compares methods at equal compute as the paper does. A resumed run may
-repeat iterations in its file: the last line of an iteration wins.
+FLOPs panel compares methods at equal compute as the paper does (the file's format:
+``megatron_miniplm.training.metrics``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
+
+from megatron_miniplm.training import metrics
 
 
 def validation_curve(metrics_file: str) -> list[dict]:
     """[{"iteration", "valid_loss", "consumed_tokens", "consumed_flops"}] in iteration order."""
-    train, valid = {}, {}
-    with open(metrics_file, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            m = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                continue  # a last line cut by a kill
-            raise ValueError(f"{metrics_file}:{number}: not a JSON line") from None
-        (valid if "valid_loss" in m else train)[m["iteration"]] = m
+    m = metrics.read(metrics_file)
     points = []
-    for it in sorted(valid):
-        t = train.get(it, {})
-        points.append({"iteration": it, "valid_loss": valid[it]["valid_loss"],
+    for it in sorted(m.valid):
+        t = m.train.get(it, {})
+        points.append({"iteration": it, "valid_loss": m.valid[it]["valid_loss"],
                        "consumed_tokens": t.get("consumed_tokens"), "consumed_flops": t.get("consumed_flops")})
     return points
 

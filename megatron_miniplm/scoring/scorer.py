@@ -167,6 +167,8 @@ def score(cfg: ScoreConfig) -> RunSummary:
     info = parallel.initialize(parallel.ParallelConfig(
         cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed))
     if cfg.keep_freed_memory and info.device.type == "cpu":
+        # The activations live in the host heap only when the host computes; on a GPU the
+        # host allocates little and glibc's defaults are the right ones.
         from megatron_miniplm.scoring.memory import keep_freed_memory
 
         keep_freed_memory()

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_miniplm import platform
 from megatron_miniplm.atomic_io import write_json_atomic, write_text_atomic
 from megatron_miniplm.checkpointing import (
     LATEST_FILE, MODEL_CONFIG_FILE, CheckpointMismatch, checkpoint_name, latest_checkpoint,
@@ -55,7 +56,7 @@ def _rng_state() -> dict:
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda": platform.device_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
 
@@ -69,8 +70,7 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    platform.set_device_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from megatron_miniplm.models.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device (no sparsity), most specific name first: matched
-# against torch.cuda.get_device_name() ("NVIDIA H100 80GB HBM3" is the SXM part,
+# against the CUDA device's name (platform.device_name(): "NVIDIA H100 80GB HBM3" is the SXM part,
 # "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA A100-SXM4-80GB", ...).
 PEAK_BF16_FLOPS = (
     ("H200", 989e12),
@@ -56,8 +56,7 @@ def device_peak_flops(override_tflops: float | None = None) -> float | None:
     None when unknown (a CPU, or a GPU not in the table)."""
     if override_tflops:
         return override_tflops * 1e12
-    import torch
+    from megatron_miniplm import platform
 
-    if not torch.cuda.is_available():
-        return None
-    return peak_flops_of(torch.cuda.get_device_name())
+    name = platform.device_name()
+    return peak_flops_of(name) if name else None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from megatron_miniplm.data.samples import collate_instances
 from megatron_miniplm.models.config import ModelConfig
 from megatron_miniplm.settings import setting, to_mapping
 from megatron_miniplm.signals import SignalFlag, any_rank
-from megatron_miniplm.training import engine
+from megatron_miniplm.training import engine, metrics
 from megatron_miniplm.training.checkpoint import load_checkpoint, save_checkpoint
 from megatron_miniplm.training.data import DATA_ORDERS, SampleStream
 from megatron_miniplm.training.flops import device_peak_flops, training_flops_per_token
@@ -306,11 +305,8 @@ class Trainer:
                 log_now = self.iteration % cfg.log_interval == 0 or self.iteration == cfg.iterations
                 eval_now = bool(cfg.eval_interval and self.valid_data and self.iteration % cfg.eval_interval == 0)
                 save_now = bool(cfg.save and cfg.save_interval and self.iteration % cfg.save_interval == 0)
-                reason = self._exit_reason(signal_flag)
-                if log_now or eval_now or save_now or reason:
-                    for m in self._read_pending():
-                        window.add(cfg.global_batch_size * cfg.seq_length, m["counted_tokens"])
-                        last = m
+                if log_now or eval_now or save_now:
+                    last = self._read_pending_into(window) or last
                 if log_now:
                     self._report(last, *window.take())
                 if eval_now:
@@ -318,7 +314,9 @@ class Trainer:
                 if save_now:
                     self.save()
                     saved_at = self.iteration
+                reason = self._exit_reason(signal_flag)  # after validation and saving, as in Megatron-LM
                 if reason:
+                    last = self._read_pending_into(window) or last
                     if cfg.save and saved_at != self.iteration:
                         self.save()
                     self._log(f" exiting at iteration {self.iteration}: {reason}"
@@ -349,6 +347,13 @@ class Trainer:
             "iteration": self.iteration, "grad_norm": result.grad_norm,
             "lr": self.optimizer.param_groups[0]["lr"], "consumed_flops": self.consumed_flops,
             "skipped": result.skipped}))
+
+    def _read_pending_into(self, window: "_Window") -> Optional[dict]:
+        """Reads the pending steps into the throughput window; the last one's metrics (None if none)."""
+        last = None
+        for last in self._read_pending():
+            window.add(self.cfg.global_batch_size * self.cfg.seq_length, last["counted_tokens"])
+        return last
 
     def _read_pending(self) -> list:
         """The metrics of the steps not yet read, in order (one device-to-host copy for all of
@@ -500,8 +505,7 @@ class Trainer:
 
     def _write_metrics(self, *records: dict) -> None:
         if self.cfg.metrics_file and self.info.rank == 0:
-            with open(self.cfg.metrics_file, "a") as f:
-                f.writelines(json.dumps(m) + "\n" for m in records)
+            metrics.append(self.cfg.metrics_file, records)
 
     def _log(self, message: str) -> None:
         if self.info.rank == 0:

@@ -1,10 +1,11 @@
 """Running tools/pretrain_gpt.py in tests: the tiny corpus's arguments, metrics, checkpoints."""
 
-import json
 import os
 import sys
 
 from presets import model_flags
+
+from megatron_miniplm.training.metrics import read as read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "pretrain_gpt.py")
@@ -20,14 +21,8 @@ def args(corpus, *extra, iters=6):
 
 
 def metrics(path):
-    """Last record per iteration (a resumed run appends re-run iterations)."""
-    out = {}
-    with open(path) as f:
-        for line in f:
-            m = json.loads(line)
-            if "loss" in m:
-                out[m["iteration"]] = m
-    return out
+    """The last training record of each iteration (a resumed run appends re-run iterations)."""
+    return read_metrics(path).train
 
 
 def train(argv):

@@ -1,0 +1,41 @@
+"""The trainer's metrics file (``--metrics-file``): JSON lines, appended by rank 0.
+
+One line per training iteration (``loss``, ``grad_norm``, ``lr``, consumed tokens and
+FLOPs, ...) and one per validation (``valid_loss``), each with its ``iteration``. A run
+resumed from a checkpoint re-runs the iterations after it and appends them again, so the
+last line of an iteration wins; a run killed while writing may leave its last line cut,
+which is ignored. Any other line that is not JSON is an error naming the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+
+@dataclass
+class Metrics:
+    train: dict[int, dict]  # iteration -> its last training line
+    valid: dict[int, dict]  # iteration -> its last validation line
+
+
+def append(path: str, records) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(m) + "\n" for m in records)
+
+
+def read(path: str) -> Metrics:
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    out = Metrics({}, {})
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            m = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue  # a last line cut by a kill
+            raise ValueError(f"{path}:{number}: not a JSON line") from None
+        (out.valid if "valid_loss" in m else out.train)[m["iteration"]] = m
+    return out
