@@ -28,7 +28,7 @@ from megatron_miniplm import platform
 from megatron_miniplm.atomic_io import write_json_atomic, write_text_atomic
 from megatron_miniplm.checkpointing import (
     LATEST_FILE, MODEL_CONFIG_FILE, CheckpointMismatch, checkpoint_name, latest_checkpoint,
-    load_model_state, load_sharded, sharded_model_state,
+    load_model_state, load_sharded, save_sharded, sharded_model_state,
 )
 from megatron_miniplm.models.config import ModelConfig
 
@@ -95,8 +95,6 @@ def save_checkpoint(
     ``optimizer_format``: the distributed optimizer's sharding type (None for the others).
     ``run_config``: everything the run was made with, kept as ``run_config.json``.
     """
-    from megatron.core import dist_checkpointing
-
     final = os.path.join(save_dir, checkpoint_name(iteration))
     partial = final + ".partial"
     rank = dist.get_rank()
@@ -113,7 +111,7 @@ def save_checkpoint(
     state["scheduler"] = scheduler.state_dict()
     state["train_state"] = dict(train_state, iteration=iteration, has_optimizer_state=has_optimizer_state,
                                 optimizer_format=optimizer_format, layout=_layout())
-    dist_checkpointing.save(state, partial)
+    save_sharded(state, partial)
     # RNG streams are per rank: restored only when the layout is unchanged.
     torch.save(_rng_state(), os.path.join(partial, f"rng_rank{rank:05d}.pt"))
     dist.barrier()
