@@ -13,6 +13,8 @@ import pytest
 from distributed import run_distributed
 from trainer_helpers import TOOL, args, metrics, train
 
+from megatron_miniplm.training.metrics import read as read_metrics
+
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 
@@ -80,9 +82,14 @@ def test_sigterm_saves_exits_0_and_resumes_exactly(corpus, tmp_path):
     (["--exit-duration-in-mins", "1e-6"], 1),
 ])
 def test_exit_interval_and_duration_save_and_stop(corpus, tmp_path, flags, stops_at):
+    """The exit comes after that iteration's validation, as in Megatron-LM: an exit on a
+    validation iteration does not lose the validation."""
     save, m = str(tmp_path / "ckpt"), tmp_path / "m.jsonl"
-    run_distributed(train, 1, args(corpus, *flags, "--save", save, "--metrics-file", str(m), iters=10))
+    run_distributed(train, 1, args(corpus, *flags, "--save", save, "--metrics-file", str(m),
+                                   "--valid-data-path", corpus[1], "--eval-interval", str(stops_at),
+                                   "--eval-iters", "1", iters=10))
     assert max(metrics(m)) == stops_at
+    assert list(read_metrics(m).valid) == [stops_at]
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == str(stops_at)
 
 
