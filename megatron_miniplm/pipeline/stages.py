@@ -406,6 +406,9 @@ class Graph:
                                  deps=["split", "score-teacher", "score-reference"], commands=commands))
 
     def _evaluate(self) -> None:
+        from megatron_miniplm.evaluation.config import EvalConfig
+        from megatron_miniplm.settings import to_argv
+
         cfg, par = self.cfg, self.cfg.parallel
         students = self.students
         ev = cfg.evaluation
@@ -422,16 +425,13 @@ class Graph:
                 loads += [os.path.join(d["reference"], "ckpt"), self.teacher_checkpoint(d)]
                 names += ["reference", f"teacher ({self.teacher_label()})"]
                 metrics += ["-", "-"]
-            argv = [self.python, tool("evaluate.py"), "--load", *loads, "--name", *names,
-                    "--data-path", os.path.join(d[test_stage], "test"), "--output-dir", os.path.join(out, "eval"),
-                    "--json", os.path.join(out, "results.json"), "--report-dir", os.path.join(out, "report"),
-                    "--metrics-file", *metrics,
-                    "--bootstrap-samples", str(ev.get("bootstrap_samples", 10000)), "--bootstrap-seed", str(cfg.seed),
-                    "--confidence", str(ev.get("confidence", 0.95)),
-                    "--tensor-model-parallel-size", str(par.tensor_model_parallel_size),
-                    "--pipeline-model-parallel-size", str(par.pipeline_model_parallel_size)]
-            argv += ["--bf16"] if self.bf16 else []
-            argv += ["--micro-batch-size", str(ev.get("micro_batch_size", 8))]
+            evaluation = EvalConfig(
+                load=loads, name=names, data_path=os.path.join(d[test_stage], "test"),
+                output_dir=os.path.join(out, "eval"), json=os.path.join(out, "results.json"),
+                report_dir=os.path.join(out, "report"), metrics_file=metrics, bootstrap_seed=cfg.seed,
+                tensor_model_parallel_size=par.tensor_model_parallel_size,
+                pipeline_model_parallel_size=par.pipeline_model_parallel_size, bf16=self.bf16, **ev)
+            argv = [self.python, tool("evaluate.py"), *to_argv(evaluation)]
             return [argv]
 
         def finished(out, d):

@@ -45,13 +45,15 @@ def test_the_launchers_environment_variables_still_work():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("selection.beta=1", "selection.beta: not a SelectionConfig setting"),
+    ("selection.beta=1", "selection.beta: not a setting of SelectionConfig"),
     ("student.train.seed=3", "student.train.seed: set seed once, at the top"),
     ("scoring.seq_length=64", "scoring.seq_length: set seq_length once, at the top"),
     ("reference.train.data_path=[x]", "reference.train.data_path: set by the pipeline itself"),
     ("colour=red", "unknown setting(s) colour"),
     ("student.model.depth=3", "student.model: unknown model setting(s) depth"),
-    ("evaluation.tasks=x", "evaluation: unknown setting(s) tasks"),
+    ("evaluation.beta=x", "evaluation.beta: not a setting of EvalConfig"),
+    ("evaluation.bootstrap_seed=3", "evaluation.bootstrap_seed: set by the pipeline itself"),
+    ("evaluation.bf16=true", "evaluation.bf16: set bf16 once, at the top"),
     ("alpha", "expected key=value"),
 ])
 def test_refusals_name_the_setting(override, message):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pipeline_helpers import PIPELINE, run_pipeline, tiny_config, write_config
+from pipeline_helpers import PIPELINE, REPO, run_pipeline, tiny_config, write_config
 from distributed import free_port
 
 SINGLE_STAGES = ("teacher", "data", "split", "select")
@@ -239,3 +239,26 @@ def test_a_refused_config_exits_1_before_anything_runs(setting, tmp_path):
     assert out.returncode == 1, out.stdout[-2000:]
     assert "does not divide" in out.stdout and "exceeds the teacher's" in out.stdout  # all problems at once
     assert not (tmp_path / "work").exists()
+
+
+def test_the_evaluation_section_reaches_the_tool(setting, tmp_path):
+    """The evaluate stage's command, parsed by tools/evaluate.py, gives back the section's
+    settings over EvalConfig's defaults and the settings the pipeline owns."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import evaluate
+
+    from megatron_miniplm.evaluation.config import EvalConfig
+    from megatron_miniplm.pipeline import config, stages
+    from megatron_miniplm.settings import from_args
+
+    path = write_config(tmp_path / "tiny.yaml", tiny_config(setting, tmp_path / "work"))
+    cfg, _ = config.load(path, ["evaluation.tasks=miniplm", "evaluation.confidence=0.9", "seed=77"], environ={})
+    graph = stages.Graph(cfg)
+    dirs = {stage.name: f"/dirs/{stage.name}" for stage in graph.stages}
+    (argv,) = graph["evaluate"].commands("/out", dirs)
+    assert argv[1].endswith(os.path.join("tools", "evaluate.py"))
+    got = from_args(EvalConfig, evaluate.build_parser().parse_args(argv[2:]))
+    assert got.tasks == "miniplm" and got.confidence == 0.9 and got.bootstrap_seed == 77
+    assert got.micro_batch_size == EvalConfig.micro_batch_size  # a default the section leaves alone
+    assert got.data_path == "/dirs/data/test" and got.json == "/out/results.json"
+    assert got.labels[:2] == ["student-miniplm", "student-uniform"] and len(got.metrics_file) == len(got.load)

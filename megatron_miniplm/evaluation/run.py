@@ -1,0 +1,106 @@
+"""The evaluation run behind tools/evaluate.py: every checkpoint's held-out LM loss (scored
+at any TP/PP/DP, collective), the paired comparisons, the zero-shot tasks, and what is
+written from them (report, curves, JSON with the config that made it)."""
+
+from __future__ import annotations
+
+import os
+
+from megatron_miniplm.evaluation.config import EvalConfig
+from megatron_miniplm.settings import to_mapping
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Collective when ``cfg.data_path`` is given (every rank calls it). The results on rank 0
+    (``models``, ``comparisons``, ``verdicts``, the paths written), ``{}`` elsewhere."""
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    results = lm_loss_results(cfg) if cfg.data_path else {"models": {}}
+    if not rank0:
+        return {}
+    names = cfg.labels
+    models = results["models"]
+    for name in dict.fromkeys(names):
+        models.setdefault(name, {})
+        flops = [f for n, c in zip(names, cfg.load) if n == name for f in [train_flops(c)] if f is not None]
+        if flops:
+            models[name]["train_flops"] = sum(flops) / len(flops)
+    if cfg.tasks:
+        from megatron_miniplm.evaluation.harness import evaluate_checkpoint
+
+        for name, ckpt in zip(names, cfg.load):  # the first seed of each model
+            if "tasks" not in models[name]:
+                models[name]["tasks"] = evaluate_checkpoint(
+                    ckpt, cfg.task_names, include_path=cfg.include_path, num_fewshot=cfg.num_fewshot,
+                    limit=cfg.limit, batch_size=cfg.batch_size,
+                )
+    write_outputs(cfg, results)
+    return results
+
+
+def lm_loss_results(cfg: EvalConfig) -> dict:
+    """Every checkpoint scored on the test set (collective), summarized on rank 0."""
+    from megatron_miniplm import parallel
+    from megatron_miniplm.evaluation.lm_loss import score_test_set
+    from megatron_miniplm.evaluation.report import summarize, test_domains
+
+    names, data_name = cfg.labels, os.path.basename(cfg.data_path)
+    runs: dict = {}
+    try:
+        for k, (name, ckpt) in enumerate(zip(names, cfg.load)):
+            seed = sum(1 for n in names[:k] if n == name)
+            label = name if seed == 0 else f"{name}-seed{seed + 1}"
+            scores = score_test_set(
+                ckpt, cfg.data_path, os.path.join(cfg.output_dir, f"{label}-{data_name}"),
+                micro_batch_size=cfg.micro_batch_size, bf16=cfg.bf16,
+                tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+                pipeline_model_parallel_size=cfg.pipeline_model_parallel_size, progress=False,
+            )
+            if scores is not None:
+                runs.setdefault(name, []).append((ckpt, scores))
+    finally:
+        parallel.destroy()
+    if not runs:  # not rank 0
+        return {"models": {}}
+    domains, domain_names = test_domains(cfg.data_path)
+    return summarize(runs, domains, domain_names, bootstrap_samples=cfg.bootstrap_samples,
+                     seed=cfg.bootstrap_seed, level=cfg.confidence)
+
+
+def write_outputs(cfg: EvalConfig, results: dict) -> None:
+    """The report and the curves where asked (their paths go into ``results``), then the JSON."""
+    if cfg.report_dir:
+        from megatron_miniplm.evaluation.report import write_report
+
+        curves = None
+        if cfg.metrics_file:
+            from megatron_miniplm.evaluation.curves import plot_curves
+
+            runs: dict = {}
+            for name, path in zip(cfg.labels, cfg.metrics_file):
+                if path != "-":
+                    runs.setdefault(name, []).append(path)
+            if runs:
+                curves = plot_curves(runs, os.path.join(cfg.report_dir, "curves.png"))
+                results["curves"] = curves
+        if results["models"] and "comparisons" in results:
+            path = os.path.join(cfg.report_dir, "evaluation_report.md")
+            write_report(path, results, curves=os.path.basename(curves) if curves else None)
+            results["report"] = path
+    if cfg.json:
+        from megatron_miniplm.atomic_io import write_json_atomic
+
+        write_json_atomic(cfg.json, dict(results, config=to_mapping(cfg)))
+
+
+def train_flops(checkpoint: str):
+    """The training FLOPs a trainer's checkpoint records (the KD teacher's forward included);
+    None for other checkpoints (a converted model)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_miniplm.checkpointing import resolve_checkpoint_dir
+
+    try:
+        state = dist_checkpointing.load_common_state_dict(resolve_checkpoint_dir(checkpoint))
+    except Exception:  # not a dist checkpoint of ours: no record to read
+        return None
+    return state.get("train_state", {}).get("consumed_flops")

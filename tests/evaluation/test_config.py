@@ -1,0 +1,38 @@
+"""tools/evaluate.py's settings: one dataclass, refusals that name the flag."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_miniplm.evaluation.config import EvalConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({}, "give data_path (--data-path: LM loss) and/or tasks (--tasks: zero-shot)"),
+    ({"data_path": "t", "name": ["a"]}, "name (--name) needs one label per checkpoint of --load: 1 for 2"),
+    ({"data_path": "t", "metrics_file": ["m", "-", "-"]}, "metrics_file (--metrics-file) needs one file"),
+    ({"data_path": "t", "confidence": 1.0}, "confidence (--confidence) must be in (0, 1)"),
+    ({"data_path": "t", "bootstrap_samples": 0}, "bootstrap_samples (--bootstrap-samples) must be >= 1"),
+])
+def test_refusals_name_the_setting(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        EvalConfig(load=["a/ckpt", "b/ckpt"], **kwargs)
+    assert message in str(e.value)
+
+
+def test_labels_and_tasks():
+    cfg = EvalConfig(load=["runs/a/ckpt/", "runs/b"], tasks=" hellaswag, ,piqa")
+    assert cfg.labels == ["ckpt", "b"] and cfg.task_names == ["hellaswag", "piqa"]
+    assert EvalConfig(load=["x", "y"], name=["m", "m"], data_path="t").labels == ["m", "m"]
+
+
+def test_the_tool_refuses_before_loading_anything(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--load", str(tmp_path / "a"),
+                          str(tmp_path / "b"), "--name", "one", "--data-path", str(tmp_path / "test")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "name (--name) needs one label per checkpoint of --load: 1 for 2" in out.stderr
