@@ -277,6 +277,7 @@ def _check_sections(cfg: PipelineConfig) -> None:
     from megatron_miniplm.evaluation.config import EvalConfig
     from megatron_miniplm.scoring.scorer import ScoreConfig
     from megatron_miniplm.selection.difference import SelectionConfig
+    from megatron_miniplm.training.kd import KDSettings
     from megatron_miniplm.training.trainer import TrainConfig
 
     sections = [("preprocess", cfg.preprocess, PreprocessConfig, "preprocess"),
@@ -299,10 +300,11 @@ def _check_sections(cfg: PipelineConfig) -> None:
                 raise ConfigError(f"{where}.{key}: set by the pipeline itself")
             if key not in known:
                 raise ConfigError(f"{where}.{key}: not a setting of {cls.__name__}; known: {', '.join(sorted(known))}")
-    unknown = set(cfg.vanilla_kd) - {"enabled", "kd_ratio", "kd_temperature"}
+    known = {"enabled"} | _setting_names(KDSettings) - {"kd_teacher_load"}  # the teacher is the pipeline's
+    unknown = set(cfg.vanilla_kd) - known
     if unknown:
-        raise ConfigError(f"vanilla_kd: unknown setting(s) {', '.join(sorted(unknown))}; known: enabled, "
-                          f"kd_ratio, kd_temperature")
+        raise ConfigError(f"vanilla_kd: unknown setting(s) {', '.join(sorted(unknown))}; known: "
+                          f"{', '.join(sorted(known))}")
     for where, lm in (("reference", cfg.reference), ("student", cfg.student)):
         _check_model_spec(f"{where}.model", lm.model)
     if cfg.bf16 not in (True, False, "auto"):

@@ -51,6 +51,8 @@ def test_the_launchers_environment_variables_still_work():
     ("reference.train.data_path=[x]", "reference.train.data_path: set by the pipeline itself"),
     ("colour=red", "unknown setting(s) colour"),
     ("student.model.depth=3", "student.model: unknown model setting(s) depth"),
+    ("vanilla_kd.kd_teacher_load=x", "vanilla_kd: unknown setting(s) kd_teacher_load; known: enabled, kd_ratio, "
+                                     "kd_temperature"),
     ("evaluation.beta=x", "evaluation.beta: not a setting of EvalConfig"),
     ("evaluation.bootstrap_seed=3", "evaluation.bootstrap_seed: set by the pipeline itself"),
     ("evaluation.bf16=true", "evaluation.bf16: set bf16 once, at the top"),
