@@ -83,3 +83,29 @@ def test_cuda_type_names_stay_inside_megatron_optimizers():
     assert any(isinstance(o, Float16OptimizerWithFloat16Params) for o in optimizer.chained_optimizers)
     assert torch.zeros(1, dtype=torch.bfloat16).type() == "torch.BFloat16Tensor"
     assert torch.zeros(1).type() == "torch.FloatTensor"
+
+
+@pytest.mark.parametrize("flags,speedup,fast,why", [
+    ({"avx512f", "amx_bf16", "avx512_bf16"}, None, True, "CPU with AMX"),
+    ({"avx512f"}, None, False, "bf16 matmuls are emulated"),
+    ({"avx512f", "avx512_bf16"}, 3.0, True, "measured 3.0x fp32's speed here (faster)"),
+    ({"avx512f", "avx512_bf16"}, 1.2, False, "measured 1.2x fp32's speed here (not 1.5x faster)"),
+])
+def test_bf16_auto_on_a_cpu_measures_where_the_flags_cannot_tell(monkeypatch, flags, speedup, fast, why):
+    def measured():
+        assert speedup is not None, "measured although the flags decide"
+        return speedup
+
+    monkeypatch.setattr(platform, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(platform, "_bf16_matmul_speedup", measured)
+    platform.bf16_is_fast.cache_clear()
+    try:
+        got, reason = platform.bf16_is_fast()
+    finally:
+        platform.bf16_is_fast.cache_clear()
+    assert got is fast and why in reason
+
+
+def test_the_bf16_measurement_times_both_dtypes():
+    speedup = platform._bf16_matmul_speedup(rows=64, hidden=64, ffn=64, repeats=1)
+    assert speedup > 0 and speedup == speedup  # a finite ratio of two timings
