@@ -16,6 +16,7 @@ token at start and waits to see everyone's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -116,7 +117,7 @@ class Runner:
     def run(self, decisions: list[Decision]) -> None:
         os.makedirs(os.path.join(self.work_dir, "records"), exist_ok=True)
         if self.par.nnodes > 1 and self.par.launcher == "torchrun":
-            check_shared_work_dir(self.work_dir, self.par.nnodes, self.par.node_rank)
+            check_shared_work_dir(self.work_dir, self.par.nnodes, self.par.node_rank, plan=plan_of(self.graph))
         if self.node0:
             write_text_atomic(os.path.join(self.work_dir, "pipeline_config.yaml"), to_yaml(self.cfg))
         dirs = {}
@@ -215,26 +216,52 @@ def _read_failure(work_dir: str, stage: Stage) -> Optional[str]:
     return record.get("error") if record.get("fingerprint") == stage.fingerprint else None
 
 
-def check_shared_work_dir(work_dir: str, nnodes: int, node_rank: int, timeout_s: float = 120.0) -> None:
+def plan_of(graph: Graph) -> str:
+    """What a node is about to run, in one string: its stages' fingerprints and its bf16 choice
+    (``bf16: auto`` is decided on each node)."""
+    prints = hashlib.sha256(" ".join(f"{s.name}={s.fingerprint}" for s in graph.stages).encode()).hexdigest()[:16]
+    return f"stages {prints}, bf16 {getattr(graph, 'bf16', None)}"
+
+
+def check_shared_work_dir(work_dir: str, nnodes: int, node_rank: int, *, plan: str = "",
+                          timeout_s: float = 120.0) -> None:
     """Each node writes a token into the work directory and must see every other node's:
     several nodes need one shared filesystem. Tokens older than this launch (by the
-    filesystem's own clock) do not count."""
+    filesystem's own clock) do not count. Each token carries the node's ``plan``
+    (``plan_of``): nodes that would run different stages or precisions are refused
+    before any stage starts, instead of meeting in mismatched collectives."""
     tokens = os.path.join(work_dir, "records", "nodes")
     os.makedirs(tokens, exist_ok=True)
     mine = os.path.join(tokens, f"node{node_rank}")
-    write_text_atomic(mine, f"{socket.gethostname()} {os.getpid()}\n")
+    write_json_atomic(mine, {"host": socket.gethostname(), "pid": os.getpid(), "plan": plan})
     since = os.stat(mine).st_mtime - timeout_s
     deadline = time.time() + timeout_s
     while True:
         seen = [r for r in range(nnodes) if _fresh(os.path.join(tokens, f"node{r}"), since)]
-        if len(seen) == nnodes:
+        others = {r: _read_token(os.path.join(tokens, f"node{r}")) for r in seen}
+        differ = {r: t for r, t in others.items() if t.get("plan") != plan}
+        if len(seen) == nnodes and not differ:
             return
-        if time.time() > deadline:
-            missing = sorted(set(range(nnodes)) - set(seen))
-            raise StageFailed(f"work directory {work_dir}: node {node_rank} does not see the tokens of node(s) "
-                              f"{missing} after {timeout_s:.0f} s. Several nodes need one shared filesystem "
-                              f"(Lustre, GPFS, NFS) for the work directory, and every node's launcher started")
+        if time.time() > deadline:  # a token of a recent launch may still be replaced until then
+            if len(seen) < nnodes:
+                missing = sorted(set(range(nnodes)) - set(seen))
+                raise StageFailed(f"work directory {work_dir}: node {node_rank} does not see the tokens of node(s) "
+                                  f"{missing} after {timeout_s:.0f} s. Several nodes need one shared filesystem "
+                                  f"(Lustre, GPFS, NFS) for the work directory, and every node's launcher started")
+            r, token = next(iter(differ.items()))
+            raise StageFailed(
+                f"node {r} ({token.get('host')}) plans {token.get('plan')!r}, node {node_rank} plans {plan!r}: every "
+                f"node needs the same config, environment variables and precision (bf16: auto is decided on "
+                f"each node; set bf16: true or false where the nodes differ)")
         time.sleep(0.5)
+
+
+def _read_token(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):  # a token of an older version, or one being replaced
+        return {}
 
 
 def _fresh(path: str, since: float) -> bool:

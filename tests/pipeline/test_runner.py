@@ -107,3 +107,28 @@ def test_a_work_directory_not_shared_is_refused(tmp_path):
     with pytest.raises(runner.StageFailed, match=r"does not see the tokens of node\(s\) \[1\].*shared filesystem"):
         runner.check_shared_work_dir(str(tmp_path), nnodes=2, node_rank=0, timeout_s=1)
     runner.check_shared_work_dir(str(tmp_path), nnodes=1, node_rank=0, timeout_s=1)
+
+
+def test_nodes_that_plan_differently_are_refused(tmp_path):
+    """Another node's token (this launch's) with other stages or another bf16 choice: refused
+    before anything runs; the same plan passes."""
+    from megatron_miniplm.atomic_io import write_json_atomic
+
+    nodes = tmp_path / "records" / "nodes"
+    os.makedirs(nodes)
+    write_json_atomic(str(nodes / "node1"), {"host": "n1", "pid": 1, "plan": "stages 1234, bf16 False"})
+    with pytest.raises(runner.StageFailed, match=r"node 1 \(n1\) plans 'stages 1234, bf16 False', node 0 plans "
+                                                 r"'stages 1234, bf16 True'.*set bf16: true or false"):
+        runner.check_shared_work_dir(str(tmp_path), nnodes=2, node_rank=0, plan="stages 1234, bf16 True",
+                                     timeout_s=1)
+    write_json_atomic(str(nodes / "node1"), {"host": "n1", "pid": 2, "plan": "stages 1234, bf16 True"})
+    runner.check_shared_work_dir(str(tmp_path), nnodes=2, node_rank=0, plan="stages 1234, bf16 True", timeout_s=1)
+
+
+def test_the_plan_names_the_stages_and_the_precision(tmp_path):
+    graph = toy_graph(tmp_path / "w", tmp_path / "log")
+    other = toy_graph(tmp_path / "w", tmp_path / "log", b_setting=2)
+    assert runner.plan_of(graph) == runner.plan_of(toy_graph(tmp_path / "w", tmp_path / "log"))
+    assert runner.plan_of(graph) != runner.plan_of(other)
+    graph.bf16 = True
+    assert runner.plan_of(graph).endswith("bf16 True")
