@@ -174,7 +174,8 @@ def pin(batch: dict) -> dict:
 
 def hf_inference_dtype() -> str:
     """The dtype models exported to HF are run in for zero-shot tasks: bf16 on a GPU (as
-    users serve them), fp32 on a CPU (exact, and not slower there without AMX)."""
+    users serve them), fp32 on a CPU, where zero-shot runs are checks of the path and
+    exactness matters more than speed."""
     return "bfloat16" if cuda_available() else "float32"
 
 
