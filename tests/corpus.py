@@ -24,7 +24,8 @@ def pattern_instances(n: int, vocab: int, max_len: int, seed: int = 0) -> list:
 
 
 def write_dataset(prefix: str, instances: list, vocab: int, seq_length: int,
-                  mode: str = "miniplm", domains=None) -> str:
+                  mode: str = "miniplm", domains=None, tokenizer: dict | None = None) -> str:
+    """``tokenizer``: the meta's tokenizer record (default: a synthetic one of ``vocab`` tokens)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16 if vocab < 65500 else np.int32)
@@ -40,8 +41,8 @@ def write_dataset(prefix: str, instances: list, vocab: int, seq_length: int,
         "format_version": 1, "fingerprint": fingerprint, "num_instances": len(instances),
         "num_tokens": int(sum(len(x) for x in instances)), "instance_mode": mode,
         "seq_length": seq_length, "domains": [f"d{i}" for i in range(int(domains.max()) + 1)],
-        "tokenizer": {"path": "", "name": "synthetic", "sha256": "0" * 64, "vocab_size": vocab,
-                      "eod_id": EOD, "pad_id": EOD},
+        "tokenizer": tokenizer or {"path": "", "name": "synthetic", "sha256": "0" * 64, "vocab_size": vocab,
+                                   "eod_id": EOD, "pad_id": EOD},
         "domain_stats": {}, "inputs": [], "skipped": {},
     }
     with open(prefix + ".meta.json", "w") as f:

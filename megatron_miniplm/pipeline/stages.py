@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from megatron_miniplm.pipeline.config import PipelineConfig
+from megatron_miniplm.scoring import SCORES_VERSION
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SINGLE, DISTRIBUTED = "single", "distributed"
@@ -350,7 +351,7 @@ class Graph:
                     "seed": cfg.seed if seed is None else seed, "bf16": self.bf16, "data": data_name, "layout": _layout(cfg)}
         deps = [data_stage, "data"]
         if kd is not None:
-            settings["kd"] = kd
+            settings.update(kd=kd, scores_version=SCORES_VERSION)  # the teacher's logits
             deps.append("teacher")
         self.stages.append(Stage(name, DISTRIBUTED, settings, deps=deps, commands=commands, finished=finished))
 
@@ -373,7 +374,8 @@ class Graph:
             return None if _score_files(os.path.join(out, "scores")) else "no score file yet"
 
         self.stages.append(Stage(f"score-{model}", DISTRIBUTED,
-                                 {"scoring": cfg.scoring, "bf16": self.bf16, "seed": cfg.seed, "layout": _layout(cfg)},
+                                 {"scoring": cfg.scoring, "bf16": self.bf16, "seed": cfg.seed, "layout": _layout(cfg),
+                                  "scores_version": SCORES_VERSION},
                                  deps=[model, "split"], commands=commands, finished=finished))
 
     def _select(self) -> None:
@@ -438,7 +440,8 @@ class Graph:
             return None if os.path.exists(os.path.join(out, "results.json")) else "no results yet"
 
         self.stages.append(Stage("evaluate", DISTRIBUTED, {"evaluation": ev, "bf16": self.bf16, "seed": cfg.seed,
-                                                           "teacher": self.teacher_label(), "layout": _layout(cfg)},
+                                                           "teacher": self.teacher_label(), "layout": _layout(cfg),
+                                                           "scores_version": SCORES_VERSION},
                                  deps=[*(stage for stage, _, _ in students), "reference", "teacher", "data"]
                                  + ([] if same_tokenizer else ["retokenize"]),
                                  commands=commands, finished=finished))

@@ -16,7 +16,7 @@ import json
 import os
 from typing import Optional
 
-from megatron_miniplm.scoring import resume
+from megatron_miniplm.scoring import SCORES_VERSION, resume
 from megatron_miniplm.scoring.bucketing import BatchPlan
 from megatron_miniplm.scoring.dataset import ScoringDataset, ScoringError
 from megatron_miniplm.scoring.model import ModelSource
@@ -41,6 +41,7 @@ def run_identity(cfg, dataset: ScoringDataset, source: ModelSource, plan: BatchP
         "dataset": dataset.identity(),
         "model": source.identity(),
         "settings": {
+            "scores_version": SCORES_VERSION,
             "dtype": cfg.dtype_name,
             "tensor_model_parallel_size": cfg.tensor_model_parallel_size,
             "pipeline_model_parallel_size": cfg.pipeline_model_parallel_size,

@@ -110,10 +110,19 @@ def build_scoring_model(source: ModelSource, *, bf16: bool, impl=None):
 
 
 def output_weight(model) -> Optional[torch.Tensor]:
-    """The output layer's weight slice [V/tp, h] on the last pipeline stage (tied or not)."""
+    """The output layer's weight slice [V/tp, h] on the last pipeline stage, None elsewhere.
+
+    Untied, that is the output layer's own weight. megatron-core's
+    ``shared_embedding_or_output_weight()`` is not: it returns the input embedding on any
+    first stage, tied or not, so an untied model at PP=1 would be scored with its input
+    embedding. Tied, the output layer has no weight of its own on a first stage, and a last
+    stage that is not first holds the copy megatron keeps in sync with the embedding.
+    """
     if not model.post_process:
         return None
-    return model.shared_embedding_or_output_weight()
+    if model.share_embeddings_and_output_weights:
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight
 
 
 @contextlib.contextmanager

@@ -105,3 +105,48 @@ def test_evaluate_reports_domains_seeds_the_paired_difference_and_curves(tmp_pat
     curve = validation_curve(metric_files[0])
     assert [p["iteration"] for p in curve] == [4, 8, 12, 16]
     assert all(b["consumed_flops"] > a["consumed_flops"] for a, b in zip(curve, curve[1:]))
+
+
+def _evaluate(argv):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import evaluate
+
+    assert evaluate.main(argv) == 0
+
+
+def test_trained_untied_student_exported_to_hf_scores_as_in_the_evaluator(tmp_path):
+    """The paper's larger students have untied embeddings: one trained here and exported to HF
+    gives, in transformers, the per-instance losses the evaluator reports for it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_miniplm.scoring.score_file import load_scores
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import convert_checkpoint
+
+    train = write_dataset(str(tmp_path / "train"), pattern_instances(160, VOCAB, SEQ + 1, seed=1), VOCAB, SEQ)
+    instances = pattern_instances(16, VOCAB, SEQ + 1, seed=2)
+    for x in instances[::2]:  # documents joined inside an instance: EOD mid-sequence, its prediction not counted
+        x[len(x) // 2] = 0
+    test = write_dataset(str(tmp_path / "test"), instances, VOCAB, SEQ)
+    ckpt, hf = str(tmp_path / "ckpt"), str(tmp_path / "hf")
+    run_distributed(_train, 1, [*model_flags("tiny-untied"), "--data-path", train, "--seq-length", str(SEQ),
+                                "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "12",
+                                "--lr", "5e-3", "--save", ckpt])
+    assert convert_checkpoint.main(["--direction", "megatron-to-hf", "--load", ckpt, "--save", hf]) == 0
+    run_distributed(_evaluate, 1, ["--load", ckpt, "--name", "student", "--data-path", test,
+                                   "--output-dir", str(tmp_path / "ev"), "--bootstrap-samples", "10"])
+    scores = np.asarray(load_scores(str(tmp_path / "ev" / "student-test"))[0])
+
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    assert not model.config.tie_word_embeddings
+    assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    for x, (nll_sum, count) in zip(instances, scores):
+        x = torch.from_numpy(x)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(x[None, :-1]).logits[0].float(), dim=-1)
+        nll = -logp.gather(1, x[1:, None]).squeeze(1).double()
+        counted = x[:-1] != 0
+        assert count == counted.sum()
+        assert nll_sum / count == pytest.approx(float(nll[counted].mean()), abs=1e-5)

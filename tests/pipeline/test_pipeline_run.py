@@ -262,3 +262,19 @@ def test_the_evaluation_section_reaches_the_tool(setting, tmp_path):
     assert got.micro_batch_size == EvalConfig.micro_batch_size  # a default the section leaves alone
     assert got.data_path == "/dirs/data/test" and got.json == "/out/results.json"
     assert got.labels[:2] == ["student-miniplm", "student-uniform"] and len(got.metrics_file) == len(got.load)
+
+
+def test_a_new_scores_version_redoes_the_stages_that_read_logits(setting, tmp_path, monkeypatch):
+    """Scores computed by other code are not reused: the stages that turn a model's logits into
+    numbers (scoring, Vanilla KD, evaluation) and those after them get new fingerprints, the
+    others keep theirs."""
+    from megatron_miniplm.pipeline import config, stages
+
+    path = write_config(tmp_path / "tiny.yaml", tiny_config(setting, tmp_path / "work"))
+    cfg, _ = config.load(path, [], environ={})
+    before = {s.name: s.fingerprint for s in stages.Graph(cfg).stages}
+    monkeypatch.setattr(stages, "SCORES_VERSION", stages.SCORES_VERSION + 1)
+    after = {s.name: s.fingerprint for s in stages.Graph(cfg).stages}
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed == {"score-teacher", "score-reference", "select", "student-miniplm", "student-uniform",
+                       "student-vanilla-kd", "evaluate"}, changed

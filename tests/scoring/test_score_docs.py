@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from distributed import run_distributed
+from megatron_miniplm.scoring import SCORES_VERSION
 from helpers import EOD, TOKENIZER, make_instances, save_checkpoint, write_dataset, write_sharded
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -230,6 +231,11 @@ def _refusals(root: str, out_file: str) -> None:
     attempt("other_model", replace(_config(root, "out"), load=other_model))
     attempt("other_settings", _config(root, "out", micro_batch_size=2))
     attempt("other_dtype", _config(root, "out", bf16=True))
+    # Scores made by code that computed other numbers (an earlier SCORES_VERSION) are not reused.
+    meta_path = os.path.join(root, "out.meta.json")
+    meta = json.load(open(meta_path))
+    json.dump({**meta, "settings": {**meta["settings"], "scores_version": 1}}, open(meta_path, "w"))
+    attempt("older_scores", _config(root, "out"))
 
     # Partial scores (a progress directory) of another dataset / model / settings.
     pdir = resume.progress_dir(os.path.join(root, "part"))
@@ -277,6 +283,7 @@ def refusals(root):
     ("other_model", "holds scores of another model"),
     ("other_settings", "micro_batch_size: 4 -> 2"),
     ("other_dtype", "dtype: 'fp32' -> 'bf16'"),
+    ("older_scores", f"scores_version: 1 -> {SCORES_VERSION}"),
     ("part_other_dataset", "holds partial scores of another dataset"),
     ("part_other_model", "holds partial scores of another model"),
     ("part_other_settings", "partial scores computed with other settings"),
