@@ -34,9 +34,10 @@ setup(
     ],
     extras_require={
         # Transformer Engine with its PyTorch part (the bare name installs only the core
-        # library). NVIDIA apex is not on PyPI (the "apex" there is another project):
-        # megatron-core runs without it.
-        "gpu": ["transformer-engine[pytorch]"],
+        # library), in the range megatron-core 0.16.1 declares. The PyTorch part builds from
+        # source (nvcc, cuDNN headers). NVIDIA apex is not on PyPI (the "apex" there is
+        # another project): megatron-core runs without it.
+        "gpu": ["transformer-engine[pytorch]>=2.9,<2.12"],
         "hf": ["gguf", "accelerate", "safetensors"],
         "report": ["matplotlib"],
         "eval": ["lm_eval==0.4.13"],

@@ -3,18 +3,20 @@
 
 On the device machine (one H200; its image has torch 2.11 + CUDA 13 but neither
 megatron-core nor Transformer Engine), after `bash benchmarks/gpu_wheels.sh` has filled
-the gitignored `.whl/` here, make exactly this call of the device tool:
+the gitignored `.whl/` here, make exactly these two calls of the device tool, the second
+while the machine is still warm:
 
-    run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
+    run(command="bash benchmarks/gpu_check.sh --part correctness", carry=[".whl"], timeout_s=300)
+    run(command="bash benchmarks/gpu_check.sh --part performance", carry=[".whl"], timeout_s=300)
 
 gpu_check.sh installs the wheels into the image's python3, builds the C++ extension in
 place and runs this script with --out $OUT; the table comes back in the output's tail and
 as $OUT/gpu_check.txt, the figures as $OUT/gpu_check.json, the tools' logs as
-$OUT/gpu_check_logs.txt. The script keeps to its own budget (--budget-s, 400 s by
-default: a step is cut at the budget's end, and one that would start past it is reported
-as not run, a FAIL), so that with the install and the build (about a minute) it ends
-inside 8 minutes and the timeout. To rerun only some checks:
-`bash benchmarks/gpu_check.sh --only flash,perf-train` (names below).
+$OUT/gpu_check_logs.txt. Each part keeps to its own budget (210 s: a step is cut at the
+budget's end, and one that would start past it is reported as not run, a FAIL), so that
+with the install and the build it ends inside 5 minutes. The correctness part writes no
+1.8B checkpoint. To rerun only some checks: `bash benchmarks/gpu_check.sh --only
+flash,perf-train` (names below).
 
 Checks (each prints PASS/FAIL and why; exit status 1 if any fails):
 
@@ -39,6 +41,9 @@ Checks (each prints PASS/FAIL and why; exit status 1 if any fails):
               data position changes step 11's batch (loss differences of 0.1 and more);
               a lost optimizer state (measured on the smoke model, resuming with
               --no-load-optim) moves the losses of steps 12..20 by up to 0.035.
+  plain       tools/pretrain_gpt.py --bf16 without the distributed optimizer (megatron-core's
+              mixed-precision optimizer over the model's own parameters: a module left on the
+              host fails here), 10 steps beside run A's (same seed and data).
   score       tools/score_docs.py on run A's checkpoint over the corpus: first on the CPU
               (CUDA_VISIBLE_DEVICES= : the CPU path, fp32), then on the GPU in fp32 and in
               bf16. Max abs difference of the per-instance mean NLL (nats/token) against
@@ -101,7 +106,10 @@ RESULT_TAG = "GPU_CHECK_RESULT "
 RESUME_LOSS_TOL = 2e-3
 SCORE_TOL = {"fp32": 1e-3, "bf16": 5e-2}
 TARGETS = {"perf-train": 45.0, "perf-score qwen1.5-1.8B": 55.0}  # MFU, percent
-CHECKS = ("nccl", "resume", "score", "flash", "perf-train", "perf-score")
+CHECKS = ("nccl", "resume", "plain", "score", "flash", "perf-train", "perf-score")
+# The two device calls: each fits 5 minutes with the install and the build.
+PARTS = {"correctness": ("nccl", "resume", "plain", "score", "flash"), "performance": ("perf-train", "perf-score")}
+PART_BUDGET_S = 210
 MARK = {True: "PASS", False: "FAIL", None: "INFO"}  # None: a figure or an observation, not a check
 
 
@@ -407,12 +415,15 @@ def worker_nccl(payload: dict, smoke: bool) -> dict:
 
 # ---- check 2: bf16 + distributed optimizer, save at 10, resume to 20 ----------------------
 
-def train_args(mode: Mode, data: str, metrics: str, *extra: str) -> list[str]:
+DISTRIBUTED_OPTIMIZER = ("--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather")
+
+
+def train_args(mode: Mode, data: str, metrics: str, *extra: str, optimizer=DISTRIBUTED_OPTIMIZER,
+               iters: int = 20) -> list[str]:
     return [*model_flags(mode.model), "--data-path", data, "--seq-length", str(mode.seq),
             "--micro-batch-size", str(mode.micro), "--global-batch-size", str(mode.global_batch),
-            "--train-iters", "20", "--lr", "2e-3", "--lr-warmup-iters", "3", "--log-interval", "1",
-            "--seed", "5", "--bf16", "--use-distributed-optimizer", "--overlap-grad-reduce",
-            "--overlap-param-gather", "--metrics-file", metrics, *extra]
+            "--train-iters", str(iters), "--lr", "2e-3", "--lr-warmup-iters", "3", "--log-interval", "1",
+            "--seed", "5", "--bf16", *optimizer, "--metrics-file", metrics, *extra]
 
 
 def read_metrics(path: str) -> dict:
@@ -487,6 +498,33 @@ def compare_resume(a: dict, b: dict, c: dict) -> Result:
                   f"differ by {floor:.3g} over steps 1..10: nondeterministic kernels)")
     reason += f"; loss {a[1]['loss']:.4f} -> {a[20]['loss']:.4f}"
     return Result("resume", ok, reason, figures)
+
+
+# ---- check 2b: bf16 with megatron-core's plain mixed-precision optimizer --------------------
+
+def check_plain(r: Runner, mode: Mode, data: str) -> Result:
+    """The demo's optimizer on the GPU: --bf16 without the distributed optimizer (its
+    parameters are not copied into a device buffer by DDP, so a module left on the host
+    shows here). Its first 10 steps beside run A's, which starts from the same seed and
+    data: the same math with another optimizer implementation, so the losses track closely
+    (reported, not a pass condition: the two reduce in different orders)."""
+    save_a, why = train_uninterrupted(r, mode, data)
+    if save_a is None:
+        return Result("plain", False, why)
+    metrics = os.path.join(r.work, "run_plain.jsonl")
+    if os.path.exists(metrics):
+        os.remove(metrics)
+    rc, out = r.torchrun(os.path.join(TOOLS, "pretrain_gpt.py"),
+                         train_args(mode, data, metrics, optimizer=(), iters=10), timeout=150,
+                         label="train bf16, plain optimizer (10 steps)")
+    if rc != 0:
+        return Result("plain", False, f"pretrain_gpt.py --bf16 (plain optimizer) exited {rc}: {_last_error(out)}")
+    a, p = read_metrics(os.path.join(r.work, "run_a.jsonl")), read_metrics(metrics)
+    if sorted(p) != list(range(1, 11)) or not all(abs(p[i]["loss"]) < 1e3 for i in p):
+        return Result("plain", False, f"iterations logged {sorted(p)}, losses {[p[i]['loss'] for i in sorted(p)]}")
+    diff = max(abs(p[i]["loss"] - a[i]["loss"]) for i in range(1, 11))
+    return Result("plain", True, f"10 steps, loss {p[1]['loss']:.4f} -> {p[10]['loss']:.4f}; within {diff:.3g} "
+                                 f"of the distributed optimizer's run", {"max_abs_loss_diff_vs_A": diff})
 
 
 # ---- check 3: scoring on the GPU against CPU fp32 ----------------------------------------
@@ -817,9 +855,9 @@ def run_checks(r: Runner, mode: Mode, only: set) -> list[Result]:
 
     if "nccl" in only:
         done(check_nccl(r, mode))
-    if only & {"resume", "score"}:
+    if only & {"resume", "plain", "score"}:
         data, why = build_corpus(r, mode)
-        for name, check in (("resume", check_resume), ("score", check_score)):
+        for name, check in (("resume", check_resume), ("plain", check_plain), ("score", check_score)):
             if name in only:
                 done(check(r, mode, data) if data else Result(name, False, why))
     if "flash" in only:
@@ -844,7 +882,10 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(REPO, "runs", "gpu_check"),
                     help="where the table, the JSON and the logs go (default: $OUT)")
     ap.add_argument("--work", default=None, help="scratch directory (default: /tmp/gpu_check[_smoke])")
-    ap.add_argument("--only", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
+    ap.add_argument("--part", choices=sorted(PARTS), default=None,
+                    help="one of the two device calls: " + "; ".join(f"{k}: {','.join(v)}" for k, v in PARTS.items())
+                         + f" (budget {PART_BUDGET_S} s each on a GPU)")
+    ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(CHECKS)}")
     ap.add_argument("--budget-s", type=float, default=None, help="overall time budget in seconds (GPU 400, smoke 1500)")
     ap.add_argument("--keep", action="store_true", help="reuse the scratch directory's corpus and checkpoints")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -855,9 +896,14 @@ def main() -> int:
 
     start = time.monotonic()
     mode = SMOKE_MODE if args.smoke else GPU_MODE
+    if args.part and not args.smoke:
+        mode = dataclasses.replace(mode, budget_s=PART_BUDGET_S)
     if args.budget_s:
         mode = dataclasses.replace(mode, budget_s=args.budget_s)
-    only = {c.strip() for c in args.only.split(",") if c.strip()}
+    if args.part and args.only:
+        ap.error("--part and --only: give one of them")
+    chosen = PARTS[args.part] if args.part else (args.only.split(",") if args.only else CHECKS)
+    only = {c.strip() for c in chosen if c.strip()}
     unknown = only - set(CHECKS)
     if unknown:
         ap.error(f"unknown checks {sorted(unknown)}; choose from {', '.join(CHECKS)}")

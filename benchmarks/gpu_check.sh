@@ -6,7 +6,8 @@
 # gpu_check.log (the whole output), gpu_check.txt (table), gpu_check.json (figures),
 # gpu_check_logs.txt (each tool's command and output tail).
 #
-#     run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#     run(command="bash benchmarks/gpu_check.sh --part correctness", carry=[".whl"], timeout_s=300)
+#     run(command="bash benchmarks/gpu_check.sh --part performance", carry=[".whl"], timeout_s=300)
 #
 # Arguments go to gpu_check.py, e.g. `bash benchmarks/gpu_check.sh --only flash,perf-score`.
 set -uo pipefail

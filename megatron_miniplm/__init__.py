@@ -5,6 +5,7 @@ The data path: preprocess -> score -> select -> train -> evaluate.
 
 __version__ = "0.1.0"
 
+import sys as _sys
 import warnings as _warnings
 
 # Notices that megatron-core and torch print about themselves, not news to our users:
@@ -28,3 +29,24 @@ THIRD_PARTY_NOTICES = (
 )
 for _message, _category in THIRD_PARTY_NOTICES:
     _warnings.filterwarnings("ignore", message=_message, category=_category)
+
+
+class _ProbeTransformerEngineFirst:
+    """A meta-path finder that runs the Transformer Engine probe (``platform.transformer_engine``)
+    just before megatron-core is first imported, wherever that import comes from (a data
+    module, a tool's first step), and then steps aside. megatron-core imports TE guarded
+    against ImportError only, so a TE whose PyTorch part fails otherwise must be hidden before
+    that; this module itself imports no torch, so the hook costs nothing until then."""
+
+    @classmethod
+    def find_spec(cls, fullname, path=None, target=None):
+        if fullname == "megatron" or fullname.startswith("megatron."):
+            _sys.meta_path.remove(cls)
+            from megatron_miniplm import platform
+
+            platform.transformer_engine()
+        return None  # the import itself is left to the other finders
+
+
+if "megatron.core" not in _sys.modules:
+    _sys.meta_path.insert(0, _ProbeTransformerEngineFirst)

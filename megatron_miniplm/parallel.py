@@ -130,6 +130,57 @@ def launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
 
 _launch: Optional[LaunchEnv] = None
 
+# Megatron-LM's rule (megatron/training/arguments.py): on GPUs before Blackwell (compute
+# capability < 10), tensor parallelism needs CUDA_DEVICE_MAX_CONNECTIONS=1. megatron-core's
+# tensor-parallel layers start their all-reduce, all-gather or reduce-scatter asynchronously
+# and then launch the computation meant to overlap it; with one connection (hardware queue)
+# the GPU starts kernels in the order they were launched, so the communication runs first
+# instead of behind the computation. The driver reads the variable when it creates the
+# process's CUDA context (torch.cuda.set_device does, and any allocation), so it must be in
+# the environment before that; device queries (count, capability, name) create none.
+CUDA_CONNECTIONS = "CUDA_DEVICE_MAX_CONNECTIONS"
+
+
+def order_cuda_connections(tp: int, env: LaunchEnv) -> None:
+    """Set CUDA_DEVICE_MAX_CONNECTIONS=1 in this process's environment where tensor parallelism
+    on a pre-Blackwell GPU needs it and it is unset; refuse another value there. Nothing on a
+    CPU or at TP 1.
+
+    A process whose CUDA context already exists (a library that creates one when imported) is
+    told that the setting comes too late and goes on: the ordering only lets the communication
+    overlap the computation, the results are the same without it."""
+    if tp == 1 or not platform.cuda_available():
+        return
+    index = env.local_rank % torch.cuda.device_count()  # the device bind_local_device picks
+    major, minor = torch.cuda.get_device_capability(index)
+    if major >= 10:
+        return
+    value = os.environ.get(CUDA_CONNECTIONS)
+    if value == "1":
+        return
+    needs = (f"tensor-model-parallel-size {tp} on {torch.cuda.get_device_name(index)} (compute capability "
+             f"{major}.{minor}, before Blackwell) needs {CUDA_CONNECTIONS}=1, so that megatron-core's "
+             f"tensor-parallel communication is scheduled before the computation it overlaps")
+    if value is not None:
+        raise ValueError(f"{CUDA_CONNECTIONS}={value} in the environment: {needs} (Megatron-LM refuses the "
+                         f"same); set it to 1, or unset it and it is set here")
+    if _has_cuda_context(index):  # left unset: megatron-core then warns that it is missing, rightly
+        if env.rank == 0:
+            log.warning("%s; this process created its CUDA context before parallel.initialize, too early for "
+                        "setting it here to take effect: launch with %s=1 in the environment (tensor-parallel "
+                        "communication is not overlapped with computation until then)",
+                        needs, CUDA_CONNECTIONS)
+        return
+    os.environ[CUDA_CONNECTIONS] = "1"
+    if env.rank == 0:
+        log.warning("%s=1 set in each process of this job (it was unset): %s", CUDA_CONNECTIONS, needs)
+
+
+def _has_cuda_context(index: int) -> bool:
+    """Whether this process has created its CUDA context on device ``index`` (creates none)."""
+    has_context = getattr(torch._C, "_cuda_hasPrimaryContext", None)
+    return bool(has_context and has_context(index))
+
 
 def set_random_seed(seed: int) -> None:
     """Megatron-LM's seeding: seed + 100 x pipeline rank for Python, numpy, torch and
@@ -148,10 +199,11 @@ def set_random_seed(seed: int) -> None:
 def initialize(config: ParallelConfig = ParallelConfig()) -> ParallelInfo:
     """Start the process group (NCCL on GPU, gloo on CPU) and megatron's TP/PP/DP groups."""
     global _launch
+    env = launch_env()
+    order_cuda_connections(config.tensor_model_parallel_size, env)  # before any call below creates the CUDA context
     platform.apply()
     from megatron.core import parallel_state
 
-    env = launch_env()
     tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
     if env.world_size % (tp * pp) != 0:
         raise ValueError(

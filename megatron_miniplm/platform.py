@@ -76,6 +76,16 @@ def device_name() -> Optional[str]:
     return torch.cuda.get_device_name() if cuda_available() else None
 
 
+RNG_DEVICE_KINDS = {"cuda": "GPU", "cpu": "CPU"}
+
+
+def rng_device_kind() -> str:
+    """Which generators this process's device RNG states are of: 'cuda' (the CUDA generator and
+    megatron-core's RNG tracker on it), or 'cpu' where ``apply`` routes the tracker to the CPU
+    generator. States of one kind do not fit the other's generators (their sizes differ)."""
+    return "cuda" if cuda_available() else "cpu"
+
+
 def device_rng_state() -> Optional[torch.Tensor]:
     """The CUDA generator's state, for checkpoints; None on a CPU, where megatron-core's RNG
     tracker is routed to the CPU generator (``apply``) and is saved with it."""
@@ -108,6 +118,25 @@ def transformer_engine() -> tuple[bool, str]:
         return False, f"transformer_engine.pytorch does not import ({type(e).__name__}: {e})"
     version = getattr(sys.modules["transformer_engine"], "__version__", "unknown version")
     return True, f"Transformer Engine {version}"
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_compiler() -> tuple[bool, str]:
+    """Whether torch.compile can build GPU kernels in this process, and what is missing if not.
+    Its Triton backend compiles a small C launcher at a kernel's first use, which needs a host
+    C compiler (``CC``, else cc, gcc or clang on PATH) and Python's headers; an image without
+    them fails at the first forward that reaches a compiled function."""
+    import os
+    import shutil
+    import sysconfig
+
+    compiler = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if compiler is None or shutil.which(compiler) is None:
+        return False, "no C compiler (CC, cc, gcc, clang) for Triton's kernel launchers"
+    headers = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+    if not os.path.exists(headers):
+        return False, f"no Python headers ({headers}) for Triton's kernel launchers"
+    return True, f"C compiler {compiler}"
 
 
 # bf16 must beat fp32 by this much in the measurement below to be chosen: a margin that a
@@ -330,14 +359,15 @@ def _clip_grads_on_cpu(parameters, max_norm, total_norm, use_decoupled_grad=Fals
 
 @contextlib.contextmanager
 def _cpu_tensors_named_as_cuda():
-    """``Tensor.type()`` answers 'torch.cuda.BFloat16Tensor' for a CPU bf16 tensor (and so on)."""
+    """``Tensor.type()`` answers 'torch.cuda.BFloat16Tensor' for a bf16 tensor on this process's
+    device (and so on)."""
     original = torch.Tensor.type
 
     def type_(self, *args, **kwargs):
         name = original(self, *args, **kwargs)
-        if args or kwargs or self.device.type != "cpu":
+        if args or kwargs or self.device.type != _CPU.type:
             return name
-        return name.replace("torch.", "torch.cuda.", 1)
+        return "torch.cuda." + name.rsplit(".", 1)[1]
 
     torch.Tensor.type = type_
     try:

@@ -156,3 +156,86 @@ def test_srun_tasks_form_one_world(tmp_path):
     for p in procs:
         assert p.wait(timeout=180) == 0, p.stderr.read()[-2000:]
     assert [open(tmp_path / f"rank{r}").read() for r in range(2)] == ["2 0", "2 1"]
+
+
+# ---- CUDA_DEVICE_MAX_CONNECTIONS: Megatron-LM's requirement for TP on GPUs before Blackwell ---
+
+CONNECTIONS = "CUDA_DEVICE_MAX_CONNECTIONS"
+
+
+class _FirstCudaCall(Exception):
+    pass
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """A CUDA machine as parallel.initialize sees it, up to its first call that would create the
+    CUDA context (platform.apply, then binding the device), which stops it: the stubs answer
+    the device queries, ``gpu`` records the variable as that first call found it."""
+    import torch
+
+    from megatron_miniplm import platform
+
+    monkeypatch.setenv(CONNECTIONS, "unset by the fixture")
+    monkeypatch.delenv(CONNECTIONS)  # restored (absent) after the test, whatever the code set
+    state = {"capability": (9, 0), "context": False, "seen": "not reached"}
+
+    def first_cuda_call(*args, **kwargs):
+        state["seen"] = os.environ.get(CONNECTIONS)
+        raise _FirstCudaCall
+
+    monkeypatch.setattr(platform, "cuda_available", lambda: True)
+    monkeypatch.setattr(platform, "apply", first_cuda_call)
+    monkeypatch.setattr(platform, "bind_local_device", first_cuda_call)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: state["capability"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch._C, "_cuda_hasPrimaryContext", lambda index: state["context"], raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    return state
+
+
+def _initialize(tp):
+    with pytest.raises(_FirstCudaCall):
+        parallel.initialize(parallel.ParallelConfig(tensor_model_parallel_size=tp))
+
+
+def test_tensor_parallel_on_a_gpu_before_blackwell_sets_one_connection(gpu, caplog):
+    with caplog.at_level("WARNING", logger=parallel.__name__):
+        _initialize(2)
+    assert gpu["seen"] == "1" and os.environ[CONNECTIONS] == "1"  # set before the first CUDA call
+    assert f"{CONNECTIONS}=1 set" in caplog.text and "tensor-model-parallel-size 2" in caplog.text
+
+
+@pytest.mark.parametrize("capability,tp", [((10, 0), 2), ((9, 0), 1)])
+def test_blackwell_or_tp1_leave_the_variable_alone(gpu, capability, tp):
+    gpu["capability"] = capability
+    _initialize(tp)
+    assert gpu["seen"] is None and CONNECTIONS not in os.environ
+
+
+def test_another_value_is_refused_one_is_kept(gpu, monkeypatch):
+    monkeypatch.setenv(CONNECTIONS, "8")
+    with pytest.raises(ValueError, match=f"{CONNECTIONS}=8 in the environment: tensor-model-parallel-size 2 "
+                                         r"on NVIDIA H100 80GB HBM3 \(compute capability 9.0"):
+        parallel.initialize(parallel.ParallelConfig(tensor_model_parallel_size=2))
+    assert gpu["seen"] == "not reached"
+    monkeypatch.setenv(CONNECTIONS, "1")
+    _initialize(2)
+    assert gpu["seen"] == "1"
+
+
+def test_a_cuda_context_made_before_initialize_is_told_it_is_too_late(gpu, caplog):
+    """The driver read the variable when it made the context: setting it now would only claim so."""
+    gpu["context"] = True
+    with caplog.at_level("WARNING", logger=parallel.__name__):
+        _initialize(2)
+    assert gpu["seen"] is None
+    assert "too early" in caplog.text and f"launch with {CONNECTIONS}=1" in caplog.text
+
+
+def test_the_cpu_path_leaves_the_variable_alone(monkeypatch):
+    monkeypatch.setenv(CONNECTIONS, "unset by the test")
+    monkeypatch.delenv(CONNECTIONS)
+    parallel.order_cuda_connections(2, parallel.LaunchEnv(0, 2, 0, None, None, "torchrun"))
+    assert CONNECTIONS not in os.environ

@@ -104,8 +104,9 @@ def convert_hf_to_megatron(
                         f"{config.vocab_size} rows")
             state = source.load_state_dict(params_dtype)
             with single_process():
+                # whole tensors on the host, where any model fits (a GPU need not hold it)
                 model = build_model(config, params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
-                                    impl=PLAIN_LOCAL, initialize=False)
+                                    impl=PLAIN_LOCAL, initialize=False, device="cpu")
                 copy_into(model, mapping.hf_to_megatron(state, config))
                 del state
                 save_model([model], tmp, config)

@@ -66,7 +66,8 @@ def load_megatron_state(directory: str, config: ModelConfig) -> dict[str, torch.
     from megatron_miniplm.models.gpt import PLAIN_LOCAL, build_model
 
     with single_process():
-        model = build_model(config, params_dtype=torch.float32, impl=PLAIN_LOCAL, initialize=False)
+        # whole tensors on the host, where any model fits (a GPU need not hold it)
+        model = build_model(config, params_dtype=torch.float32, impl=PLAIN_LOCAL, initialize=False, device="cpu")
         load_model([model], directory)
         return {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
 

@@ -116,6 +116,12 @@ def exact_tokenizer(hf_dir: str):
 
 
 def evaluate_checkpoint(checkpoint: str, tasks: Sequence[str], **kwargs) -> dict:
-    with tempfile.TemporaryDirectory(prefix="miniplm-hf-") as tmp:
+    """The tasks' results of a checkpoint, in this process alone: the export is a one-process
+    conversion, and lm-eval evaluates on one device. In a process of a multi-rank job (its
+    group destroyed) they run outside the job, or the export would refuse the job's world and
+    lm-eval would wait for its other ranks."""
+    from megatron_miniplm.conversion.session import outside_job
+
+    with outside_job(), tempfile.TemporaryDirectory(prefix="miniplm-hf-") as tmp:
         hf_dir = export_to_hf(checkpoint, os.path.join(tmp, "hf"))
         return run_tasks(hf_dir, tasks, **kwargs)

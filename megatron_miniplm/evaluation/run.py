@@ -11,9 +11,12 @@ from megatron_miniplm.settings import to_mapping
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    """Collective when ``cfg.data_path`` is given (every rank calls it). The results on rank 0
-    (``models``, ``comparisons``, ``verdicts``, the paths written), ``{}`` elsewhere."""
-    rank0 = int(os.environ.get("RANK", "0")) == 0
+    """Collective when ``cfg.data_path`` is given (every rank calls it). Then the job's rank 0
+    alone reads the training FLOPs, runs the zero-shot tasks and writes the outputs, and returns
+    the results (``models``, ``comparisons``, ``verdicts``, the paths written); the other ranks
+    return ``{}`` at once. None waits for rank 0's tasks: the job's process group is gone after
+    the LM loss, and the launcher (torchrun, srun) waits for every process to end."""
+    rank0 = is_job_rank0()
     results = lm_loss_results(cfg) if cfg.data_path else {"models": {}}
     if not rank0:
         return {}
@@ -25,16 +28,32 @@ def evaluate(cfg: EvalConfig) -> dict:
         if flops:
             models[name]["train_flops"] = sum(flops) / len(flops)
     if cfg.tasks:
-        from megatron_miniplm.evaluation.harness import evaluate_checkpoint
-
-        for name, ckpt in zip(names, cfg.load):  # the first seed of each model
-            if "tasks" not in models[name]:
-                models[name]["tasks"] = evaluate_checkpoint(
-                    ckpt, cfg.task_names, include_path=cfg.include_path, num_fewshot=cfg.num_fewshot,
-                    limit=cfg.limit, batch_size=cfg.batch_size,
-                )
+        add_task_results(cfg, models)
     write_outputs(cfg, results)
     return results
+
+
+def is_job_rank0() -> bool:
+    """Whether this process is the job's global rank 0 as its launcher placed it (torchrun's
+    RANK, else srun's SLURM_PROCID; a process with neither is a world of one). Read from the
+    launch environment: the job's process group is gone after the LM loss, and never started
+    for tasks alone."""
+    from megatron_miniplm.parallel import launch_env
+
+    return launch_env().rank == 0
+
+
+def add_task_results(cfg: EvalConfig, models: dict) -> None:
+    """Each model's zero-shot tasks, on its first seed's checkpoint (exported to HF and run by
+    lm-eval in this process alone)."""
+    from megatron_miniplm.evaluation.harness import evaluate_checkpoint
+
+    for name, ckpt in zip(cfg.labels, cfg.load):
+        if "tasks" not in models[name]:
+            models[name]["tasks"] = evaluate_checkpoint(
+                ckpt, cfg.task_names, include_path=cfg.include_path, num_fewshot=cfg.num_fewshot,
+                limit=cfg.limit, batch_size=cfg.batch_size,
+            )
 
 
 def lm_loss_results(cfg: EvalConfig) -> dict:

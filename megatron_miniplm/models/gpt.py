@@ -10,6 +10,7 @@ the start-up lines print it.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -65,8 +66,8 @@ class TrainingFusions:
 
     gradient_accumulation_fusion: bool = setting(
         True, group=IMPL, flag="--no-gradient-accumulation-fusion",
-        help="weight gradients added to the fp32 main gradients by separate kernels (the fused form needs TE's "
-             "linear layers or apex's fused_weight_gradient_mlp_cuda: off without them)")
+        help="weight gradients added to the fp32 main gradients by separate kernels (the fused form needs apex's "
+             "fused_weight_gradient_mlp_cuda for the output layer, with or without TE: off without it)")
     cross_entropy_loss_fusion: bool = setting(
         False, group=IMPL, help="fused vocabulary-parallel cross entropy (as in Megatron-LM, off by default)")
     cross_entropy_fusion_impl: str = setting(
@@ -87,6 +88,9 @@ class Implementation:
     rope_fusion: bool
     gradient_accumulation_fusion: bool
     cross_entropy_fusion: Optional[str]  # None, "native" or "te"
+    # megatron-core's bias-SwiGLU and bias-dropout-add fusions: torch.compile'd, so GPU only, and
+    # only where the compiler Triton needs at their first use is there
+    compiled_fusions: bool = False
     notes: tuple = ()  # why something asked for is not used here
 
     def describe(self) -> str:
@@ -95,7 +99,8 @@ class Implementation:
                      "sdpa-flash": "PyTorch SDPA (flash kernel only)", "local": "megatron-core local (unfused)"}
         fused = [name for name, on in (("RoPE", self.rope_fusion),
                                        ("gradient accumulation", self.gradient_accumulation_fusion),
-                                       (f"cross entropy ({self.cross_entropy_fusion})", self.cross_entropy_fusion))
+                                       (f"cross entropy ({self.cross_entropy_fusion})", self.cross_entropy_fusion),
+                                       ("bias-SwiGLU and bias-dropout-add (torch.compile)", self.compiled_fusions))
                  if on]
         text = (f"layers: {layers}, attention: {attention[self.attention]}, fused: "
                 f"{', '.join(fused) if fused else 'none'}")
@@ -160,16 +165,25 @@ def resolve_implementation(layers: LayerImpl = LayerImpl(), fusions: Optional[Tr
     if layers.apply_rope_fusion and not te:
         notes.append("RoPE unfused (the fused RoPE is TE's)")
     fusions = fusions or TrainingFusions(gradient_accumulation_fusion=False)
-    grad_accum = fusions.gradient_accumulation_fusion and (spec == "transformer_engine" or _apex_grad_accumulation())
+    # Every layer that fuses must have its kernel: TE's linear layers bring theirs, but the output
+    # layer is always megatron-core's ColumnParallelLinear, whose constructor refuses the fusion
+    # without apex's fused_weight_gradient_mlp_cuda, TE or not.
+    grad_accum = fusions.gradient_accumulation_fusion and _apex_grad_accumulation()
     if fusions.gradient_accumulation_fusion and not grad_accum:
-        notes.append("gradient accumulation unfused (needs TE's layers or apex)")
+        notes.append("gradient accumulation unfused (the output layer needs apex's fused_weight_gradient_mlp_cuda)")
+    compiled = platform.cuda_available()
+    if compiled:
+        compiled, why = platform.kernel_compiler()
+        if not compiled:
+            notes.append(f"bias-SwiGLU and bias-dropout-add unfused ({why})")
     ce = fusions.cross_entropy_fusion_impl if fusions.cross_entropy_loss_fusion else None
     if ce == "te" and not te:
         raise ValueError(f"cross_entropy_fusion_impl te (--cross-entropy-fusion-impl) needs Transformer Engine: "
                          f"{why_not}; use native")
     return Implementation(spec=spec, attention=attention,
                           attention_backend=backend if spec == "transformer_engine" else "auto", rope_fusion=rope,
-                          gradient_accumulation_fusion=grad_accum, cross_entropy_fusion=ce, notes=tuple(notes))
+                          gradient_accumulation_fusion=grad_accum, cross_entropy_fusion=ce,
+                          compiled_fusions=compiled, notes=tuple(notes))
 
 
 RECOMPUTE = "activation recomputation"
@@ -209,8 +223,11 @@ def transformer_config(
     recompute: RecomputeSettings = RecomputeSettings(),
     impl: Optional[Implementation] = None,
     sequence_parallel: bool = False,
+    allocate_on_device: Optional[bool] = None,
 ):
-    """The megatron ``TransformerConfig`` of a model at a parallel layout."""
+    """The megatron ``TransformerConfig`` of a model at a parallel layout. ``allocate_on_device``:
+    megatron-core creates the weights directly on this process's device (default: where that
+    device is an accelerator, as Megatron-LM does on GPUs), else on the host."""
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -221,7 +238,6 @@ def transformer_config(
             f"pipeline-model-parallel-size {pipeline_parallel_size} does not divide the "
             f"{config.num_layers} layers of model '{config.name}'"
         )
-    on_gpu = platform.cuda_available()
     return TransformerConfig(
         num_layers=config.num_layers,
         hidden_size=config.hidden_size,
@@ -242,13 +258,14 @@ def transformer_config(
         tensor_model_parallel_size=tensor_parallel_size,
         pipeline_model_parallel_size=pipeline_parallel_size,
         pipeline_dtype=params_dtype,
+        # as Megatron-LM: a stage's sent activations are freed, only their grad-fn kept
+        deallocate_pipeline_outputs=True,
         params_dtype=params_dtype,
         bf16=bf16,
-        use_cpu_initialization=not on_gpu,
-        # megatron-core's bias-activation and bias-dropout fusions are jit-compiled (torch.compile
-        # through Triton): there is no CPU build of them.
-        bias_activation_fusion=on_gpu,
-        bias_dropout_fusion=on_gpu,
+        use_cpu_initialization=not (platform.device().type != "cpu" if allocate_on_device is None
+                                    else allocate_on_device),
+        bias_activation_fusion=impl.compiled_fusions,
+        bias_dropout_fusion=impl.compiled_fusions,
         masked_softmax_fusion=False,
         attention_backend=AttnBackend[impl.attention_backend],
         apply_rope_fusion=impl.rope_fusion,
@@ -321,30 +338,52 @@ def build_model(
     post_process: Optional[bool] = None,
     initialize: bool = True,
     recompute: RecomputeSettings = RecomputeSettings(),
+    device: Optional[torch.device] = None,
 ):
     """A ``GPTModel`` for this rank's tensor/pipeline slice, built as ``impl`` says
     (``resolve_implementation``; default: Megatron-LM's layer defaults, forward fusions only).
 
-    Needs megatron's parallel state (``megatron_miniplm.parallel.initialize``);
+    Every parameter and buffer ends on ``device``: by default this process's device
+    (``platform.device()``), where Megatron-LM moves each model chunk once built, since not
+    every module megatron-core builds allocates there itself (the local spec's norms are
+    PyTorch modules created on the host). Another device keeps a whole model off the
+    accelerator: the host for conversion, ``meta`` for counting; it is then built there
+    from the start. Needs megatron's parallel state (``megatron_miniplm.parallel.initialize``);
     ``pre_process`` / ``post_process`` default to this rank's pipeline stage.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
 
     platform.apply()
     impl = impl or resolve_implementation()
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
+    device = platform.device() if device is None else torch.device(device)
+    on_device = device == platform.device() and device.type != "cpu"
     tcfg = transformer_config(
         config, tensor_parallel_size=tp, pipeline_parallel_size=pp,
         params_dtype=params_dtype, bf16=bf16, recompute=recompute, impl=impl, sequence_parallel=sequence_parallel,
+        allocate_on_device=on_device,
     )
     tcfg.perform_initialization = initialize
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage()
     if post_process is None:
         post_process = ps.is_pipeline_last_stage()
-    model = GPTModel(
+    with contextlib.nullcontext() if on_device else device:
+        model = _gpt_model(config, tcfg, impl, tp, pre_process, post_process)
+    # The local norms are created in fp32 whatever params_dtype says, and every norm would
+    # then take PyTorch's unfused mixed-dtype path. Megatron-LM casts the whole module to
+    # the training dtype (Float16Module): so do we.
+    model.to(device=device, dtype=None if params_dtype == torch.float32 else params_dtype)
+    model.miniplm_config = config
+    model.miniplm_impl = impl
+    return model
+
+
+def _gpt_model(config: ModelConfig, tcfg, impl: Implementation, tp: int, pre_process: bool, post_process: bool):
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(
         config=tcfg,
         transformer_layer_spec=_block_spec(impl, tcfg),
         vocab_size=config.padded_vocab_size(tp),
@@ -356,11 +395,3 @@ def build_model(
         position_embedding_type="rope",
         rotary_base=int(config.rotary_base),
     )
-    if params_dtype != torch.float32:
-        # The local norms are created in fp32 whatever params_dtype says, and every norm would
-        # then take PyTorch's unfused mixed-dtype path. Megatron-LM casts the whole module to
-        # the training dtype (Float16Module): so do we.
-        model.to(params_dtype)
-    model.miniplm_config = config
-    model.miniplm_impl = impl
-    return model

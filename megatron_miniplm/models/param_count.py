@@ -32,8 +32,7 @@ def count_parameters(config: ModelConfig) -> ParamCount:
     from megatron_miniplm.models.gpt import build_model
 
     _ensure_single_rank_state()
-    with torch.device("meta"):
-        model = build_model(config, initialize=False)
+    model = build_model(config, initialize=False, device="meta")
     padded_total = embedding = 0
     for name, param in model.named_parameters():  # tied weights are yielded once
         padded_total += param.numel()

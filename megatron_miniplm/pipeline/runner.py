@@ -170,8 +170,11 @@ class Runner:
         par = self.par
         python, script, *args = argv
         if par.launcher == "srun":
+            # srun does not take the job's --cpus-per-task from sbatch (Slurm >= 22.05): without
+            # it each task is bound to one core, and data loading and the host side starve.
+            cpus = os.environ.get("SLURM_CPUS_PER_TASK")
             return ["srun", "--nodes", str(par.nnodes), "--ntasks-per-node", str(par.nproc_per_node),
-                    "--kill-on-bad-exit=1", python, script, *args]
+                    *([f"--cpus-per-task={cpus}"] if cpus else []), "--kill-on-bad-exit=1", python, script, *args]
         if par.nnodes == 1 and par.nproc_per_node == 1:
             return argv
         torchrun = os.path.join(os.path.dirname(python), "torchrun")

@@ -13,10 +13,17 @@ shard: fast, reloadable at another DP size only) or ``fully_reshardable``
 (gathered per parameter: reloadable at any layout), as Megatron-LM does with
 ``--dist-ckpt-optim-fully-reshardable``. The format and the layout are recorded,
 so a load that cannot work is refused before it starts.
+
+Each rank's RNG states are saved with the device kind they are of (GPU or CPU). A load
+restores them (unless ``--no-load-rng``, as in Megatron-LM) where they can continue their
+streams: at the same TP/PP/DP layout, and, for the device generator and megatron-core's
+RNG tracker, on the same device kind. Otherwise these keep what this run's --seed gave
+them, and a note says so.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from typing import Optional
@@ -33,6 +40,8 @@ from megatron_miniplm.checkpointing import (
 from megatron_miniplm.models.config import ModelConfig
 
 RUN_CONFIG_FILE = "run_config.json"
+
+log = logging.getLogger(__name__)
 
 
 def resume_dir(save_dir: str) -> Optional[str]:
@@ -58,10 +67,20 @@ def _rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "cuda": platform.device_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        "device": platform.rng_device_kind(),  # which generators "cuda" and "tracker" are of
     }
 
 
-def _set_rng_state(state: dict) -> None:
+def _saved_rng_device(state: dict) -> str:
+    """The device kind a rank's saved RNG states are of: its record; in a file written before
+    the record, its CUDA generator state, which only a GPU saves."""
+    return state.get("device") or ("cuda" if state.get("cuda") is not None else "cpu")
+
+
+def _set_rng_state(state: dict, device_states: bool = True) -> None:
+    """Restore what ``_rng_state`` saved. ``device_states=False``: Python's, numpy's and torch's
+    CPU generators only; the device generator and megatron-core's RNG tracker keep this run's
+    seeding."""
     import random
 
     import numpy as np
@@ -70,8 +89,9 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    platform.set_device_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if device_states:
+        platform.set_device_rng_state(state["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
 def save_checkpoint(
@@ -245,7 +265,7 @@ def _write_info(directory: str, tokenizer: Optional[dict], dtype: str) -> None:
 
 
 def load_checkpoint(load_dir: str, model_chunks: list, optimizer, scheduler, *,
-                    load_optim: bool = True) -> Optional[dict]:
+                    load_optim: bool = True, load_rng: bool = True) -> Optional[dict]:
     """Collective. Restores the latest checkpoint under ``load_dir``; None if there is none.
 
     A directory that is itself a model checkpoint (a converted model, ``save_model``)
@@ -254,6 +274,7 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer, scheduler, *,
     parameters are re-read from the loaded weights, as Megatron-LM does: otherwise
     they keep their initial values and the first step overwrites the loaded model.
     With ``load_optim=False`` the LR schedule is stepped to the loaded iteration.
+    ``load_rng=False`` (Megatron-LM's --no-load-rng) leaves every RNG as this run's seed made it.
     """
     directory = resume_dir(load_dir)
     if directory is None:
@@ -285,8 +306,52 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer, scheduler, *,
         scheduler.load_state_dict(common["scheduler"])
     else:
         scheduler.step(increment=train_state["iteration"])
-    rng_path = os.path.join(directory, f"rng_rank{dist.get_rank():05d}.pt")
-    same_layout = len([f for f in os.listdir(directory) if f.startswith("rng_rank")]) == dist.get_world_size()
-    if same_layout and os.path.exists(rng_path):
-        _set_rng_state(torch.load(rng_path, weights_only=False))
+    if load_rng:
+        _load_rng_state(directory, train_state)
     return dict(train_state, optimizer_loaded=with_optimizer)
+
+
+def _load_rng_state(directory: str, train_state: dict) -> None:
+    """Restore this rank's RNG states where they can continue its streams; else leave them as
+    this run's --seed made them, with a note, as Megatron-LM does at another TP/PP.
+
+    RNG states are per rank: they are restored only at the layout they were saved at. The
+    device generator's and megatron-core's RNG tracker's are moreover of one device kind (a
+    GPU's CUDA generator, or the CPU generator on a CPU): on the other kind they would fail
+    at the first draw, so there only the CPU generators' (Python, numpy, torch) are restored.
+    """
+    rng_path = os.path.join(directory, f"rng_rank{dist.get_rank():05d}.pt")
+    if not _same_layout(directory, train_state) or not os.path.exists(rng_path):
+        return
+    state = torch.load(rng_path, weights_only=False)
+    saved, here = _saved_rng_device(state), platform.rng_device_kind()
+    if saved != here:
+        kinds = platform.RNG_DEVICE_KINDS
+        _note(f"{directory}: its RNG states were saved on a {kinds[saved]}, this run is on a {kinds[here]}: "
+              f"Python's, numpy's and torch's CPU generators are restored; the device generator and "
+              f"megatron-core's model-parallel RNG tracker keep the states this run's --seed gave them, "
+              f"so random draws on the device (dropout) differ from an uninterrupted run on a {kinds[saved]}")
+    _set_rng_state(state, device_states=saved == here)
+
+
+def _same_layout(directory: str, train_state: dict) -> bool:
+    """Whether this run has the TP/PP/DP layout the checkpoint's per-rank RNG states were saved
+    at (a checkpoint without the record: as many ranks); a note where it has not."""
+    saved, layout = train_state.get("layout"), _layout()
+    if saved is None:
+        return len([f for f in os.listdir(directory) if f.startswith("rng_rank")]) == dist.get_world_size()
+    if saved != layout:
+        _note(f"{directory}: saved at {_describe(saved)}, this run is {_describe(layout)}: its per-rank "
+              f"RNG states are not restored; they keep the states this run's --seed gave them")
+    return saved == layout
+
+
+def _describe(layout: dict) -> str:
+    return (f"TP {layout['tensor_model_parallel_size']} PP {layout['pipeline_model_parallel_size']} "
+            f"DP {layout['data_parallel_size']}")
+
+
+def _note(message: str) -> None:
+    """A note on the load, once per job: every rank takes the same decision."""
+    if dist.get_rank() == 0:
+        log.warning("%s", message)

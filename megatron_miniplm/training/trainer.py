@@ -97,6 +97,9 @@ class TrainConfig:
              "start from a model checkpoint's weights")
     no_load_optim: bool = setting(False, group=CHECKPOINTING,
                                   help="load the model weights only (the optimizer starts from them)")
+    no_load_rng: bool = setting(False, group=CHECKPOINTING,
+                                help="do not restore the RNG states saved with the checkpoint: they keep "
+                                     "what --seed gave them (as Megatron-LM's --no-load-rng)")
     save_interval: int = setting(0, group=CHECKPOINTING, help="save every this many iterations (and at the end)")
     dist_ckpt_optim_fully_reshardable: bool = setting(
         False, group=CHECKPOINTING,
@@ -251,7 +254,7 @@ class Trainer:
     def _resume(self) -> None:
         cfg = self.cfg
         state = load_checkpoint(cfg.load, self.model, self.optimizer, self.scheduler,
-                                load_optim=not cfg.no_load_optim)
+                                load_optim=not cfg.no_load_optim, load_rng=not cfg.no_load_rng)
         if state is None:
             if cfg.load != cfg.save:
                 raise FileNotFoundError(f"load directory {cfg.load}: no checkpoint found")

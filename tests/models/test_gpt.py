@@ -35,6 +35,24 @@ def test_cpu_resolution_of_megatron_defaults():
     assert fused_ce.cross_entropy_fusion == "native" and "cross entropy (native)" in fused_ce.describe()
 
 
+def test_te_without_apex_leaves_gradient_accumulation_unfused(monkeypatch):
+    """With TE's layers but no apex (a pip-installed TE), the fusion stays off: the output layer
+    is megatron-core's own ColumnParallelLinear, which cannot be built fused without apex."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    from megatron_miniplm.models import gpt
+
+    monkeypatch.setattr(gpt, "transformer_engine_status", lambda: (True, "Transformer Engine 2.10"))
+    impl = gpt.resolve_implementation(LayerImpl(), TrainingFusions())
+    assert impl.spec == "transformer_engine" and not impl.gradient_accumulation_fusion
+    assert any("apex" in n for n in impl.notes) and "apex" in impl.describe()
+    # the premise: megatron-core's output layer refuses the fusion without apex
+    tcfg = gpt.transformer_config(get_preset("tiny"), impl=gpt.PLAIN_LOCAL)
+    tcfg.gradient_accumulation_fusion = True
+    with pytest.raises(RuntimeError, match="fused_weight_gradient_mlp_cuda"):
+        ColumnParallelLinear(64, 512, config=tcfg, init_method=tcfg.init_method, bias=False, gather_output=False)
+
+
 @pytest.mark.parametrize("asked, error", [
     (dict(layers=LayerImpl(attention_backend="fused")), "cuDNN attention"),
     (dict(fusions=TrainingFusions(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="te")),
@@ -160,6 +178,49 @@ def test_broken_transformer_engine_counts_as_absent(tmp_path):
     assert (spec, attention) == ("local", "sdpa")
     assert "PyTorch SDPA" in summary and "undefined symbol" in summary
     assert "does not import" in forced and "undefined symbol" in forced
+
+
+@pytest.mark.parametrize("first_import", [
+    "megatron_miniplm.data.dataset_writer",  # imports megatron-core at module import
+    "megatron.core.models.gpt",  # megatron-core itself, after the package
+])
+def test_a_broken_transformer_engine_never_reaches_megatron_core(tmp_path, first_import):
+    """The probe runs before megatron-core's first import, wherever that import comes from: a
+    broken TE then hides instead of crashing the import."""
+    import os
+    import subprocess
+    import sys
+
+    for name, text in _BROKEN_TE.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    code = (f"import sys, megatron_miniplm, importlib; importlib.import_module({first_import!r}); "
+            "print(sys.modules.get('transformer_engine', 'absent'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "None"  # blocked: megatron-core sees no TE
+
+
+@pytest.mark.parametrize("compiler", [(True, "C compiler cc"), (False, "no C compiler (CC, cc, gcc, clang)")])
+def test_compiled_fusions_only_where_triton_can_compile(monkeypatch, compiler):
+    """On a GPU megatron-core's bias-SwiGLU and bias-dropout-add fusions are torch.compile'd at
+    their first use: without a C compiler and Python headers they stay off, with a note,
+    instead of failing at the first forward."""
+    from megatron_miniplm import platform
+    from megatron_miniplm.models import gpt
+
+    monkeypatch.setattr(platform, "cuda_available", lambda: True)
+    monkeypatch.setattr(platform, "kernel_compiler", lambda: compiler)
+    impl = gpt.resolve_implementation(LayerImpl(transformer_impl="local"), forward_only=True)
+    tcfg = gpt.transformer_config(get_preset("tiny"), impl=impl, allocate_on_device=False)
+    assert impl.compiled_fusions == tcfg.bias_activation_fusion == tcfg.bias_dropout_fusion == compiler[0]
+    assert (compiler[1] in impl.describe()) != compiler[0]
+
+
+def test_no_compiled_fusions_on_a_cpu():
+    impl = resolve_implementation(LayerImpl(), forward_only=True)
+    assert not impl.compiled_fusions and "torch.compile" not in impl.describe()
 
 
 def test_describe_on_cpu():

@@ -132,3 +132,18 @@ def test_the_plan_names_the_stages_and_the_precision(tmp_path):
     assert runner.plan_of(graph) != runner.plan_of(other)
     graph.bf16 = True
     assert runner.plan_of(graph).endswith("bf16 True")
+
+
+@pytest.mark.parametrize("cpus", [None, "8"])
+def test_srun_steps_get_the_jobs_cpus_per_task(tmp_path, monkeypatch, cpus):
+    """srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05): the runner passes it on."""
+    if cpus is None:
+        monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    else:
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", cpus)
+    graph = toy_graph(tmp_path / "w", tmp_path / "log")
+    graph.cfg = PipelineConfig(work_dir=str(tmp_path / "w"),
+                               parallel=Parallel(nnodes=2, nproc_per_node=4, launcher="srun"))
+    argv = runner.Runner(graph, log=lambda *a: None)._launcher([sys.executable, "tool.py", "--x"])
+    assert argv[0] == "srun" and argv[-3:] == [sys.executable, "tool.py", "--x"]
+    assert ("--cpus-per-task=8" in argv) == (cpus is not None)
