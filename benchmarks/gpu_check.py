@@ -64,13 +64,14 @@ Checks (each prints PASS/FAIL and why; exit status 1 if any fails):
               forward + backward runs flash kernels. (cuDNN's fused attention, which
               PyTorch may prefer on Hopper, counts as a pass, named as such.)
   perf-train  tools/pretrain_gpt.py, qwen-200M, seq 1024, bf16, distributed optimizer with
-              overlap, random tokens: tokens/s and MFU from the trainer's own log lines
-              (first log window, with start-up and compilation, left out); target MFU >= 45%.
+              overlap, random tokens: tokens/s and MFU from the throughput records of the
+              trainer's metrics file (first logging window, with start-up and compilation,
+              left out); target MFU >= 45%.
   perf-score  tools/score_docs.py --bf16, its batch sizing left at its defaults, on
               random-weight smollm2-135M and qwen1.5-1.8B checkpoints (the library's
               presets) over random tokens of seq 1024: a first session on 64 instances
               fills torch.compile's on-disk caches for the batch shape, then the timed
-              session's tokens/s comes from the scorer's own summary line; MFU with
+              session's tokens/s comes from its score file's meta; MFU with
               training/flops.py (forward = 1/3 of the training FLOPs) against its peak
               table; target MFU >= 55% for the 1.8B. A missed target is reported, not a FAIL.
 
@@ -418,11 +419,10 @@ def worker_nccl(payload: dict, smoke: bool) -> dict:
 DISTRIBUTED_OPTIMIZER = ("--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather")
 
 
-def train_args(mode: Mode, data: str, metrics: str, *extra: str, optimizer=DISTRIBUTED_OPTIMIZER,
-               iters: int = 20) -> list[str]:
+def train_args(mode: Mode, data: str, metrics: str, *extra: str, optimizer=DISTRIBUTED_OPTIMIZER) -> list[str]:
     return [*model_flags(mode.model), "--data-path", data, "--seq-length", str(mode.seq),
             "--micro-batch-size", str(mode.micro), "--global-batch-size", str(mode.global_batch),
-            "--train-iters", str(iters), "--lr", "2e-3", "--lr-warmup-iters", "3", "--log-interval", "1",
+            "--train-iters", "20", "--lr", "2e-3", "--lr-warmup-iters", "3", "--log-interval", "1",
             "--seed", "5", "--bf16", *optimizer, "--metrics-file", metrics, *extra]
 
 
@@ -505,9 +505,10 @@ def compare_resume(a: dict, b: dict, c: dict) -> Result:
 def check_plain(r: Runner, mode: Mode, data: str) -> Result:
     """The demo's optimizer on the GPU: --bf16 without the distributed optimizer (its
     parameters are not copied into a device buffer by DDP, so a module left on the host
-    shows here). Its first 10 steps beside run A's, which starts from the same seed and
-    data: the same math with another optimizer implementation, so the losses track closely
-    (reported, not a pass condition: the two reduce in different orders)."""
+    shows here). Its first 10 steps (of run A's 20: the same learning-rate schedule) beside run
+    A's, which starts from the same seed and data: the same math with another optimizer
+    implementation, so the losses track closely (reported, not a pass condition: the two
+    reduce in different orders)."""
     save_a, why = train_uninterrupted(r, mode, data)
     if save_a is None:
         return Result("plain", False, why)
@@ -515,7 +516,7 @@ def check_plain(r: Runner, mode: Mode, data: str) -> Result:
     if os.path.exists(metrics):
         os.remove(metrics)
     rc, out = r.torchrun(os.path.join(TOOLS, "pretrain_gpt.py"),
-                         train_args(mode, data, metrics, optimizer=(), iters=10), timeout=150,
+                         train_args(mode, data, metrics, "--exit-interval", "10", optimizer=()), timeout=150,
                          label="train bf16, plain optimizer (10 steps)")
     if rc != 0:
         return Result("plain", False, f"pretrain_gpt.py --bf16 (plain optimizer) exited {rc}: {_last_error(out)}")
@@ -689,10 +690,6 @@ def worker_flash(payload: dict, smoke: bool) -> dict:
 
 # ---- check 5: throughput and MFU ---------------------------------------------------------
 
-LOG_LINE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?\| (\d+) ms/iter \| (\d+) tokens/s \((\d+) non-pad\) "
-                      r"\| ([\d.]+) TFLOP/s/device(?: \| MFU ([\d.]+)%)?")
-SCORE_LINE = re.compile(r"wrote .*?: (\d+) instances, (\d+) tokens this session in ([\d.]+) s \(([\d.]+) tokens/s\)")
-
 
 def perf_train(r: Runner, mode: Mode) -> Result:
     cfg = model_config(mode.perf_train)
@@ -703,20 +700,29 @@ def perf_train(r: Runner, mode: Mode) -> Result:
             "--train-iters", str(mode.perf_iters), "--log-interval", str(mode.perf_log_interval),
             "--lr-warmup-iters", "2", "--bf16", "--use-distributed-optimizer", "--overlap-grad-reduce",
             "--overlap-param-gather", "--metrics-file", os.path.join(r.work, "perf_train.jsonl")]
+    metrics_file = os.path.join(r.work, "perf_train.jsonl")
+    if os.path.exists(metrics_file):
+        os.remove(metrics_file)
     rc, out = r.torchrun(os.path.join(TOOLS, "pretrain_gpt.py"), args, timeout=240, label=f"perf train {cfg.name}")
     label = f"train {cfg.name} seq {mode.perf_seq}"
     if rc != 0:
         return Result("perf-train", False, f"pretrain_gpt.py exited {rc}: {_last_error(out)}")
-    windows = [m.groups() for m in LOG_LINE.finditer(out)][1:]  # the first window holds start-up
+    from megatron_miniplm.training import metrics
+
+    # the trainer's throughput records, one per logging window; the first holds start-up
+    windows = [w for _, w in sorted(metrics.read(metrics_file).throughput.items())][1:]
     if not windows:
-        return Result("perf-train", False, "no log lines after the first window")
-    tps = sum(float(w[3]) for w in windows) / len(windows)
-    mfus = [float(w[6]) for w in windows if w[6] is not None]
-    figures = {"label": label, "tokens_per_s": tps, "tflops": sum(float(w[5]) for w in windows) / len(windows),
-               "mfu": sum(mfus) / len(mfus) if mfus else None, "ms_per_iter": [int(w[2]) for w in windows],
+        return Result("perf-train", False, f"{metrics_file}: no throughput records after the first window")
+    tps = sum(w["tokens_per_s"] for w in windows) / len(windows)
+    mfus = [w["mfu"] for w in windows if w["mfu"] is not None]
+    figures = {"label": label, "tokens_per_s": tps,
+               "tflops": sum(w["tflops_per_device"] for w in windows) / len(windows),
+               "mfu": sum(mfus) / len(mfus) if mfus else None, "ms_per_iter": [round(w["ms_per_iter"]) for w in windows],
                "batch": f"micro {mode.perf_micro}, global {mode.perf_global}",
                "target": None if mode.smoke else TARGETS["perf-train"]}
-    return Result("perf-train", None, f"{tps:,.0f} tokens/s over iterations {windows[0][0]}..{windows[-1][0]}", figures)
+    first = windows[0]["iteration"] - windows[0]["window_iterations"] + 1
+    return Result("perf-train", None, f"{tps:,.0f} tokens/s over iterations {first}..{windows[-1]['iteration']}",
+                  figures)
 
 
 def perf_score(r: Runner, mode: Mode) -> list[Result]:
@@ -772,10 +778,7 @@ def _scorer_batch(sizes: str) -> str:
 
 
 def scorer_summary(out: str, prefix: str) -> Optional[tuple]:
-    """(tokens, seconds, tokens/s) of the session: the scorer's closing log line, else its meta file."""
-    m = SCORE_LINE.search(out)
-    if m:
-        return int(m.group(2)), float(m.group(3)), float(m.group(4))
+    """(tokens, seconds, tokens/s) of the session, from the score file's meta."""
     if os.path.exists(prefix + ".meta.json"):
         with open(prefix + ".meta.json") as f:
             meta = json.load(f)

@@ -232,14 +232,27 @@ def initialize(config: ParallelConfig = ParallelConfig()) -> ParallelInfo:
             timeout=datetime.timedelta(minutes=config.timeout_minutes), device_id=device_id,
         )
     _launch = env
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        distributed_timeout_minutes=config.timeout_minutes,
-    )
+    # The groups of the same layout are kept: an evaluation scores checkpoint after checkpoint,
+    # and every new group would open NCCL communicators that destroy_model_parallel, which
+    # forgets megatron-core's groups without destroying them, never closes.
+    if _model_parallel_layout() != (tp, pp):
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            distributed_timeout_minutes=config.timeout_minutes,
+        )
     set_random_seed(config.seed)
     return info()
+
+
+def _model_parallel_layout() -> Optional[tuple[int, int]]:
+    """(TP, PP) of megatron-core's current groups; None before they exist."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return None
+    return ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
 
 
 def info() -> ParallelInfo:

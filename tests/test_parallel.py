@@ -239,3 +239,30 @@ def test_the_cpu_path_leaves_the_variable_alone(monkeypatch):
     monkeypatch.delenv(CONNECTIONS)
     parallel.order_cuda_connections(2, parallel.LaunchEnv(0, 2, 0, None, None, "torchrun"))
     assert CONNECTIONS not in os.environ
+
+
+def _groups_across_reinitialisation(out: str) -> None:
+    from megatron.core import parallel_state as ps
+
+    parallel.initialize(parallel.ParallelConfig(tensor_model_parallel_size=2))
+    first = ps.get_tensor_model_parallel_group()
+    parallel.initialize(parallel.ParallelConfig(tensor_model_parallel_size=2, seed=7))
+    same = ps.get_tensor_model_parallel_group() is first
+    parallel.initialize(parallel.ParallelConfig(pipeline_model_parallel_size=2))
+    changed = ps.get_pipeline_model_parallel_world_size() == 2 and ps.get_tensor_model_parallel_world_size() == 1
+    with open(os.path.join(out, f"rank{torch_rank()}"), "w") as f:
+        f.write(f"{same} {changed}")
+
+
+def torch_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank()
+
+
+def test_the_same_layout_keeps_its_groups(tmp_path):
+    """A second initialisation at the same TP/PP (the evaluator's next checkpoint) keeps
+    megatron-core's groups, whose NCCL communicators would otherwise pile up; another layout
+    gets new ones."""
+    run_distributed(_groups_across_reinitialisation, 2, str(tmp_path))
+    assert [open(tmp_path / f"rank{r}").read() for r in range(2)] == ["True True"] * 2

@@ -1,7 +1,9 @@
 """The trainer's metrics file (``--metrics-file``): JSON lines, appended by rank 0.
 
 One line per training iteration (``loss``, ``grad_norm``, ``lr``, consumed tokens and
-FLOPs, ...) and one per validation (``valid_loss``), each with its ``iteration``. A run
+FLOPs, ...), one per validation (``valid_loss``) and one per logging interval with the
+throughput of the iterations since the last (``tokens_per_s``, ``mfu``, ...), each with
+its ``iteration``. A run
 resumed from a checkpoint re-runs the iterations after it and appends them again, so the
 last line of an iteration wins; a run killed while writing may leave its last line cut,
 which is ignored. Any other line that is not JSON is an error naming the file and line.
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 class Metrics:
     train: dict[int, dict]  # iteration -> its last training line
     valid: dict[int, dict]  # iteration -> its last validation line
+    throughput: dict[int, dict]  # iteration closing a logging window -> its last throughput line
 
 
 def append(path: str, records) -> None:
@@ -27,7 +30,7 @@ def append(path: str, records) -> None:
 def read(path: str) -> Metrics:
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
-    out = Metrics({}, {})
+    out = Metrics({}, {}, {})
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -37,5 +40,6 @@ def read(path: str) -> Metrics:
             if number == len(lines):
                 continue  # a last line cut by a kill
             raise ValueError(f"{path}:{number}: not a JSON line") from None
-        (out.valid if "valid_loss" in m else out.train)[m["iteration"]] = m
+        kind = out.valid if "valid_loss" in m else out.throughput if "tokens_per_s" in m else out.train
+        kind[m["iteration"]] = m
     return out

@@ -489,9 +489,11 @@ class Trainer:
             f"iterations {self.iteration} -> {cfg.iterations}"
         )
 
-    def _report(self, m: dict, tokens_per_s: float, counted_per_s: float, s_per_iter: float) -> None:
+    def _report(self, m: dict, tokens_per_s: float, counted_per_s: float, s_per_iter: float,
+                iterations: int) -> None:
         tflops = tokens_per_s * self.flops_per_token / self.info.world_size / 1e12
-        mfu = f" | MFU {100 * tflops * 1e12 / self.peak_flops:.1f}%" if self.peak_flops else ""
+        mfu_value = 100 * tflops * 1e12 / self.peak_flops if self.peak_flops else None
+        mfu = f" | MFU {mfu_value:.1f}%" if mfu_value is not None else ""
         grad_norm = f" | grad norm {m['grad_norm']:.3f}" if m["grad_norm"] is not None else ""
         kd = f" (lm {m['lm_loss']:.4f}, kd {m['kd_loss']:.4f})" if "kd_loss" in m else ""
         self._log(
@@ -505,6 +507,9 @@ class Trainer:
                 if m.get(key) is not None:
                     self.writer.add_scalar(f"train/{key}", m[key], m["iteration"])
             self.writer.add_scalar("train/tokens_per_s", tokens_per_s, m["iteration"])
+        self._write_metrics({"iteration": m["iteration"], "window_iterations": iterations,
+                             "tokens_per_s": tokens_per_s, "counted_tokens_per_s": counted_per_s,
+                             "ms_per_iter": s_per_iter * 1000, "tflops_per_device": tflops, "mfu": mfu_value})
 
     def _write_metrics(self, *records: dict) -> None:
         if self.cfg.metrics_file and self.info.rank == 0:
@@ -551,9 +556,9 @@ class _Window:
         self.counted += counted
         self.iters += 1
 
-    def take(self) -> tuple[float, float, float]:
-        """(tokens/s, counted tokens/s, s/iteration) over the window; starts a new one."""
+    def take(self) -> tuple[float, float, float, int]:
+        """(tokens/s, counted tokens/s, s/iteration, iterations) over the window; starts a new one."""
         elapsed = time.perf_counter() - self.start
-        rates = self.tokens / elapsed, self.counted / elapsed, elapsed / max(self.iters, 1)
+        rates = self.tokens / elapsed, self.counted / elapsed, elapsed / max(self.iters, 1), self.iters
         self.__init__()
         return rates

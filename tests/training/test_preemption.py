@@ -113,8 +113,9 @@ def test_the_log_line_without_a_grad_norm():
     lines = []
     fake = type("T", (), {"cfg": type("C", (), {"iterations": 9})(), "flops_per_token": 1.0,
                           "info": type("I", (), {"world_size": 1})(), "peak_flops": None, "writer": None,
-                          "_log": lambda self, line: lines.append(line)})()
+                          "_log": lambda self, line: lines.append(line),
+                          "_write_metrics": lambda self, *records: None})()
     Trainer._report(fake, {"iteration": 1, "consumed_tokens": 5, "loss": 2.0, "lr": 1e-3,
-                           "grad_norm": None}, 100.0, 80.0, 0.1)
+                           "grad_norm": None}, 100.0, 80.0, 0.1, 1)
     assert "loss 2.0000" in lines[0] and "grad norm" not in lines[0]
     assert "100 tokens/s (80 non-pad)" in lines[0]

@@ -15,6 +15,8 @@ from distributed import run_distributed
 from trainer_helpers import SEQ, TOOL, VOCAB, args, metrics, parameters_at_tp1
 from trainer_helpers import train as _train
 
+from megatron_miniplm.training.metrics import read as read_metrics
+
 
 def test_loss_falls(corpus, tmp_path):
     m = tmp_path / "m.jsonl"
@@ -26,6 +28,11 @@ def test_loss_falls(corpus, tmp_path):
     assert losses[100]["loss"] < 0.6 * losses[1]["loss"]
     valid = [json.loads(l) for l in open(m) if "valid_loss" in l]
     assert valid and valid[-1]["valid_loss"] < 0.7 * losses[1]["loss"]
+    # the throughput of each logging window is a record of the file, apart from the iterations'
+    windows = read_metrics(str(m)).throughput
+    assert sorted(windows) == [20, 40, 60, 80, 100] and all(w["window_iterations"] == 20 for w in windows.values())
+    assert all(w["tokens_per_s"] > 0 and w["ms_per_iter"] > 0 for w in windows.values())
+    assert all(w["mfu"] is None for w in windows.values())  # a CPU has no peak to measure against
 
 
 def _layout_losses(corpus, initial_checkpoint, tmp_path, world, *layout):
