@@ -27,14 +27,25 @@ _NO_DEFAULT = dataclasses.MISSING
 
 def setting(default: Any = _NO_DEFAULT, *, help: str, flag: Optional[str] = None,
             choices: Optional[Iterable] = None, metavar: Optional[str] = None, group: Optional[str] = None,
-            cli: bool = True, default_factory: Any = _NO_DEFAULT) -> Any:
+            cli: bool = True, one_of: Optional[str] = None, default_factory: Any = _NO_DEFAULT) -> Any:
     """A dataclass field with what its command-line flag needs. ``cli=False``: not a flag
-    (set by the tool or the pipeline itself). ``group``: its section in ``--help``."""
+    (set by the tool or the pipeline itself). ``group``: its section in ``--help``.
+    ``one_of``: the name of a choice this setting is one way of making; the settings of a
+    class that share it are alternatives, and setting one drops the others (``alternatives``)."""
     metadata = {"help": help, "flag": flag, "choices": tuple(choices) if choices else None,
-                "metavar": metavar, "cli": cli, "group": group}
+                "metavar": metavar, "cli": cli, "group": group, "one_of": one_of}
     if default_factory is not _NO_DEFAULT:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def alternatives(cls) -> dict[str, set[str]]:
+    """Setting name -> the other settings of ``cls`` that make the same choice (``one_of``)."""
+    groups: dict[str, set[str]] = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("one_of"):
+            groups.setdefault(f.metadata["one_of"], set()).add(f.name)
+    return {name: members - {name} for members in groups.values() for name in members}
 
 
 def _hints(cls) -> dict:

@@ -52,8 +52,10 @@ class SplitConfig:
     input_prefix: str = setting(help="dataset written by tools/preprocess_data.py (sharded or not)")
     ref_prefix: str = setting(help="output: D_ref")
     rest_prefix: str = setting(help="output: every other instance")
-    ref_fraction: float | None = setting(None, help="fraction of the instances that go to D_ref, in (0, 1)")
-    ref_tokens: int | None = setting(None, help="or: D_ref gets the fewest random instances holding this many tokens")
+    ref_fraction: float | None = setting(None, one_of="D_ref's size",
+                                         help="fraction of the instances that go to D_ref, in (0, 1)")
+    ref_tokens: int | None = setting(None, one_of="D_ref's size",
+                                     help="or: D_ref gets the fewest random instances holding this many tokens")
     seed: int = setting(1234, help="the same seed gives the same split")
     chunk_instances: int = 1 << 20
 

@@ -9,15 +9,23 @@ length, precision, the parallel layout, the tokenizer) are declared once, here a
 top, and given to every stage; a section that sets one of them is refused.
 
 Sources, later ones winning: the defaults (the CPU demo), a YAML file, the environment
-variables that examples/pretrain_miniplm.sh has always read (``ENV_KEYS``), then
-``key=value`` arguments with dotted keys (``selection.alpha=0.3``).
+variables that examples/pretrain_miniplm.sh reads (``ENV_KEYS``), then ``key=value``
+arguments with dotted keys (``selection.alpha=0.3``). A YAML file replaces each
+mapping of stage settings or model settings it gives (``split``, ``student.train``,
+``reference.model``, ...) as a whole: the demo's values never mix with a file's. The
+typed sections (``corpus``, ``teacher``, ``parallel``, the models' ``epochs``) merge field
+by field. A single key set later drops the settings it is an alternative to
+(``split.ref_tokens`` drops ``ref_fraction``), and a model's ``preset`` drops the model
+settings of earlier sources.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import shlex
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -141,7 +149,7 @@ class PipelineConfig:
     parallel: Parallel = field(default_factory=Parallel)
 
 
-# The environment variables examples/pretrain_miniplm.sh has always read -> config keys.
+# The environment variables examples/pretrain_miniplm.sh reads -> config keys.
 ENV_KEYS = {
     "WORK_DIR": "work_dir", "SEED": "seed", "SEQ_LENGTH": "seq_length", "BF16": "bf16",
     "TOKENIZER": "tokenizer", "STUDENT_TOKENIZER": "student_tokenizer", "CORPUS_TRAIN": "corpus.train", "CORPUS_TEST": "corpus.test",
@@ -173,8 +181,8 @@ def _parse_scalar(text: str) -> Any:
 
 
 def _model_flags(text: str) -> dict:
-    """REF_MODEL / STUDENT_MODEL as they have always been given: tools/pretrain_gpt.py's model
-    flags ("--model-preset qwen-104M" or "--num-layers 2 --hidden-size 128 ...")."""
+    """REF_MODEL / STUDENT_MODEL: tools/pretrain_gpt.py's model flags ("--model-preset qwen-104M"
+    or "--num-layers 2 --hidden-size 128 ...")."""
     import argparse
 
     from megatron_miniplm.models.config import ModelConfig
@@ -213,11 +221,53 @@ def set_key(data: dict, key: str, value: Any) -> None:
     data[parts[-1]] = value
 
 
-def _merge(base: dict, over: Mapping) -> dict:
+def _overlay(base: dict, over: Mapping, cls=None) -> dict:
+    """A YAML file's mapping on the config's data: the fields of a typed section (a dataclass)
+    merge one by one; any other value, a mapping of stage or model settings included, replaces
+    what was there."""
+    cls = cls or PipelineConfig
+    hints = typing.get_type_hints(cls)
     out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    for key, value in over.items():
+        section = hints.get(key)
+        if dataclasses.is_dataclass(section) and isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _overlay(out[key], value, section)
+        else:
+            out[key] = copy.deepcopy(value)  # YAML aliases share one object: later keys change one section
     return out
+
+
+def _stage_sections() -> dict:
+    """Config keys that hold a stage's settings -> its config class."""
+    from megatron_miniplm.data.preprocess import PreprocessConfig
+    from megatron_miniplm.data.split import SplitConfig
+    from megatron_miniplm.evaluation.config import EvalConfig
+    from megatron_miniplm.scoring.scorer import ScoreConfig
+    from megatron_miniplm.selection.difference import SelectionConfig
+    from megatron_miniplm.training.trainer import TrainConfig
+
+    return {"preprocess": PreprocessConfig, "split": SplitConfig, "scoring": ScoreConfig,
+            "selection": SelectionConfig, "reference.train": TrainConfig, "student.train": TrainConfig,
+            "evaluation": EvalConfig}
+
+
+def _set_single(data: dict, key: str, value: Any) -> None:
+    """``set_key``, dropping what the key is an alternative to: the other ways of making the
+    same choice in a stage's settings, or, for a model's preset, the model settings before it."""
+    from megatron_miniplm.settings import alternatives
+
+    section, _, name = key.rpartition(".")
+    node = data
+    for part in section.split(".") if section else []:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        cls = _stage_sections().get(section)
+        dropped = alternatives(cls).get(name, set()) if cls else set()
+        if name == "preset" and section.endswith("model"):
+            dropped = set(node) - {"preset"}
+        for other in dropped:
+            node.pop(other, None)
+    set_key(data, key, value)
 
 
 def load(path: Optional[str] = None, overrides: list[str] = (),
@@ -233,18 +283,18 @@ def load(path: Optional[str] = None, overrides: list[str] = (),
             raise ConfigError(f"{path}: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the config must be a mapping of sections")
-        data = _merge(data, loaded)
+        data = _overlay(data, loaded)
         sources.update({k: path for k in _flat_keys(loaded)})
     for name, keys in ENV_KEYS.items():
         if name in environ:
             for key in (keys if isinstance(keys, tuple) else (keys,)):
-                set_key(data, key, _env_value(name, environ[name]))
+                _set_single(data, key, _env_value(name, environ[name]))
                 sources[key] = f"${name}"
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{item!r}: expected key=value (e.g. selection.alpha=0.3)")
-        set_key(data, key.strip(), _parse_scalar(text))
+        _set_single(data, key.strip(), _parse_scalar(text))
         sources[key.strip()] = "command line"
     return from_data(data), sources
 
@@ -273,23 +323,16 @@ def from_data(data: Mapping) -> PipelineConfig:
 
 
 def _check_sections(cfg: PipelineConfig) -> None:
-    from megatron_miniplm.data.preprocess import PreprocessConfig
-    from megatron_miniplm.data.split import SplitConfig
-    from megatron_miniplm.evaluation.config import EvalConfig
-    from megatron_miniplm.scoring.scorer import ScoreConfig
-    from megatron_miniplm.selection.difference import SelectionConfig
     from megatron_miniplm.training.kd import KDSettings
-    from megatron_miniplm.training.trainer import TrainConfig
 
-    sections = [("preprocess", cfg.preprocess, PreprocessConfig, "preprocess"),
-                ("split", cfg.split, SplitConfig, "split"),
-                ("scoring", cfg.scoring, ScoreConfig, "scoring"),
-                ("selection", {k: v for k, v in cfg.selection.items() if k != "baselines"}, SelectionConfig,
-                 "selection"),
-                ("reference.train", cfg.reference.train, TrainConfig, "train"),
-                ("student.train", cfg.student.train, TrainConfig, "train"),
-                ("evaluation", cfg.evaluation, EvalConfig, "evaluation")]
-    for where, values, cls, owner in sections:
+    data = to_data(cfg)
+    for where, cls in _stage_sections().items():
+        values = data
+        for part in where.split("."):
+            values = values[part]
+        if where == "selection" and isinstance(values, Mapping):
+            values = {k: v for k, v in values.items() if k != "baselines"}
+        owner = where.rpartition(".")[2]
         if not isinstance(values, Mapping):
             raise ConfigError(f"{where}: expected a mapping of {cls.__name__} settings")
         known = _setting_names(cls)

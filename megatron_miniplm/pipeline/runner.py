@@ -29,7 +29,7 @@ from typing import Optional
 
 from megatron_miniplm.atomic_io import write_json_atomic, write_text_atomic
 from megatron_miniplm.pipeline.config import PipelineConfig, to_yaml
-from megatron_miniplm.pipeline.stages import DISTRIBUTED, SINGLE, Graph, Stage
+from megatron_miniplm.pipeline.stages import DISTRIBUTED, SINGLE, Graph, Stage, record_bf16
 
 STOPPED_EARLY = 3  # exit code: a stage was stopped by SIGTERM after saving; rerun to resume
 
@@ -120,6 +120,7 @@ class Runner:
             check_shared_work_dir(self.work_dir, self.par.nnodes, self.par.node_rank, plan=plan_of(self.graph))
         if self.node0:
             write_text_atomic(os.path.join(self.work_dir, "pipeline_config.yaml"), to_yaml(self.cfg))
+            record_bf16(self.graph)
         dirs = {}
         for i, decision in enumerate(decisions, 1):
             stage = decision.stage

@@ -53,6 +53,40 @@ class Stage:
         return self.fingerprint
 
 
+PRECISION_RECORD = "bf16.json"
+
+
+def resolve_bf16(cfg: PipelineConfig) -> tuple[bool, str]:
+    """bf16 or not for every model stage, and why. ``auto`` is decided once per work directory:
+    the decision the first run recorded (``record_bf16``) is reused, because on some CPUs it
+    comes from a timing, and a timing that flips near its threshold must not change every
+    model stage's fingerprint and rerun them. ``true`` / ``false`` are taken as given."""
+    if cfg.bf16 != "auto":
+        return bool(cfg.bf16), "set"
+    path = os.path.join(os.path.abspath(cfg.work_dir), PRECISION_RECORD)
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+        return bool(recorded["bf16"]), f"auto, as first decided for this work directory ({path}): {recorded['reason']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        from megatron_miniplm import platform
+
+        bf16, why = platform.bf16_is_fast()
+        return bf16, f"auto: {why}"
+
+
+def record_bf16(graph: "Graph") -> None:
+    """Keep ``auto``'s decision for the later runs on this work directory (run once, by the
+    first node, before any stage)."""
+    if graph.cfg.bf16 != "auto":
+        return
+    from megatron_miniplm.atomic_io import write_json_atomic
+
+    path = os.path.join(os.path.abspath(graph.cfg.work_dir), PRECISION_RECORD)
+    if not os.path.exists(path):
+        write_json_atomic(path, {"bf16": graph.bf16, "reason": graph.bf16_reason.removeprefix("auto: ")})
+
+
 def file_identity(paths: list[str]) -> dict:
     """path -> [size, mtime_ns] of each file (every file under a directory): what a stage
     reading outside files is fingerprinted by (cheap for 100 GB corpora)."""
@@ -116,13 +150,7 @@ class Graph:
 
     def __init__(self, cfg: PipelineConfig, python: str = sys.executable):
         self.cfg, self.python = cfg, python
-        if cfg.bf16 == "auto":
-            from megatron_miniplm import platform
-
-            self.bf16, why = platform.bf16_is_fast()
-            self.bf16_reason = f"auto: {why}"
-        else:
-            self.bf16, self.bf16_reason = bool(cfg.bf16), "set"
+        self.bf16, self.bf16_reason = resolve_bf16(cfg)
         self.stages: list[Stage] = []
         self._build()
         prints: dict = {}

@@ -38,8 +38,9 @@ class SelectionConfig:
     method: str = setting("difference", group="selection", choices=METHODS,
                           help="difference (MiniPLM), or a baseline: uniform random, teacher (lowest "
                                "teacher NLL), reference (highest reference NLL)")
-    alpha: Optional[float] = setting(None, group="selection", help="fraction of instances to keep, in (0, 1]")
-    keep_tokens: Optional[int] = setting(None, group="selection",
+    alpha: Optional[float] = setting(None, group="selection", one_of="budget",
+                                     help="fraction of instances to keep, in (0, 1]")
+    keep_tokens: Optional[int] = setting(None, group="selection", one_of="budget",
                                          help="or a token budget: the best instances whose total fits")
     order: str = setting("original", group="selection", flag="--data-order", choices=ORDERS,
                          help="order of the blend's instances")

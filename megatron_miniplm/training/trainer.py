@@ -68,9 +68,10 @@ class TrainConfig:
         None, group=TRAINING,
         help="alternative to --train-iters: a token budget (iterations = tokens / (global batch x seq length))")
     optimizer: engine.OptimizerSettings = field(default_factory=engine.OptimizerSettings)
-    lr_warmup_iters: int = setting(0, group="optimizer", help="linear warm-up steps")
+    lr_warmup_iters: int = setting(0, group="optimizer", one_of="warm-up", help="linear warm-up steps")
     lr_warmup_fraction: Optional[float] = setting(
-        None, group="optimizer", help="or: warm-up steps as a fraction of the decay steps (as in Megatron-LM)")
+        None, group="optimizer", one_of="warm-up",
+        help="or: warm-up steps as a fraction of the decay steps (as in Megatron-LM)")
     lr_decay_iters: Optional[int] = setting(None, group="optimizer",
                                             help="decay steps (default: the training iterations)")
     lr_decay_style: str = setting("cosine", group="optimizer", choices=("cosine", "linear", "constant"),

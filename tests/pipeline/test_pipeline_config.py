@@ -27,7 +27,22 @@ def test_sources_in_order(tmp_path):
     cfg, sources = config.load(str(path), ["selection.alpha=0.2"], environ={"ALPHA": "0.3", "SEED": "9"})
     assert cfg.selection["alpha"] == 0.2 and sources["selection.alpha"] == "command line"
     assert cfg.seed == 9 and sources["seed"] == "$SEED"
-    assert cfg.selection["baselines"] == ["uniform"]  # untouched keys keep their defaults
+    assert "baselines" not in cfg.selection  # the file's section replaces the demo's whole
+    cfg, _ = config.load(None, ["selection.alpha=0.2"], environ={})
+    assert cfg.selection == {"alpha": 0.2, "baselines": ["uniform"]}  # a single key merges into it
+
+
+def test_a_later_setting_drops_what_it_is_an_alternative_to(tmp_path):
+    """ref_tokens replaces ref_fraction, lr_warmup_iters lr_warmup_fraction, keep_tokens alpha;
+    a model preset replaces the model settings of earlier sources."""
+    cfg, _ = config.load(None, ["split.ref_tokens=5000", "student.train.lr_warmup_iters=10",
+                                "selection.keep_tokens=900", "reference.model.preset=qwen-104M"], environ={})
+    assert cfg.split == {"ref_tokens": 5000}
+    assert cfg.student.train["lr_warmup_iters"] == 10 and "lr_warmup_fraction" not in cfg.student.train
+    assert cfg.selection == {"keep_tokens": 900, "baselines": ["uniform"]}
+    assert cfg.reference.model == {"preset": "qwen-104M"}
+    cfg, _ = config.load(None, ["reference.model.preset=qwen-104M", "reference.model.num_layers=4"], environ={})
+    assert cfg.reference.model == {"preset": "qwen-104M", "num_layers": 4}  # a preset, then changes to it
 
 
 def test_the_launchers_environment_variables_still_work():
@@ -62,3 +77,13 @@ def test_refusals_name_the_setting(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
                        .replace("[", r"\[")):
         config.load(None, [override], environ={})
+
+
+def test_yaml_aliases_do_not_tie_sections_together(tmp_path):
+    """A file may give two sections one mapping through a YAML alias; a later key changes one."""
+    path = tmp_path / "c.yaml"
+    model = {"num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 2}
+    path.write_text(yaml.safe_dump({"reference": {"model": model}, "student": {"model": model}}))
+    assert "&id" in path.read_text()  # one mapping, written once
+    cfg, _ = config.load(str(path), ["student.model.num_layers=6"], environ={})
+    assert cfg.reference.model["num_layers"] == 2 and cfg.student.model["num_layers"] == 6

@@ -207,7 +207,7 @@ def test_two_nodes_match_one_node(setting, one_node, tmp_path):
     ("tokenizer=OTHER", "differs from the teacher's"),
     ("seq_length=1000", "exceeds the teacher's 256 positions"),
     ("selection.baselines=[uniform,random]", "selection.baselines"),
-    ("selection.keep_tokens=100", "give exactly one of alpha"),
+    ("selection.alpha=null", "give exactly one of alpha"),
     ("split.ref_fraction=1.5", "split: ref_fraction must be in (0, 1)"),
     ("student.train.global_batch_size=7", "global_batch_size 7 is not divisible"),
     ("student.epochs=0", "student.epochs 0"),

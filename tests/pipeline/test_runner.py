@@ -31,7 +31,7 @@ def toy_graph(work_dir, log, *, b_setting=1, b_sleep=0.0, nnodes=1, node_rank=0)
     prints = {}
     for s in stages:
         prints[s.name] = s.compute_fingerprint(prints)
-    cfg = PipelineConfig(work_dir=str(work_dir), parallel=Parallel(nnodes=nnodes, node_rank=node_rank))
+    cfg = PipelineConfig(work_dir=str(work_dir), bf16=False, parallel=Parallel(nnodes=nnodes, node_rank=node_rank))
     graph = SimpleNamespace(cfg=cfg, stages=stages)
     graph.out_dir = lambda s: os.path.join(str(work_dir), s.name, s.fingerprint)
     return graph
