@@ -57,26 +57,10 @@ def save_sharded(state: dict, directory: str) -> None:
     """Collective: megatron-core's ``dist_checkpointing.save`` of a sharded state dict, synchronous."""
     from megatron.core import dist_checkpointing
 
-    _write_results_in_process()
+    from megatron_miniplm import megatron_compat
+
+    megatron_compat.use_in_process_write_results()
     dist_checkpointing.save(state, directory)
-
-
-def _write_results_in_process() -> None:
-    """megatron-core's torch_dist writer returns its write results through a queue that it
-    makes, at the first save, in a multiprocessing Manager started with spawn: what an
-    asynchronous save, whose writer runs in another process, needs. A synchronous save puts
-    and gets them in this process, and the spawned server must import torch to unpickle them
-    on the way: ~4 s per rank at the first save of every run (measured on a CPU:
-    pretrain_gpt.py's save 4.1 s -> 0.3 s). A queue of this process carries them just as well.
-    Saves here are synchronous (there is no --async-save); an asynchronous one would need
-    megatron-core's own queue back.
-    """
-    import queue
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if getattr(filesystem_async, "_results_queue", None) is None:
-        filesystem_async._results_queue = queue.Queue()
 
 
 def save_model(model_chunks: list, directory: str, config: ModelConfig | None = None) -> None:

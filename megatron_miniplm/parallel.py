@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_miniplm import platform
+from megatron_miniplm import megatron_compat, platform
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def initialize(config: ParallelConfig = ParallelConfig()) -> ParallelInfo:
     global _launch
     env = launch_env()
     order_cuda_connections(config.tensor_model_parallel_size, env)  # before any call below creates the CUDA context
-    platform.apply()
+    megatron_compat.apply()
     from megatron.core import parallel_state
 
     tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size

@@ -1,48 +1,23 @@
-"""Let megatron-core run on a machine without CUDA (CPU + gloo).
-
-megatron-core assumes CUDA in a few places: scratch buffers on
-``torch.cuda.current_device()``, ``device="cuda"`` literals (schedules' token
-counters, optimizer found-inf / grad-norm tensors), ``torch.cuda.synchronize``
-and streams, ``tensor.cuda()``, and an RNG tracker that reads and writes the
-CUDA generator. On a CPU-only machine every one of those raises.
-
-``apply()`` redirects them to the CPU, and only when CUDA is unavailable, so a
-GPU run is never touched. The redirection is scoped: each ``megatron.core``
-module sees a ``torch`` whose ``cuda`` namespace and tensor factories map the
-CUDA device to the CPU; user code keeps the real ``torch``. The one global
-change is ``Tensor.cuda`` returning the tensor itself, which on a CPU-only
-build would otherwise only raise.
-
-megatron-core's mixed-precision and distributed optimizers accept a parameter
-only if ``param.type()`` names a CUDA tensor; their constructors see CPU
-tensors named as CUDA ones, so that ``--bf16`` builds the same bf16 parameters,
-fp32 main parameters and (distributed) optimizer on the CPU as on a GPU.
-
-Transformer Engine is probed here too, on every machine: megatron-core guards
-its TE imports against ImportError only, so a TE whose PyTorch part fails
-otherwise (a library built for another torch or CUDA raises OSError) would
-crash every import of megatron-core. Such an install is hidden, and
-megatron-core falls back to its local layers as it does without TE.
+"""This process's device and what it can do: CUDA or the host, the distributed backend,
+the device's RNG state, Transformer Engine and the kernel compiler, whether bf16 is the
+fast path, and host copies. Facts only: what makes megatron-core run without CUDA is
+``megatron_compat``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
-import importlib.abc
-import importlib.machinery
 import importlib.util
-import logging
 import sys
-import types
 from typing import Optional
 
 import torch
 
-_CPU = torch.device("cpu")
-_MEGATRON_PREFIX = "megatron.core"
-_applied = False
+# The device this process computes on where it has no CUDA device: the host.
+# tests/test_device_placement.py stands another device in for it, to see where a GPU would
+# hold each tensor.
+NO_CUDA_DEVICE = torch.device("cpu")
 
 
 def cuda_available() -> bool:
@@ -53,7 +28,7 @@ def device() -> torch.device:
     """The device this process computes on: its CUDA device, else the CPU."""
     if cuda_available():
         return torch.device("cuda", torch.cuda.current_device())
-    return _CPU
+    return NO_CUDA_DEVICE
 
 
 def distributed_backend() -> str:
@@ -140,7 +115,8 @@ def kernel_compiler() -> tuple[bool, str]:
 
 
 # bf16 must beat fp32 by this much in the measurement below to be chosen: a margin that a
-# busy machine's noise does not cross (measured so far: bf16 scoring 0.6x fp32 on one such CPU; GEMMs 4x on another).
+# busy machine's noise does not cross (the figures behind it: benchmarks/RESULTS.md, "bf16 or
+# fp32 on a CPU").
 BF16_MIN_SPEEDUP = 1.5
 
 
@@ -148,11 +124,11 @@ BF16_MIN_SPEEDUP = 1.5
 def bf16_is_fast() -> tuple[bool, str]:
     """Whether bf16 matmuls beat fp32 on this process's device, and why. On a GPU, yes; on a
     CPU with AMX (Sapphire Rapids and later), yes; on a CPU without bf16 instructions, no
-    (emulated). On a CPU with AVX512-BF16 but no AMX it depends on the chip and on oneDNN:
-    measured 495 vs 783 tokens/s (bf16 slower) scoring SmolLM2-135M on one such machine, and
-    1255 vs 418 tokens/s (3x faster) on a 2-core AMD EPYC with torch 2.13, so it is measured
-    here: bf16 when a GEMM of the shapes our models run takes it at least
-    ``BF16_MIN_SPEEDUP`` times faster than fp32."""
+    (emulated). On a CPU with AVX512-BF16 but no AMX it depends on the chip and on oneDNN
+    (bf16 measured slower than fp32 on one such machine and three times faster on another),
+    so it is measured here: bf16 when a GEMM of the shapes our models run takes it at least
+    ``BF16_MIN_SPEEDUP`` times faster than fp32. The pipeline records the decision per work
+    directory (pipeline/stages.py), so that a timing never decides twice."""
     if cuda_available():
         return True, "GPU"
     flags = _cpu_flags()
@@ -208,25 +184,6 @@ def hf_inference_dtype() -> str:
     return "bfloat16" if cuda_available() else "float32"
 
 
-def _is_cuda(dev) -> bool:
-    if isinstance(dev, torch.device):
-        return dev.type == "cuda"
-    if isinstance(dev, str):
-        return dev.startswith("cuda")
-    return isinstance(dev, int) and not isinstance(dev, bool)  # an int means a CUDA ordinal
-
-
-def _on_cpu(factory):
-    @functools.wraps(factory)
-    def wrapper(*args, **kwargs):
-        if _is_cuda(kwargs.get("device")):
-            kwargs["device"] = _CPU
-        kwargs.pop("pin_memory", None)
-        return factory(*args, **kwargs)
-
-    return wrapper
-
-
 class _NullStream:
     """Stands in for torch.cuda.Stream / Event: CPU work is already ordered."""
 
@@ -254,212 +211,6 @@ class _NullStream:
     def query(self):
         return True
 
-
-def _cpu_cuda_namespace() -> types.SimpleNamespace:
-    """What megatron's ``torch.cuda`` resolves to on CPU; anything else falls through."""
-    real = torch.cuda
-
-    class CpuCuda(types.SimpleNamespace):
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-    return CpuCuda(
-        is_available=lambda: False,
-        current_device=lambda: _CPU,
-        device_count=lambda: 0,
-        synchronize=lambda *a, **k: None,
-        empty_cache=lambda: None,
-        Stream=_NullStream,
-        Event=_NullStream,
-        stream=lambda *a, **k: contextlib.nullcontext(),
-        current_stream=lambda *a, **k: _NullStream(),
-        default_stream=lambda *a, **k: _NullStream(),
-        get_rng_state=lambda *a, **k: torch.get_rng_state(),
-        set_rng_state=lambda state, *a, **k: torch.set_rng_state(state),
-        manual_seed=torch.manual_seed,
-        manual_seed_all=torch.manual_seed,
-        memory_allocated=lambda *a, **k: 0,
-        max_memory_allocated=lambda *a, **k: 0,
-        memory_reserved=lambda *a, **k: 0,
-        max_memory_reserved=lambda *a, **k: 0,
-        reset_peak_memory_stats=lambda *a, **k: None,
-    )
-
-
-_FACTORIES = (
-    "empty", "empty_like", "zeros", "zeros_like", "ones", "ones_like", "full", "full_like",
-    "tensor", "as_tensor", "arange", "rand", "randn", "randint", "randperm", "eye",
-)
-
-
-def _cpu_torch_module() -> types.ModuleType:
-    """A view of ``torch`` in which CUDA means the CPU, for megatron modules only."""
-
-    class CpuTorch(types.ModuleType):
-        def __getattr__(self, name):  # attributes added to torch after the copy
-            return getattr(torch, name)
-
-    proxy = CpuTorch("torch")
-    proxy.__dict__.update({k: v for k, v in vars(torch).items() if not k.startswith("__")})
-    for name in _FACTORIES:
-        setattr(proxy, name, _on_cpu(getattr(torch, name)))
-    proxy.cuda = _cpu_cuda_namespace()
-    return proxy
-
-
-def _patch_module(module: types.ModuleType, cpu_torch: types.ModuleType) -> None:
-    if getattr(module, "torch", None) is torch:
-        module.torch = cpu_torch
-
-
-class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Gives megatron.core modules imported after ``apply()`` the CPU view of torch."""
-
-    def __init__(self, cpu_torch):
-        self.cpu_torch = cpu_torch
-
-    def find_spec(self, fullname, path, target=None):
-        if not fullname.startswith(_MEGATRON_PREFIX):
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        exec_module = spec.loader.exec_module
-        cpu_torch = self.cpu_torch
-
-        def patched_exec(module):
-            exec_module(module)
-            _patch_module(module, cpu_torch)
-
-        spec.loader.exec_module = patched_exec
-        return spec
-
-
-def _cpu_rng_tracker_functions():
-    """The RNG tracker's get/set state, routed to the CPU generator."""
-    import megatron.core.tensor_parallel.random as mp_random
-
-    mp_random._get_cuda_rng_state = lambda *a, clone=False, **k: (
-        torch.get_rng_state().clone() if clone else torch.get_rng_state()
-    )
-    mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    # The tracker warns whenever the CPU generator moves inside its fork; on CPU
-    # the CPU generator *is* the tracked generator, so the warning is noise.
-    logging.getLogger(mp_random.__name__).setLevel(logging.ERROR)
-
-
-def _clip_grads_on_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
-    """megatron's fp32 clipping asserts ``torch.cuda.FloatTensor`` grads; same math on CPU."""
-    attr = "decoupled_grad" if use_decoupled_grad else "grad"
-    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
-    coeff = max_norm / (total_norm + 1.0e-6)
-    if coeff < 1.0 and grads:
-        torch._foreach_mul_([g.detach() for g in grads], coeff)
-
-
-@contextlib.contextmanager
-def _cpu_tensors_named_as_cuda():
-    """``Tensor.type()`` answers 'torch.cuda.BFloat16Tensor' for a bf16 tensor on this process's
-    device (and so on)."""
-    original = torch.Tensor.type
-
-    def type_(self, *args, **kwargs):
-        name = original(self, *args, **kwargs)
-        if args or kwargs or self.device.type != _CPU.type:
-            return name
-        return "torch.cuda." + name.rsplit(".", 1)[1]
-
-    torch.Tensor.type = type_
-    try:
-        yield
-    finally:
-        torch.Tensor.type = original
-
-
-def _cpu_mixed_precision_optimizers():
-    """Build megatron's Float16 and distributed optimizers over CPU parameters: their
-    constructors sort parameters by ``param.type()`` names of CUDA tensors only."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
-
-    for cls in (Float16OptimizerWithFloat16Params, DistributedOptimizer):
-        init = cls.__init__
-
-        @functools.wraps(init)
-        def wrapped(self, *args, __init=init, **kwargs):
-            with _cpu_tensors_named_as_cuda():
-                __init(self, *args, **kwargs)
-
-        cls.__init__ = wrapped
-
-
-def _cpu_grad_clipping():
-    import megatron.core.optimizer.clip_grads as clip_grads
-    import megatron.core.optimizer.optimizer as optimizer
-
-    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grads_on_cpu
-    optimizer.clip_grad_by_total_norm_fp32 = _clip_grads_on_cpu
-
-
-def apply() -> bool:
-    """Redirect megatron-core's CUDA assumptions to the CPU when CUDA is absent.
-
-    Idempotent; returns True when the CPU redirection is active. Call it before
-    building models (``megatron_miniplm.parallel.initialize`` does).
-    """
-    global _applied
-    transformer_engine()
-    if cuda_available():
-        return False
-    if _applied:
-        return True
-    cpu_torch = _cpu_torch_module()
-    sys.meta_path.insert(0, _PatchOnImport(cpu_torch))
-    for name, module in list(sys.modules.items()):
-        if name.startswith(_MEGATRON_PREFIX) and module is not None:
-            _patch_module(module, cpu_torch)
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    _cpu_rng_tracker_functions()
-    _cpu_grad_clipping()
-    _cpu_mixed_precision_optimizers()
-    _applied = True
-    return True
-
-
-# --- free memory and host copies (the scorer's sizing and its copies of results) ------
-
-CPU_WORKING_BUDGET = 1 << 30
-
-
-def free_memory() -> tuple[int, str]:
-    """Bytes this process may still use for working buffers on its device, and where the
-    figure comes from. The one place that asks the device: sizing code takes the number.
-
-    GPU: what the driver reports free on this process's device (``torch.cuda.mem_get_info``),
-    i.e. after the weights and the caching allocator's reserve: that is the real limit.
-    CPU: a fixed budget of 1 GiB per process, never more than this machine's available RAM
-    divided among its local ranks; deliberately not the available RAM itself. On a CPU the
-    memory is not the limit but the caches are: bigger buffers only add memory traffic once
-    the matmuls run at full speed (measured, SmolLM2-135M bf16, 8 x 1024 tokens, tokens per
-    CPU-second: 1,474 with 256-row logits chunks, 1,513 with 1,024 rows, which this budget
-    gives, 1,423 with 2,816 rows, which 2 GiB gave). The RAM is also shared by every rank of
-    the machine and the page cache, and a buffer past glibc's 1 GiB kept-heap threshold
-    (scoring/memory.py) would be page-faulted in again on every use.
-    """
-    if cuda_available():
-        device_index = torch.cuda.current_device()
-        free, total = torch.cuda.mem_get_info(device_index)
-        return int(free), (f"GPU {torch.cuda.get_device_name(device_index)}: {free / 2**30:.1f} of "
-                           f"{total / 2**30:.1f} GiB free")
-    import os
-
-    import psutil
-
-    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    available = psutil.virtual_memory().available // ranks
-    budget = min(CPU_WORKING_BUDGET, available)
-    return int(budget), (f"CPU: fixed {CPU_WORKING_BUDGET / 2**30:g} GiB working budget per process "
-                         f"(available RAM per local rank: {available / 2**30:.1f} GiB)")
 
 
 def copy_to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, object]:

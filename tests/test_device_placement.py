@@ -37,11 +37,11 @@ def _stand_in_device(skip_loads: bool = True) -> list:
     import torch.distributed as dist
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_miniplm import platform
+    from megatron_miniplm import megatron_compat, platform
 
     meta = torch.device("meta")
-    platform.apply()
-    platform._CPU = meta  # megatron-core's current device and platform.device()
+    megatron_compat.apply()
+    platform.NO_CUDA_DEVICE = meta  # megatron-core's current device and platform.device()
     for name in ("all_reduce", "broadcast", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather"):
         real = getattr(dist, name)
 
@@ -173,17 +173,17 @@ def _convert_with_stand_in(hf_dir: str, save: str, exported: str) -> None:
     from megatron_miniplm import checkpointing, platform
 
     _stand_in_device(skip_loads=False)
-    meta = platform._CPU
+    meta = platform.NO_CUDA_DEVICE
 
     def on_host(fn):
         def run(model_chunks, directory, *args):
             off = [n for c in model_chunks for n, t in c.state_dict().items() if torch.is_tensor(t) and t.is_meta]
             assert not off, f"conversion's model on the device: {off[:4]}"
-            platform._CPU = torch.device("cpu")
+            platform.NO_CUDA_DEVICE = torch.device("cpu")
             try:
                 return fn(model_chunks, directory, *args)
             finally:
-                platform._CPU = meta
+                platform.NO_CUDA_DEVICE = meta
         return run
 
     checkpointing.save_model = on_host(checkpointing.save_model)

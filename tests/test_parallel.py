@@ -170,11 +170,11 @@ class _FirstCudaCall(Exception):
 @pytest.fixture
 def gpu(monkeypatch):
     """A CUDA machine as parallel.initialize sees it, up to its first call that would create the
-    CUDA context (platform.apply, then binding the device), which stops it: the stubs answer
+    CUDA context (megatron_compat.apply, then binding the device), which stops it: the stubs answer
     the device queries, ``gpu`` records the variable as that first call found it."""
     import torch
 
-    from megatron_miniplm import platform
+    from megatron_miniplm import megatron_compat, platform
 
     monkeypatch.setenv(CONNECTIONS, "unset by the fixture")
     monkeypatch.delenv(CONNECTIONS)  # restored (absent) after the test, whatever the code set
@@ -185,7 +185,7 @@ def gpu(monkeypatch):
         raise _FirstCudaCall
 
     monkeypatch.setattr(platform, "cuda_available", lambda: True)
-    monkeypatch.setattr(platform, "apply", first_cuda_call)
+    monkeypatch.setattr(megatron_compat, "apply", first_cuda_call)
     monkeypatch.setattr(platform, "bind_local_device", first_cuda_call)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: state["capability"])

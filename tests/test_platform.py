@@ -1,11 +1,12 @@
-"""The CPU platform layer: megatron sees CUDA as the CPU, user code keeps the real torch."""
+"""megatron-core without CUDA (megatron_compat): megatron sees CUDA as the CPU, user code keeps the
+real torch; and the platform's facts."""
 
 import sys
 
 import pytest
 import torch
 
-from megatron_miniplm import parallel, platform
+from megatron_miniplm import megatron_compat, parallel, platform
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -15,7 +16,7 @@ def world_of_one():
 
 def test_applied_only_without_cuda():
     assert not torch.cuda.is_available()
-    assert platform.apply() is True
+    assert megatron_compat.apply() is True
     assert platform.device() == torch.device("cpu")
 
 

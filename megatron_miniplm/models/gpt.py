@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_miniplm import platform
+from megatron_miniplm import megatron_compat, platform
 from megatron_miniplm.models.config import ModelConfig
 from megatron_miniplm.settings import setting
 
@@ -353,7 +353,7 @@ def build_model(
     """
     from megatron.core import parallel_state as ps
 
-    platform.apply()
+    megatron_compat.apply()
     impl = impl or resolve_implementation()
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()

@@ -12,7 +12,7 @@ size is launch-bound, and a fixed 32 MB of logits is ~55 positions at a 152K voc
   at most 2^31 logits (beyond that, kernels leave their 32-bit indexing), in whole tiles
   (nll.TILE_ROWS).
 
-Usable memory is ``USABLE_FRACTION`` of ``platform.free_memory()``, measured after the model
+Usable memory is ``USABLE_FRACTION`` of ``free_memory()``, measured after the model
 is loaded and taken as the least over all ranks, so that every rank chooses the same sizes
 (TP ranks must agree on the chunks, all ranks on the batches). The per-token estimates
 bound one layer's transients (forward-only: nothing is kept across layers), doubled for the
@@ -94,14 +94,51 @@ def logit_bytes_per_row(vocab_local: int, dtype_bytes: int) -> int:
     return vocab_local * (8 + (dtype_bytes if dtype_bytes != 4 else 0))
 
 
+CPU_WORKING_BUDGET = 1 << 30
+
+
+def free_memory() -> tuple[int, str]:
+    """Bytes this process may still use for working buffers on its device, and where the
+    figure comes from. The one place that asks the device: sizing code takes the number.
+
+    GPU: what the driver reports free on this process's device (``torch.cuda.mem_get_info``),
+    i.e. after the weights and the caching allocator's reserve: that is the real limit.
+    CPU: a fixed budget of 1 GiB per process, never more than this machine's available RAM
+    divided among its local ranks; deliberately not the available RAM itself. On a CPU the
+    memory is not the limit but the caches are: once the matmuls run at full speed, bigger
+    buffers only add memory traffic (the logits-chunk sweep in benchmarks/RESULTS.md,
+    "Scoring"). The RAM is also shared by every rank of the machine and the page cache, and a
+    buffer past glibc's 1 GiB kept-heap threshold (scoring/memory.py) would be page-faulted in
+    again on every use.
+    """
+    import os
+
+    import torch
+
+    from megatron_miniplm import platform
+
+    if platform.cuda_available():
+        device_index = torch.cuda.current_device()
+        free, total = torch.cuda.mem_get_info(device_index)
+        return int(free), (f"GPU {torch.cuda.get_device_name(device_index)}: {free / 2**30:.1f} of "
+                           f"{total / 2**30:.1f} GiB free")
+    import psutil
+
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    available = psutil.virtual_memory().available // ranks
+    budget = min(CPU_WORKING_BUDGET, available)
+    return int(budget), (f"CPU: fixed {CPU_WORKING_BUDGET / 2**30:g} GiB working budget per process "
+                         f"(available RAM per local rank: {available / 2**30:.1f} GiB)")
+
+
 def least_free_memory() -> tuple[int, str]:
-    """``platform.free_memory()`` of this rank with the least over all ranks (collective)."""
+    """``free_memory()`` of this rank with the least over all ranks (collective)."""
     import torch
     import torch.distributed as dist
 
     from megatron_miniplm import platform
 
-    free, why = platform.free_memory()
+    free, why = free_memory()
     if dist.is_initialized() and dist.get_world_size() > 1:
         t = torch.tensor([free], dtype=torch.int64, device=platform.device())
         dist.all_reduce(t, op=dist.ReduceOp.MIN)

@@ -145,9 +145,9 @@ _BROKEN_TE = {
 
 _PROBE = """
 import importlib, json
-from megatron_miniplm import platform
+from megatron_miniplm import megatron_compat, platform
 top = importlib.import_module("transformer_engine")  # what a top-level probe accepts
-platform.apply()  # what every tool does first: megatron-core must now import
+megatron_compat.apply()  # what every tool does first: megatron-core must now import
 from megatron_miniplm.models import gpt
 platform.cuda_available = lambda: True  # decide as on a GPU node
 usable, why = gpt.transformer_engine_status()
