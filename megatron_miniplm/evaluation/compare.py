@@ -3,10 +3,11 @@
 Every model is scored on the same test instances, so the comparison is paired: the
 difference of two models' losses on instance i removes most of the between-instance
 variance (short code snippets and long prose differ far more than two students do).
-The interval is a percentile bootstrap over instances, seeded, so a rerun prints the
-same numbers. Seeds of one model (several students trained with different seeds) are
-pooled by averaging each instance's loss over the seeds before pairing; the spread
-between seeds is reported beside it.
+Seeds of one model (several students trained with different seeds) are pooled by
+averaging each instance's loss over the seeds before pairing. The interval covers what
+varies between repetitions of the experiment as far as the design shows it: the test
+set (test documents resampled, ``paired_difference``) and, with two seeds or more of
+each model, training; with one seed it says that it covers the test set only.
 
 Per-domain figures use the domain of each test instance (PREFIX.domains.npy). The
 paper's LM loss is the mean over instances of each instance's mean NLL, so a domain's
@@ -43,53 +44,127 @@ def per_domain(losses: np.ndarray, domains: np.ndarray, names: Sequence[str]) ->
 
 @dataclass(frozen=True)
 class PairedDifference:
-    """mean over instances of loss(a) - loss(b), with a percentile bootstrap interval."""
+    """mean over test instances of loss(a) - loss(b), seeds pooled, with an interval over what
+    varies between repetitions of the experiment that the design can see (``covers``)."""
 
     mean: float
     low: float
     high: float
     instances: int
     level: float
+    documents: int = 0  # test documents resampled (0: instances taken as independent)
+    seeds: tuple = (1, 1)  # training seeds of a and of b
+    seed_std: Optional[float] = None  # seed-to-seed spread of the difference, with >= 2 seeds each
+
+    @property
+    def covers_seeds(self) -> bool:
+        return min(self.seeds) >= 2
+
+    @property
+    def covers(self) -> str:
+        test = "test documents" if self.documents else "test instances"
+        return f"{test} and training seeds" if self.covers_seeds else f"{test} only"
 
     @property
     def excludes_zero(self) -> bool:
         return self.low > 0 or self.high < 0
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "excludes_zero": self.excludes_zero}
+        return {**asdict(self), "seeds": list(self.seeds), "excludes_zero": self.excludes_zero,
+                "covers": self.covers}
 
     def verdict(self, a: str, b: str) -> str:
-        """One sentence that says what the numbers support."""
+        """One sentence that says what the numbers support, and what the interval covers."""
         pct = f"{100 * self.level:g}%"
         head = f"{a} − {b} = {self.mean:+.4f} [{self.low:+.4f}, {self.high:+.4f}] nats"
+        if not self.covers_seeds:
+            return (f"{head}: the interval covers {self.covers}; with one training seed "
+                    f"{'per model' if max(self.seeds) < 2 else 'for ' + (a if self.seeds[0] < 2 else b)} "
+                    f"it cannot tell a method effect from seed noise (train >= 2 seeds of each)")
+        where = f"at {pct} over {self.covers}"
         if self.high < 0:
-            return f"{head}: {a} is lower at {pct}"
+            return f"{head}: {a} is lower {where}"
         if self.low > 0:
-            return f"{head}: {a} is higher at {pct}"
-        return f"{head}: not distinguishable from zero at {pct}"
+            return f"{head}: {a} is higher {where}"
+        return f"{head}: not distinguishable from zero {where}"
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray, *, samples: int = 10_000, seed: int = 0,
+def paired_difference(a_runs: Sequence[np.ndarray], b_runs: Sequence[np.ndarray], *,
+                      documents: Optional[np.ndarray] = None, samples: int = 10_000, seed: int = 0,
                       level: float = 0.95, block: int = 256) -> PairedDifference:
-    """Paired difference of two models' per-instance losses (NaN rows, where either has no
-    counted token, are left out). Bootstrap resamples of the instances are drawn in blocks,
-    so memory stays at block x instances whatever the test set's size."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"paired losses need the same instances: {a.shape} vs {b.shape}")
-    d = a - b
-    d = d[~np.isnan(d)]
-    n = d.size
-    if n == 0:
+    """Difference of two models' per-instance losses (each a list of per-seed arrays over the same
+    test instances; instances that a run leaves without a counted token are left out), with an
+    interval over the two sources of chance in such a comparison:
+
+    - the test set: a percentile bootstrap that resamples test documents (``documents``: a
+      document id per instance; instances cut from one document are not independent), or
+      instances where no document ids are known; seeded, so a rerun prints the same numbers;
+    - training: with >= 2 seeds of each model, the seed-to-seed variance of each model's mean
+      loss (over its k seeds, /k) is added to the bootstrap's variance of the test-set part,
+      and the interval is a t interval with Welch-Satterthwaite degrees of freedom (a
+      bootstrap over 2-5 seeds would understate it). With one seed of either model the
+      interval is the test-set part alone, and ``verdict`` says so.
+    """
+    A = np.stack([np.asarray(r, dtype=np.float64) for r in a_runs])
+    B = np.stack([np.asarray(r, dtype=np.float64) for r in b_runs])
+    if A.shape[1] != B.shape[1]:
+        raise ValueError(f"paired losses need the same instances: {A.shape[1]} vs {B.shape[1]}")
+    usable = ~np.isnan(A).any(axis=0) & ~np.isnan(B).any(axis=0)
+    if not usable.any():
         raise ValueError("no instance is scored by both models")
+    A, B = A[:, usable], B[:, usable]
+    d = A.mean(axis=0) - B.mean(axis=0)
+    groups = (np.unique(np.asarray(documents)[usable], return_inverse=True)[1] if documents is not None
+              else np.arange(d.size))
+    test_means = _cluster_bootstrap(d, groups, samples=samples, seed=seed, block=block)
+    tail = (1 - level) / 2
+    mean = float(d.mean())
+    kinds = dict(instances=int(d.size), level=level, documents=int(groups.max() + 1) if documents is not None else 0,
+                 seeds=(A.shape[0], B.shape[0]))
+    if min(A.shape[0], B.shape[0]) < 2:
+        low, high = np.percentile(test_means, [100 * tail, 100 * (1 - tail)])
+        return PairedDifference(mean=mean, low=float(low), high=float(high), **kinds)
+    parts = [(float(np.var(test_means, ddof=1)), int(groups.max())),  # (variance, degrees of freedom)
+             (float(np.var(A.mean(axis=1), ddof=1)) / A.shape[0], A.shape[0] - 1),
+             (float(np.var(B.mean(axis=1), ddof=1)) / B.shape[0], B.shape[0] - 1)]
+    variance = sum(v for v, _ in parts)
+    df = variance ** 2 / sum(v ** 2 / max(n, 1) for v, n in parts) if variance > 0 else math.inf
+    half = t_quantile(1 - tail, df) * math.sqrt(variance)
+    seed_std = math.sqrt(parts[1][0] * A.shape[0] + parts[2][0] * B.shape[0])
+    return PairedDifference(mean=mean, low=mean - half, high=mean + half, seed_std=seed_std, **kinds)
+
+
+def _cluster_bootstrap(d: np.ndarray, groups: np.ndarray, *, samples: int, seed: int, block: int) -> np.ndarray:
+    """Bootstrap means of ``d`` resampling whole groups (the mean over the drawn groups'
+    instances); drawn in blocks, so memory stays at block x groups whatever the test set's size."""
+    sums = np.bincount(groups, weights=d)
+    counts = np.bincount(groups).astype(np.float64)
+    g = sums.size
     rng = np.random.default_rng(seed)
     means = np.empty(samples)
     for lo in range(0, samples, block):
         hi = min(samples, lo + block)
-        means[lo:hi] = d[rng.integers(0, n, size=(hi - lo, n))].mean(axis=1)
-    tail = 100 * (1 - level) / 2
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return PairedDifference(mean=float(d.mean()), low=float(low), high=float(high), instances=int(n), level=level)
+        drawn = rng.integers(0, g, size=(hi - lo, g))
+        means[lo:hi] = sums[drawn].sum(axis=1) / counts[drawn].sum(axis=1)
+    return means
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile (p > 0.5) of Student's t with ``df`` degrees of freedom, by integrating its
+    density (numpy only; accurate to ~1e-4, far below the intervals' own uncertainty)."""
+    if not math.isfinite(df) or df > 1e4:
+        return _normal_quantile(p)
+    x = np.linspace(0.0, 200.0, 400_001)
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    pdf = np.exp(log_c - (df + 1) / 2 * np.log1p(x * x / df))
+    cdf = 0.5 + np.concatenate([[0.0], np.cumsum((pdf[1:] + pdf[:-1]) / 2 * np.diff(x))])
+    return float(np.interp(p, cdf, x))
+
+
+def _normal_quantile(p: float) -> float:
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(p)
 
 
 def pooled(runs: Sequence[np.ndarray]) -> np.ndarray:
@@ -107,24 +182,28 @@ def spread(values: Sequence[float]) -> Optional[float]:
 
 
 def compare_models(losses: dict, domains: Optional[np.ndarray], domain_names: Sequence[str], *,
-                   samples: int = 10_000, seed: int = 0, level: float = 0.95) -> dict:
+                   documents: Optional[np.ndarray] = None, samples: int = 10_000, seed: int = 0,
+                   level: float = 0.95) -> dict:
     """The first model against each other one: {other: {"overall": {...}, "domains": {...}}}.
 
-    ``losses``: {model: [per-instance losses of each of its seeds]}, insertion-ordered.
+    ``losses``: {model: [per-instance losses of each of its seeds]}, insertion-ordered;
+    ``documents``: the test document of each instance (None: instances taken as independent).
     """
     names = list(losses)
-    base = pooled(losses[names[0]])
+    base = losses[names[0]]
     out = {}
     for other in names[1:]:
-        theirs = pooled(losses[other])
-        row = {"overall": paired_difference(base, theirs, samples=samples, seed=seed, level=level).as_dict(),
-               "domains": {}}
+        theirs = losses[other]
+        row = {"overall": paired_difference(base, theirs, documents=documents, samples=samples, seed=seed,
+                                            level=level).as_dict(), "domains": {}}
         if domains is not None:
+            usable = ~np.isnan(pooled(base)) & ~np.isnan(pooled(theirs))
             for d, dname in enumerate(domain_names):
                 sel = domains == d
-                usable = sel & ~np.isnan(base) & ~np.isnan(theirs)
-                if usable.sum() >= 2:
+                if (sel & usable).sum() >= 2:
                     row["domains"][str(dname)] = paired_difference(
-                        base[sel], theirs[sel], samples=samples, seed=seed, level=level).as_dict()
+                        [r[sel] for r in base], [r[sel] for r in theirs],
+                        documents=None if documents is None else documents[sel],
+                        samples=samples, seed=seed, level=level).as_dict()
         out[other] = row
     return out

@@ -59,7 +59,14 @@ def summarize(runs: dict, domains: Optional[np.ndarray], domain_names: Sequence[
 
 
 def _difference(d: dict) -> PairedDifference:
-    return PairedDifference(mean=d["mean"], low=d["low"], high=d["high"], instances=d["instances"], level=d["level"])
+    return PairedDifference(mean=d["mean"], low=d["low"], high=d["high"], instances=d["instances"], level=d["level"],
+                            documents=d.get("documents", 0), seeds=tuple(d.get("seeds", (1, 1))),
+                            seed_std=d.get("seed_std"))
+
+
+def supports_claim(d: dict) -> bool:
+    """An interval that excludes zero and covers training seeds: what a table may mark."""
+    return d["excludes_zero"] and _difference(d).covers_seeds
 
 
 def _loss(row: dict) -> str:
@@ -68,7 +75,7 @@ def _loss(row: dict) -> str:
 
 
 def _ci(d: dict) -> str:
-    mark = " *" if d["excludes_zero"] else ""
+    mark = " *" if supports_claim(d) else ""
     return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{mark}"
 
 
@@ -99,9 +106,12 @@ def markdown(results: dict, *, curves: Optional[str] = None) -> str:
         lines.append("| (instances) | " + " | ".join(counts) + " |")
     if comparisons:
         lines += ["", f"## {first} minus each other model", "",
-                  f"Mean paired difference over test instances with its {100 * level:g}% bootstrap interval "
-                  f"({results['bootstrap']['samples']} resamples of the instances, seed {results['bootstrap']['seed']}); "
-                  "negative: lower loss than the other model; * the interval excludes zero.", "",
+                  f"Mean paired difference over test instances (seeds pooled) with its {100 * level:g}% interval: "
+                  f"a bootstrap over the test set ({results['bootstrap']['samples']} resamples, seed "
+                  f"{results['bootstrap']['seed']}) and, where both models have two seeds or more, the seeds' "
+                  "variance (compare.py); negative: lower loss than the other model; * the interval excludes "
+                  "zero and covers training seeds. An interval of a model with one seed covers the test set "
+                  "only and cannot tell a method effect from seed noise.", "",
                   "| against | overall | " + " | ".join(domains) + " |", "|---|---:|" + "---:|" * len(domains)]
         for other, c in comparisons.items():
             cells = [_ci(c["domains"][d]) if d in c["domains"] else "" for d in domains]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from megatron_miniplm.evaluation.report import supports_claim
+
 
 def format_table(results: dict) -> str:
     """Per model: LM loss (mean over instances of the per-instance mean NLL; mean ± spread
@@ -46,10 +48,10 @@ def format_table(results: dict) -> str:
         level = 100 * results["bootstrap"]["level"]
         w = max([len(results["baseline_of_comparison"]) + 10] + [len(o) + 2 for o in comparisons])
         lines += ["", f"{results['baseline_of_comparison'] + ' minus':<{w}}{'domain':<16}"
-                  f"difference [{level:g}% bootstrap interval]  (* excludes 0)"]
+                  f"difference [{level:g}% interval]  (* excludes 0, seeds covered)"]
         for other, c in comparisons.items():
             for dname, d in [("(all)", c["overall"]), *c["domains"].items()]:
-                mark = " *" if d["excludes_zero"] else ""
+                mark = " *" if supports_claim(d) else ""
                 lines.append(f"{other:<{w}}{dname:<16}{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{mark}")
                 other = ""
     for name, r in rows:

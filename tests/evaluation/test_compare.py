@@ -23,7 +23,7 @@ def test_paired_difference_equals_a_numpy_reference(level):
     rng = np.random.default_rng(3)
     a = rng.gamma(4.0, 1.0, size=257)
     b = a + rng.normal(0.02, 0.3, size=257)
-    got = paired_difference(a, b, samples=2000, seed=11, level=level, block=97)
+    got = paired_difference([a], [b], samples=2000, seed=11, level=level, block=97)
     mean, low, high = _numpy_bootstrap(a, b, 2000, 11, level)
     assert got.mean == pytest.approx(mean, abs=1e-12)
     assert (got.low, got.high) == (pytest.approx(low, abs=1e-12), pytest.approx(high, abs=1e-12))
@@ -35,12 +35,18 @@ def test_a_known_shift_is_detected_and_said():
     base = rng.gamma(4.0, 1.0, size=300)  # instances differ a lot; the pairing removes that
     miniplm = base + rng.normal(0, 0.1, size=300) - 0.06
     uniform = base + rng.normal(0, 0.1, size=300)
-    d = paired_difference(miniplm, uniform, samples=4000, seed=0)
+    d = paired_difference([miniplm], [uniform], samples=4000, seed=0)
     assert d.high < 0 and d.excludes_zero
     assert d.mean == pytest.approx(-0.06, abs=0.02)
-    assert d.verdict("student-miniplm", "student-uniform").endswith("student-miniplm is lower at 95%")
-    up = paired_difference(uniform, miniplm, samples=4000, seed=0)
-    assert up.low > 0 and up.verdict("a", "b").endswith("a is higher at 95%")
+    # one seed each: the interval is over test instances only, and the sentence says so
+    said = d.verdict("student-miniplm", "student-uniform")
+    assert "covers test instances only" in said and "cannot tell a method effect from seed noise" in said
+    assert " at 95%" not in said
+    seeds = 2 * [miniplm], 2 * [uniform]  # two seeds each, the same losses: no seed noise
+    assert paired_difference(*seeds, samples=4000, seed=0).verdict("a", "b").endswith(
+        "a is lower at 95% over test instances and training seeds")
+    up = paired_difference(seeds[1], seeds[0], samples=4000, seed=0)
+    assert up.low > 0 and up.verdict("a", "b").endswith("a is higher at 95% over test instances and training seeds")
 
 
 def test_no_shift_gives_an_interval_containing_zero_in_at_least_90_percent_of_trials():
@@ -49,19 +55,20 @@ def test_no_shift_gives_an_interval_containing_zero_in_at_least_90_percent_of_tr
         rng = np.random.default_rng(1000 + trial)
         base = rng.gamma(4.0, 1.0, size=200)
         a, b = base + rng.normal(0, 0.2, size=200), base + rng.normal(0, 0.2, size=200)
-        d = paired_difference(a, b, samples=1000, seed=trial)
+        d = paired_difference([a, a], [b, b], samples=1000, seed=trial)
         contains += d.low <= 0 <= d.high
         if d.low <= 0 <= d.high:
-            assert d.verdict("a", "b").endswith("not distinguishable from zero at 95%")
+            assert d.verdict("a", "b").endswith("not distinguishable from zero at 95% over test instances and "
+                                                "training seeds")
     assert contains >= 90
 
 
 def test_instances_without_counted_tokens_are_left_out_and_shapes_must_match():
     a = np.array([1.0, np.nan, 3.0, 2.0])
     b = np.array([0.5, 2.0, np.nan, 1.0])
-    assert paired_difference(a, b, samples=100).instances == 2
+    assert paired_difference([a], [b], samples=100).instances == 2
     with pytest.raises(ValueError, match="same instances"):
-        paired_difference(a, b[:3])
+        paired_difference([a], [b[:3]])
 
 
 def _scores(rng, n, shift=0.0):
@@ -104,7 +111,8 @@ def test_seeds_are_pooled_and_their_spread_reported():
     assert c["overall"]["mean"] == pytest.approx(-0.1, abs=0.02)
     assert set(c["domains"]) == {"code", "prose"}
     assert res["verdicts"][0].startswith("miniplm − uniform = -0.")
-    assert "miniplm is lower at 95%" in res["verdicts"][0]
+    assert res["verdicts"][0].endswith("miniplm is lower at 95% over test instances and training seeds")
+    assert "cannot tell a method effect from seed noise (train >= 2 seeds of each)" in res["verdicts"][1]
     table = format_table(res)
     assert "LM loss per domain" in table and "± " in table and "(all)" in table and " *" in table
     report = markdown(res, curves="curves.png")

@@ -59,7 +59,7 @@ def test_evaluate_agrees_with_the_trainers_validation_loss(tmp_path):
 def test_evaluate_reports_domains_seeds_the_paired_difference_and_curves(tmp_path):
     """Two models, one of them with two seeds, on a test set with two domains: the tool's JSON,
     table, markdown report and curve PNG."""
-    from megatron_miniplm.evaluation.compare import instance_losses, paired_difference, pooled
+    from megatron_miniplm.evaluation.compare import instance_losses, paired_difference
     from megatron_miniplm.evaluation.curves import validation_curve
     from megatron_miniplm.scoring.score_file import load_scores
 
@@ -89,8 +89,8 @@ def test_evaluate_reports_domains_seeds_the_paired_difference_and_curves(tmp_pat
     assert good["train_flops"] == pytest.approx(4 * short["train_flops"])  # 16 vs 4 steps
     # the tool's difference is the pooled paired difference of the scorer's per-instance losses
     scores = {p: load_scores(str(tmp_path / "ev" / p) + "-test")[0] for p in ("good", "good-seed2", "short")}
-    want = paired_difference(pooled([instance_losses(scores["good"]), instance_losses(scores["good-seed2"])]),
-                             instance_losses(scores["short"]), samples=500, seed=0)
+    want = paired_difference([instance_losses(scores["good"]), instance_losses(scores["good-seed2"])],
+                             [instance_losses(scores["short"])], samples=500, seed=0)
     got = res["comparisons"]["short"]["overall"]
     assert got["mean"] == pytest.approx(want.mean) and got["low"] == pytest.approx(want.low)
     assert got["mean"] < 0  # 16 steps beat 4
