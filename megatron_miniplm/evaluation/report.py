@@ -33,8 +33,36 @@ def test_domains(data_path: str) -> tuple[Optional[np.ndarray], list[str]]:
     return (np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)), names
 
 
+def test_documents(data_path: str, domains: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """The test document each instance starts in (a cluster id per instance), or None where it
+    cannot be known. Preprocessing cuts a domain's instances from that domain's documents in
+    input order, each document ending in EOD, so an instance starts in the domain's document
+    numbered by the EODs of the domain's earlier instances (over the shards in order). In
+    ``document`` mode every instance is a document of its own."""
+    from megatron_miniplm.selection.shards import open_shards
+
+    shards = open_shards([data_path])
+    modes = {s.meta.get("instance_mode") for s in shards}
+    total = sum(s.num_instances for s in shards)
+    if modes == {"document"}:
+        return np.arange(total)
+    eod = {s.meta.get("tokenizer", {}).get("eod_id") for s in shards}
+    if domains is None or not modes <= {"miniplm", "packed"} or len(eod) != 1 or None in eod:
+        return None
+    eod_id = eod.pop()
+    eods = np.concatenate([[int(np.count_nonzero(s.tokens(i) == eod_id)) for i in range(s.num_instances)]
+                           for s in shards]).astype(np.int64) if total else np.zeros(0, np.int64)
+    documents = np.empty(total, dtype=np.int64)
+    for d in np.unique(domains):
+        sel = np.flatnonzero(domains == d)
+        documents[sel] = np.concatenate([[0], np.cumsum(eods[sel])[:-1]])
+    # one id per (domain, document of that domain)
+    return np.unique(np.stack([domains.astype(np.int64), documents]), axis=1, return_inverse=True)[1].reshape(-1)
+
+
 def summarize(runs: dict, domains: Optional[np.ndarray], domain_names: Sequence[str], *,
-              bootstrap_samples: int = 10_000, seed: int = 0, level: float = 0.95) -> dict:
+              documents: Optional[np.ndarray] = None, bootstrap_samples: int = 10_000, seed: int = 0,
+              level: float = 0.95) -> dict:
     """``runs``: {model: [(checkpoint, scores [N, 2]) per seed]} in table order; the first
     model is compared with every other one."""
     models, losses = {}, {}
@@ -50,8 +78,8 @@ def summarize(runs: dict, domains: Optional[np.ndarray], domain_names: Sequence[
                                   "lm_loss_std": spread([x[d]["lm_loss"] for x in doms]),
                                   "instances": doms[0][d]["instances"]} for d in doms[0]}
         models[name] = row
-    comparisons = compare_models(losses, domains, domain_names, samples=bootstrap_samples, seed=seed,
-                                 level=level) if len(runs) > 1 else {}
+    comparisons = compare_models(losses, domains, domain_names, documents=documents, samples=bootstrap_samples,
+                                 seed=seed, level=level) if len(runs) > 1 else {}
     first = next(iter(runs))
     verdicts = [_difference(c["overall"]).verdict(first, other) for other, c in comparisons.items()]
     return {"models": models, "baseline_of_comparison": first, "comparisons": comparisons,
@@ -107,7 +135,7 @@ def markdown(results: dict, *, curves: Optional[str] = None) -> str:
     if comparisons:
         lines += ["", f"## {first} minus each other model", "",
                   f"Mean paired difference over test instances (seeds pooled) with its {100 * level:g}% interval: "
-                  f"a bootstrap over the test set ({results['bootstrap']['samples']} resamples, seed "
+                  f"a bootstrap over the test set's documents ({results['bootstrap']['samples']} resamples, seed "
                   f"{results['bootstrap']['seed']}) and, where both models have two seeds or more, the seeds' "
                   "variance (compare.py); negative: lower loss than the other model; * the interval excludes "
                   "zero and covers training seeds. An interval of a model with one seed covers the test set "

@@ -60,7 +60,7 @@ def lm_loss_results(cfg: EvalConfig) -> dict:
     """Every checkpoint scored on the test set (collective), summarized on rank 0."""
     from megatron_miniplm import parallel
     from megatron_miniplm.evaluation.lm_loss import score_test_set
-    from megatron_miniplm.evaluation.report import summarize, test_domains
+    from megatron_miniplm.evaluation.report import summarize, test_documents, test_domains
 
     names, data_name = cfg.labels, os.path.basename(cfg.data_path)
     runs: dict = {}
@@ -81,8 +81,8 @@ def lm_loss_results(cfg: EvalConfig) -> dict:
     if not runs:  # not rank 0
         return {"models": {}}
     domains, domain_names = test_domains(cfg.data_path)
-    return summarize(runs, domains, domain_names, bootstrap_samples=cfg.bootstrap_samples,
-                     seed=cfg.bootstrap_seed, level=cfg.confidence)
+    return summarize(runs, domains, domain_names, documents=test_documents(cfg.data_path, domains),
+                     bootstrap_samples=cfg.bootstrap_samples, seed=cfg.bootstrap_seed, level=cfg.confidence)
 
 
 def write_outputs(cfg: EvalConfig, results: dict) -> None:

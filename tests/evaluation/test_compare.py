@@ -117,3 +117,35 @@ def test_seeds_are_pooled_and_their_spread_reported():
     assert "LM loss per domain" in table and "± " in table and "(all)" in table and " *" in table
     report = markdown(res, curves="curves.png")
     assert "| uniform |" in report and "![validation loss" in report and res["verdicts"][1] in report
+
+
+@pytest.mark.parametrize("mode", ["miniplm", "packed"])
+def test_test_documents_are_the_documents_instances_start_in(tmp_path, mode):
+    """Instances cut by preprocessing's builder from documents of two domains, interleaved in
+    input order: instances that start in one document get one id, other documents other ids."""
+    from corpus import write_dataset
+
+    from megatron_miniplm.data.instances import InstanceBuilder
+    from megatron_miniplm.evaluation.report import test_documents
+
+    rng = np.random.default_rng(0)
+    builder = InstanceBuilder(mode, seq_length=16)
+    for doc in range(40):  # every token of document k is k + 1; EOD (0) ends it
+        tokens = np.append(np.full(int(rng.integers(3, 40)), doc + 1), 0)
+        flags = np.zeros(tokens.size, dtype=bool)
+        flags[-1] = True
+        builder.add(tokens, domain=doc % 2, flags=flags)
+    built = builder.flush()
+    instances = np.split(built.tokens, np.cumsum(built.lengths)[:-1])
+    write_dataset(str(tmp_path / "test"), instances, 64, 16, mode=mode, domains=built.domains)
+    got = test_documents(str(tmp_path / "test"), np.asarray(built.domains))
+    # the document an instance starts in, read off its tokens: its first token's, or, where it
+    # starts with the EOD that ends a document, the document of the domain's previous instance
+    starts, last = [], {}
+    for x, domain in zip(instances, built.domains):
+        starts.append(x[0] if x[0] != 0 else last[domain])
+        last[domain] = x[x != 0][-1] if (x != 0).any() else last[domain]
+    for i in range(len(instances)):
+        for j in range(len(instances)):
+            assert (got[i] == got[j]) == (starts[i] == starts[j])
+    assert len(set(got)) > 10 and len(set(got)) < len(instances)  # documents longer than an instance

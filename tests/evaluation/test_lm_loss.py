@@ -60,6 +60,7 @@ def test_evaluate_reports_domains_seeds_the_paired_difference_and_curves(tmp_pat
     """Two models, one of them with two seeds, on a test set with two domains: the tool's JSON,
     table, markdown report and curve PNG."""
     from megatron_miniplm.evaluation.compare import instance_losses, paired_difference
+    from megatron_miniplm.evaluation.report import test_documents
     from megatron_miniplm.evaluation.curves import validation_curve
     from megatron_miniplm.scoring.score_file import load_scores
 
@@ -89,8 +90,10 @@ def test_evaluate_reports_domains_seeds_the_paired_difference_and_curves(tmp_pat
     assert good["train_flops"] == pytest.approx(4 * short["train_flops"])  # 16 vs 4 steps
     # the tool's difference is the pooled paired difference of the scorer's per-instance losses
     scores = {p: load_scores(str(tmp_path / "ev" / p) + "-test")[0] for p in ("good", "good-seed2", "short")}
+    documents = test_documents(test, domains)  # every instance here is a document of its own
+    assert sorted(documents) == list(range(40))
     want = paired_difference([instance_losses(scores["good"]), instance_losses(scores["good-seed2"])],
-                             [instance_losses(scores["short"])], samples=500, seed=0)
+                             [instance_losses(scores["short"])], documents=documents, samples=500, seed=0)
     got = res["comparisons"]["short"]["overall"]
     assert got["mean"] == pytest.approx(want.mean) and got["low"] == pytest.approx(want.low)
     assert got["mean"] < 0  # 16 steps beat 4
