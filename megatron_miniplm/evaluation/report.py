@@ -37,8 +37,10 @@ def test_documents(data_path: str, domains: Optional[np.ndarray]) -> Optional[np
     """The test document each instance starts in (a cluster id per instance), or None where it
     cannot be known. Preprocessing cuts a domain's instances from that domain's documents in
     input order, each document ending in EOD, so an instance starts in the domain's document
-    numbered by the EODs of the domain's earlier instances (over the shards in order). In
-    ``document`` mode every instance is a document of its own."""
+    numbered by the EODs of the domain's earlier instances (over the shards in order). A subset
+    that keeps that order (a split) can only merge documents whose EOD fell in a left-out
+    instance: wider intervals, never narrower ones. A reordered blend has no such numbering
+    (None). In ``document`` mode every instance is a document of its own."""
     from megatron_miniplm.selection.shards import open_shards
 
     shards = open_shards([data_path])
@@ -47,17 +49,26 @@ def test_documents(data_path: str, domains: Optional[np.ndarray]) -> Optional[np
     if modes == {"document"}:
         return np.arange(total)
     eod = {s.meta.get("tokenizer", {}).get("eod_id") for s in shards}
-    if domains is None or not modes <= {"miniplm", "packed"} or len(eod) != 1 or None in eod:
+    reordered = any((s.meta.get("selection") or {}).get("order", "original") != "original" for s in shards)
+    if domains is None or reordered or not modes <= {"miniplm", "packed"} or len(eod) != 1 or None in eod:
         return None
     eod_id = eod.pop()
-    eods = np.concatenate([[int(np.count_nonzero(s.tokens(i) == eod_id)) for i in range(s.num_instances)]
-                           for s in shards]).astype(np.int64) if total else np.zeros(0, np.int64)
+    eods = np.concatenate([_eods_per_instance(s, eod_id) for s in shards] or [np.zeros(0, np.int64)])
     documents = np.empty(total, dtype=np.int64)
     for d in np.unique(domains):
         sel = np.flatnonzero(domains == d)
         documents[sel] = np.concatenate([[0], np.cumsum(eods[sel])[:-1]])
     # one id per (domain, document of that domain)
     return np.unique(np.stack([domains.astype(np.int64), documents]), axis=1, return_inverse=True)[1].reshape(-1)
+
+
+def _eods_per_instance(shard, eod_id: int) -> np.ndarray:
+    """How many EOD tokens each instance of a shard holds, in one pass over its tokens."""
+    itemsize = shard.index.token_dtype.itemsize
+    tokens = np.frombuffer(shard.data, dtype=shard.index.token_dtype, count=len(shard.data) // itemsize)
+    seen = np.concatenate([[0], np.cumsum(tokens == eod_id, dtype=np.int64)])
+    starts = np.asarray(shard.index.pointers, dtype=np.int64) // itemsize
+    return seen[starts + np.asarray(shard.index.lengths, dtype=np.int64)] - seen[starts]
 
 
 def summarize(runs: dict, domains: Optional[np.ndarray], domain_names: Sequence[str], *,

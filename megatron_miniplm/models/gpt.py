@@ -238,6 +238,8 @@ def transformer_config(
             f"pipeline-model-parallel-size {pipeline_parallel_size} does not divide the "
             f"{config.num_layers} layers of model '{config.name}'"
         )
+    if allocate_on_device is None:
+        allocate_on_device = platform.device().type != "cpu"
     return TransformerConfig(
         num_layers=config.num_layers,
         hidden_size=config.hidden_size,
@@ -262,8 +264,7 @@ def transformer_config(
         deallocate_pipeline_outputs=True,
         params_dtype=params_dtype,
         bf16=bf16,
-        use_cpu_initialization=not (platform.device().type != "cpu" if allocate_on_device is None
-                                    else allocate_on_device),
+        use_cpu_initialization=not allocate_on_device,
         bias_activation_fusion=impl.compiled_fusions,
         bias_dropout_fusion=impl.compiled_fusions,
         masked_softmax_fusion=False,

@@ -149,3 +149,18 @@ def test_test_documents_are_the_documents_instances_start_in(tmp_path, mode):
         for j in range(len(instances)):
             assert (got[i] == got[j]) == (starts[i] == starts[j])
     assert len(set(got)) > 10 and len(set(got)) < len(instances)  # documents longer than an instance
+
+
+def test_a_reordered_blend_has_no_document_numbering(tmp_path):
+    import json
+
+    from corpus import write_dataset
+
+    from megatron_miniplm.evaluation.report import test_documents
+
+    prefix = write_dataset(str(tmp_path / "blend"), [np.array([5, 6, 0, 7]), np.array([8, 0])], 64, 4)
+    meta = json.load(open(prefix + ".meta.json"))
+    json.dump({**meta, "selection": {"order": "shuffled"}}, open(prefix + ".meta.json", "w"))
+    assert test_documents(prefix, np.zeros(2, dtype=np.int32)) is None
+    json.dump({**meta, "selection": {"order": "original"}}, open(prefix + ".meta.json", "w"))
+    assert test_documents(prefix, np.zeros(2, dtype=np.int32)).tolist() == [0, 1]

@@ -139,9 +139,12 @@ def _world2(root: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    return build_runs(str(tmp_path_factory.mktemp("hf_reference")))
+
+
+def build_runs(root: str):
     """The converted models, transformers' reference per instance and on the KD tokens, and
-    every run of our tools."""
-    root = str(tmp_path_factory.mktemp("hf_reference"))
+    every run of our tools, under ``root``: (root, reference NLLs, reference KD log-probs)."""
     convert = _tool("convert_checkpoint")
     instances = make_instances(N_INSTANCES)
     kd_tokens = torch.from_numpy(np.stack([x[:16] for x in make_instances(40, seed=5) if len(x) >= 16][:2]))
