@@ -13,6 +13,13 @@ ext_modules = [
     ),
 ]
 
+# One console script per tool: miniplm-<tool> (underscores as hyphens) runs
+# megatron_miniplm.cli.<tool>:main, the code behind tools/<tool>.py; tests/test_packaging.py
+# checks that every tools/*.py has one and every one a tools/*.py.
+TOOLS = sorted(["build_demo_corpus", "convert_checkpoint", "difference_sample", "evaluate", "export_selection",
+                "model_info", "pipeline", "preprocess_data", "pretrain_gpt", "score_docs", "split_dataset"])
+CONSOLE_SCRIPTS = [f"miniplm-{tool.replace('_', '-')} = megatron_miniplm.cli.{tool}:main" for tool in TOOLS]
+
 setup(
     name="megatron-miniplm",
     version="0.1.0",
@@ -43,6 +50,7 @@ setup(
         "eval": ["lm_eval==0.4.13"],
         "dev": ["pytest", "gguf", "accelerate", "safetensors", "matplotlib", "lm_eval==0.4.13"],
     },
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     zip_safe=False,

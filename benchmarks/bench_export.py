@@ -27,16 +27,14 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 
 def prepare(cache: str, corpus_mb: float) -> tuple[str, str]:
     """(blend prefix, tokenizer dir), built once per corpus size."""
     from bench_preprocess import build_corpus, ensure_tokenizer
 
-    from megatron_miniplm.data.preprocess import PreprocessConfig, preprocess
-    from megatron_miniplm.selection.difference import SelectionConfig
+    from megatron_miniplm.data.preprocess import preprocess
+    from megatron_miniplm.data.config import PreprocessConfig
+    from megatron_miniplm.selection.config import SelectionConfig
     from megatron_miniplm.selection.sample import SampleRequest, run
 
     os.makedirs(cache, exist_ok=True)

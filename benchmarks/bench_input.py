@@ -25,16 +25,14 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from megatron_miniplm import platform  # noqa: E402
-from megatron_miniplm.data.dataset_writer import DatasetWriter  # noqa: E402
-from megatron_miniplm.data.instances import Instances  # noqa: E402
-from megatron_miniplm.data.meta import FORMAT_VERSION  # noqa: E402
-from megatron_miniplm.data.samples import collate_instances  # noqa: E402
-from megatron_miniplm.models.config import get_preset  # noqa: E402
-from megatron_miniplm.training.data import SampleStream  # noqa: E402
-from megatron_miniplm.training.flops import training_flops_per_token  # noqa: E402
+from megatron_miniplm import platform
+from megatron_miniplm.data.dataset_writer import DatasetWriter
+from megatron_miniplm.data.instances import Instances
+from megatron_miniplm.data.meta import FORMAT_VERSION
+from megatron_miniplm.data.samples import collate_instances
+from megatron_miniplm.models.config import get_preset
+from megatron_miniplm.training.data import SampleStream
+from megatron_miniplm.training.flops import training_flops_per_token
 
 
 def write_corpus(prefix: str, instances: int, seq_length: int, vocab: int, seed: int = 0) -> None:

@@ -241,7 +241,8 @@ def run_baseline(tokenizer_dir: str, corpus: str, workers: int, out_prefix: str)
 # --------------------------------------------------------------------------- tool
 
 def run_tool(tokenizer_dir: str, corpus: str, workers: int, out_prefix: str) -> dict:
-    from megatron_miniplm.data.preprocess import PreprocessConfig, preprocess
+    from megatron_miniplm.data.preprocess import preprocess
+    from megatron_miniplm.data.config import PreprocessConfig
 
     c0 = cpu_seconds()
     s = preprocess(PreprocessConfig([corpus], out_prefix, tokenizer_dir, workers=workers, progress=False))

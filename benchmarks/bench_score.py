@@ -33,7 +33,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 PY = sys.executable
 
 
@@ -184,7 +183,7 @@ def linear_shapes(config, tokens: int, chunk: int) -> list[tuple[str, int, int, 
 def matmul_worker(args) -> None:
     import torch
 
-    from megatron_miniplm.checkpointing import load_model_config
+    from megatron_miniplm.dist_checkpoint import load_model_config
 
     torch.set_num_threads(args.threads)
     config = load_model_config(args.ckpt)
@@ -244,7 +243,7 @@ def main() -> None:
 
     import numpy as np
 
-    from megatron_miniplm.checkpointing import load_model_config
+    from megatron_miniplm.dist_checkpoint import load_model_config
     from megatron_miniplm.scoring.nll import TILE_ROWS
     from megatron_miniplm.scoring.score_file import load_scores
 

@@ -25,14 +25,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from megatron_miniplm import parallel, platform  # noqa: E402
-from megatron_miniplm.models.config import ModelConfig, get_preset  # noqa: E402
-from megatron_miniplm.training import engine  # noqa: E402
-from megatron_miniplm.training.flops import device_peak_flops, training_flops_per_token  # noqa: E402
-from plain_gpt import PlainGPT  # noqa: E402
+from megatron_miniplm import parallel, platform
+from megatron_miniplm.models.config import ModelConfig, get_preset
+from megatron_miniplm.training import engine
+from megatron_miniplm.training.flops import device_peak_flops, training_flops_per_token
+from plain_gpt import PlainGPT  # benchmarks/plain_gpt.py: a script's own directory is on the path
 
 BENCH_MODEL = ModelConfig(  # ~9M parameters: a CPU-sized member of the paper's family
     name="bench-9M", num_layers=4, hidden_size=256, ffn_hidden_size=704, num_attention_heads=4,
@@ -141,9 +138,10 @@ def kd_main(args) -> int:
     import tempfile
     from functools import partial
 
-    from megatron_miniplm.checkpointing import load_model_config
+    from megatron_miniplm.dist_checkpoint import load_model_config
     from megatron_miniplm.scoring.model import resolve_checkpoint
-    from megatron_miniplm.training.kd import KDSettings, Teacher, kd_forward_step
+    from megatron_miniplm.training.kd import Teacher, kd_forward_step
+    from megatron_miniplm.training.config import KDSettings
 
     with tempfile.TemporaryDirectory() as tmp:
         load = _packaged_teacher(tmp) if args.kd_teacher_load == "smollm2" else args.kd_teacher_load

@@ -3,7 +3,12 @@
 transformers' fp32 forward| of an instance's mean NLL, per model and layout, from the runs
 of tests/scoring/test_hf_reference.py (which asserts them within 1e-5).
 
-    python benchmarks/check_hf_reference.py        # ~30 s on 2 cores
+    PYTHONPATH=tests:tests/scoring python benchmarks/check_hf_reference.py   # ~30 s on 2 cores
+
+The harness is the test module itself, with the test helpers it imports as top-level
+modules (tests/corpus.py, tests/distributed.py, ...): PYTHONPATH puts them on the path
+as pytest's `pythonpath` setting does for the tests, and the processes the harness
+starts inherit it.
 """
 
 import os
@@ -12,10 +17,13 @@ import tempfile
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [os.path.join(REPO, "tests"), os.path.join(REPO, "tests", "scoring")]
-
-import test_hf_reference as harness  # noqa: E402
+try:
+    import test_hf_reference as harness
+except ModuleNotFoundError as e:
+    if e.name not in ("test_hf_reference", "conversion", "corpus", "distributed"):
+        raise
+    sys.exit(f"check_hf_reference.py: error: {e}; run it as "
+             "PYTHONPATH=tests:tests/scoring python benchmarks/check_hf_reference.py")
 
 
 def main() -> int:

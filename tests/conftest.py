@@ -1,8 +1,4 @@
 import os
-import sys
-
-# Tests import helpers (tests/distributed.py) as top-level modules.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Tests build their models and data themselves and never download: with the Hub marked
 # offline, a hub lookup (lm-eval's datasets for the paper's tasks, reported missing) fails at

@@ -61,7 +61,7 @@ def runs(tmp_path_factory):
 
 def _weights(save_dir, out):
     from megatron_miniplm import parallel
-    from megatron_miniplm.checkpointing import load_model, load_model_config
+    from megatron_miniplm.dist_checkpoint import load_model, load_model_config
     from megatron_miniplm.models.gpt import build_model
 
     parallel.initialize()

@@ -14,8 +14,8 @@ cannot be read into) leave the model as built.
 
 from __future__ import annotations
 
+import importlib
 import os
-import sys
 
 import pytest
 
@@ -23,7 +23,6 @@ from corpus import pattern_instances, write_dataset
 from distributed import run_distributed
 from presets import model_flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ, VOCAB = 32, 512
 
 
@@ -53,10 +52,10 @@ def _stand_in_device(skip_loads: bool = True) -> list:
             return __real(*args, **kwargs)
 
         setattr(dist, name, skip_meta)
-    from megatron_miniplm import checkpointing
+    from megatron_miniplm import dist_checkpoint
 
     if skip_loads:
-        checkpointing.load_model = lambda model_chunks, directory: None  # fills tensors in place, where they are
+        dist_checkpoint.load_model = lambda model_chunks, directory: None  # fills tensors in place, where they are
     reports: list = []
 
     def check(module, *args, **kwargs):
@@ -89,9 +88,7 @@ def _run_until_forward(fn, out: str, *args) -> None:
 
 
 def _tool(name: str, argv: list) -> None:
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    module = __import__(name)
-    module.main(argv)
+    importlib.import_module(f"megatron_miniplm.cli.{name}").main(argv)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +119,7 @@ def _save_checkpoint(directory: str, data_prefix: str) -> None:
     import json
 
     from megatron_miniplm import parallel
-    from megatron_miniplm.checkpointing import save_model
+    from megatron_miniplm.dist_checkpoint import save_model
     from megatron_miniplm.models.gpt import build_model
     from presets import get_preset
 
@@ -170,7 +167,7 @@ def _convert_with_stand_in(hf_dir: str, save: str, exported: str) -> None:
     checked to be there."""
     import torch
 
-    from megatron_miniplm import checkpointing, platform
+    from megatron_miniplm import dist_checkpoint, platform
 
     _stand_in_device(skip_loads=False)
     meta = platform.NO_CUDA_DEVICE
@@ -186,8 +183,8 @@ def _convert_with_stand_in(hf_dir: str, save: str, exported: str) -> None:
                 platform.NO_CUDA_DEVICE = meta
         return run
 
-    checkpointing.save_model = on_host(checkpointing.save_model)
-    checkpointing.load_model = on_host(checkpointing.load_model)
+    dist_checkpoint.save_model = on_host(dist_checkpoint.save_model)
+    dist_checkpoint.load_model = on_host(dist_checkpoint.load_model)
     _tool("convert_checkpoint", ["--direction", "hf-to-megatron", "--load", hf_dir, "--save", save])
     _tool("convert_checkpoint", ["--direction", "megatron-to-hf", "--load", save, "--save", exported])
 

@@ -22,3 +22,18 @@ def test_the_gpu_extra_asks_for_a_transformer_engine_megatron_core_supports():
     allowed = [v for v in candidates if ours.specifier.contains(v, prereleases=True)]
     assert allowed, ours
     assert all(theirs.specifier.contains(v, prereleases=True) for v in allowed), (ours, theirs)
+
+
+def test_every_tool_has_a_console_script_and_every_console_script_a_tool():
+    """tools/<tool>.py and the console script miniplm-<tool, hyphens> run the same
+    megatron_miniplm.cli.<tool>:main; the installed metadata is setup.py's after `make install`."""
+    import os
+    from importlib.metadata import distribution
+
+    tools_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+    tools = sorted(name[:-3] for name in os.listdir(tools_dir) if name.endswith(".py"))
+    want = {f"miniplm-{tool.replace('_', '-')}": f"megatron_miniplm.cli.{tool}:main" for tool in tools}
+    scripts = {ep.name: ep for ep in distribution("megatron-miniplm").entry_points if ep.group == "console_scripts"}
+    assert {name: ep.value for name, ep in scripts.items()} == want, "setup.py changed? run `make install`"
+    for ep in scripts.values():
+        assert callable(ep.load()), ep

@@ -7,15 +7,15 @@ import dataclasses
 import pytest
 
 from megatron_miniplm import settings
-from megatron_miniplm.data.preprocess import PreprocessConfig
-from megatron_miniplm.data.split import SplitConfig
+from megatron_miniplm.data.config import PreprocessConfig
+from megatron_miniplm.data.config import SplitConfig
 from megatron_miniplm.models.config import ModelConfig
 from presets import get_preset
-from megatron_miniplm.scoring.scorer import ScoreConfig
-from megatron_miniplm.selection.difference import SelectionConfig
+from megatron_miniplm.scoring.config import ScoreConfig
+from megatron_miniplm.selection.config import SelectionConfig
 from megatron_miniplm.selection.sample import SampleRequest
-from megatron_miniplm.training.engine import DDPSettings, OptimizerSettings
-from megatron_miniplm.training.trainer import TrainConfig
+from megatron_miniplm.training.config import DDPSettings, OptimizerSettings
+from megatron_miniplm.training.config import TrainConfig
 
 
 def _parser(cls):

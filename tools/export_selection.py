@@ -1,49 +1,6 @@
 #!/usr/bin/env python
-"""Export a sampled blend as text: the refined corpus for any trainer or tokenizer.
-
-    python tools/export_selection.py --blend BLEND_PREFIX --output refined.jsonl.zst [--shard-size-mb 500]
-
-One record per document piece of each selected instance (an instance holding several
-documents, joined by EOD, gives several records), in blend order, decoded with the
-dataset's own tokenizer, with its domain under meta.pile_set_name and its teacher NLL,
-reference NLL and difference score. Formats: .jsonl, .jsonl.gz, .jsonl.zst, .parquet.
-The output is input to tools/preprocess_data.py (--json-key text --domain-key
-meta.pile_set_name): with another tokenizer, a student corpus of another model family.
-A sharded export that is interrupted resumes after its last finished shard.
-"""
-from __future__ import annotations
-
-import argparse
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from megatron_miniplm.selection.export import ExportConfig
-    from megatron_miniplm.settings import add_arguments
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, ExportConfig)
-    return p
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from megatron_miniplm.selection.export import ExportConfig, export_selection
-    from megatron_miniplm.settings import from_args
-
-    try:
-        summary = export_selection(from_args(ExportConfig, args))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(summary.describe())
-    for path in summary.files:
-        print(f"  {path}")
-    return 0
-
+# Kept at the path Megatron-LM users type; the code is megatron_miniplm.cli.export_selection.
+from megatron_miniplm.cli.export_selection import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,59 +1,6 @@
 #!/usr/bin/env python
-"""The whole MiniPLM pipeline from one config: corpus -> teacher import -> preprocess ->
-D_ref split -> reference LM -> scores -> Difference Sampling (+ baselines of the same token
-budget) -> students (same steps, seed) -> held-out comparison.
-
-    python tools/pipeline.py [CONFIG.yaml] [key=value ...] [--dry-run]
-    bash examples/pretrain_miniplm.sh [CONFIG.yaml] [key=value ...] [--dry-run]
-
-Without a config file it runs the CPU demo (the defaults). Keys are dotted paths into
-the config (selection.alpha=0.3, student.model.preset=qwen-200M, parallel.nproc_per_node=8);
-the environment variables examples/pretrain_miniplm.sh has always read (ALPHA, TEACHER,
-SEQ_LENGTH, NNODES, ...) still work and lose to key=value. A finished stage is skipped
-when what it was made with is unchanged; a changed stage reruns with everything after it.
---dry-run prints the resolved config and what would run or be skipped, and why, and
-writes nothing. Exit status: 0 done, 1 a stage or the config failed (the reason is
-printed), 3 a stage was stopped by SIGTERM after saving (run the same command to resume).
-"""
-
-from __future__ import annotations
-
-import argparse
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value",
-                   help="a YAML config file (first), then overrides")
-    p.add_argument("--dry-run", action="store_true", help="print the config and the plan; run nothing")
-    ns = p.parse_args(argv)
-    path = ns.args[0] if ns.args and "=" not in ns.args[0] else None
-    overrides = ns.args[1:] if path else ns.args
-
-    from megatron_miniplm.pipeline import config, invariants, runner, stages
-    from megatron_miniplm.pipeline.summary import print_summary
-
-    try:
-        cfg, sources = config.load(path, overrides)
-        graph = stages.Graph(cfg)
-        invariants.check(graph)
-    except (config.ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    decisions = runner.plan(graph)
-    if ns.dry_run:
-        print(runner.describe(graph, decisions, sources))
-        return 0
-    print(f"bf16: {str(graph.bf16).lower()} ({graph.bf16_reason})")
-    code = runner.execute(graph, decisions)
-    if code == 0 and cfg.parallel.node_rank == 0:
-        print_summary(graph, table=not any(d.run for d in decisions if d.stage.name == "evaluate"))
-    return code
-
+# Kept at the path Megatron-LM users type; the code is megatron_miniplm.cli.pipeline.
+from megatron_miniplm.cli.pipeline import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

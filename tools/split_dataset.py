@@ -1,39 +1,6 @@
-#!/usr/bin/env python3
-"""Carve D_ref (the reference model's training data) out of a preprocessed dataset.
-
-    python tools/split_dataset.py --input-prefix out/pile --ref-prefix out/pile_ref \\
-        --rest-prefix out/pile_rest --ref-tokens 5000000000 --seed 1234
-
-A deterministic random subset of instances (a fraction of the instances, or at least a
-number of tokens; the paper reserves 5B of 105B tokens) goes to --ref-prefix, all others
-to --rest-prefix. Both are complete datasets (bin/idx/domains.npy/meta.json) in input
-order; PREFIX.source_index.npy gives each instance's index in the input dataset.
-"""
-from __future__ import annotations
-
-import argparse
-import sys
-
-from megatron_miniplm.data.cli import run_stage, setup_logging
-
-
-def get_args(argv=None) -> argparse.Namespace:
-    from megatron_miniplm.data.split import SplitConfig
-    from megatron_miniplm.settings import add_arguments
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, SplitConfig)
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = get_args(argv)
-    setup_logging()
-    from megatron_miniplm.data.split import SplitConfig, split_dataset
-    from megatron_miniplm.settings import from_args
-
-    return run_stage(split_dataset, from_args(SplitConfig, args))
-
+#!/usr/bin/env python
+# Kept at the path Megatron-LM users type; the code is megatron_miniplm.cli.split_dataset.
+from megatron_miniplm.cli.split_dataset import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

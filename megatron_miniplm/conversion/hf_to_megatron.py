@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from megatron_miniplm.conversion import checkpoint_dir, mapping
+from megatron_miniplm.conversion import checkpoint_info, mapping
 from megatron_miniplm.conversion.dtypes import torch_dtype
 from megatron_miniplm.conversion.errors import ConversionError
 from megatron_miniplm.conversion.hf_config import CLASS_OF_LAYOUT, layout_of, model_config_from_hf
@@ -79,18 +79,18 @@ def convert_hf_to_megatron(
     eod_token: Optional[str] = None,
     overwrite: bool = False,
 ) -> ImportResult:
-    from megatron_miniplm.checkpointing import save_model
+    from megatron_miniplm.dist_checkpoint import save_model
     from megatron_miniplm.models.gpt import PLAIN_LOCAL, build_model
 
     params_dtype = torch_dtype(dtype)
-    checkpoint_dir.check_destination(save, overwrite)
+    checkpoint_info.check_destination(save, overwrite)
     source = open_source(load, gguf_file)
     hf_config = source.load_config()
     layout = layout_of(hf_config)
     config = model_config_from_hf(hf_config, name or source.default_name)
     check_layout(config, tensor_model_parallel_size, pipeline_model_parallel_size)
 
-    with checkpoint_dir.atomic_directory(save, overwrite) as tmp:
+    with checkpoint_info.atomic_directory(save, overwrite) as tmp:
         # The tokenizer first (a missing EOD fails fast), staged beside the shards
         # because dist_checkpointing wants an empty directory.
         staged = f"{tmp}-{TOKENIZER_DIR}"
@@ -125,5 +125,5 @@ def convert_hf_to_megatron(
                 "pipeline_model_parallel_size": pipeline_model_parallel_size,
             },
         }
-        checkpoint_dir.write_info(tmp, info)
+        checkpoint_info.write_info(tmp, info)
     return ImportResult(os.path.abspath(save), config, info)

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from megatron_miniplm.conversion import checkpoint_dir, mapping
+from megatron_miniplm.conversion import checkpoint_info, mapping
 from megatron_miniplm.conversion.dtypes import HF_NAME, torch_dtype
 from megatron_miniplm.conversion.errors import ConversionError
 from megatron_miniplm.conversion.hf_config import ARCHITECTURES, hf_config_from_model_config
@@ -62,7 +62,7 @@ def find_tokenizer(load: str, resolved: str, tokenizer: Optional[str]) -> Option
 
 def load_megatron_state(directory: str, config: ModelConfig) -> dict[str, torch.Tensor]:
     """Whole tensors of a checkpoint saved at any layout, read at TP=1/PP=1 in fp32."""
-    from megatron_miniplm.checkpointing import load_model
+    from megatron_miniplm.dist_checkpoint import load_model
     from megatron_miniplm.models.gpt import PLAIN_LOCAL, build_model
 
     with single_process():
@@ -85,20 +85,20 @@ def convert_megatron_to_hf(
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from megatron_miniplm.checkpointing import load_model_config
+    from megatron_miniplm.dist_checkpoint import load_model_config
 
     target = torch_dtype(dtype)
-    checkpoint_dir.check_destination(save, overwrite)
-    resolved = checkpoint_dir.resolve_megatron_checkpoint(load)
+    checkpoint_info.check_destination(save, overwrite)
+    resolved = checkpoint_info.resolve_megatron_checkpoint(load)
     try:
         config = load_model_config(resolved)
     except ValueError as e:
         raise ConversionError(f"{resolved}: bad model_config.json ({e})") from e
-    info = checkpoint_dir.read_info(resolved)
+    info = checkpoint_info.read_info(resolved)
     layout = choose_layout(layout, config, info)
     tokenizer_src = find_tokenizer(load, resolved, tokenizer)
 
-    with checkpoint_dir.atomic_directory(save, overwrite) as tmp:
+    with checkpoint_info.atomic_directory(save, overwrite) as tmp:
         eod_id = None
         if tokenizer_src is not None:
             copy_tokenizer(tokenizer_src, tmp)

@@ -20,7 +20,9 @@ FileDone carries the sha256 of the raw file (for a `datasets` directory: of its 
 files, concatenated in state.json's order), its bytes on disk, the text bytes read (the
 UTF-8 bytes of the text values) and the rows read.
 
-pyarrow is imported on first use: JSONL-only runs never load it.
+Which inputs are Parquet files and which `datasets` directories is decided by
+data/inputs.py, which calls read_parquet or read_datasets_dir accordingly. pyarrow is
+imported on first use: JSONL-only runs never load it.
 """
 from __future__ import annotations
 
@@ -32,27 +34,13 @@ from typing import Iterator
 
 import numpy as np
 
-from megatron_miniplm.data.jsonl_reader import DATASETS_STATE, FileDone, InputNotFoundError, ReadFailure, compression_of
+from megatron_miniplm.data.blocks import FileDone, InputNotFoundError, ReadFailure, RecordBlock
 from megatron_miniplm.data.records import DEFAULT_DOMAIN, BadRecord, SkipReason
 
+DATASETS_STATE = "state.json"  # what makes a directory a `datasets` save_to_disk directory
 HASH_READ = 1 << 20
 ARROW_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the end-of-stream marker a stream writer closes with
 MAX_NAMES_SHOWN = 20
-
-
-@dataclass(frozen=True)
-class RecordBlock:
-    """Consecutive rows of one input, already validated: the texts and domains of the
-    usable rows, in order, and a BadRecord for each other row."""
-
-    file_index: int
-    first_line: int  # 1-based row number of the block's first row in the input
-    texts: list[str]
-    domains: list[str]
-    bad: list[BadRecord] = field(default_factory=list)
-    num_lines: int = 0  # rows, usable or not
-    text_bytes: int = 0  # UTF-8 bytes of the rows' text values
-    raw_pos: int = 0  # bytes of the input on disk read so far (approximate): for progress
 
 
 def datasets_files(path: str) -> list[str]:
@@ -367,10 +355,3 @@ def read_datasets_dir(file_index: int, path: str, block_bytes: int, text_key: tu
         yield ReadFailure(file_index, BadRecord(rows + 1, SkipReason.CORRUPT_INPUT, failure))
     sha, size = _sha256(files)
     yield FileDone(file_index, path, sha, size, text_bytes, rows)
-
-
-def read_arrow_input(file_index: int, path: str, block_bytes: int = 1 << 20, text_key: tuple[str, ...] = ("text",),
-                     domain_key: tuple[str, ...] | None = ("meta", "pile_set_name")) -> Iterator:
-    """A Parquet file or a `datasets` directory, by compression_of()."""
-    read = read_parquet if compression_of(path) == "parquet" else read_datasets_dir
-    return read(file_index, path, block_bytes, text_key, domain_key)

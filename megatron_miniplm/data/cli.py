@@ -1,12 +1,12 @@
 """What the data tools (tools/preprocess_data.py, tools/split_dataset.py) share: logging
-set-up, and running a stage with its errors reported as one line and an exit status.
+set-up, and running a stage and printing its summary. Their errors are reported by the
+runner every tool shares (megatron_miniplm.cli.runner).
 
 Kept free of heavy imports: the tools call `setup_logging` before importing the stage.
 """
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -21,17 +21,8 @@ def setup_logging() -> None:
 
 def run_stage(stage: Callable[[T], object], config: T) -> int:
     """`stage(config)`, then print its summary's format(): exit status 0. Bad input or
-    arguments (ValueError, OSError: the stages' own errors derive from them) print
-    `error: ...` to stderr, status 1; Ctrl-C, status 130. The stages leave no output
-    behind when they fail, which the messages say."""
-    try:
-        summary = stage(config)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        print("error: no output written", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
-        return 130
+    arguments raise (ValueError, OSError: the stages' own errors derive from them), and
+    the tool's runner reports them (status 1); a stage that fails leaves no output behind."""
+    summary = stage(config)
     print(summary.format())
     return 0

@@ -1,143 +1,28 @@
-"""Writing datasets: megatron-core indexed datasets under temporary names, published
-(fsync + rename, megatron_miniplm.atomic_io) on commit.
+"""Writing datasets: indexed datasets (megatron_miniplm.data.indexed_dataset) under
+temporary names, with a domain id per instance, optional per-instance columns and the
+meta, published (fsync + rename, megatron_miniplm.atomic_io) on commit.
 
-megatron-core's IndexedDatasetBuilder keeps the whole index (a Python int per sequence
-and per document) in memory and builds the pointer list in a Python loop at finalize:
-about 100 bytes and a microsecond per instance, i.e. gigabytes for a 100B-token corpus.
-`StreamingIndexedDatasetBuilder` is that builder with its index lists spilled to disk in
-fixed-size chunks and a chunked finalize; it writes the same bytes (tested against the
-stock builder) and its inherited add_item / add_document / add_index still work.
+The index is spilled to disk as it grows (IndexedDatasetWriter), and so are the domain
+ids and columns, so memory stays bounded whatever the corpus size.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import struct
-from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, _IndexWriter
 
 from megatron_miniplm.atomic_io import publish, temp_name
+from megatron_miniplm.data.indexed_dataset import (
+    SPILL_ENTRIES, DomainStats, IndexedDatasetWriter, SpilledArray, optimal_token_dtype,
+)
 from megatron_miniplm.data.instances import Instances
 from megatron_miniplm.data.meta import idx_fingerprint, meta_path, write_json
 
 log = logging.getLogger(__name__)
 
-SPILL_ENTRIES = 1 << 20  # index entries kept in memory before spilling to disk
 DATA_SUFFIXES = (".bin", ".idx", ".domains.npy")
-
-
-def token_dtype(vocab_size: int) -> type:
-    """The smallest dtype megatron-core picks for this vocabulary (uint16 below 65500)."""
-    return DType.optimal_dtype(vocab_size)
-
-
-class SpilledArray:
-    """Append-only integer array: at most `capacity` entries in memory, the rest in a file.
-    Quacks like the list megatron-core's builder appends to (append, extend, len)."""
-
-    def __init__(self, path: str, dtype, capacity: int = SPILL_ENTRIES):
-        self.path = path
-        self.dtype = np.dtype(dtype)
-        self.capacity = capacity
-        self._buf = np.empty(min(capacity, 4096), dtype=self.dtype)  # grows up to capacity
-        self._used = 0
-        self._spilled = 0
-        self._file = None
-
-    def __len__(self) -> int:
-        return self._spilled + self._used
-
-    def append(self, value) -> None:
-        if self._used == len(self._buf):
-            self._make_room()
-        self._buf[self._used] = value
-        self._used += 1
-
-    def extend(self, values: Iterable) -> None:
-        values = np.asarray(values if isinstance(values, np.ndarray) else list(values), dtype=self.dtype).reshape(-1)
-        while len(values):
-            if self._used == len(self._buf):
-                self._make_room()
-            n = min(len(values), len(self._buf) - self._used)
-            self._buf[self._used:self._used + n] = values[:n]
-            self._used += n
-            values = values[n:]
-
-    def _make_room(self) -> None:
-        if len(self._buf) < self.capacity:
-            bigger = np.empty(min(self.capacity, 2 * len(self._buf)), dtype=self.dtype)
-            bigger[: self._used] = self._buf[: self._used]
-            self._buf = bigger
-            return
-        if self._file is None:
-            self._file = open(self.path, "w+b")
-        self._file.write(self._buf[: self._used].tobytes())
-        self._spilled += self._used
-        self._used = 0
-
-    def chunks(self) -> Iterator[np.ndarray]:
-        """All entries, in order, at most `capacity` at a time."""
-        if self._file is not None:
-            self._file.flush()
-            self._file.seek(0)
-            step = self.capacity * self.dtype.itemsize
-            while data := self._file.read(step):
-                yield np.frombuffer(data, dtype=self.dtype)
-            self._file.seek(0, os.SEEK_END)
-        yield self._buf[: self._used]
-
-    def remove(self) -> None:
-        """Delete the spill file and free the buffer: the array is done with."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            os.remove(self.path)
-        self._buf = np.empty(0, dtype=self.dtype)
-        self._used = self._spilled = 0
-
-
-class StreamingIndexedDatasetBuilder(IndexedDatasetBuilder):
-    """megatron-core's builder with a disk-spilled index and a chunked finalize."""
-
-    def __init__(self, bin_path: str, dtype=np.int32, spill_entries: int = SPILL_ENTRIES):
-        super().__init__(bin_path, dtype=dtype)
-        self.sequence_lengths = SpilledArray(bin_path + ".lengths", np.int32, spill_entries)
-        self.document_indices = SpilledArray(bin_path + ".docs", np.int64, spill_entries)
-        self.document_indices.append(0)
-
-    def add_sequences(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Many sequences, one document each, in a single write."""
-        self.data_file.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
-        first = len(self.sequence_lengths)
-        self.sequence_lengths.extend(lengths)
-        self.document_indices.extend(np.arange(first + 1, first + len(lengths) + 1, dtype=np.int64))
-
-    def finalize(self, idx_path: str) -> None:
-        self.data_file.close()
-        itemsize = np.int64(DType.size(self.dtype))
-        with _IndexWriter(idx_path, self.dtype) as writer:  # header, version, dtype code
-            f = writer.idx_writer
-            f.write(struct.pack("<Q", len(self.sequence_lengths)))
-            f.write(struct.pack("<Q", len(self.document_indices)))
-            for chunk in self.sequence_lengths.chunks():
-                f.write(chunk.astype("<i4").tobytes())
-            offset = np.int64(0)
-            for chunk in self.sequence_lengths.chunks():
-                sizes = chunk.astype(np.int64) * itemsize
-                ends = np.cumsum(sizes) + offset
-                f.write((ends - sizes).astype("<i8").tobytes())
-                if len(ends):
-                    offset = ends[-1]
-            for chunk in self.document_indices.chunks():
-                f.write(chunk.astype("<i8").tobytes())
-        self.discard_index()
-
-    def discard_index(self) -> None:
-        self.sequence_lengths.remove()
-        self.document_indices.remove()
 
 
 def write_npy(path: str, array: SpilledArray) -> None:
@@ -147,37 +32,6 @@ def write_npy(path: str, array: SpilledArray) -> None:
         np.lib.format.write_array_header_1_0(f, header)
         for chunk in array.chunks():
             f.write(chunk.tobytes())
-
-
-@dataclass
-class DomainStats:
-    """documents = EOD tokens (every document ends with exactly one)."""
-
-    documents: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    instances: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-
-    def add(self, batch: Instances, eod_id: int) -> None:
-        if not len(batch):
-            return
-        n = int(batch.domains.max()) + 1
-        if n > len(self.tokens):
-            grow = lambda a: np.concatenate([a, np.zeros(n - len(a), np.int64)])  # noqa: E731
-            self.documents, self.instances, self.tokens = map(grow, (self.documents, self.instances, self.tokens))
-        starts = np.cumsum(batch.lengths) - batch.lengths
-        eods = np.add.reduceat((batch.tokens == eod_id).astype(np.int64), starts) if len(batch.tokens) else 0
-        self.documents += np.bincount(batch.domains, weights=eods, minlength=len(self.tokens)).astype(np.int64)
-        self.instances += np.bincount(batch.domains, minlength=len(self.tokens))
-        self.tokens += np.bincount(batch.domains, weights=batch.lengths, minlength=len(self.tokens)).astype(np.int64)
-
-    def to_meta(self, domains: list[str]) -> dict:
-        def at(a, i):
-            return int(a[i]) if i < len(a) else 0
-
-        return {
-            name: {"documents": at(self.documents, i), "instances": at(self.instances, i), "tokens": at(self.tokens, i)}
-            for i, name in enumerate(domains)
-        }
 
 
 def dataset_suffixes(columns) -> tuple[str, ...]:
@@ -194,26 +48,30 @@ class _Shard:
         self.prefix = prefix
         self.eod_id = eod_id
         self.tmp = {suffix: temp_name(prefix + suffix) for suffix in dataset_suffixes(columns)}
-        self.builder = StreamingIndexedDatasetBuilder(self.tmp[".bin"], dtype, spill_entries)
+        self.index = IndexedDatasetWriter(self.tmp[".bin"], dtype, spill_entries)
         self.domain_ids = SpilledArray(temp_name(prefix + ".domains"), np.int32, spill_entries)
         self.columns = {name: SpilledArray(temp_name(f"{prefix}.{name}"), dt, spill_entries) for name, dt in columns.items()}
         self.stats = DomainStats()
-        self.num_instances = 0
-        self.num_tokens = 0
         self.fingerprint: str | None = None
         self.finished = False
 
+    @property
+    def num_instances(self) -> int:
+        return len(self.index)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.index.num_tokens
+
     def add(self, batch: Instances, columns: dict[str, np.ndarray]) -> None:
-        self.builder.add_sequences(batch.tokens, batch.lengths)
+        self.index.add_sequences(batch.tokens, batch.lengths)
         self.domain_ids.extend(batch.domains)
         for name, values in columns.items():
             self.columns[name].extend(values)
-        self.stats.add(batch, self.eod_id)
-        self.num_instances += len(batch)
-        self.num_tokens += int(batch.lengths.sum())
+        self.stats.add(batch.tokens, batch.lengths, batch.domains, self.eod_id)
 
     def finish(self) -> None:
-        self.builder.finalize(self.tmp[".idx"])
+        self.index.finalize(self.tmp[".idx"])
         write_npy(self.tmp[".domains.npy"], self.domain_ids)
         self.domain_ids.remove()
         for name, column in self.columns.items():
@@ -228,7 +86,7 @@ class _Shard:
             "fingerprint": self.fingerprint,
             "num_instances": self.num_instances,
             "num_tokens": self.num_tokens,
-            "num_documents": int(self.stats.documents.sum()),
+            "num_documents": self.stats.num_documents,
             **{k: v for k, v in common.items() if k not in ("format_version",)},
             "domains": domains,
             "domain_stats": self.stats.to_meta(domains),
@@ -239,9 +97,7 @@ class _Shard:
         return [(tmp, self.prefix + suffix) for suffix, tmp in self.tmp.items()]
 
     def abort(self) -> None:
-        if not self.builder.data_file.closed:
-            self.builder.data_file.close()
-        self.builder.discard_index()
+        self.index.abort()
         self.domain_ids.remove()
         for column in self.columns.values():
             column.remove()
@@ -270,7 +126,7 @@ class DatasetWriter:
             raise FileNotFoundError(f"{prefix}: output directory {out_dir} does not exist")
         self.prefix = prefix
         self.vocab_size = vocab_size
-        self.dtype = token_dtype(vocab_size)
+        self.dtype = optimal_token_dtype(vocab_size)
         self.eod_id = eod_id
         self.shard_size = shard_size_tokens
         self.spill_entries = spill_entries
@@ -355,17 +211,9 @@ class DatasetWriter:
             publish(self._top_meta_tmp, meta_path(self.prefix))
 
     def _top_meta(self, common: dict, domains: list[str], metas: list[dict]) -> dict:
-        import hashlib
-
         stats = DomainStats()
         for shard in self.shards:
-            n = len(shard.stats.tokens)
-            for name in ("documents", "instances", "tokens"):
-                mine = getattr(stats, name)
-                if len(mine) < n:
-                    mine = np.concatenate([mine, np.zeros(n - len(mine), np.int64)])
-                mine[:n] += getattr(shard.stats, name)
-                setattr(stats, name, mine)
+            stats.merge(shard.stats)
         return {
             "format_version": common["format_version"],
             # sha256 over the shards' .idx fingerprints, in order.

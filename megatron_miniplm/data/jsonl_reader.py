@@ -1,133 +1,27 @@
 """Streaming reader for .jsonl, .jsonl.gz and .jsonl.zst: line-aligned blocks, in order.
 
-Also the inputs of a run: `resolve_inputs` accepts these, Parquet files and `datasets`
-directories, and `read_blocks` reads each in argument order, the latter two through
-data/arrow_reader.py (whose `RecordBlock`s carry texts instead of lines).
-
 JSONL files are read in fixed-size pieces and decompressed incrementally, so memory does not
 depend on file size (only on the longest line). The raw bytes are hashed on the way
 (sha256 for the meta file), and a compressed stream that ends before its end-of-stream
 marker is reported as truncated: gzip and zstd readers otherwise hand back a silent
 prefix of the data.
+
+Which inputs are JSONL, and with which compression, is decided by data/inputs.py, which
+passes the compression in.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
-import os
 import zlib
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator
 
+from megatron_miniplm.data.blocks import Block, FileDone, ReadFailure
 from megatron_miniplm.data.records import BadRecord, SkipReason
 
-TEXT_SUFFIXES = (".jsonl", ".json", ".ndjson")
-COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", "": "none"}
-PARQUET_SUFFIX = ".parquet"
-ARROW_FORMATS = ("parquet", "arrow")  # compression_of() of the inputs data/arrow_reader.py reads
-DATASETS_STATE = "state.json"  # what makes a directory a `datasets` save_to_disk directory
+COMPRESSIONS = ("none", "gzip", "zstd")
 RAW_READ = 1 << 20  # bytes read from disk at a time
 ZSTD_RAW_READ = 1 << 18  # smaller: zstd output per call is not capped
 GZIP_OUT_MAX = 4 << 20  # most decompressed bytes per zlib call
-
-
-class InputNotFoundError(FileNotFoundError):
-    pass
-
-
-def is_datasets_dir(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, DATASETS_STATE))
-
-
-def compression_of(path: str) -> str:
-    """The input's encoding: 'none', 'gzip' or 'zstd' for JSONL, 'parquet' for a Parquet
-    file, 'arrow' for a `datasets` directory (Arrow IPC streams); raises ValueError for
-    anything else."""
-    if os.path.isdir(path):
-        if is_datasets_dir(path):
-            return "arrow"
-        if os.path.isfile(os.path.join(path, "dataset_dict.json")):
-            raise ValueError(f"{path}: a datasets DatasetDict directory: give one of its splits' directories")
-        raise ValueError(f"{path}: a directory without {DATASETS_STATE} (not saved by datasets' save_to_disk)")
-    if path.lower().endswith(PARQUET_SUFFIX):
-        return "parquet"
-    base, ext = os.path.splitext(path)
-    comp = COMPRESSION_SUFFIXES.get(ext)
-    if comp is None or comp == "none":
-        base, comp = path, "none"
-    if not base.endswith(TEXT_SUFFIXES):
-        raise ValueError(
-            f"{path}: unsupported input type (expected {', '.join(TEXT_SUFFIXES)}, optionally with .gz or .zst, "
-            f"{PARQUET_SUFFIX}, or a datasets save_to_disk directory)"
-        )
-    return comp
-
-
-def input_bytes(path: str) -> int:
-    """Bytes on disk of an input: the file, or a `datasets` directory's data files."""
-    if os.path.isdir(path):
-        from megatron_miniplm.data.arrow_reader import datasets_files
-
-        return sum(os.path.getsize(f) for f in datasets_files(path))
-    return os.path.getsize(path)
-
-
-def resolve_inputs(patterns: Sequence[str]) -> list[str]:
-    """Expand files and globs, in argument order (each glob sorted), without duplicates.
-    A `datasets` directory is one input, named or matched by a glob (other directories
-    a glob matches are ignored)."""
-    out: list[str] = []
-    seen = set()
-    for pattern in patterns:
-        if glob.has_magic(pattern):
-            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p) or is_datasets_dir(p))
-            if not matches:
-                raise InputNotFoundError(f"{pattern}: the pattern matches no files")
-        elif os.path.isfile(pattern) or os.path.isdir(pattern):
-            matches = [pattern]
-        else:
-            raise InputNotFoundError(f"{pattern}: input file not found")
-        for path in matches:
-            if compression_of(path) == "arrow":
-                from megatron_miniplm.data.arrow_reader import datasets_files
-
-                datasets_files(path)  # its state file is readable and its data files exist
-            key = os.path.realpath(path)
-            if key not in seen:
-                seen.add(key)
-                out.append(path)
-    if not out:
-        raise InputNotFoundError("no input files given")
-    return out
-
-
-@dataclass(frozen=True)
-class Block:
-    """Complete lines of one file (the file's last line may lack its newline)."""
-
-    file_index: int
-    first_line: int
-    data: bytes
-    num_lines: int
-    raw_pos: int = 0  # raw (compressed) bytes of the file read so far: for progress
-
-
-@dataclass(frozen=True)
-class ReadFailure:
-    """The file could not be read past `record.line`; the partial line is dropped."""
-
-    file_index: int
-    record: BadRecord
-
-
-@dataclass(frozen=True)
-class FileDone:
-    file_index: int
-    path: str
-    sha256: str
-    raw_bytes: int
-    text_bytes: int
-    lines: int
 
 
 class _PlainDecoder:
@@ -198,6 +92,8 @@ class _ZstdDecoder:
 
 
 def _decoder(compression: str):
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
     return {"none": _PlainDecoder, "gzip": _GzipDecoder, "zstd": _ZstdDecoder}[compression]()
 
 
@@ -207,10 +103,12 @@ def _decode_errors():
     return (zlib.error, zstandard.ZstdError)
 
 
-def read_file(file_index: int, path: str, block_bytes: int = 1 << 20) -> Iterator[Block | ReadFailure | FileDone]:
+def read_file(file_index: int, path: str, block_bytes: int = 1 << 20, *,
+              compression: str) -> Iterator[Block | ReadFailure | FileDone]:
     """Blocks of about `block_bytes` decompressed bytes ending at a newline, then an
-    optional ReadFailure, then FileDone (hash of the whole raw file, line count)."""
-    dec = _decoder(compression_of(path))
+    optional ReadFailure, then FileDone (hash of the whole raw file, line count).
+    `compression`: one of COMPRESSIONS."""
+    dec = _decoder(compression)
     errors = _decode_errors()
     sha = hashlib.sha256()
     raw_bytes = text_bytes = lines = 0
@@ -256,21 +154,3 @@ def read_file(file_index: int, path: str, block_bytes: int = 1 << 20) -> Iterato
     if failure is not None:
         yield ReadFailure(file_index, BadRecord(lines + 1, *failure))
     yield FileDone(file_index, path, sha.hexdigest(), raw_bytes, text_bytes, lines)
-
-
-def read_blocks(
-    paths: Sequence[str],
-    block_bytes: int = 1 << 20,
-    text_key: tuple[str, ...] = ("text",),
-    domain_key: tuple[str, ...] | None = ("meta", "pile_set_name"),
-) -> Iterator:
-    """Every input in order: JSONL as `Block`s of lines, Parquet files and `datasets`
-    directories as `arrow_reader.RecordBlock`s (the keys name their columns), each file
-    followed by its FileDone."""
-    for i, path in enumerate(paths):
-        if compression_of(path) in ARROW_FORMATS:
-            from megatron_miniplm.data.arrow_reader import read_arrow_input
-
-            yield from read_arrow_input(i, path, block_bytes, text_key, domain_key)
-        else:
-            yield from read_file(i, path, block_bytes)

@@ -1,6 +1,7 @@
 """The PREFIX.meta.json contract that later stages (scoring, selection, training) rely on.
 
-A dataset is PREFIX.bin / PREFIX.idx (megatron-core indexed dataset), PREFIX.domains.npy
+A dataset is PREFIX.bin / PREFIX.idx (an indexed dataset in megatron-core's format, read
+and written by megatron_miniplm.data.indexed_dataset), PREFIX.domains.npy
 (int32 domain id per instance) and PREFIX.meta.json. A sharded dataset is a top-level
 PREFIX.meta.json whose "shards" lists relative shard prefixes, each a dataset as above;
 its "fingerprint" is the sha256 of the shards' fingerprints joined by newlines.
@@ -13,6 +14,7 @@ import os
 from typing import Any
 
 from megatron_miniplm.data.tokenizer import file_sha256
+from megatron_miniplm.errors import UserError
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = (
@@ -22,7 +24,7 @@ REQUIRED_KEYS = (
 TOKENIZER_KEYS = ("path", "name", "sha256", "vocab_size", "eod_id", "pad_id")
 
 
-class DatasetMetaError(ValueError):
+class DatasetMetaError(UserError, ValueError):
     pass
 
 

@@ -11,11 +11,13 @@ results strictly in input order, with a bounded number in flight. Memory therefo
 depends on the block size (and a Parquet file's row-group size), the worker count and the
 longest document, not on the corpus, and the output bytes do not depend on the number of
 workers, nor on the input format: the same documents from JSONL, Parquet (any row-group
-size) or a `datasets` directory give the same dataset.
+size) or a `datasets` directory give the same dataset. data/inputs.py resolves the inputs
+and reads each with its format's reader; a `Preprocessor` runs the rest, in set-up, loop
+and finalisation steps.
 
 Why threads and not processes: the encoders release the GIL, and threads share one
-tokenizer, hence one BPE word cache. Measured on 2 cores, worker processes (each with its
-own cache) needed ~1.3x the CPU of the library's own batch encoding; threads ~1.0x.
+tokenizer, hence one BPE word cache; worker processes each warm their own cache and cost
+more CPU (benchmarks/RESULTS.md, "Preprocessing", has the measurements).
 HF tokenizers also parallelize inside each batch with their Rust thread pool, which
 tools/preprocess_data.py sizes to --workers (RAYON_NUM_THREADS, read once per process).
 GPT-2-style byte-level BPE tokenizer.json files are encoded by the native encoder of
@@ -34,76 +36,18 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from megatron_miniplm.data.arrow_reader import RecordBlock
+from megatron_miniplm.data.blocks import Block, FileDone, ReadFailure, RecordBlock
 from megatron_miniplm.data.boundaries import BoundaryTables
 from megatron_miniplm.data.dataset_writer import DatasetWriter
+from megatron_miniplm.data.inputs import ARROW_FORMATS, compression_of, input_bytes, read_blocks, resolve_inputs
 from megatron_miniplm.data.instances import InstanceBuilder, InstanceMode
-from megatron_miniplm.data.jsonl_reader import (
-    ARROW_FORMATS, Block, FileDone, ReadFailure, compression_of, input_bytes, read_blocks, resolve_inputs,
-)
 from megatron_miniplm.data.meta import FORMAT_VERSION
 from megatron_miniplm.data.records import BadRecord, InputError, SkipReason, parse_key
 from megatron_miniplm.data.tokenizer import load_tokenizer
 from megatron_miniplm.data.worker import BlockTokenizer, TokenizedBlock, WorkerConfig
-from megatron_miniplm.settings import setting
+from megatron_miniplm.data.config import PreprocessConfig
 
 log = logging.getLogger(__name__)
-
-ON_ERROR = ("fail", "skip")
-
-
-@dataclass
-class PreprocessConfig:
-    """A preprocessing run; its settings are tools/preprocess_data.py's flags."""
-
-    inputs: list[str] = setting(group="input", flag="--input", metavar="FILE_OR_GLOB",
-                                help=".jsonl, .jsonl.gz or .jsonl.zst files, .parquet files (read a row group at "
-                                     "a time), datasets save_to_disk directories, or globs of these (quote globs); "
-                                     "read in order, formats may be mixed")
-    output_prefix: str = setting(group="output", help="PREFIX of PREFIX.bin/.idx/.domains.npy/.meta.json")
-    tokenizer: str = setting(group="tokenizer", metavar="PATH",
-                             help="HF tokenizer.json (or a directory holding one) or a sentencepiece .model")
-    seq_length: int = setting(1024, group="instances", help="instances hold at most seq-length+1 tokens")
-    workers: int = setting(1, group="runtime",
-                           help="tokenizer threads (and the size of HF tokenizers' Rust thread pool); "
-                                "the output does not depend on it")
-    json_key: str = setting("text", group="input",
-                            help="key (Parquet/datasets: column) of the document text; dotted for nested keys "
-                                 "(struct fields), a key or column literally named with the dots wins")
-    domain_key: str = setting("meta.pile_set_name", group="input",
-                              help="key (Parquet/datasets: column) of the domain name, dotted as --json-key; '' "
-                                   "puts everything in domain 'default'")
-    instance_mode: str = setting(
-        "miniplm", group="instances", choices=[m.value for m in InstanceMode],
-        help="miniplm: per-domain instances of <= seq-length+1 tokens cut at sentence boundaries; "
-             "packed: fixed seq-length+1 cuts per domain; document: one record per document")
-    on_error: str = setting("fail", group="input", choices=ON_ERROR,
-                            help="bad input (invalid JSON or UTF-8, missing key or column, non-string, null or "
-                                 "empty text, truncated .gz/.zst, unreadable Parquet/Arrow): stop with "
-                                 "file:line:reason (file: row N: reason), or skip and count by reason")
-    shard_size_tokens: int | None = setting(None, group="output",
-                                            help="write shards PREFIX_00000, ... of at most this many tokens each")
-    eod_token: str | None = setting(None, group="tokenizer",
-                                    help="end-of-document token appended to every document (default: from "
-                                         "the tokenizer, e.g. <|endoftext|>)")
-    block_bytes: int = setting(1 << 20, group="runtime",
-                               help="bytes of JSONL (Parquet/datasets: of text) handed to a worker at a time")
-    max_domains: int = setting(4096, group="input", help="guard against a wrong --domain-key")
-    progress: bool = setting(True, group="runtime", flag="--no-progress", help="no progress bar")
-    log_skipped: int = setting(10, group="runtime", help="log the first N skipped records with file:line")
-
-    def validate(self) -> None:
-        InstanceMode(self.instance_mode)
-        if self.on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
-        if self.seq_length < 1:
-            raise ValueError(f"seq_length must be >= 1, got {self.seq_length}")
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if not self.json_key:
-            raise ValueError("json_key must not be empty")
-        if self.block_bytes < 1:
-            raise ValueError(f"block_bytes must be >= 1, got {self.block_bytes}")
 
 
 @dataclass
@@ -217,103 +161,141 @@ class _Progress:
             self.bar.close()
 
 
-def preprocess(config: PreprocessConfig) -> PreprocessSummary:
-    """Run the pipeline; on any error nothing is left under the output prefix."""
-    config.validate()
-    start = time.perf_counter()
-    paths = resolve_inputs(config.inputs)
-    row_based = [compression_of(p) in ARROW_FORMATS for p in paths]  # errors name rows, not lines
-    tokenizer = load_tokenizer(config.tokenizer, config.eod_token)
-    mode = InstanceMode(config.instance_mode)
-    tables = BoundaryTables.from_tokenizer(tokenizer) if mode is InstanceMode.MINIPLM else None
-    worker_config = WorkerConfig(
-        tokenizer_path=config.tokenizer,
-        eod_token=config.eod_token,
-        text_key=parse_key(config.json_key),
-        domain_key=parse_key(config.domain_key),
-        stop_at_first_error=config.on_error == "fail",
-        tables=tables,
-    )
-    tokenize = BlockTokenizer(worker_config, tokenizer)
-    builder = InstanceBuilder(mode, config.seq_length)
-    inputs = [InputStats(os.path.abspath(p)) for p in paths]
-    skipped: Counter = Counter()
-    domains: dict[str, int] = {}
-    docs = text_bytes = tokens = 0
-    progress = _Progress(sum(input_bytes(p) for p in paths), config.progress)
+class Preprocessor:
+    """One run of the pipeline, in three steps: set-up (`__init__`: settings, inputs,
+    tokenizer, instance builder, progress bar), the loop (`_consume`: every input's
+    blocks, tokenized in input order, into instances) and finalisation (`_finish`: the
+    last instances and the meta, committed). `run` holds the output's writer around the
+    last two, so that on any error nothing is left under the output prefix."""
 
-    def reject(file_index: int, record: BadRecord) -> None:
-        if config.on_error == "fail":
-            raise InputError(paths[file_index], record, row_based[file_index])
-        skipped[record.reason] += 1
-        inputs[file_index].skipped[record.reason.value] += 1
-        if sum(skipped.values()) <= config.log_skipped:
-            log.warning("skipped %s", InputError(paths[file_index], record, row_based[file_index]))
+    def __init__(self, config: PreprocessConfig):
+        config.validate()
+        self.config = config
+        self.start = time.perf_counter()
+        self.paths = resolve_inputs(config.inputs)
+        self.row_based = [compression_of(p) in ARROW_FORMATS for p in self.paths]  # errors name rows, not lines
+        self.tokenizer = load_tokenizer(config.tokenizer, config.eod_token)
+        self.mode = InstanceMode(config.instance_mode)
+        self.tables = BoundaryTables.from_tokenizer(self.tokenizer) if self.mode is InstanceMode.MINIPLM else None
+        self.worker_config = WorkerConfig(
+            tokenizer_path=config.tokenizer,
+            eod_token=config.eod_token,
+            text_key=parse_key(config.json_key),
+            domain_key=parse_key(config.domain_key),
+            stop_at_first_error=config.on_error == "fail",
+            tables=self.tables,
+        )
+        self.tokenize = BlockTokenizer(self.worker_config, self.tokenizer)
+        self.builder = InstanceBuilder(self.mode, config.seq_length)
+        self.inputs = [InputStats(os.path.abspath(p)) for p in self.paths]
+        self.skipped: Counter = Counter()
+        self.domains: dict[str, int] = {}
+        self.docs = self.text_bytes = self.tokens = 0
+        self.progress = _Progress(sum(input_bytes(p) for p in self.paths), config.progress)
 
-    def domain_id(name: str, file_index: int) -> int:
-        if name not in domains:
-            if len(domains) >= config.max_domains:
-                raise ValueError(
-                    f"{paths[file_index]}: more than {config.max_domains} distinct domains (new: {name!r}); "
-                    "check --domain-key, or raise --max-domains"
-                )
-            domains[name] = len(domains)
-        return domains[name]
+    def run(self) -> PreprocessSummary:
+        config, tokenizer = self.config, self.tokenizer
+        try:
+            with DatasetWriter(config.output_prefix, tokenizer.vocab_size, tokenizer.eod_id,
+                               config.shard_size_tokens) as writer:
+                self._consume(writer)
+                meta = self._finish(writer)
+        finally:
+            self.progress.close()
+        return self._summary(meta)
 
-    try:
-        blocks = read_blocks(paths, config.block_bytes, worker_config.text_key, worker_config.domain_key)
+    # ---- the loop --------------------------------------------------------------------------
+    def _consume(self, writer: DatasetWriter) -> None:
+        config, keys = self.config, (self.worker_config.text_key, self.worker_config.domain_key)
+        blocks = read_blocks(self.paths, config.block_bytes, *keys)
         in_flight = 2 * config.workers + 1
-        with DatasetWriter(config.output_prefix, tokenizer.vocab_size, tokenizer.eod_id, config.shard_size_tokens) as writer, \
-                closing(ordered_tokenize(blocks, config.workers, tokenize, in_flight)) as items:
+        with closing(ordered_tokenize(blocks, config.workers, self.tokenize, in_flight)) as items:
             for item in items:
                 if isinstance(item, FileDone):
-                    st = inputs[item.file_index]
-                    st.sha256, st.bytes, st.lines = item.sha256, item.raw_bytes, item.lines
-                    progress.file_done(item.raw_bytes)
-                    continue
-                if isinstance(item, ReadFailure):
-                    reject(item.file_index, item.record)
-                    continue
-                block: TokenizedBlock = item
-                for bad in block.bad:
-                    reject(block.file_index, bad)
-                ends = np.cumsum(block.doc_lengths)
-                for i, name in enumerate(block.domains):
-                    lo, hi = (int(ends[i - 1]) if i else 0), int(ends[i])
-                    flags = block.flags[lo:hi] if block.flags is not None else None
-                    builder.add(block.tokens[lo:hi], domain_id(name, block.file_index), flags)
-                writer.add(builder.take())
-                inputs[block.file_index].documents += len(block.domains)
-                docs += len(block.domains)
-                text_bytes += block.text_bytes
-                tokens += len(block.tokens)
-                progress.update(block.raw_pos, docs, text_bytes, tokens)
-            writer.add(builder.flush())
-            if docs == 0:
-                raise ValueError(f"no usable documents in {', '.join(paths)}")
-            common = {
-                "format_version": FORMAT_VERSION,
-                "instance_mode": mode.value,
-                "seq_length": config.seq_length,
-                "dtype": np.dtype(writer.dtype).name,
-                "tokenizer": tokenizer.info(),
-                "boundary_tokens": tables.summary() if tables is not None else None,
-                "json_key": config.json_key,
-                "domain_key": config.domain_key,
-                "on_error": config.on_error,
-                "inputs": [st.to_meta() for st in inputs],
-                "skipped": {r.value: skipped[r] for r in SkipReason},
-            }
-            meta = writer.commit(common, list(domains))
-    finally:
-        progress.close()
-    return PreprocessSummary(
-        meta=meta,
-        output_prefix=config.output_prefix,
-        seconds=time.perf_counter() - start,
-        text_bytes=text_bytes,
-        raw_bytes=sum(st.bytes for st in inputs),
-        documents=docs,
-        lines=sum(st.lines for st in inputs),
-        formats="jsonl" if not any(row_based) else "arrow" if all(row_based) else "mixed",
-    )
+                    self._file_done(item)
+                elif isinstance(item, ReadFailure):
+                    self._reject(item.file_index, item.record)
+                else:
+                    self._add_block(item, writer)
+
+    def _add_block(self, block: TokenizedBlock, writer: DatasetWriter) -> None:
+        for bad in block.bad:
+            self._reject(block.file_index, bad)
+        ends = np.cumsum(block.doc_lengths)
+        for i, name in enumerate(block.domains):
+            lo, hi = (int(ends[i - 1]) if i else 0), int(ends[i])
+            flags = block.flags[lo:hi] if block.flags is not None else None
+            self.builder.add(block.tokens[lo:hi], self._domain_id(name, block.file_index), flags)
+        writer.add(self.builder.take())
+        self.inputs[block.file_index].documents += len(block.domains)
+        self.docs += len(block.domains)
+        self.text_bytes += block.text_bytes
+        self.tokens += len(block.tokens)
+        self.progress.update(block.raw_pos, self.docs, self.text_bytes, self.tokens)
+
+    def _file_done(self, done: FileDone) -> None:
+        st = self.inputs[done.file_index]
+        st.sha256, st.bytes, st.lines = done.sha256, done.raw_bytes, done.lines
+        self.progress.file_done(done.raw_bytes)
+
+    def _reject(self, file_index: int, record: BadRecord) -> None:
+        """Apply --on-error to a bad record: raise, or count it (and log the first few)."""
+        if self.config.on_error == "fail":
+            raise self._error(file_index, record)
+        self.skipped[record.reason] += 1
+        self.inputs[file_index].skipped[record.reason.value] += 1
+        if sum(self.skipped.values()) <= self.config.log_skipped:
+            log.warning("skipped %s", self._error(file_index, record))
+
+    def _error(self, file_index: int, record: BadRecord) -> InputError:
+        # Built only when raised or logged: a skip run may count millions of records.
+        return InputError(self.paths[file_index], record, self.row_based[file_index])
+
+    def _domain_id(self, name: str, file_index: int) -> int:
+        if name not in self.domains:
+            if len(self.domains) >= self.config.max_domains:
+                raise ValueError(
+                    f"{self.paths[file_index]}: more than {self.config.max_domains} distinct domains (new: {name!r}); "
+                    "check --domain-key, or raise --max-domains"
+                )
+            self.domains[name] = len(self.domains)
+        return self.domains[name]
+
+    # ---- finalisation ----------------------------------------------------------------------
+    def _finish(self, writer: DatasetWriter) -> dict:
+        """Write the last instances and commit the dataset; returns the meta written."""
+        config = self.config
+        writer.add(self.builder.flush())
+        if self.docs == 0:
+            raise ValueError(f"no usable documents in {', '.join(self.paths)}")
+        common = {
+            "format_version": FORMAT_VERSION,
+            "instance_mode": self.mode.value,
+            "seq_length": config.seq_length,
+            "dtype": np.dtype(writer.dtype).name,
+            "tokenizer": self.tokenizer.info(),
+            "boundary_tokens": self.tables.summary() if self.tables is not None else None,
+            "json_key": config.json_key,
+            "domain_key": config.domain_key,
+            "on_error": config.on_error,
+            "inputs": [st.to_meta() for st in self.inputs],
+            "skipped": {r.value: self.skipped[r] for r in SkipReason},
+        }
+        return writer.commit(common, list(self.domains))
+
+    def _summary(self, meta: dict) -> PreprocessSummary:
+        return PreprocessSummary(
+            meta=meta,
+            output_prefix=self.config.output_prefix,
+            seconds=time.perf_counter() - self.start,
+            text_bytes=self.text_bytes,
+            raw_bytes=sum(st.bytes for st in self.inputs),
+            documents=self.docs,
+            lines=sum(st.lines for st in self.inputs),
+            formats="jsonl" if not any(self.row_based) else "arrow" if all(self.row_based) else "mixed",
+        )
+
+
+def preprocess(config: PreprocessConfig) -> PreprocessSummary:
+    """Run the pipeline; on any error nothing is left under the output prefix."""
+    return Preprocessor(config).run()

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from enum import Enum
 
+from megatron_miniplm.errors import UserError
+
 
 DEFAULT_DOMAIN = "default"  # every document's domain when there is no domain key
 
@@ -34,7 +36,7 @@ class BadRecord:
     detail: str
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """Bad input under --on-error fail: names the file, the line (`path:N: ...`) or, for
     Parquet/Arrow inputs (`rows`), the row (`path: row N: ...`), and the reason."""
 

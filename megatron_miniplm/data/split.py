@@ -21,9 +21,10 @@ from typing import Iterator
 import numpy as np
 
 from megatron_miniplm.data.dataset_writer import DatasetWriter
+from megatron_miniplm.data.indexed_dataset import IndexedDatasetReader
 from megatron_miniplm.data.instances import Instances
 from megatron_miniplm.data.meta import dataset_prefixes, read_dataset_meta, verify_fingerprint
-from megatron_miniplm.settings import setting
+from megatron_miniplm.data.config import SplitConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,56 +47,27 @@ def instance_keys(start: int, stop: int, seed: int) -> np.ndarray:
 
 
 @dataclass
-class SplitConfig:
-    """A D_ref split; its settings are tools/split_dataset.py's flags."""
-
-    input_prefix: str = setting(help="dataset written by tools/preprocess_data.py (sharded or not)")
-    ref_prefix: str = setting(help="output: D_ref")
-    rest_prefix: str = setting(help="output: every other instance")
-    ref_fraction: float | None = setting(None, one_of="D_ref's size",
-                                         help="fraction of the instances that go to D_ref, in (0, 1)")
-    ref_tokens: int | None = setting(None, one_of="D_ref's size",
-                                     help="or: D_ref gets the fewest random instances holding this many tokens")
-    seed: int = setting(1234, help="the same seed gives the same split")
-    chunk_instances: int = 1 << 20
-
-    def validate(self) -> None:
-        if (self.ref_fraction is None) == (self.ref_tokens is None):
-            raise ValueError("give exactly one of ref_fraction and ref_tokens")
-        if self.ref_fraction is not None and not 0 < self.ref_fraction < 1:
-            raise ValueError(f"ref_fraction must be in (0, 1), got {self.ref_fraction}")
-        if self.ref_tokens is not None and self.ref_tokens < 1:
-            raise ValueError(f"ref_tokens must be >= 1, got {self.ref_tokens}")
-        outs = {os.path.abspath(p) for p in (self.ref_prefix, self.rest_prefix)}
-        if len(outs) < 2 or os.path.abspath(self.input_prefix) in outs:
-            raise ValueError("input, ref and rest prefixes must be three different prefixes")
-
-
-@dataclass
 class _Source:
     """One shard of the input, memory-mapped."""
 
-    prefix: str
     first: int  # global index of its first instance
-    lengths: np.ndarray
-    pointers: np.ndarray
-    tokens: np.ndarray
+    data: IndexedDatasetReader
     domains: np.ndarray
-    dataset: object  # the IndexedDataset: closing it unmaps `lengths` and `pointers`
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.data.lengths
 
 
 def _open_sources(prefix: str) -> list[_Source]:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     out, first = [], 0
     for p in dataset_prefixes(prefix):
-        ds = IndexedDataset(p)
+        data = IndexedDatasetReader(p)
         domains = np.load(p + ".domains.npy", mmap_mode="r")
-        if len(domains) != len(ds):
-            raise ValueError(f"{p}.domains.npy: {len(domains)} entries for {len(ds)} instances")
-        tokens = np.memmap(p + ".bin", dtype=ds.index.dtype, mode="r")
-        out.append(_Source(p, first, ds.index.sequence_lengths, ds.index.sequence_pointers, tokens, domains, ds))
-        first += len(ds)
+        if len(domains) != len(data):
+            raise ValueError(f"{p}.domains.npy: {len(domains)} entries for {len(data)} instances")
+        out.append(_Source(first, data, domains))
+        first += len(data)
     return out
 
 
@@ -156,6 +128,34 @@ def split_dataset(config: SplitConfig) -> SplitSummary:
     sources = _open_sources(config.input_prefix)
     total_instances = sum(len(s.lengths) for s in sources)
     total_tokens = int(sum(int(s.lengths.sum(dtype=np.int64)) for s in sources))
+    target, by_tokens = _ref_target(config, total_instances, total_tokens)
+    threshold = find_threshold(sources, config.seed, target, by_tokens, config.chunk_instances)
+    tok = meta["tokenizer"]
+    selection = _selection_record(config, meta, total_instances, total_tokens, threshold)
+    cols = {"source_index": np.int64}
+    ref = DatasetWriter(config.ref_prefix, tok["vocab_size"], tok["eod_id"], columns=cols)
+    rest = DatasetWriter(config.rest_prefix, tok["vocab_size"], tok["eod_id"], columns=cols)
+    try:
+        _write_parts(sources, config, threshold, ref, rest)
+        if rest.num_instances == 0:
+            raise ValueError(f"{config.input_prefix}: the rest would be empty (the last instance is needed to reach the D_ref target)")
+        common = {k: v for k, v in meta.items() if k not in PER_DATASET_KEYS}
+        metas = [
+            writer.prepare({**common, "split": {"part": part, "prefix": prefix, **selection}}, meta["domains"])
+            for writer, part, prefix in ((ref, "ref", config.ref_prefix), (rest, "rest", config.rest_prefix))
+        ]
+        ref.publish()
+        rest.publish()
+    except BaseException:
+        ref.abort()
+        rest.abort()
+        raise
+    return SplitSummary(metas[0], metas[1], time.perf_counter() - start)
+
+
+def _ref_target(config: SplitConfig, total_instances: int, total_tokens: int) -> tuple[int, bool]:
+    """D_ref's size (instances, or tokens with --ref-tokens) and whether it counts tokens;
+    refuses a split that would leave either part empty."""
     by_tokens = config.ref_tokens is not None
     if by_tokens:
         target, total = config.ref_tokens, total_tokens
@@ -168,11 +168,14 @@ def split_dataset(config: SplitConfig) -> SplitSummary:
             f"{config.input_prefix}: the rest would be empty (D_ref target {target:,} of "
             f"{total:,} {'tokens' if by_tokens else 'instances'})"
         )
-    threshold = find_threshold(sources, config.seed, target, by_tokens, config.chunk_instances)
+    return target, by_tokens
 
-    tok = meta["tokenizer"]
-    common = {k: v for k, v in meta.items() if k not in PER_DATASET_KEYS}
-    selection = {
+
+def _selection_record(config: SplitConfig, meta: dict, total_instances: int, total_tokens: int,
+                      threshold: int) -> dict:
+    """What both parts' metadata record of the split: the source, the settings, the key rule
+    and its threshold (enough to recompute which part any source instance went to)."""
+    return {
         "source_prefix": os.path.abspath(config.input_prefix),
         "source_fingerprint": meta["fingerprint"],
         "source_num_instances": total_instances,
@@ -183,31 +186,18 @@ def split_dataset(config: SplitConfig) -> SplitSummary:
         "key": "splitmix64(index + splitmix64(seed)); ref = key <= threshold",
         "threshold": f"{threshold:016x}",
     }
-    cols = {"source_index": np.int64}
-    ref = DatasetWriter(config.ref_prefix, tok["vocab_size"], tok["eod_id"], columns=cols)
-    rest = DatasetWriter(config.rest_prefix, tok["vocab_size"], tok["eod_id"], columns=cols)
-    try:
-        for src, lo, hi in _chunks(sources, config.chunk_instances):
-            is_ref = instance_keys(src.first + lo, src.first + hi, config.seed) <= np.uint64(threshold)
-            lengths = src.lengths[lo:hi].astype(np.int64)
-            itemsize = src.tokens.dtype.itemsize
-            first_tok = int(src.pointers[lo]) // itemsize
-            tokens = np.asarray(src.tokens[first_tok:first_tok + int(lengths.sum())])
-            token_is_ref = np.repeat(is_ref, lengths)
-            index = np.arange(src.first + lo, src.first + hi, dtype=np.int64)
-            domains = np.asarray(src.domains[lo:hi], dtype=np.int32)
-            for writer, sel, tsel in ((ref, is_ref, token_is_ref), (rest, ~is_ref, ~token_is_ref)):
-                writer.add(Instances(tokens[tsel], lengths[sel], domains[sel]), {"source_index": index[sel]})
-        if rest.num_instances == 0:
-            raise ValueError(f"{config.input_prefix}: the rest would be empty (the last instance is needed to reach the D_ref target)")
-        metas = [
-            writer.prepare({**common, "split": {"part": part, "prefix": prefix, **selection}}, meta["domains"])
-            for writer, part, prefix in ((ref, "ref", config.ref_prefix), (rest, "rest", config.rest_prefix))
-        ]
-        ref.publish()
-        rest.publish()
-    except BaseException:
-        ref.abort()
-        rest.abort()
-        raise
-    return SplitSummary(metas[0], metas[1], time.perf_counter() - start)
+
+
+def _write_parts(sources: list[_Source], config: SplitConfig, threshold: int, ref: DatasetWriter,
+                 rest: DatasetWriter) -> None:
+    """Every instance, chunk by chunk in input order, to D_ref (key <= threshold) or the rest,
+    with its domain and source index."""
+    for src, lo, hi in _chunks(sources, config.chunk_instances):
+        is_ref = instance_keys(src.first + lo, src.first + hi, config.seed) <= np.uint64(threshold)
+        lengths = src.lengths[lo:hi].astype(np.int64)
+        tokens = src.data.span(lo, hi)
+        token_is_ref = np.repeat(is_ref, lengths)
+        index = np.arange(src.first + lo, src.first + hi, dtype=np.int64)
+        domains = np.asarray(src.domains[lo:hi], dtype=np.int32)
+        for writer, sel, tsel in ((ref, is_ref, token_is_ref), (rest, ~is_ref, ~token_is_ref)):
+            writer.add(Instances(tokens[tsel], lengths[sel], domains[sel]), {"source_index": index[sel]})

@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from megatron_miniplm.errors import UserError
+
 # Document-end tokens, most specific first. "<|endoftext|>" (GPT-2, Qwen, SmolLM) and
 # "<|end_of_text|>" (Llama 3) mark the end of a *document*; chat end tokens such as
 # "<|im_end|>" (often the configured eos of instruct tokenizers) do not, so they are
@@ -23,7 +25,7 @@ EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>"
 _FAST_BPE_LOCK = threading.Lock()  # HFTokenizer builds its fast encoder once, on first use
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer file that cannot be used: the message names the file and the reason."""
 
 

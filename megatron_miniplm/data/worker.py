@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_miniplm.data.arrow_reader import RecordBlock
+from megatron_miniplm.data.blocks import Block, RecordBlock
 from megatron_miniplm.data.boundaries import BoundaryTables
-from megatron_miniplm.data.jsonl_reader import Block
 from megatron_miniplm.data.records import BadRecord, parse_block
 from megatron_miniplm.data.tokenizer import Tokenizer, load_tokenizer
 

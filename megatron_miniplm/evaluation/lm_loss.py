@@ -36,7 +36,8 @@ def score_test_set(checkpoint: str, data_path: str, output: str, **score_options
     import torch.distributed as dist
 
     from megatron_miniplm.scoring.score_file import load_scores
-    from megatron_miniplm.scoring.scorer import ScoreConfig, score
+    from megatron_miniplm.scoring.scorer import score
+    from megatron_miniplm.scoring.config import ScoreConfig
 
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     summary = score(ScoreConfig(data_path=data_path, load=checkpoint, output_prefix=output, **score_options))

@@ -116,7 +116,7 @@ def train_flops(checkpoint: str):
     None for other checkpoints (a converted model)."""
     from megatron.core import dist_checkpointing
 
-    from megatron_miniplm.checkpointing import resolve_checkpoint_dir
+    from megatron_miniplm.dist_checkpoint import resolve_checkpoint_dir
 
     try:
         state = dist_checkpointing.load_common_state_dict(resolve_checkpoint_dir(checkpoint))

@@ -154,3 +154,76 @@ def get_preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown model preset '{name}'; choose from: {', '.join(PRESETS)}") from None
+
+
+IMPL = "implementation and fusions"
+TRANSFORMER_IMPLS = ("transformer_engine", "local")
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")  # Megatron-LM's AttnBackend
+@dataclass(frozen=True)
+class LayerImpl:
+    """Which layers and attention kernels a model is built with, under Megatron-LM's flags.
+
+    One deliberate difference from Megatron-LM: where Transformer Engine does not import
+    (a CPU, an image without TE) ``transformer_engine`` falls back to megatron-core's local
+    spec instead of failing, so that one command runs everywhere; the start-up line says
+    which layers run and why.
+    """
+
+    transformer_impl: str = setting(
+        "transformer_engine", group=IMPL, choices=TRANSFORMER_IMPLS,
+        help="transformer_engine: Transformer Engine's layers and fused kernels (Megatron-LM's default; "
+             "unlike Megatron-LM, megatron-core's local layers where TE does not import); local: megatron-core's "
+             "local layers")
+    attention_backend: str = setting(
+        "auto", group=IMPL, choices=ATTENTION_BACKENDS,
+        help="core attention. With TE: its flash, fused (cuDNN) or unfused kernels, auto lets TE choose, local is "
+             "megatron-core's unfused attention. With local layers: flash is PyTorch SDPA held to its flash kernel, "
+             "unfused and local megatron-core's attention, fused needs TE; auto is SDPA on a GPU and, on a CPU, "
+             "whichever was measured faster there (megatron-core's for training, SDPA for scoring)")
+    apply_rope_fusion: bool = setting(
+        True, group=IMPL, flag="--no-rope-fusion",
+        help="unfused RoPE (the fused kernel is Transformer Engine's: off where TE does not import)")
+
+    def __post_init__(self):
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            raise ValueError(f"transformer_impl (--transformer-impl) '{self.transformer_impl}': "
+                             f"choose one of {', '.join(TRANSFORMER_IMPLS)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend (--attention-backend) '{self.attention_backend}': "
+                             f"choose one of {', '.join(ATTENTION_BACKENDS)}")
+@dataclass(frozen=True)
+class TrainingFusions:
+    """Megatron-LM's fusions of the training step that have no effect on a forward-only model."""
+
+    gradient_accumulation_fusion: bool = setting(
+        True, group=IMPL, flag="--no-gradient-accumulation-fusion",
+        help="weight gradients added to the fp32 main gradients by separate kernels (the fused form needs apex's "
+             "fused_weight_gradient_mlp_cuda for the output layer, with or without TE: off without it)")
+    cross_entropy_loss_fusion: bool = setting(
+        False, group=IMPL, help="fused vocabulary-parallel cross entropy (as in Megatron-LM, off by default)")
+    cross_entropy_fusion_impl: str = setting(
+        "native", group=IMPL, choices=("native", "te"),
+        help="native: megatron-core's fused cross entropy; te: Transformer Engine's")
+RECOMPUTE = "activation recomputation"
+@dataclass(frozen=True)
+class RecomputeSettings:
+    """Megatron-LM's activation recomputation: memory for compute, the numbers unchanged."""
+
+    recompute_granularity: Optional[str] = setting(
+        None, group=RECOMPUTE, choices=("full", "selective"),
+        help="full: recompute whole transformer layers in the backward pass; selective: only the "
+             "core attention (the memory of long sequences)")
+    recompute_method: Optional[str] = setting(
+        None, group=RECOMPUTE, choices=("uniform", "block"),
+        help="with full: uniform (every --recompute-num-layers layers as one unit) or block (the first "
+             "--recompute-num-layers layers of each pipeline stage)")
+    recompute_num_layers: Optional[int] = setting(None, group=RECOMPUTE, help="layers per unit (uniform) or "
+                                                                               "recomputed layers (block)")
+
+    def __post_init__(self):
+        full = self.recompute_granularity == "full"
+        if full and (self.recompute_method is None or not self.recompute_num_layers):
+            raise ValueError("recompute_granularity full (--recompute-granularity) needs --recompute-method "
+                             "and --recompute-num-layers, as in Megatron-LM")
+        if not full and (self.recompute_method is not None or self.recompute_num_layers is not None):
+            raise ValueError("--recompute-method and --recompute-num-layers go with --recompute-granularity full")

@@ -19,60 +19,7 @@ import torch.nn.functional as F
 
 from megatron_miniplm import megatron_compat, platform
 from megatron_miniplm.models.config import ModelConfig
-from megatron_miniplm.settings import setting
-
-IMPL = "implementation and fusions"
-TRANSFORMER_IMPLS = ("transformer_engine", "local")
-ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")  # Megatron-LM's AttnBackend
-
-
-@dataclass(frozen=True)
-class LayerImpl:
-    """Which layers and attention kernels a model is built with, under Megatron-LM's flags.
-
-    One deliberate difference from Megatron-LM: where Transformer Engine does not import
-    (a CPU, an image without TE) ``transformer_engine`` falls back to megatron-core's local
-    spec instead of failing, so that one command runs everywhere; the start-up line says
-    which layers run and why.
-    """
-
-    transformer_impl: str = setting(
-        "transformer_engine", group=IMPL, choices=TRANSFORMER_IMPLS,
-        help="transformer_engine: Transformer Engine's layers and fused kernels (Megatron-LM's default; "
-             "unlike Megatron-LM, megatron-core's local layers where TE does not import); local: megatron-core's "
-             "local layers")
-    attention_backend: str = setting(
-        "auto", group=IMPL, choices=ATTENTION_BACKENDS,
-        help="core attention. With TE: its flash, fused (cuDNN) or unfused kernels, auto lets TE choose, local is "
-             "megatron-core's unfused attention. With local layers: flash is PyTorch SDPA held to its flash kernel, "
-             "unfused and local megatron-core's attention, fused needs TE; auto is SDPA on a GPU and, on a CPU, "
-             "whichever was measured faster there (megatron-core's for training, SDPA for scoring)")
-    apply_rope_fusion: bool = setting(
-        True, group=IMPL, flag="--no-rope-fusion",
-        help="unfused RoPE (the fused kernel is Transformer Engine's: off where TE does not import)")
-
-    def __post_init__(self):
-        if self.transformer_impl not in TRANSFORMER_IMPLS:
-            raise ValueError(f"transformer_impl (--transformer-impl) '{self.transformer_impl}': "
-                             f"choose one of {', '.join(TRANSFORMER_IMPLS)}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend (--attention-backend) '{self.attention_backend}': "
-                             f"choose one of {', '.join(ATTENTION_BACKENDS)}")
-
-
-@dataclass(frozen=True)
-class TrainingFusions:
-    """Megatron-LM's fusions of the training step that have no effect on a forward-only model."""
-
-    gradient_accumulation_fusion: bool = setting(
-        True, group=IMPL, flag="--no-gradient-accumulation-fusion",
-        help="weight gradients added to the fp32 main gradients by separate kernels (the fused form needs apex's "
-             "fused_weight_gradient_mlp_cuda for the output layer, with or without TE: off without it)")
-    cross_entropy_loss_fusion: bool = setting(
-        False, group=IMPL, help="fused vocabulary-parallel cross entropy (as in Megatron-LM, off by default)")
-    cross_entropy_fusion_impl: str = setting(
-        "native", group=IMPL, choices=("native", "te"),
-        help="native: megatron-core's fused cross entropy; te: Transformer Engine's")
+from megatron_miniplm.models.config import LayerImpl, RecomputeSettings, TrainingFusions
 
 
 @dataclass(frozen=True)
@@ -186,33 +133,6 @@ def resolve_implementation(layers: LayerImpl = LayerImpl(), fusions: Optional[Tr
                           compiled_fusions=compiled, notes=tuple(notes))
 
 
-RECOMPUTE = "activation recomputation"
-
-
-@dataclass(frozen=True)
-class RecomputeSettings:
-    """Megatron-LM's activation recomputation: memory for compute, the numbers unchanged."""
-
-    recompute_granularity: Optional[str] = setting(
-        None, group=RECOMPUTE, choices=("full", "selective"),
-        help="full: recompute whole transformer layers in the backward pass; selective: only the "
-             "core attention (the memory of long sequences)")
-    recompute_method: Optional[str] = setting(
-        None, group=RECOMPUTE, choices=("uniform", "block"),
-        help="with full: uniform (every --recompute-num-layers layers as one unit) or block (the first "
-             "--recompute-num-layers layers of each pipeline stage)")
-    recompute_num_layers: Optional[int] = setting(None, group=RECOMPUTE, help="layers per unit (uniform) or "
-                                                                               "recomputed layers (block)")
-
-    def __post_init__(self):
-        full = self.recompute_granularity == "full"
-        if full and (self.recompute_method is None or not self.recompute_num_layers):
-            raise ValueError("recompute_granularity full (--recompute-granularity) needs --recompute-method "
-                             "and --recompute-num-layers, as in Megatron-LM")
-        if not full and (self.recompute_method is not None or self.recompute_num_layers is not None):
-            raise ValueError("--recompute-method and --recompute-num-layers go with --recompute-granularity full")
-
-
 def transformer_config(
     config: ModelConfig,
     *,
@@ -228,19 +148,37 @@ def transformer_config(
     """The megatron ``TransformerConfig`` of a model at a parallel layout. ``allocate_on_device``:
     megatron-core creates the weights directly on this process's device (default: where that
     device is an accelerator, as Megatron-LM does on GPUs), else on the host."""
-    from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     impl = impl or resolve_implementation()
+    _check_layout(config, tensor_parallel_size, pipeline_parallel_size)
+    if allocate_on_device is None:
+        allocate_on_device = platform.device().type != "cpu"
+    return TransformerConfig(
+        **_architecture(config),
+        **_layout(tensor_parallel_size, pipeline_parallel_size, sequence_parallel),
+        **_precision(params_dtype, bf16, allocate_on_device),
+        **_kernels(impl),
+        recompute_granularity=recompute.recompute_granularity,
+        recompute_method=recompute.recompute_method,
+        recompute_num_layers=recompute.recompute_num_layers,
+    )
+
+
+def _check_layout(config: ModelConfig, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
+    """Refuses a layout the model cannot be split into: heads over TP, layers over PP."""
     config.check_tensor_parallel(tensor_parallel_size)
     if config.num_layers % pipeline_parallel_size != 0:
         raise ValueError(
             f"pipeline-model-parallel-size {pipeline_parallel_size} does not divide the "
             f"{config.num_layers} layers of model '{config.name}'"
         )
-    if allocate_on_device is None:
-        allocate_on_device = platform.device().type != "cpu"
-    return TransformerConfig(
+
+
+def _architecture(config: ModelConfig) -> dict:
+    """The model's shape and its Llama/Qwen2-style block: RMSNorm, SwiGLU, no linear biases
+    (QKV bias as the model says), no dropout, softmax in fp32."""
+    return dict(
         num_layers=config.num_layers,
         hidden_size=config.hidden_size,
         ffn_hidden_size=config.ffn_hidden_size,
@@ -257,14 +195,35 @@ def transformer_config(
         attention_dropout=0.0,
         init_method_std=config.init_method_std,
         attention_softmax_in_fp32=True,
+    )
+
+
+def _layout(tensor_parallel_size: int, pipeline_parallel_size: int, sequence_parallel: bool) -> dict:
+    """The parallel layout; sequence parallelism only where there is a TP group to split over."""
+    return dict(
         tensor_model_parallel_size=tensor_parallel_size,
         pipeline_model_parallel_size=pipeline_parallel_size,
-        pipeline_dtype=params_dtype,
         # as Megatron-LM: a stage's sent activations are freed, only their grad-fn kept
         deallocate_pipeline_outputs=True,
+        sequence_parallel=sequence_parallel and tensor_parallel_size > 1,
+    )
+
+
+def _precision(params_dtype: torch.dtype, bf16: bool, allocate_on_device: bool) -> dict:
+    """Parameter and pipeline dtypes, and where megatron-core creates the weights."""
+    return dict(
+        pipeline_dtype=params_dtype,
         params_dtype=params_dtype,
         bf16=bf16,
         use_cpu_initialization=not allocate_on_device,
+    )
+
+
+def _kernels(impl: Implementation) -> dict:
+    """The resolved implementation's attention backend and fusions."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    return dict(
         bias_activation_fusion=impl.compiled_fusions,
         bias_dropout_fusion=impl.compiled_fusions,
         masked_softmax_fusion=False,
@@ -274,10 +233,6 @@ def transformer_config(
         cross_entropy_loss_fusion=impl.cross_entropy_fusion is not None,
         cross_entropy_fusion_impl=impl.cross_entropy_fusion or "native",
         persist_layer_norm=False,
-        sequence_parallel=sequence_parallel and tensor_parallel_size > 1,
-        recompute_granularity=recompute.recompute_granularity,
-        recompute_method=recompute.recompute_method,
-        recompute_num_layers=recompute.recompute_num_layers,
     )
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from megatron_miniplm.models.config import ModelConfig
 

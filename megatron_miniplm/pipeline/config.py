@@ -31,24 +31,42 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
-from megatron_miniplm.settings import setting
+from megatron_miniplm.data.config import PreprocessConfig, SplitConfig
+from megatron_miniplm.evaluation.config import EvalConfig
+from megatron_miniplm.scoring.config import ScoreConfig
+from megatron_miniplm.selection.config import SelectionConfig
+from megatron_miniplm.settings import Section, from_mapping, section_of, setting
+from megatron_miniplm.training.config import KDSettings, TrainConfig
+from megatron_miniplm.errors import UserError
 
-
-# Settings of the stage configs that the pipeline sets itself: paths, and the settings
-# every stage must share (declared once at the top of the pipeline config).
-SHARED = {"seed", "seq_length", "bf16", "tensor_model_parallel_size", "pipeline_model_parallel_size"}
-OWNED = {
-    "preprocess": {"inputs", "output_prefix", "tokenizer", "seq_length", "progress"},
-    "split": {"input_prefix", "ref_prefix", "rest_prefix", "seed"},
-    "scoring": {"data_path", "load", "output_prefix", "tensor_model_parallel_size",
-                "pipeline_model_parallel_size", "bf16", "seed", "progress"},
-    "selection": {"method", "seed"},
-    "evaluation": {"load", "name", "json", "data_path", "output_dir", "report_dir", "metrics_file",
-                   "bootstrap_seed", "tensor_model_parallel_size", "pipeline_model_parallel_size", "bf16"},
-    "train": {"data_path", "valid_data_path", "seq_length", "seed", "bf16", "tensor_model_parallel_size",
-              "pipeline_model_parallel_size", "save", "load", "train_iters", "train_tokens", "metrics_file",
-              "exit_signal_handler", "model", "kd_teacher_load", "kd_ratio", "kd_temperature"},
-}
+# The stages' sections: each stage config's settings less those the pipeline sets itself
+# (paths, the budgets it derives, and the settings every stage shares, declared once at the
+# top of PipelineConfig). These are config modules: nothing here imports torch.
+PreprocessSection = section_of(
+    PreprocessConfig, name="PreprocessSection",
+    sets=("inputs", "output_prefix", "tokenizer", "seq_length", "progress"))
+SplitSection = section_of(SplitConfig, name="SplitSection", sets=("input_prefix", "ref_prefix", "rest_prefix", "seed"))
+ScoringSection = section_of(
+    ScoreConfig, name="ScoringSection",
+    sets=("data_path", "load", "output_prefix", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+          "bf16", "seed", "progress"))
+SelectionSection = section_of(
+    SelectionConfig, name="SelectionSection", sets=("method", "seed"),
+    extra=[("baselines", list[str], setting(default_factory=list, help="baselines of the MiniPLM selection's "
+                                                                         "token budget, each trained as a student: "
+                                                                         "uniform, teacher, reference"))])
+TrainSection = section_of(
+    TrainConfig, name="TrainSection",
+    sets=("data_path", "valid_data_path", "seq_length", "seed", "bf16", "tensor_model_parallel_size",
+          "pipeline_model_parallel_size", "save", "load", "train_iters", "train_tokens", "metrics_file",
+          "exit_signal_handler", "kd_teacher_load", "kd_ratio", "kd_temperature"))
+VanillaKDSection = section_of(
+    KDSettings, name="VanillaKDSection", sets=("kd_teacher_load",),
+    extra=[("enabled", bool, setting(False, help="train a Vanilla KD student"))])
+EvaluationSection = section_of(
+    EvalConfig, name="EvaluationSection",
+    sets=("load", "name", "json", "data_path", "output_dir", "report_dir", "metrics_file", "bootstrap_seed",
+          "tensor_model_parallel_size", "pipeline_model_parallel_size", "bf16"))
 
 
 @dataclass
@@ -73,7 +91,8 @@ class LanguageModel:
     model: dict = setting(help="a preset ({preset: qwen-104M}) and/or model settings "
                                "(num_layers, hidden_size, ...), as tools/pretrain_gpt.py's model flags")
     epochs: float = setting(help="passes over the training data (the reference's D_ref, the students' selection)")
-    train: dict = setting(default_factory=dict, help="tools/pretrain_gpt.py settings (lr, batch sizes, ...)")
+    train: TrainSection = setting(default_factory=TrainSection,
+                                  help="tools/pretrain_gpt.py settings (lr, batch sizes, ...)")
 
 
 @dataclass
@@ -92,15 +111,15 @@ class Parallel:
 def _demo_reference() -> LanguageModel:
     return LanguageModel(
         model={"num_layers": 2, "hidden_size": 128, "ffn_hidden_size": 352, "num_attention_heads": 4},
-        epochs=2, train={"lr": 3e-3, "lr_warmup_fraction": 0.05, "micro_batch_size": 4, "global_batch_size": 16,
-                         "eval_iters": 4, "save_interval": 200, "log_interval": 25})
+        epochs=2, train=TrainSection(lr=3e-3, lr_warmup_fraction=0.05, micro_batch_size=4, global_batch_size=16,
+                                     eval_iters=4, save_interval=200, log_interval=25))
 
 
 def _demo_student() -> LanguageModel:
     return LanguageModel(
         model={"num_layers": 4, "hidden_size": 256, "ffn_hidden_size": 704, "num_attention_heads": 4},
-        epochs=2, train={"lr": 2e-3, "lr_warmup_fraction": 0.05, "micro_batch_size": 4, "global_batch_size": 16,
-                         "eval_iters": 4, "eval_interval": 12, "save_interval": 200, "log_interval": 25})
+        epochs=2, train=TrainSection(lr=2e-3, lr_warmup_fraction=0.05, micro_batch_size=4, global_batch_size=16,
+                                     eval_iters=4, eval_interval=12, save_interval=200, log_interval=25))
 
 
 @dataclass
@@ -123,26 +142,26 @@ class PipelineConfig:
                    "token of different tokenizers do not compare)")
     corpus: Corpus = field(default_factory=Corpus)
     teacher: Teacher = field(default_factory=Teacher)
-    preprocess: dict = setting(default_factory=lambda: {"workers": 2},
+    preprocess: PreprocessSection = setting(default_factory=lambda: PreprocessSection(workers=2),
                                help="tools/preprocess_data.py settings (PreprocessConfig)")
-    split: dict = setting(default_factory=lambda: {"ref_fraction": 0.2},
+    split: SplitSection = setting(default_factory=lambda: SplitSection(ref_fraction=0.2),
                           help="D_ref: ref_fraction or ref_tokens (SplitConfig)")
     reference: LanguageModel = field(default_factory=_demo_reference)
-    scoring: dict = setting(default_factory=lambda: {"micro_batch_size": 8},
+    scoring: ScoringSection = setting(default_factory=lambda: ScoringSection(micro_batch_size=8),
                             help="tools/score_docs.py settings (ScoreConfig)")
-    selection: dict = setting(default_factory=lambda: {"alpha": 0.5, "baselines": ["uniform"]},
+    selection: SelectionSection = setting(default_factory=lambda: SelectionSection(alpha=0.5, baselines=["uniform"]),
                               help="Difference Sampling (SelectionConfig settings: alpha or keep_tokens, ...) "
                                    "and the baselines of the same token budget, each trained as a student: "
                                    "uniform, teacher, reference")
     student: LanguageModel = field(default_factory=_demo_student)
-    vanilla_kd: dict = setting(default_factory=lambda: {"enabled": False},
+    vanilla_kd: VanillaKDSection = setting(default_factory=VanillaKDSection,
                                help="a Vanilla KD student beside the others (online distillation from the "
                                     "teacher, trained on the uniform sample with the same steps and seed): "
                                     "enabled, and kd_ratio / kd_temperature of tools/pretrain_gpt.py")
     student_seeds: Optional[list] = setting(
         None, help="train every student once per seed of this list (the table shows the mean and spread "
                    "across seeds; the paired differences pool them); default: [seed]")
-    evaluation: dict = setting(default_factory=dict,
+    evaluation: EvaluationSection = setting(default_factory=EvaluationSection,
                                help="tools/evaluate.py settings (EvalConfig): micro_batch_size; the paired "
                                     "differences' bootstrap_samples and confidence; zero-shot tasks (tasks, "
                                     "include_path, num_fewshot, limit, batch_size)")
@@ -167,7 +186,7 @@ ENV_KEYS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A pipeline config that must not run; the message names the settings."""
 
 
@@ -221,39 +240,40 @@ def set_key(data: dict, key: str, value: Any) -> None:
     data[parts[-1]] = value
 
 
-def _overlay(base: dict, over: Mapping, cls=None) -> dict:
-    """A YAML file's mapping on the config's data: the fields of a typed section (a dataclass)
-    merge one by one; any other value, a mapping of stage or model settings included, replaces
-    what was there."""
-    cls = cls or PipelineConfig
-    hints = typing.get_type_hints(cls)
+def _hint_at(path: list[str]):
+    """The declared type of the config key at ``path`` (None where nothing is declared)."""
+    cls = PipelineConfig
+    tp = None
+    for part in path:
+        if not (dataclasses.is_dataclass(cls) and part in typing.get_type_hints(cls)):
+            return None
+        tp = typing.get_type_hints(cls)[part]
+        cls = tp
+    return tp
+
+
+def _is_section(tp) -> bool:
+    return isinstance(tp, type) and issubclass(tp, Section)
+
+
+def _overlay(base: dict, over: Mapping, path: tuple = ()) -> dict:
+    """A YAML file's mapping on the config's data. A stage's section, a model mapping or any
+    other value replaces what was there as a whole (the demo's settings never mix with a
+    file's, so that settings that exclude each other cannot meet); the pipeline's own typed
+    sections (corpus, teacher, parallel, reference, student) merge field by field."""
     out = dict(base)
     for key, value in over.items():
-        section = hints.get(key)
-        if dataclasses.is_dataclass(section) and isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _overlay(out[key], value, section)
-        else:
-            out[key] = copy.deepcopy(value)  # YAML aliases share one object: later keys change one section
+        tp = _hint_at([*path, key])
+        merge = (dataclasses.is_dataclass(tp) and not _is_section(tp) and isinstance(value, Mapping)
+                 and isinstance(out.get(key), dict))
+        # YAML aliases share one object: deep copies keep a later key from changing two sections
+        out[key] = _overlay(out[key], value, (*path, key)) if merge else copy.deepcopy(value)
     return out
-
-
-def _stage_sections() -> dict:
-    """Config keys that hold a stage's settings -> its config class."""
-    from megatron_miniplm.data.preprocess import PreprocessConfig
-    from megatron_miniplm.data.split import SplitConfig
-    from megatron_miniplm.evaluation.config import EvalConfig
-    from megatron_miniplm.scoring.scorer import ScoreConfig
-    from megatron_miniplm.selection.difference import SelectionConfig
-    from megatron_miniplm.training.trainer import TrainConfig
-
-    return {"preprocess": PreprocessConfig, "split": SplitConfig, "scoring": ScoreConfig,
-            "selection": SelectionConfig, "reference.train": TrainConfig, "student.train": TrainConfig,
-            "evaluation": EvalConfig}
 
 
 def _set_single(data: dict, key: str, value: Any) -> None:
     """``set_key``, dropping what the key is an alternative to: the other ways of making the
-    same choice in a stage's settings, or, for a model's preset, the model settings before it."""
+    same choice in a stage's section, or, for a model's preset, the model settings before it."""
     from megatron_miniplm.settings import alternatives
 
     section, _, name = key.rpartition(".")
@@ -261,12 +281,16 @@ def _set_single(data: dict, key: str, value: Any) -> None:
     for part in section.split(".") if section else []:
         node = node.get(part) if isinstance(node, dict) else None
     if isinstance(node, dict):
-        cls = _stage_sections().get(section)
-        dropped = alternatives(cls).get(name, set()) if cls else set()
+        tp = _hint_at(section.split(".")) if section else None
+        dropped = alternatives(tp).get(name, set()) if _is_section(tp) else set()
         if name == "preset" and section.endswith("model"):
             dropped = set(node) - {"preset"}
+        defaults = dataclasses.asdict(tp()) if _is_section(tp) else {}
         for other in dropped:
-            node.pop(other, None)
+            if other in defaults:
+                node[other] = defaults[other]
+            else:
+                node.pop(other, None)
     set_key(data, key, value)
 
 
@@ -309,67 +333,63 @@ def _flat_keys(data: Mapping, prefix: str = "") -> list[str]:
     return keys
 
 
-def from_data(data: Mapping) -> PipelineConfig:
-    """PipelineConfig from plain data, refusing unknown keys and stage settings the
-    pipeline owns."""
-    from megatron_miniplm.settings import from_mapping
+# Settings declared once at the top and given to every stage.
+TOP_LEVEL = {f.name for f in dataclasses.fields(PipelineConfig)} | {f.name for f in dataclasses.fields(Parallel)}
 
+
+def from_data(data: Mapping) -> PipelineConfig:
+    """PipelineConfig from plain data: unknown keys, values of the wrong type and settings the
+    pipeline sets itself are refused with their key path."""
+    _refuse_pipeline_settings(data)
     try:
         cfg = from_mapping(PipelineConfig, data, where="pipeline config")
     except (TypeError, ValueError) as e:
-        raise ConfigError(str(e)) from None
-    _check_sections(cfg)
+        raise ConfigError(str(e).removeprefix("pipeline config.")) from None
+    for where, spec in (("reference", cfg.reference), ("student", cfg.student)):
+        _check_model_spec(f"{where}.model", spec.model)
+    if cfg.bf16 not in (True, False, "auto"):
+        raise ConfigError(f"bf16: true, false or auto, got {cfg.bf16!r}")
     return cfg
 
 
-def _check_sections(cfg: PipelineConfig) -> None:
-    from megatron_miniplm.training.kd import KDSettings
-
-    data = to_data(cfg)
-    for where, cls in _stage_sections().items():
-        values = data
-        for part in where.split("."):
-            values = values[part]
-        if where == "selection" and isinstance(values, Mapping):
-            values = {k: v for k, v in values.items() if k != "baselines"}
-        owner = where.rpartition(".")[2]
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"{where}: expected a mapping of {cls.__name__} settings")
-        known = _setting_names(cls)
-        for key in values:
-            if key in SHARED:
-                raise ConfigError(f"{where}.{key}: set {key} once, at the top of the pipeline config "
-                                  f"(every stage must use the same)")
-            if key in OWNED[owner]:
-                raise ConfigError(f"{where}.{key}: set by the pipeline itself")
-            if key not in known:
-                raise ConfigError(f"{where}.{key}: not a setting of {cls.__name__}; known: {', '.join(sorted(known))}")
-    known = {"enabled"} | _setting_names(KDSettings) - {"kd_teacher_load"}  # the teacher is the pipeline's
-    unknown = set(cfg.vanilla_kd) - known
-    if unknown:
-        raise ConfigError(f"vanilla_kd: unknown setting(s) {', '.join(sorted(unknown))}; known: "
-                          f"{', '.join(sorted(known))}")
-    for where, lm in (("reference", cfg.reference), ("student", cfg.student)):
-        _check_model_spec(f"{where}.model", lm.model)
-    if cfg.bf16 not in (True, False, "auto"):
-        raise ConfigError(f"bf16: true, false or auto, got {cfg.bf16!r}")
-
-
-def _setting_names(cls) -> set:
-    from megatron_miniplm.settings import cli_fields
-
-    return {f.name for f, _ in cli_fields(cls)}
+def _refuse_pipeline_settings(data: Mapping, path: tuple = ()) -> None:
+    """A stage's section that sets what the pipeline sets, or what is not the stage's."""
+    for key, value in data.items():
+        tp = _hint_at([*path, key])
+        where = ".".join((*path, key))
+        if _is_section(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: expected a mapping of {tp.stage.__name__} settings")
+            known = {f.name for f in dataclasses.fields(tp)}
+            for name in set(value) - known:
+                if name in TOP_LEVEL:
+                    raise ConfigError(f"{where}.{name}: set {name} once, at the top of the pipeline config "
+                                      f"(every stage must use the same)")
+                if name in tp.pipeline_sets:
+                    raise ConfigError(f"{where}.{name}: set by the pipeline itself")
+                else:
+                    raise ConfigError(f"{where}.{name}: not a setting of {tp.stage.__name__}; known: "
+                                      f"{', '.join(sorted(known))}")
+        elif dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+            _refuse_pipeline_settings(value, (*path, key))
 
 
 def _check_model_spec(where: str, spec: Any) -> None:
+    """A model mapping: a preset and/or ModelConfig settings of the right types."""
     from megatron_miniplm.models.config import ModelConfig
+    from megatron_miniplm.settings import checked
 
     if not isinstance(spec, Mapping):
         raise ConfigError(f"{where}: expected a mapping ({{preset: NAME}} and/or model settings)")
-    known = {f.name for f in dataclasses.fields(ModelConfig)} | {"preset"}
-    unknown = sorted(set(spec) - known)
+    hints = typing.get_type_hints(ModelConfig)
+    unknown = sorted(set(spec) - set(hints) - {"preset"})
     if unknown:
         raise ConfigError(f"{where}: unknown model setting(s) {', '.join(unknown)}")
+    try:
+        for name, value in spec.items():
+            checked(value, Optional[str] if name == "preset" else hints[name], f"{where}.{name}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def to_data(cfg: PipelineConfig) -> dict:

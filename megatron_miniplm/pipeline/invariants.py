@@ -63,129 +63,144 @@ def _teacher_files(source: str) -> tuple[Optional[dict], Optional[str]]:
 
 
 def check(graph: Graph) -> None:
-    cfg, par = graph.cfg, graph.cfg.parallel
-    problems: list[str] = []
+    """Refuse a config that cannot run, naming every problem at once."""
+    shape, teacher_tokenizer = _teacher_files(graph.teacher_source())
+    problems = [*_data(graph), *_tokenizers(graph.cfg, teacher_tokenizer), *_selection(graph.cfg),
+                *_students(graph.cfg), *_layout(graph, shape)]
+    if shape:
+        positions = shape.get("max_position_embeddings")
+        if positions is not None and positions < graph.cfg.seq_length:
+            problems.append(f"seq_length {graph.cfg.seq_length} exceeds the teacher's {positions} positions "
+                            f"(teacher.load)")
+    if problems:
+        raise ConfigError("the pipeline config cannot run:\n  - " + "\n  - ".join(problems))
 
-    def refuse(message: str) -> None:
-        problems.append(message)
 
-    # data
+def _data(graph: Graph) -> list[str]:
+    """The corpus and the teacher exist; the split's settings hold together."""
+    cfg, problems = graph.cfg, []
     if cfg.corpus.train is not None:
         if not cfg.corpus.test:
-            refuse("corpus.train is set but corpus.test is not: the comparison needs held-out documents")
+            problems.append("corpus.train is set but corpus.test is not: the comparison needs held-out documents")
         for key, patterns in (("corpus.train", cfg.corpus.train), ("corpus.test", cfg.corpus.test or [])):
             for pattern in patterns:
                 if not any(os.path.exists(p) for p in expand([pattern])):
-                    refuse(f"{key}: no file matches {pattern!r}")
+                    problems.append(f"{key}: no file matches {pattern!r}")
     teacher = graph.teacher_source()
     if not os.path.exists(teacher):
-        refuse(f"teacher.load: {teacher} does not exist")
+        problems.append(f"teacher.load: {teacher} does not exist")
     if cfg.seq_length < 2:
-        refuse(f"seq_length {cfg.seq_length}: needs at least 2")
+        problems.append(f"seq_length {cfg.seq_length}: needs at least 2")
+    try:
+        cfg.split.stage_config(input_prefix="in", ref_prefix="ref", rest_prefix="rest", seed=cfg.seed).validate()
+    except (TypeError, ValueError) as e:
+        problems.append(f"split: {e}")
+    return problems
 
-    # one tokenizer
-    shape, teacher_tokenizer = _teacher_files(teacher)
+
+def _tokenizers(cfg, teacher_tokenizer: Optional[str]) -> list[str]:
+    """Teacher, reference, students and data share one tokenizer (the students may have their own)."""
+    problems = []
     if cfg.tokenizer:
         tokenizer_json = cfg.tokenizer if os.path.isfile(cfg.tokenizer) else os.path.join(cfg.tokenizer, "tokenizer.json")
         if not os.path.exists(cfg.tokenizer):
-            refuse(f"tokenizer: {cfg.tokenizer} does not exist")
+            problems.append(f"tokenizer: {cfg.tokenizer} does not exist")
         elif teacher_tokenizer and _sha256(tokenizer_json) != _sha256(teacher_tokenizer):
-            refuse(f"tokenizer ({cfg.tokenizer}) differs from the teacher's ({teacher_tokenizer}, teacher.load): "
-                   f"teacher, reference, students and data must share one tokenizer")
-
-    # one sequence length: the teacher must take it
-    if shape:
-        positions = shape.get("max_position_embeddings")
-        if positions is not None and positions < cfg.seq_length:
-            refuse(f"seq_length {cfg.seq_length} exceeds the teacher's {positions} positions (teacher.load)")
-
-    # selection and baselines
-    from megatron_miniplm.selection.difference import SelectionConfig
-
-    settings = {k: v for k, v in cfg.selection.items() if k != "baselines"}
-    try:
-        SelectionConfig(seed=cfg.seed, **settings)
-    except (TypeError, ValueError) as e:
-        refuse(f"selection: {e}")
-    baselines = cfg.selection.get("baselines", [])
-    bad = [b for b in baselines if b not in BASELINES]
-    if bad or len(set(baselines)) != len(baselines):
-        refuse(f"selection.baselines {baselines}: each of {', '.join(BASELINES)} at most once")
-
+            problems.append(f"tokenizer ({cfg.tokenizer}) differs from the teacher's ({teacher_tokenizer}, "
+                            f"teacher.load): teacher, reference, students and data must share one tokenizer")
     if cfg.student_tokenizer:
         if not os.path.exists(cfg.student_tokenizer):
-            refuse(f"student_tokenizer: {cfg.student_tokenizer} does not exist")
-        if cfg.vanilla_kd.get("enabled"):
-            refuse("vanilla_kd.enabled with student_tokenizer: Vanilla KD needs the teacher's vocabulary "
-                   "(token-level distillation); leave student_tokenizer unset or disable vanilla_kd")
+            problems.append(f"student_tokenizer: {cfg.student_tokenizer} does not exist")
+        if cfg.vanilla_kd.enabled:
+            problems.append("vanilla_kd.enabled with student_tokenizer: Vanilla KD needs the teacher's vocabulary "
+                            "(token-level distillation); leave student_tokenizer unset or disable vanilla_kd")
+    return problems
 
+
+def _selection(cfg) -> list[str]:
+    """MiniPLM's selection, and baselines that each keep its token budget."""
+    problems = []
+    try:
+        cfg.selection.stage_config(method="difference", seed=cfg.seed)
+    except (TypeError, ValueError) as e:
+        problems.append(f"selection: {e}")
+    baselines = cfg.selection.baselines
+    bad = [b for b in baselines if b not in BASELINES]
+    if bad or len(set(baselines)) != len(baselines):
+        problems.append(f"selection.baselines {baselines}: each of {', '.join(BASELINES)} at most once")
+    return problems
+
+
+def _students(cfg) -> list[str]:
+    """The students' seeds and the Vanilla KD student."""
+    problems = []
     seeds = cfg.student_seeds
     if seeds is not None and (not isinstance(seeds, list) or not seeds
                               or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
                               or len(set(seeds)) != len(seeds)):
-        refuse(f"student_seeds {seeds!r}: a non-empty list of distinct integers")
-
-    if cfg.vanilla_kd.get("enabled"):
-        if "uniform" not in baselines:
-            refuse("vanilla_kd.enabled needs the uniform baseline (selection.baselines): the Vanilla KD "
-                   "student trains on the uniform sample")
+        problems.append(f"student_seeds {seeds!r}: a non-empty list of distinct integers")
+    kd, par = cfg.vanilla_kd, cfg.parallel
+    if kd.enabled:
+        if "uniform" not in cfg.selection.baselines:
+            problems.append("vanilla_kd.enabled needs the uniform baseline (selection.baselines): the Vanilla KD "
+                            "student trains on the uniform sample")
         if par.pipeline_model_parallel_size > 1:
-            refuse("vanilla_kd.enabled: Vanilla KD does not support pipeline parallelism "
-                   f"(parallel.pipeline_model_parallel_size {par.pipeline_model_parallel_size})")
-        from megatron_miniplm.training.kd import KDSettings
-
+            problems.append("vanilla_kd.enabled: Vanilla KD does not support pipeline parallelism "
+                            f"(parallel.pipeline_model_parallel_size {par.pipeline_model_parallel_size})")
         try:
-            KDSettings(kd_teacher_load="teacher", **{k: v for k, v in cfg.vanilla_kd.items() if k != "enabled"})
+            kd.stage_config(kd_teacher_load="teacher")
         except (TypeError, ValueError) as e:
-            refuse(f"vanilla_kd: {e}")
+            problems.append(f"vanilla_kd: {e}")
+    return problems
 
-    from megatron_miniplm.data.split import SplitConfig
 
-    try:
-        SplitConfig("in", "ref", "rest", seed=cfg.seed, **cfg.split).validate()
-    except (TypeError, ValueError) as e:
-        refuse(f"split: {e}")
-
-    # the parallel layout divides every model and batch
+def _layout(graph: Graph, teacher_shape: Optional[dict]) -> list[str]:
+    """The parallel layout divides every model and batch."""
+    cfg, par, problems = graph.cfg, graph.cfg.parallel, []
     world = par.nnodes * par.nproc_per_node
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     if not 0 <= par.node_rank < par.nnodes:
-        refuse(f"parallel.node_rank {par.node_rank} is not in [0, parallel.nnodes {par.nnodes})")
+        problems.append(f"parallel.node_rank {par.node_rank} is not in [0, parallel.nnodes {par.nnodes})")
     if world % (tp * pp):
-        refuse(f"parallel: {par.nnodes} node(s) x {par.nproc_per_node} process(es) is not divisible by "
-               f"tensor_model_parallel_size {tp} x pipeline_model_parallel_size {pp}")
-    dp = max(1, world // (tp * pp))
-    models = []
-    for where, lm in (("reference", cfg.reference), ("student", cfg.student)):
-        try:
-            models.append((f"{where}.model", model_from_spec(lm.model)))
-        except (ConfigError, ValueError) as e:
-            refuse(f"{where}.model: {e}")
-        try:
-            train = graph.train_config(lm, "", {"data": ""}, "", 1)
-            if train.global_batch_size % (train.micro_batch_size * dp):
-                refuse(f"{where}.train: global_batch_size {train.global_batch_size} is not divisible by "
-                       f"micro_batch_size {train.micro_batch_size} x data-parallel size {dp} (parallel)")
-        except (TypeError, ValueError) as e:
-            refuse(f"{where}.train: {e}")
-        if lm.epochs <= 0:
-            refuse(f"{where}.epochs {lm.epochs}: must be positive")
-    if shape and "num_attention_heads" in shape:
-        heads, layers = shape["num_attention_heads"], shape.get("num_layers", shape.get("num_hidden_layers"))
-        kv = shape.get("num_query_groups") or shape.get("num_key_value_heads") or heads
-        if heads % tp or kv % tp:
-            refuse(f"parallel.tensor_model_parallel_size {tp} does not divide the teacher's {heads} attention "
-                   f"heads / {kv} key-value heads (teacher.load)")
-        if layers and layers % pp:
-            refuse(f"parallel.pipeline_model_parallel_size {pp} does not divide the teacher's {layers} layers")
-    for where, model in models:
-        if model.num_attention_heads % tp or model.kv_heads % tp:
-            refuse(f"parallel.tensor_model_parallel_size {tp} does not divide the {model.num_attention_heads} "
-                   f"attention heads / {model.kv_heads} key-value heads of {where}")
-        if model.num_layers % pp:
-            refuse(f"parallel.pipeline_model_parallel_size {pp} does not divide the {model.num_layers} layers of {where}")
+        problems.append(f"parallel: {par.nnodes} node(s) x {par.nproc_per_node} process(es) is not divisible by "
+                        f"tensor_model_parallel_size {tp} x pipeline_model_parallel_size {pp}")
     if par.launcher == "srun" and "SLURM_JOB_ID" not in os.environ:
-        refuse("parallel.launcher srun: not inside a Slurm job (no SLURM_JOB_ID)")
+        problems.append("parallel.launcher srun: not inside a Slurm job (no SLURM_JOB_ID)")
+    dp = max(1, world // (tp * pp))
+    for where, spec in (("reference", cfg.reference), ("student", cfg.student)):
+        problems += _model(graph, where, spec, tp, pp, dp)
+    if teacher_shape and "num_attention_heads" in teacher_shape:
+        heads = teacher_shape["num_attention_heads"]
+        layers = teacher_shape.get("num_layers", teacher_shape.get("num_hidden_layers"))
+        kv = teacher_shape.get("num_query_groups") or teacher_shape.get("num_key_value_heads") or heads
+        if heads % tp or kv % tp:
+            problems.append(f"parallel.tensor_model_parallel_size {tp} does not divide the teacher's {heads} "
+                            f"attention heads / {kv} key-value heads (teacher.load)")
+        if layers and layers % pp:
+            problems.append(f"parallel.pipeline_model_parallel_size {pp} does not divide the teacher's {layers} layers")
+    return problems
 
-    if problems:
-        raise ConfigError("the pipeline config cannot run:\n  - " + "\n  - ".join(problems))
+
+def _model(graph: Graph, where: str, spec, tp: int, pp: int, dp: int) -> list[str]:
+    """A reference or student model: its shape, its training settings, its fit to the layout."""
+    problems = []
+    try:
+        train = graph.train_config(spec, "", {"data": ""}, "", 1)
+        if train.global_batch_size % (train.micro_batch_size * dp):
+            problems.append(f"{where}.train: global_batch_size {train.global_batch_size} is not divisible by "
+                            f"micro_batch_size {train.micro_batch_size} x data-parallel size {dp} (parallel)")
+    except (TypeError, ValueError) as e:
+        problems.append(f"{where}.train: {e}")
+    if spec.epochs <= 0:
+        problems.append(f"{where}.epochs {spec.epochs}: must be positive")
+    try:
+        model = model_from_spec(spec.model)
+    except (ConfigError, ValueError) as e:
+        return problems + [f"{where}.model: {e}"]
+    if model.num_attention_heads % tp or model.kv_heads % tp:
+        problems.append(f"parallel.tensor_model_parallel_size {tp} does not divide the {model.num_attention_heads} "
+                        f"attention heads / {model.kv_heads} key-value heads of {where}.model")
+    if model.num_layers % pp:
+        problems.append(f"parallel.pipeline_model_parallel_size {pp} does not divide the {model.num_layers} layers "
+                        f"of {where}.model")
+    return problems

@@ -22,13 +22,12 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 from megatron_miniplm.atomic_io import write_json_atomic, write_text_atomic
-from megatron_miniplm.pipeline.config import PipelineConfig, to_yaml
+from megatron_miniplm.pipeline.config import to_yaml
 from megatron_miniplm.pipeline.stages import DISTRIBUTED, SINGLE, Graph, Stage, record_bf16
 
 STOPPED_EARLY = 3  # exit code: a stage was stopped by SIGTERM after saving; rerun to resume
@@ -60,14 +59,16 @@ def read_record(work_dir: str, name: str) -> Optional[dict]:
 
 
 def _changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Settings that differ between a record and now, as 'key old -> new'."""
+    """Settings that differ between a record and now, as 'key old -> new' (a section's setting
+    at its default is not recorded: 'default')."""
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _changes(a, b, f"{prefix}{key}.")
         elif a != b:
-            out.append(f"{prefix}{key} {a!r} -> {b!r}")
+            shown = [repr(v) if k in d else "default" for k, v, d in ((key, a, old), (key, b, new))]
+            out.append(f"{prefix}{key} {shown[0]} -> {shown[1]}")
     return out
 
 
@@ -147,7 +148,7 @@ class Runner:
             for argv in stage.commands(out, dirs):
                 argv = argv() if callable(argv) else argv
                 self._execute(stage, argv)
-            missing = stage.finished(out, dirs)
+            missing = stage.missing(out, dirs)
             if missing:
                 raise StageFailed(f"stage {stage.name} stopped before completing ({missing}): it was asked to "
                                   f"stop (SIGTERM: preemption or a time limit) and saved its progress; run the "

@@ -18,10 +18,13 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
+from megatron_miniplm.models.config import ModelConfig
 from megatron_miniplm.pipeline.config import PipelineConfig
 from megatron_miniplm.scoring import SCORES_VERSION
+from megatron_miniplm.selection.config import SelectionConfig
+from megatron_miniplm.settings import cli_fields, flag_of, to_argv
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SINGLE, DISTRIBUTED = "single", "distributed"
@@ -38,17 +41,18 @@ class Stage:
     settings: dict
     deps: list[str] = field(default_factory=list)
     inputs: dict = field(default_factory=dict)  # outside files: path -> [size, mtime_ns]
-    # commands(out_dir, dirs of the stages read) -> argv lists, built when the stage runs
-    # (some settings come from what earlier stages wrote, e.g. the selection's token count)
-    commands: Callable[[str, dict], list[list[str]]] = None
-    # finished(out_dir, dirs of the stages read) -> None when complete, else what is missing
-    # (a stage stopped by SIGTERM returns 0 before it is complete)
-    finished: Callable[[str, dict], Optional[str]] = lambda out, d: None
+    # commands(out_dir, dirs of the stages read) -> the commands, run in order: each an argv, or
+    # a function returning one, called when the commands before it have run (its settings come
+    # from what they wrote, e.g. a baseline's token budget from the MiniPLM selection)
+    commands: Callable[[str, dict], list[Union[list[str], Callable[[], list[str]]]]] = None
+    # missing(out_dir, dirs of the stages read) -> what is missing from its outputs, None once
+    # they are complete (a stage stopped by SIGTERM exits 0 before it is complete)
+    missing: Callable[[str, dict], Optional[str]] = lambda out, dirs: None
     fingerprint: str = ""
 
     def compute_fingerprint(self, upstream: dict) -> str:
         blob = json.dumps({"stage": self.name, "settings": self.settings, "inputs": self.inputs,
-                           "deps": {d: upstream[d] for d in self.deps}}, sort_keys=True, default=str)
+                           "deps": {dep: upstream[dep] for dep in self.deps}}, sort_keys=True, default=str)
         self.fingerprint = hashlib.sha256(blob.encode()).hexdigest()[:16]
         return self.fingerprint
 
@@ -93,7 +97,7 @@ def file_identity(paths: list[str]) -> dict:
     out = {}
     for path in paths:
         path = os.path.abspath(path)
-        files = ([os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path])
+        files = ([os.path.join(dirs, f) for dirs, _, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path])
         for f in sorted(files):
             try:
                 st = os.stat(f)
@@ -122,8 +126,6 @@ def _iterations(epochs: float, tokens: int, global_batch: int, seq: int) -> int:
 
 def model_flags(spec: dict) -> list[str]:
     """tools/pretrain_gpt.py's model flags for a config's model mapping."""
-    from megatron_miniplm.models.config import ModelConfig
-    from megatron_miniplm.settings import cli_fields, flag_of
 
     argv = ["--model-preset", spec["preset"]] if spec.get("preset") else []
     for f, tp in cli_fields(ModelConfig):
@@ -170,7 +172,7 @@ class Graph:
         if cfg.corpus.train is None:
             self.stages.append(Stage(
                 "corpus", SINGLE, {"chars_per_domain": cfg.corpus.demo_chars_per_domain, "seed": cfg.seed},
-                commands=lambda out, d: [[py, tool("build_demo_corpus.py"), "--output-dir", out, "--chars-per-domain",
+                commands=lambda out, dirs: [[py, tool("build_demo_corpus.py"), "--output-dir", out, "--chars-per-domain",
                                           str(cfg.corpus.demo_chars_per_domain), "--seed", str(cfg.seed)]]))
         self._teacher()
         self._data()
@@ -181,11 +183,11 @@ class Graph:
         self._select()
         if cfg.student_tokenizer:
             self._retokenize()
-        kd = {k: v for k, v in cfg.vanilla_kd.items() if k != "enabled"}
         for stage, label, seed in self.students:
             if label == "student-vanilla-kd":
                 # online distillation on the uniform sample, with the students' steps and seeds
-                self._train(stage, cfg.student, data_stage=self.student_data, data_name="uniform", seed=seed, kd=kd)
+                self._train(stage, cfg.student, data_stage=self.student_data, data_name="uniform", seed=seed,
+                            kd=cfg.vanilla_kd)
             else:
                 self._train(stage, cfg.student, data_stage=self.student_data, data_name=label[len("student-"):],
                             seed=seed)
@@ -194,7 +196,7 @@ class Graph:
     @property
     def student_names(self) -> list[str]:
         """The students trained on a selection: MiniPLM's and each baseline's."""
-        return ["miniplm", *self.cfg.selection.get("baselines", [])]
+        return ["miniplm", *self.cfg.selection.baselines]
 
     @property
     def student_data(self) -> str:
@@ -210,7 +212,7 @@ class Graph:
         """(stage, model label, seed) of every student stage: MiniPLM's, each baseline's and the
         Vanilla KD one, once per seed (the first seed's stage is named after the model)."""
         labels = [f"student-{n}" for n in self.student_names]
-        labels += ["student-vanilla-kd"] if self.cfg.vanilla_kd.get("enabled") else []
+        labels += ["student-vanilla-kd"] if self.cfg.vanilla_kd.enabled else []
         return [(label if k == 0 else f"{label}-seed{seed}", label, seed)
                 for label in labels for k, seed in enumerate(self.student_seeds)]
 
@@ -236,9 +238,9 @@ class Graph:
         cfg, source = self.cfg, self.teacher_source()
         par = cfg.parallel
         if self.is_megatron_checkpoint(source):
-            commands = lambda out, d: []  # noqa: E731 - used in place
+            commands = lambda out, dirs: []  # noqa: E731 - used in place
         else:
-            commands = lambda out, d: [[self.python, tool("convert_checkpoint.py"), "--direction", "hf-to-megatron",  # noqa: E731
+            commands = lambda out, dirs: [[self.python, tool("convert_checkpoint.py"), "--direction", "hf-to-megatron",  # noqa: E731
                                         "--load", source, "--save", os.path.join(out, "ckpt"),
                                         "--tensor-model-parallel-size", str(par.tensor_model_parallel_size),
                                         "--pipeline-model-parallel-size", str(par.pipeline_model_parallel_size)]]
@@ -255,8 +257,6 @@ class Graph:
         return os.path.join(self.teacher_checkpoint(dirs), "tokenizer")
 
     def _data(self) -> None:
-        from megatron_miniplm.data.preprocess import PreprocessConfig
-        from megatron_miniplm.settings import to_argv
 
         cfg = self.cfg
         deps = ["teacher"] + (["corpus"] if cfg.corpus.train is None else [])
@@ -266,91 +266,84 @@ class Graph:
         if cfg.tokenizer:
             inputs.update(file_identity([cfg.tokenizer]))
 
-        def commands(out, d):
+        def commands(out, dirs):
             argv = []
-            for name, files in zip(("train", "test"), self.corpus_files(d)):
-                pre = PreprocessConfig(inputs=list(files), output_prefix=os.path.join(out, name),
-                                       tokenizer=self.tokenizer_path(d), seq_length=cfg.seq_length,
-                                       progress=False, **cfg.preprocess)
+            for name, files in zip(("train", "test"), self.corpus_files(dirs)):
+                pre = cfg.preprocess.stage_config(inputs=list(files), output_prefix=os.path.join(out, name),
+                                                  tokenizer=self.tokenizer_path(dirs), seq_length=cfg.seq_length,
+                                                  progress=False)
                 argv.append([self.python, tool("preprocess_data.py"), *to_argv(pre, only_changed=False)])
             return argv
 
-        self.stages.append(Stage("data", SINGLE, {"preprocess": cfg.preprocess, "seq_length": cfg.seq_length,
+        self.stages.append(Stage("data", SINGLE, {"preprocess": cfg.preprocess.given(), "seq_length": cfg.seq_length,
                                                   "tokenizer": cfg.tokenizer, "corpus": [cfg.corpus.train, cfg.corpus.test]},
                                  deps=deps, inputs=inputs, commands=commands))
 
-    def corpus_files(self, d: dict) -> tuple[list, list]:
+    def corpus_files(self, dirs: dict) -> tuple[list, list]:
         """(train, test) input files: the configured corpus, or the demo corpus stage's."""
         if self.cfg.corpus.train is None:
-            return [os.path.join(d["corpus"], "train.jsonl")], [os.path.join(d["corpus"], "test.jsonl")]
+            return [os.path.join(dirs["corpus"], "train.jsonl")], [os.path.join(dirs["corpus"], "test.jsonl")]
         return list(self.cfg.corpus.train), list(self.cfg.corpus.test)
 
     def _retokenize(self) -> None:
         """Students of another tokenizer: each selection exported as text and tokenized with
         theirs, and the test documents too."""
-        from megatron_miniplm.data.preprocess import PreprocessConfig
         from megatron_miniplm.selection.export import ExportConfig
-        from megatron_miniplm.settings import to_argv
 
         cfg = self.cfg
         tokenizer = os.path.abspath(cfg.student_tokenizer)
 
-        def commands(out, d):
+        def commands(out, dirs):
             argv = []
             for name in self.student_names:
                 text = os.path.join(out, f"{name}.jsonl.zst")
                 argv.append([self.python, tool("export_selection.py"), *to_argv(ExportConfig(
-                    blend=os.path.join(d["select"], name), output=text, progress=False))])
-                argv.append([self.python, tool("preprocess_data.py"), *to_argv(PreprocessConfig(
+                    blend=os.path.join(dirs["select"], name), output=text, progress=False))])
+                argv.append([self.python, tool("preprocess_data.py"), *to_argv(cfg.preprocess.stage_config(
                     inputs=[text], output_prefix=os.path.join(out, name), tokenizer=tokenizer,
-                    seq_length=cfg.seq_length, progress=False, **cfg.preprocess), only_changed=False)])
-            argv.append([self.python, tool("preprocess_data.py"), *to_argv(PreprocessConfig(
-                inputs=self.corpus_files(d)[1], output_prefix=os.path.join(out, "test"), tokenizer=tokenizer,
-                seq_length=cfg.seq_length, progress=False, **cfg.preprocess), only_changed=False)])
+                    seq_length=cfg.seq_length, progress=False), only_changed=False)])
+            argv.append([self.python, tool("preprocess_data.py"), *to_argv(cfg.preprocess.stage_config(
+                inputs=self.corpus_files(dirs)[1], output_prefix=os.path.join(out, "test"), tokenizer=tokenizer,
+                seq_length=cfg.seq_length, progress=False), only_changed=False)])
             return argv
 
-        self.stages.append(Stage("retokenize", SINGLE, {"tokenizer": tokenizer, "preprocess": cfg.preprocess,
+        self.stages.append(Stage("retokenize", SINGLE, {"tokenizer": tokenizer, "preprocess": cfg.preprocess.given(),
                                                         "seq_length": cfg.seq_length},
                                  deps=["select", "data"] + (["corpus"] if cfg.corpus.train is None else []),
                                  inputs=file_identity([tokenizer]), commands=commands))
 
     def _split(self) -> None:
-        from megatron_miniplm.data.split import SplitConfig
-        from megatron_miniplm.settings import to_argv
 
         cfg = self.cfg
 
-        def commands(out, d):
-            split = SplitConfig(input_prefix=os.path.join(d["data"], "train"), ref_prefix=os.path.join(out, "ref"),
-                                rest_prefix=os.path.join(out, "rest"), seed=cfg.seed, **cfg.split)
+        def commands(out, dirs):
+            split = cfg.split.stage_config(input_prefix=os.path.join(dirs["data"], "train"),
+                                           ref_prefix=os.path.join(out, "ref"), rest_prefix=os.path.join(out, "rest"),
+                                           seed=cfg.seed)
             return [[self.python, tool("split_dataset.py"), *to_argv(split, only_changed=False)]]
 
-        self.stages.append(Stage("split", SINGLE, {"split": cfg.split, "seed": cfg.seed}, deps=["data"],
+        self.stages.append(Stage("split", SINGLE, {"split": cfg.split.given(), "seed": cfg.seed}, deps=["data"],
                                  commands=commands))
 
-    def train_config(self, lm, out: str, d: dict, data_path: str, iters: int, kd: Optional[dict] = None,
+    def train_config(self, model, out: str, dirs: dict, data_path: str, iters: int, kd=None,
                      seed: Optional[int] = None, valid_stage: str = "data"):
-        from megatron_miniplm.models.config import ModelConfig
-        from megatron_miniplm.settings import from_mapping
-        from megatron_miniplm.training.trainer import TrainConfig
-
+        """tools/pretrain_gpt.py's TrainConfig for a model of the config, less its model: that goes
+        to the tool as model flags (``model_flags``), which it resolves against the data's
+        vocabulary. ``kd``: the Vanilla KD section, for the KD student."""
         cfg, par = self.cfg, self.cfg.parallel
-        # The model goes to the tool as model flags (model_flags): the tool resolves a preset or a
-        # shape against the data's vocabulary. TrainConfig needs one, so it gets a stand-in.
-        placeholder = ModelConfig(num_layers=1, hidden_size=8, ffn_hidden_size=8, num_attention_heads=1, vocab_size=8)
-        values = dict(lm.train, data_path=[data_path], valid_data_path=[os.path.join(d[valid_stage], "test")],
-                      seq_length=cfg.seq_length, seed=cfg.seed if seed is None else seed, bf16=self.bf16,
-                      tensor_model_parallel_size=par.tensor_model_parallel_size,
-                      pipeline_model_parallel_size=par.pipeline_model_parallel_size,
-                      save=os.path.join(out, "ckpt"), load=os.path.join(out, "ckpt"), train_iters=iters,
-                      metrics_file=os.path.join(out, "metrics.jsonl"), exit_signal_handler=True)
-        if kd is not None:
-            values.update(kd, kd_teacher_load=self.teacher_checkpoint(d))
-        return _flat_train_config(values, placeholder)
+        kd_settings = kd if kd is not None else type(cfg.vanilla_kd)()  # the defaults: no KD
+        return model.train.stage_config(
+            model=None, data_path=[data_path], valid_data_path=[os.path.join(dirs[valid_stage], "test")],
+            seq_length=cfg.seq_length, seed=cfg.seed if seed is None else seed, bf16=self.bf16,
+            tensor_model_parallel_size=par.tensor_model_parallel_size,
+            pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+            save=os.path.join(out, "ckpt"), load=os.path.join(out, "ckpt"), train_iters=iters, train_tokens=None,
+            metrics_file=os.path.join(out, "metrics.jsonl"), exit_signal_handler=True,
+            kd_teacher_load=self.teacher_checkpoint(dirs) if kd is not None else None,
+            kd_ratio=kd_settings.kd_ratio, kd_temperature=kd_settings.kd_temperature)
 
-    def _train(self, name: str, lm, *, data_stage: str, data_name: str, kd: Optional[dict] = None,
+    def _train(self, name: str, model, *, data_stage: str, data_name: str, kd=None,
                seed: Optional[int] = None) -> None:
-        from megatron_miniplm.settings import to_argv
 
         cfg = self.cfg
         # Epochs over D_ref for the reference; for every student over the MiniPLM selection's
@@ -359,120 +352,109 @@ class Graph:
                        "retokenize": ("miniplm", "num_tokens")}[data_stage]
         valid_stage = "retokenize" if data_stage == "retokenize" else "data"
 
-        def iterations(d) -> int:
-            tokens = _read_meta(os.path.join(d[data_stage], budget + ".meta.json"))[key]
-            gbs = self.train_config(lm, "", d, "", 1).global_batch_size
-            return _iterations(lm.epochs, tokens, gbs, cfg.seq_length)
+        def iterations(dirs) -> int:
+            tokens = _read_meta(os.path.join(dirs[data_stage], budget + ".meta.json"))[key]
+            return _iterations(model.epochs, tokens, model.train.global_batch_size, cfg.seq_length)
 
-        def commands(out, d):
-            train = self.train_config(lm, out, d, os.path.join(d[data_stage], data_name), iterations(d), kd, seed,
+        def commands(out, dirs):
+            train = self.train_config(model, out, dirs, os.path.join(dirs[data_stage], data_name), iterations(dirs), kd, seed,
                                       valid_stage)
-            return [[self.python, tool("pretrain_gpt.py"), *model_flags(lm.model), *to_argv(train)]]
+            return [[self.python, tool("pretrain_gpt.py"), *model_flags(model.model), *to_argv(train)]]
 
-        def finished(out, d):
+        def missing(out, dirs):
             marker = os.path.join(out, "ckpt", "latest_checkpointed_iteration.txt")
             got = open(marker).read().strip() if os.path.exists(marker) else None
-            want = str(iterations(d))
+            want = str(iterations(dirs))
             return None if got == want else f"checkpoint at iteration {got}, {want} wanted"
 
-        settings = {"model": lm.model, "epochs": lm.epochs, "train": lm.train, "seq_length": cfg.seq_length,
+        settings = {"model": model.model, "epochs": model.epochs, "train": model.train.given(), "seq_length": cfg.seq_length,
                     "seed": cfg.seed if seed is None else seed, "bf16": self.bf16, "data": data_name, "layout": _layout(cfg)}
         deps = [data_stage, "data"]
         if kd is not None:
-            settings.update(kd=kd, scores_version=SCORES_VERSION)  # the teacher's logits
+            settings.update(kd=kd.given(), scores_version=SCORES_VERSION)  # the teacher's logits
             deps.append("teacher")
-        self.stages.append(Stage(name, DISTRIBUTED, settings, deps=deps, commands=commands, finished=finished))
+        self.stages.append(Stage(name, DISTRIBUTED, settings, deps=deps, commands=commands, missing=missing))
 
     def _score(self, model: str) -> None:
-        from megatron_miniplm.scoring.scorer import ScoreConfig
-        from megatron_miniplm.settings import to_argv
 
         cfg, par = self.cfg, self.cfg.parallel
 
-        def commands(out, d):
-            load = self.teacher_checkpoint(d) if model == "teacher" else os.path.join(d["reference"], "ckpt")
-            score = ScoreConfig(data_path=os.path.join(d["split"], "rest"), load=load,
-                                output_prefix=os.path.join(out, "scores"), seed=cfg.seed, bf16=self.bf16,
-                                tensor_model_parallel_size=par.tensor_model_parallel_size,
-                                pipeline_model_parallel_size=par.pipeline_model_parallel_size, progress=False,
-                                **cfg.scoring)
+        def commands(out, dirs):
+            load = self.teacher_checkpoint(dirs) if model == "teacher" else os.path.join(dirs["reference"], "ckpt")
+            score = cfg.scoring.stage_config(
+                data_path=os.path.join(dirs["split"], "rest"), load=load, output_prefix=os.path.join(out, "scores"),
+                seed=cfg.seed, bf16=self.bf16, tensor_model_parallel_size=par.tensor_model_parallel_size,
+                pipeline_model_parallel_size=par.pipeline_model_parallel_size, progress=False)
             return [[self.python, tool("score_docs.py"), *to_argv(score)]]
 
-        def finished(out, d):
+        def missing(out, dirs):
             return None if _score_files(os.path.join(out, "scores")) else "no score file yet"
 
         self.stages.append(Stage(f"score-{model}", DISTRIBUTED,
-                                 {"scoring": cfg.scoring, "bf16": self.bf16, "seed": cfg.seed, "layout": _layout(cfg),
+                                 {"scoring": cfg.scoring.given(), "bf16": self.bf16, "seed": cfg.seed, "layout": _layout(cfg),
                                   "scores_version": SCORES_VERSION},
-                                 deps=[model, "split"], commands=commands, finished=finished))
+                                 deps=[model, "split"], commands=commands, missing=missing))
 
     def _select(self) -> None:
-        from megatron_miniplm.selection.difference import SelectionConfig
         from megatron_miniplm.selection.sample import SampleRequest
-        from megatron_miniplm.settings import to_argv
 
         cfg = self.cfg
-        settings = {k: v for k, v in cfg.selection.items() if k != "baselines"}
-
-        def commands(out, d):
-            rest = os.path.join(d["split"], "rest")
-            scores = dict(teacher_scores=_score_files(os.path.join(d["score-teacher"], "scores")),
-                          reference_scores=_score_files(os.path.join(d["score-reference"], "scores")))
+        def commands(out, dirs):
+            rest = os.path.join(dirs["split"], "rest")
+            scores = dict(teacher_scores=_score_files(os.path.join(dirs["score-teacher"], "scores")),
+                          reference_scores=_score_files(os.path.join(dirs["score-reference"], "scores")))
             main = SampleRequest(data_paths=[rest], output=os.path.join(out, "miniplm"),
-                                 config=SelectionConfig(seed=cfg.seed, **settings),
+                                 config=cfg.selection.stage_config(method="difference", seed=cfg.seed),
                                  report_dir=os.path.join(out, "report"), **scores)
             argv = [[self.python, tool("difference_sample.py"), *to_argv(main)]]
-            for baseline in cfg.selection.get("baselines", []):
+            for baseline in cfg.selection.baselines:
                 # Same token budget as MiniPLM's selection: known once it is written.
                 argv.append(lambda baseline=baseline: [
                     self.python, tool("difference_sample.py"), *to_argv(SampleRequest(
                         data_paths=[rest], output=os.path.join(out, baseline),
-                        config=SelectionConfig(method=baseline, seed=cfg.seed, order=settings.get("order", "original"),
+                        config=SelectionConfig(method=baseline, seed=cfg.seed, order=cfg.selection.order,
                                                keep_tokens=_read_meta(os.path.join(out, "miniplm.meta.json"))["tokens_kept"]),
                         **scores))])
             return argv
 
-        self.stages.append(Stage("select", SINGLE, {"selection": cfg.selection, "seed": cfg.seed},
+        self.stages.append(Stage("select", SINGLE, {"selection": cfg.selection.given(), "seed": cfg.seed},
                                  deps=["split", "score-teacher", "score-reference"], commands=commands))
 
     def _evaluate(self) -> None:
-        from megatron_miniplm.evaluation.config import EvalConfig
-        from megatron_miniplm.settings import to_argv
 
         cfg, par = self.cfg, self.cfg.parallel
         students = self.students
-        ev = cfg.evaluation
 
         # With another student tokenizer only the students share a test set (and a unit of loss).
         same_tokenizer = not cfg.student_tokenizer
         test_stage = "data" if same_tokenizer else "retokenize"
 
-        def commands(out, d):
-            loads = [os.path.join(d[stage], "ckpt") for stage, _, _ in students]
+        def commands(out, dirs):
+            loads = [os.path.join(dirs[stage], "ckpt") for stage, _, _ in students]
             names = [label for _, label, _ in students]
-            metrics = [os.path.join(d[stage], "metrics.jsonl") for stage, _, _ in students]
+            metrics = [os.path.join(dirs[stage], "metrics.jsonl") for stage, _, _ in students]
             if same_tokenizer:
-                loads += [os.path.join(d["reference"], "ckpt"), self.teacher_checkpoint(d)]
+                loads += [os.path.join(dirs["reference"], "ckpt"), self.teacher_checkpoint(dirs)]
                 names += ["reference", f"teacher ({self.teacher_label()})"]
                 metrics += ["-", "-"]
-            evaluation = EvalConfig(
-                load=loads, name=names, data_path=os.path.join(d[test_stage], "test"),
+            evaluation = cfg.evaluation.stage_config(
+                load=loads, name=names, data_path=os.path.join(dirs[test_stage], "test"),
                 output_dir=os.path.join(out, "eval"), json=os.path.join(out, "results.json"),
                 report_dir=os.path.join(out, "report"), metrics_file=metrics, bootstrap_seed=cfg.seed,
                 tensor_model_parallel_size=par.tensor_model_parallel_size,
-                pipeline_model_parallel_size=par.pipeline_model_parallel_size, bf16=self.bf16, **ev)
+                pipeline_model_parallel_size=par.pipeline_model_parallel_size, bf16=self.bf16)
             argv = [self.python, tool("evaluate.py"), *to_argv(evaluation)]
             return [argv]
 
-        def finished(out, d):
+        def missing(out, dirs):
             return None if os.path.exists(os.path.join(out, "results.json")) else "no results yet"
 
-        self.stages.append(Stage("evaluate", DISTRIBUTED, {"evaluation": ev, "bf16": self.bf16, "seed": cfg.seed,
+        self.stages.append(Stage("evaluate", DISTRIBUTED, {"evaluation": cfg.evaluation.given(), "bf16": self.bf16, "seed": cfg.seed,
                                                            "teacher": self.teacher_label(), "layout": _layout(cfg),
                                                            "scores_version": SCORES_VERSION},
                                  deps=[*(stage for stage, _, _ in students), "reference", "teacher", "data"]
                                  + ([] if same_tokenizer else ["retokenize"]),
-                                 commands=commands, finished=finished))
+                                 commands=commands, missing=missing))
 
 
 def _layout(cfg: PipelineConfig) -> dict:
@@ -480,13 +462,3 @@ def _layout(cfg: PipelineConfig) -> dict:
     par = cfg.parallel
     return {"world": par.nnodes * par.nproc_per_node, "tp": par.tensor_model_parallel_size,
             "pp": par.pipeline_model_parallel_size}
-
-
-def _flat_train_config(values: dict, model):
-    """A TrainConfig from flat settings (nested optimizer / DDP settings included)."""
-    import argparse
-
-    from megatron_miniplm.settings import from_args
-    from megatron_miniplm.training.trainer import TrainConfig
-
-    return from_args(TrainConfig, argparse.Namespace(**values), model=model)

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from megatron_miniplm.data.indexed_dataset import IndexedDatasetError, IndexedDatasetReader
 from megatron_miniplm.data.meta import dataset_prefixes, read_dataset_meta, verify_fingerprint
+from megatron_miniplm.errors import UserError
 
 
-class ScoringError(ValueError):
+class ScoringError(UserError, ValueError):
     """A run that must not start (mismatched model, foreign output...); the message says why."""
 
 
@@ -27,7 +29,7 @@ class ScoringDataset:
     shard_metas: list[dict]
     offsets: np.ndarray  # int64 [S + 1]: global id of each shard's first instance
     lengths: np.ndarray  # int64 [N]: tokens per instance
-    _readers: list = field(default_factory=list, repr=False)
+    _readers: list[IndexedDatasetReader] = field(default_factory=list, repr=False)
 
     @property
     def num_instances(self) -> int:
@@ -70,12 +72,13 @@ def open_dataset(prefix: str, verify: bool = True) -> ScoringDataset:
             verify_fingerprint(prefix)
     except (ValueError, FileNotFoundError) as e:
         raise ScoringError(f"--data-path: {e}") from None
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     readers, lengths = [], []
     for p, m in zip(prefixes, metas):
-        readers.append(IndexedDataset(p))
-        lens = np.asarray(readers[-1].sequence_lengths, dtype=np.int64)
+        try:
+            readers.append(IndexedDatasetReader(p))
+        except (IndexedDatasetError, FileNotFoundError) as e:
+            raise ScoringError(f"--data-path: {e}") from None
+        lens = readers[-1].lengths.astype(np.int64)
         if len(lens) != m["num_instances"]:
             raise ScoringError(f"{p}.idx holds {len(lens)} instances, {p}.meta.json says {m['num_instances']}")
         lengths.append(lens)

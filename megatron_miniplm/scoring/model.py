@@ -28,8 +28,8 @@ class ModelSource:
 
 
 def resolve_checkpoint(load: str) -> ModelSource:
-    from megatron_miniplm.checkpointing import load_model_config
-    from megatron_miniplm.conversion.checkpoint_dir import resolve_megatron_checkpoint
+    from megatron_miniplm.dist_checkpoint import load_model_config
+    from megatron_miniplm.conversion.checkpoint_info import resolve_megatron_checkpoint
     from megatron_miniplm.conversion.errors import ConversionError
 
     try:
@@ -93,7 +93,7 @@ def build_scoring_model(source: ModelSource, *, bf16: bool, impl=None):
     is told each shape first).
     """
     from megatron_miniplm import platform
-    from megatron_miniplm.checkpointing import load_model
+    from megatron_miniplm.dist_checkpoint import load_model
     from megatron_miniplm.models.gpt import build_model
 
     dtype = torch.bfloat16 if bf16 else torch.float32

@@ -20,12 +20,13 @@ import numpy as np
 
 from megatron_miniplm.atomic_io import NpyWithMeta
 from megatron_miniplm.data.tokenizer import file_sha256  # noqa: F401  (re-exported)
+from megatron_miniplm.errors import UserError
 
 FORMAT_VERSION = 1
 COLUMNS = ("nll_sum", "token_count")
 
 
-class ScoreFileError(ValueError):
+class ScoreFileError(UserError, ValueError):
     """A score file that cannot be used; the message names the file and the reason."""
 
 

@@ -14,6 +14,11 @@ uses the same ones; a batch's scores reach the host while the next batch runs
 (step.py), and are recorded then. On SIGTERM (what clusters send
 before a kill) every rank stops at the next step that all replicas take, the
 progress is flushed, and the run returns ``interrupted``: rerun to continue.
+
+``Scorer`` has the trainer's shape: construction is the set-up (parallel state,
+dataset and model checks, sizes, batch plan, resume state), ``run`` the loop over
+this replica's steps, and finalisation (``_finish``) assembles and writes the
+score files. ``score`` is the function over it that tools and tests call.
 """
 
 from __future__ import annotations
@@ -21,15 +26,16 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_miniplm.models.gpt import LayerImpl, resolve_implementation
+from megatron_miniplm.models.gpt import resolve_implementation
+from megatron_miniplm.models.config import LayerImpl
 from megatron_miniplm.scoring import resume
-from megatron_miniplm.settings import setting
 from megatron_miniplm.signals import SignalFlag
 from megatron_miniplm.scoring.bucketing import plan_batches, replica_batches, steps
 from megatron_miniplm.scoring.dataset import ScoringError, open_dataset
@@ -38,64 +44,14 @@ from megatron_miniplm.scoring.identity import (
 )
 from megatron_miniplm.scoring.model import build_scoring_model, check_tokenizer, resolve_checkpoint
 from megatron_miniplm.scoring.sizing import (
-    check_request, choose_sizes, least_free_memory, longest_predictions, request_of,
+    Sizes, check_request, choose_sizes, least_free_memory, longest_predictions, request_of,
 )
-from megatron_miniplm.scoring.step import BatchScorer, StopVote, run_step, with_rows
+from megatron_miniplm.scoring.step import BatchScorer, DeferredRecorder, StopVote, run_step, with_rows
+from megatron_miniplm.scoring.config import ScoreConfig
 
 log = logging.getLogger("score_docs")
 
 LOSS_MASK_RULE = "a prediction counts unless its input token is the pad token (pad = EOD)"
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """A scoring run; its settings are tools/score_docs.py's flags."""
-
-    data_path: str = setting(group="data and model", metavar="PREFIX",
-                             help="dataset prefix written by tools/preprocess_data.py (a sharded dataset's top level)")
-    load: str = setting(group="data and model", metavar="CKPT",
-                        help="megatron checkpoint directory (converted, or a trainer's save dir: latest iteration)")
-    output_prefix: str = setting(group="data and model", metavar="SCORES_PREFIX", flag="--output-prefix",
-                                 help="score file prefix")
-    micro_batch_size: Optional[int] = setting(
-        None, group="parallelism and batching",
-        help="instances per batch at full length (length-bucketed batches); default: "
-             "--target-tokens-per-batch / the longest instance, fewer if free memory is short")
-    target_tokens_per_batch: int = setting(
-        65536, group="parallelism and batching",
-        help="tokens per batch the automatic --micro-batch-size aims at (a GPU needs large batches "
-             "to run a small teacher at full speed)")
-    max_tokens_per_batch: Optional[int] = setting(
-        None, group="parallelism and batching",
-        help="token budget of a batch: short instances are batched more densely "
-             "(default: micro-batch-size x longest instance)")
-    tensor_model_parallel_size: int = setting(1, group="parallelism and batching", help="tensor-parallel ranks")
-    pipeline_model_parallel_size: int = setting(1, group="parallelism and batching", help="pipeline stages")
-    bf16: bool = setting(False, group="numerics and speed", help="bf16 weights and activations (fp32 softmax)")
-    layers: LayerImpl = field(default_factory=LayerImpl)  # --transformer-impl, --attention-backend, ...
-    logits_chunk_mb: Optional[float] = setting(
-        None, group="numerics and speed",
-        help="memory for the fp32 logits of one chunk of positions, per TP rank, in whole 256-row tiles "
-             "(default: what free memory leaves beside the batch, at most one chunk per batch)")
-    microbatches_per_step: Optional[int] = setting(
-        None, group="parallelism and batching",
-        help="batches per pipeline-schedule call and per progress save (default 1, or 4 x pipeline size)")
-    verify_fingerprint: bool = setting(True, group="run", flag="--no-verify-fingerprint",
-                                       help="skip re-hashing the dataset's .idx files against their meta")
-    fsync: bool = setting(True, group="run", flag="--no-fsync", help="do not fsync progress records")
-    fsync_interval_s: float = setting(
-        5.0, group="run", help="fsync progress records at most every this many seconds (and at the end); each "
-                               "record is written to its file at once, which is what survives a killed process")
-    progress: bool = setting(True, group="run", flag="--no-progress", help="no tqdm progress bar")
-    keep_freed_memory: bool = setting(
-        True, group="run", flag="--no-keep-freed-memory",
-        help="CPU: leave glibc's mmap/trim thresholds as they are (by default raised, so that big "
-             "activations are not page-faulted in at every layer)")
-    seed: int = setting(1234, group="run", help="Megatron-LM's seeding (no randomness in scoring itself)")
-
-    @property
-    def dtype_name(self) -> str:
-        return "bf16" if self.bf16 else "fp32"
 
 
 @dataclass
@@ -107,6 +63,20 @@ class RunSummary:
     elapsed_s: float
     tokens_per_s: float
     interrupted: bool = False  # stopped by SIGTERM: progress kept, no score file yet
+
+
+@dataclass(frozen=True)
+class Session:
+    """What this session of a run did: the score files record it beside the scores."""
+
+    tokens: int  # predictions of the batches this session had to do
+    elapsed_s: float  # the loop's wall-clock time, the final barrier included
+    rank0_cpu_s: float  # process CPU time of rank 0 in the loop (all its threads)
+    resumed: bool  # some batches were recorded by an earlier session
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
 # --- collective helpers --------------------------------------------------------
@@ -150,195 +120,296 @@ def scoring_implementation(layers: LayerImpl):
 def verify_dataset(prefix: str) -> None:
     open_dataset(prefix, verify=True)
 
-def _progress_bar(cfg: ScoreConfig, total_instances: int, dp_size: int):
-    if not cfg.progress or dist.get_rank() != 0:
-        return None
-    from tqdm import tqdm
-
-    desc = "scoring" if dp_size == 1 else f"scoring (replica 1 of {dp_size})"
-    return tqdm(total=total_instances, desc=desc, unit="inst", dynamic_ncols=True, smoothing=0.05)
-
 
 def score(cfg: ScoreConfig) -> RunSummary:
     """Collective over the torchrun world (or a single process)."""
-    from megatron_miniplm import parallel
-    from megatron_miniplm.data.samples import collate_instances
-    check_request(cfg)
-    info = parallel.initialize(parallel.ParallelConfig(
-        cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed))
-    if cfg.keep_freed_memory and info.device.type == "cpu":
-        # The activations live in the host heap only when the host computes; on a GPU the
-        # host allocates little and glibc's defaults are the right ones.
-        from megatron_miniplm.scoring.memory import keep_freed_memory
+    return Scorer(cfg).run()
 
-        keep_freed_memory()
 
-    out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
-    if not os.path.isdir(out_dir):
-        raise ScoringError(f"output prefix {cfg.output_prefix}: directory {out_dir} does not exist")
-    if cfg.verify_fingerprint:
-        on_rank0(verify_dataset, cfg.data_path)  # hashes every .idx: once, not on every rank
-    dataset = open_dataset(cfg.data_path, verify=False)
-    source = resolve_checkpoint(cfg.load)
-    check_tokenizer(source, dataset.tokenizer, cfg.data_path)
-    try:
-        source.config.check_tensor_parallel(cfg.tensor_model_parallel_size)
-    except ValueError as e:
-        raise ScoringError(str(e)) from None
-    if source.config.num_layers % cfg.pipeline_model_parallel_size:
-        raise ScoringError(f"--pipeline-model-parallel-size {cfg.pipeline_model_parallel_size} does not "
-                           f"divide the model's {source.config.num_layers} layers")
+class Scorer:
+    """One scoring run: set up on construction (everything that can refuse the run comes
+    before any batch is scored), ``run`` scores the batches not yet recorded and writes the
+    score files. Collective: every rank of the world constructs one and runs it."""
 
-    impl = scoring_implementation(cfg.layers)
-    prefixes = output_prefixes(cfg.output_prefix, len(dataset.shard_prefixes))
-    pdir = resume.progress_dir(cfg.output_prefix)
-    model = None
-    sizes = on_rank0(recorded_sizes, prefixes, pdir, request_of(cfg))
-    if sizes is None:  # a new run: sized from the memory left once the model is loaded
-        model = build_scoring_model(source, bf16=cfg.bf16, impl=impl)
+    def __init__(self, cfg: ScoreConfig):
+        check_request(cfg)
+        self.cfg = cfg
+        self.info = self._initialize()
+        self._check_output_dir()
+        self.dataset, self.source = self._open_inputs()
+        self.impl = scoring_implementation(cfg.layers)
+        self.prefixes = output_prefixes(cfg.output_prefix, len(self.dataset.shard_prefixes))
+        self.progress_dir = resume.progress_dir(cfg.output_prefix)
+        self.model = None
+        self.sizes: Optional[Sizes] = on_rank0(recorded_sizes, self.prefixes, self.progress_dir,
+                                               request_of(cfg))
+        if self.sizes is None:  # a new run: sized from the memory left once the model is loaded
+            self.model = self._build_model()
+            self.sizes = self._sizes_from_free_memory()
+        self.plan = plan_batches(self.dataset.lengths, self.sizes.micro_batch_size, cfg.max_tokens_per_batch)
+        self.identity = run_identity(cfg, self.dataset, self.source, self.plan, self.sizes,
+                                     self.impl.attention)
+        self.complete, self.done = on_rank0(self._resume_state)
+        if not self.complete:
+            self._prepare_loop()
+
+    # ---- set-up ------------------------------------------------------------------------------
+    def _initialize(self):
+        """The parallel state, and on the CPU glibc's thresholds for the activations' memory."""
+        from megatron_miniplm import parallel
+
+        cfg = self.cfg
+        info = parallel.initialize(parallel.ParallelConfig(
+            cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed))
+        if cfg.keep_freed_memory and info.device.type == "cpu":
+            # The activations live in the host heap only when the host computes; on a GPU the
+            # host allocates little and glibc's defaults are the right ones.
+            from megatron_miniplm.scoring.memory import keep_freed_memory
+
+            keep_freed_memory()
+        return info
+
+    def _check_output_dir(self) -> None:
+        out_dir = os.path.dirname(os.path.abspath(self.cfg.output_prefix))
+        if not os.path.isdir(out_dir):
+            raise ScoringError(f"output prefix {self.cfg.output_prefix}: directory {out_dir} does not exist")
+
+    def _open_inputs(self):
+        """The dataset and the checkpoint, refused unless they fit each other and the layout."""
+        cfg = self.cfg
+        if cfg.verify_fingerprint:
+            on_rank0(verify_dataset, cfg.data_path)  # hashes every .idx: once, not on every rank
+        dataset = open_dataset(cfg.data_path, verify=False)
+        source = resolve_checkpoint(cfg.load)
+        check_tokenizer(source, dataset.tokenizer, cfg.data_path)
+        try:
+            source.config.check_tensor_parallel(cfg.tensor_model_parallel_size)
+        except ValueError as e:
+            raise ScoringError(str(e)) from None
+        if source.config.num_layers % cfg.pipeline_model_parallel_size:
+            raise ScoringError(f"--pipeline-model-parallel-size {cfg.pipeline_model_parallel_size} does not "
+                               f"divide the model's {source.config.num_layers} layers")
+        return dataset, source
+
+    def _build_model(self):
+        return build_scoring_model(self.source, bf16=self.cfg.bf16, impl=self.impl)
+
+    def _sizes_from_free_memory(self) -> Sizes:
+        """Sizes chosen anew, from the least free memory over the ranks (collective)."""
         free, free_why = least_free_memory()
-        sizes = choose_sizes(cfg, source.config, tp=info.tp_size, longest=longest_predictions(dataset.lengths),
-                             attention_scores=impl.attention == "local", free_bytes=free, free_why=free_why)
-    plan = plan_batches(dataset.lengths, sizes.micro_batch_size, cfg.max_tokens_per_batch)
-    identity = run_identity(cfg, dataset, source, plan, sizes, impl.attention)
+        return choose_sizes(self.cfg, self.source.config, tp=self.info.tp_size,
+                            longest=longest_predictions(self.dataset.lengths),
+                            attention_scores=self.impl.attention == "local",
+                            free_bytes=free, free_why=free_why)
 
-    def prepare():
-        complete = check_final(prefixes, dataset, identity)
-        if complete:
-            resume.remove(pdir)  # a kill between the final rename and this cleanup
+    def _resume_state(self) -> tuple[bool, Optional[np.ndarray]]:
+        """On rank 0: (True, None) when the score files already hold this run, else (False,
+        which batches the progress has recorded) once the progress is checked or started."""
+        if check_final(self.prefixes, self.dataset, self.identity):
+            resume.remove(self.progress_dir)  # a kill between the final rename and this cleanup
             return True, None
-        old = check_progress(pdir, identity, cfg.output_prefix)
+        self._open_progress()
+        return False, resume.done_batches(self.progress_dir, len(self.plan))
+
+    def _open_progress(self) -> None:
+        """Refuses progress of another run, else starts the progress directory or continues it.
+        The thread count is recorded because CPU kernels may round differently with another."""
+        threads = torch.get_num_threads()
+        old = check_progress(self.progress_dir, self.identity, self.cfg.output_prefix)
         if old is None:
-            resume.write_run(pdir, {**identity, "torch_threads": torch.get_num_threads()})
-        elif old.get("torch_threads") != torch.get_num_threads():
+            resume.write_run(self.progress_dir, {**self.identity, "torch_threads": threads})
+        elif old.get("torch_threads") != threads:
             log.warning("resuming with %d threads per process where the run began with %s: CPU "
                         "kernels may round differently, so the result may not be bit-identical "
-                        "to an uninterrupted run", torch.get_num_threads(), old.get("torch_threads"))
-        return False, resume.done_batches(pdir, len(plan))
+                        "to an uninterrupted run", threads, old.get("torch_threads"))
 
-    complete, done = on_rank0(prepare)
-    if complete:
-        if info.rank == 0:
-            log.info("%s: already complete (same dataset, model and settings); nothing to do",
-                     ", ".join(prefixes))
-        return RunSummary(prefixes, True, dataset.num_instances, 0, 0.0, 0.0)
-    resumed = bool(done.any())
+    def _prepare_loop(self) -> None:
+        """The model, this replica's batches still to do, and the recorder of their scores on
+        the rank that keeps this replica's progress shard (last stage, first TP rank)."""
+        cfg, info = self.cfg, self.info
+        self.resumed = bool(self.done.any())
+        if self.model is None:
+            self.model = self._build_model()
+        self.batch_scorer = BatchScorer(self.model, self.source.config.vocab_size,
+                                        self.sizes.logits_chunk_tokens)
+        self.per_step = cfg.microbatches_per_step or (1 if info.pp_size == 1 else 4 * info.pp_size)
+        mine = replica_batches(self.plan, info.dp_rank, info.dp_size)
+        self.mine = mine[~self.done[mine]]
+        self.recorder = None
+        if info.is_last_stage and info.tp_rank == 0:
+            self.recorder = DeferredRecorder(resume.ShardWriter(
+                resume.shard_path(self.progress_dir, info.dp_rank), fsync=cfg.fsync,
+                sync_interval_s=cfg.fsync_interval_s))
+        self.todo_tokens = int(self.plan.batch_tokens[~self.done].sum())
 
-    if model is None:
-        model = build_scoring_model(source, bf16=cfg.bf16, impl=impl)
-    scorer = BatchScorer(model, source.config.vocab_size, sizes.logits_chunk_tokens)
-    per_step = cfg.microbatches_per_step or (1 if info.pp_size == 1 else 4 * info.pp_size)
-    mine = replica_batches(plan, info.dp_rank, info.dp_size)
-    mine = mine[~done[mine]]
-    writer = None
-    if info.is_last_stage and info.tp_rank == 0:
-        writer = resume.ShardWriter(resume.shard_path(pdir, info.dp_rank), fsync=cfg.fsync,
-                                    sync_interval_s=cfg.fsync_interval_s)
-    todo_tokens = int(plan.batch_tokens[~done].sum())
-    if info.rank == 0:
-        log.info("%d instances in %d batches; %d batches to do%s; TP=%d PP=%d DP=%d, %s",
-                 dataset.num_instances, len(plan), int((~done).sum()),
-                 " (resuming)" if resumed else "", info.tp_size, info.pp_size, info.dp_size,
-                 cfg.dtype_name)
-        log.info("sizes: %s", sizes.why)
-        log.info("%s", impl.describe())
-    bar = _progress_bar(cfg, int(plan.batch_sizes()[mine].sum()), info.dp_size)
+    # ---- loop --------------------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        """Scores the batches not yet recorded and writes the score files; returns at once when
+        they already hold this run, and without them when a stop signal ends the loop first."""
+        if self.complete:
+            return self._already_complete()
+        self._log_startup()
+        stopped_by, session = self._score_batches()
+        if stopped_by is not None:
+            return self._interrupted(stopped_by, session)
+        return self._finish(session)
 
-    # Steps that every replica takes: where the ranks can agree to stop on a signal.
-    common_steps = min(-(-int((~done[replica_batches(plan, r, info.dp_size)]).sum()) // per_step)
-                       for r in range(info.dp_size))
-    start, cpu_start = time.perf_counter(), time.process_time()
-    tokens_done = 0
-    stopped = False
-    vote = StopVote()
-    pending: list = []  # (batch index, step.Pending) of the previous step, recorded during this one
-
-    def record(items):
-        for index, result in items:
-            writer.append(index, result.scores())
-
-    with SignalFlag() as sigterm:
-        for i, group in enumerate(steps(mine, per_step)):
-            if i < common_steps and vote(sigterm.received):
-                stopped = True
-                break
-            batches = [plan.batch(int(k)) for k in group]
-            inputs = [with_rows(collate_instances(dataset.instances(b.ids), dataset.pad_id)) for b in batches]
-            results = run_step(model, scorer, inputs)
-            if writer is not None:
-                record(pending)  # the previous step's scores, while the device runs this one
-                pending = [(b.index, r) for b, r in zip(batches, results)]
-            if bar is not None:
-                tokens_done += sum(b.tokens for b in batches)
-                bar.update(sum(len(b.ids) for b in batches))
-                bar.set_postfix_str(f"{tokens_done / max(time.perf_counter() - start, 1e-9):,.0f} tok/s")
-        if writer is not None:
-            record(pending)
-            writer.close()  # flushed and fsynced
-        if bar is not None:
+    def _score_batches(self) -> tuple[Optional[str], Session]:
+        """This replica's steps, then its progress flushed and every rank met; the name of the
+        signal that stopped the loop (None when it ran to the end) and what the session did."""
+        bar = _ProgressBar(self.cfg, int(self.plan.batch_sizes()[self.mine].sum()), self.info.dp_size)
+        common = self._common_steps()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with SignalFlag() as sigterm:
+            stopped = self._run_steps(sigterm, common, bar)
+            if self.recorder is not None:
+                self.recorder.close()  # the last step's scores recorded, flushed and fsynced
             bar.close()
-        cpu_s = time.process_time() - cpu_start
-        dist.barrier()
-    elapsed = time.perf_counter() - start
-    if stopped:
-        if info.rank == 0:
+            cpu_s = time.process_time() - cpu_start
+            dist.barrier()
+        session = Session(self.todo_tokens, time.perf_counter() - start, cpu_s, self.resumed)
+        return (sigterm.name if stopped else None), session
+
+    def _common_steps(self) -> int:
+        """Steps that every replica takes: where the ranks can agree to stop on a signal."""
+        dp = self.info.dp_size
+        todo = [int((~self.done[replica_batches(self.plan, r, dp)]).sum()) for r in range(dp)]
+        return min(-(-n // self.per_step) for n in todo)
+
+    def _run_steps(self, sigterm: SignalFlag, common_steps: int, bar: "_ProgressBar") -> bool:
+        """One step per group of ``per_step`` batches; True when the ranks agreed to stop. The
+        vote is taken only at the steps every replica takes, so that all ranks take part."""
+        vote = StopVote()
+        for i, group in enumerate(steps(self.mine, self.per_step)):
+            if i < common_steps and vote(sigterm.received):
+                return True
+            bar.update(self._step(group))
+        return False
+
+    def _step(self, group: np.ndarray) -> list:
+        """One pipeline-schedule call over the batches ``group``; returns the batches. Their
+        scores are recorded during the next step, while the device runs it."""
+        from megatron_miniplm.data.samples import collate_instances
+
+        batches = [self.plan.batch(int(k)) for k in group]
+        inputs = [with_rows(collate_instances(self.dataset.instances(b.ids), self.dataset.pad_id))
+                  for b in batches]
+        results = run_step(self.model, self.batch_scorer, inputs)
+        if self.recorder is not None:
+            self.recorder.submit([b.index for b in batches], results)
+        return batches
+
+    def _log_startup(self) -> None:
+        """The run's extent and layout, the sizes and why, the layers."""
+        if self.info.rank != 0:
+            return
+        info, todo = self.info, int((~self.done).sum())
+        log.info("%d instances in %d batches; %d batches to do%s; TP=%d PP=%d DP=%d, %s",
+                 self.dataset.num_instances, len(self.plan), todo, " (resuming)" if self.resumed else "",
+                 info.tp_size, info.pp_size, info.dp_size, self.cfg.dtype_name)
+        log.info("sizes: %s", self.sizes.why)
+        log.info("%s", self.impl.describe())
+
+    # ---- finalisation ------------------------------------------------------------------------
+    def _already_complete(self) -> RunSummary:
+        if self.info.rank == 0:
+            log.info("%s: already complete (same dataset, model and settings); nothing to do",
+                     ", ".join(self.prefixes))
+        return RunSummary(self.prefixes, True, self.dataset.num_instances, 0, 0.0, 0.0)
+
+    def _interrupted(self, signal_name: str, session: Session) -> RunSummary:
+        if self.info.rank == 0:
             log.warning("stopped by %s: the progress so far is kept in %s; rerun the same command "
-                        "to continue", sigterm.name, pdir)
-        return RunSummary(prefixes, False, dataset.num_instances, 0, elapsed, 0.0, interrupted=True)
+                        "to continue", signal_name, self.progress_dir)
+        return RunSummary(self.prefixes, False, self.dataset.num_instances, 0, session.elapsed_s, 0.0,
+                          interrupted=True)
 
-    def finish():
-        scores = resume.assemble(pdir, plan.order, plan.starts, dataset.num_instances)
-        _write_score_files(cfg, dataset, prefixes, scores, identity, info, plan, elapsed,
-                           cpu_s, todo_tokens, resumed)
-        resume.remove(pdir)
+    def _finish(self, session: Session) -> RunSummary:
+        """The score files from every replica's progress, written by rank 0; the progress removed."""
+        on_rank0(self._write_outputs, session)
+        if self.info.rank == 0:
+            log.info("wrote %s: %d instances, %d tokens this session in %.1f s (%.0f tokens/s)",
+                     ", ".join(p + ".npy" for p in self.prefixes), self.dataset.num_instances,
+                     session.tokens, session.elapsed_s, session.tokens_per_s)
+        return RunSummary(self.prefixes, False, self.dataset.num_instances, session.tokens,
+                          session.elapsed_s, session.tokens_per_s)
 
-    on_rank0(finish)
-    rate = todo_tokens / elapsed if elapsed > 0 else 0.0
-    if info.rank == 0:
-        log.info("wrote %s: %d instances, %d tokens this session in %.1f s (%.0f tokens/s)",
-                 ", ".join(p + ".npy" for p in prefixes), dataset.num_instances, todo_tokens,
-                 elapsed, rate)
-    return RunSummary(prefixes, False, dataset.num_instances, todo_tokens, elapsed, rate)
+    def _write_outputs(self, session: Session) -> None:
+        scores = resume.assemble(self.progress_dir, self.plan.order, self.plan.starts,
+                                 self.dataset.num_instances)
+        self._write_score_files(scores, session)
+        resume.remove(self.progress_dir)
 
+    def _write_score_files(self, scores: np.ndarray, session: Session) -> None:
+        """One score file per dataset shard: its rows of ``scores`` and the run's meta."""
+        from megatron_miniplm.scoring.score_file import save_scores
 
-def _write_score_files(cfg, dataset, prefixes, scores, identity, info, plan, elapsed, cpu_s, tokens,
-                       resumed):
-    from megatron_miniplm.scoring.score_file import save_scores
+        dataset, common = self.dataset, self._common_meta(session)
+        for i, (prefix, shard_prefix, shard_meta) in enumerate(
+                zip(self.prefixes, dataset.shard_prefixes, dataset.shard_metas)):
+            lo, hi = int(dataset.offsets[i]), int(dataset.offsets[i + 1])
+            meta = {
+                **common,
+                "dataset_fingerprint": shard_meta["fingerprint"],
+                "num_instances": hi - lo,
+                "dataset": {"prefix": os.path.abspath(shard_prefix), "shard_index": i,
+                            "num_shards": len(self.prefixes), "top_prefix": os.path.abspath(dataset.prefix),
+                            "top_fingerprint": dataset.meta["fingerprint"]},
+                "num_tokens_counted": int(scores[lo:hi, 1].sum()),
+            }
+            save_scores(prefix, scores[lo:hi], meta)
 
-    common = {
-        "model": identity["model"],
-        "settings": identity["settings"],
-        "tokenizer": {k: dataset.tokenizer.get(k) for k in ("sha256", "vocab_size", "eod_id", "pad_id")},
-        "dtype": cfg.dtype_name,
-        "parallel": {"tensor_model_parallel_size": info.tp_size,
-                     "pipeline_model_parallel_size": info.pp_size,
-                     "data_parallel_size": info.dp_size, "backend": info.backend},
-        "batching": {"micro_batch_size": identity["settings"]["micro_batch_size"],
-                     "max_tokens_per_batch": cfg.max_tokens_per_batch,
-                     "num_batches": len(plan), "plan_digest": identity["plan"]["digest"]},
-        "sizing": identity["sizing"],  # what was asked for and what it came to (reused on a rerun)
-        "loss_mask": LOSS_MASK_RULE,
-        "accumulation": "per-token NLL in fp32 from fp32 logits; per-instance sums in float64",
-        "elapsed_s": round(elapsed, 3),
-        "tokens_this_session": tokens,
-        "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
-        "rank0_cpu_s": round(cpu_s, 3),  # process CPU time of rank 0 in the loop (all its threads)
-        "resumed": resumed,
-        "torch_threads": torch.get_num_threads(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "tool": "tools/score_docs.py",
-        "config": asdict(cfg),
-    }
-    for i, (prefix, shard_prefix, shard_meta) in enumerate(
-            zip(prefixes, dataset.shard_prefixes, dataset.shard_metas)):
-        lo, hi = int(dataset.offsets[i]), int(dataset.offsets[i + 1])
-        meta = {
-            **common,
-            "dataset_fingerprint": shard_meta["fingerprint"],
-            "num_instances": hi - lo,
-            "dataset": {"prefix": os.path.abspath(shard_prefix), "shard_index": i,
-                        "num_shards": len(prefixes), "top_prefix": os.path.abspath(dataset.prefix),
-                        "top_fingerprint": dataset.meta["fingerprint"]},
-            "num_tokens_counted": int(scores[lo:hi, 1].sum()),
+    def _common_meta(self, session: Session) -> dict:
+        """The meta every score file of the run shares: identity, layout, batching and session."""
+        cfg, info, identity = self.cfg, self.info, self.identity
+        tokenizer = self.dataset.tokenizer
+        return {
+            "model": identity["model"],
+            "settings": identity["settings"],
+            "tokenizer": {k: tokenizer.get(k) for k in ("sha256", "vocab_size", "eod_id", "pad_id")},
+            "dtype": cfg.dtype_name,
+            "parallel": {"tensor_model_parallel_size": info.tp_size,
+                         "pipeline_model_parallel_size": info.pp_size,
+                         "data_parallel_size": info.dp_size, "backend": info.backend},
+            "batching": {"micro_batch_size": identity["settings"]["micro_batch_size"],
+                         "max_tokens_per_batch": cfg.max_tokens_per_batch,
+                         "num_batches": len(self.plan), "plan_digest": identity["plan"]["digest"]},
+            "sizing": identity["sizing"],  # what was asked for and what it came to (reused on a rerun)
+            "loss_mask": LOSS_MASK_RULE,
+            "accumulation": "per-token NLL in fp32 from fp32 logits; per-instance sums in float64",
+            "elapsed_s": round(session.elapsed_s, 3),
+            "tokens_this_session": session.tokens,
+            "tokens_per_s": round(session.tokens_per_s, 1) if session.elapsed_s > 0 else None,
+            "rank0_cpu_s": round(session.rank0_cpu_s, 3),
+            "resumed": session.resumed,
+            "torch_threads": torch.get_num_threads(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "tool": "tools/score_docs.py",
+            "config": asdict(cfg),
         }
-        save_scores(prefix, scores[lo:hi], meta)
+
+
+class _ProgressBar:
+    """tqdm over this replica's instances with the tokens/s since it began, on rank 0 and with
+    --progress only; a no-op elsewhere."""
+
+    def __init__(self, cfg: ScoreConfig, total_instances: int, dp_size: int):
+        self.bar = None
+        self.tokens = 0
+        if cfg.progress and dist.get_rank() == 0:
+            from tqdm import tqdm
+
+            desc = "scoring" if dp_size == 1 else f"scoring (replica 1 of {dp_size})"
+            self.bar = tqdm(total=total_instances, desc=desc, unit="inst", dynamic_ncols=True, smoothing=0.05)
+        self.start = time.perf_counter()
+
+    def update(self, batches: list) -> None:
+        if self.bar is None:
+            return
+        self.tokens += sum(b.tokens for b in batches)
+        self.bar.update(sum(len(b.ids) for b in batches))
+        self.bar.set_postfix_str(f"{self.tokens / max(time.perf_counter() - self.start, 1e-9):,.0f} tok/s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -10,8 +10,9 @@ GPU idle while the host prepares the next one. So:
   tiles (nll.TILE_ROWS, so the NLL needs no copy to pad), and their targets; the batch
   is pinned (``platform.pin``) and copied with ``non_blocking``;
 - the token NLLs are copied back without blocking into page-locked memory behind an
-  event (``platform.copy_to_host``) and turned into per-instance sums one step later,
-  while the device runs the next step (``Pending``). On the CPU both are plain tensors;
+  event (``platform.copy_to_host``) and turned into per-instance sums and recorded one
+  step later, while the device runs the next step (``Pending``, ``DeferredRecorder``). On
+  the CPU both are plain tensors;
 - the ranks' vote on stopping (SIGTERM) is an asynchronous all-reduce read ``StopVote.LAG``
   steps later, when the device is long done with it (``StopVote``), instead of a blocking
   all-reduce and ``.tolist()`` before every step.
@@ -141,3 +142,28 @@ class StopVote:
         host, ready = self.votes.popleft()
         ready.synchronize()
         return bool(host[0])
+
+
+class DeferredRecorder:
+    """Appends each batch's scores to a progress shard (``resume.ShardWriter``) one step after
+    the step that computed them: reading a ``Pending`` waits for its copy to the host, which
+    by then the device has finished, so the host never waits for the step it just queued."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self._pending: list[tuple[int, Pending]] = []  # the previous step's (batch index, scores)
+
+    def submit(self, batch_indices: list[int], results: list[Pending]) -> None:
+        """Records the previous step's scores and holds these until the next call (or ``close``)."""
+        self._record()
+        self._pending = list(zip(batch_indices, results))
+
+    def close(self) -> None:
+        """Records what is held and closes the shard (flushed, and fsynced if it syncs)."""
+        self._record()
+        self.writer.close()
+
+    def _record(self) -> None:
+        for index, result in self._pending:
+            self.writer.append(index, result.scores())
+        self._pending = []

@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
 
 import numpy as np
 
 from megatron_miniplm.atomic_io import NpyWithMeta
-from megatron_miniplm.selection.shards import DatasetError, read_dataset_meta, read_index
+from megatron_miniplm.selection.shards import DatasetError, open_indexed, read_dataset_meta
+from megatron_miniplm.errors import UserError
 
 FORMAT_VERSION = 1
 KIND = "miniplm_sampled_blend"
 
 
-class BlendError(ValueError):
+class BlendError(UserError, ValueError):
     """A blend that cannot be used; the message names the file and the reason."""
 
 
@@ -128,19 +128,11 @@ class BlendReader:
     def __init__(self, prefix: str, verify: bool = True):
         self.rows, self.meta = load_blend(prefix, verify=verify)
         self.prefixes = dataset_prefixes(prefix, self.meta)
-        self._index = [read_index(p) for p in self.prefixes]
-        self._data: list[Optional[np.ndarray]] = [None] * len(self.prefixes)
+        self._shards = [open_indexed(p) for p in self.prefixes]
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
 
-    def _bin(self, s: int) -> np.ndarray:
-        if self._data[s] is None:
-            self._data[s] = np.memmap(self.prefixes[s] + ".bin", dtype=np.uint8, mode="r")
-        return self._data[s]
-
     def __getitem__(self, j: int) -> np.ndarray:
         s, i = (int(v) for v in self.rows[j])
-        idx = self._index[s]
-        return np.frombuffer(self._bin(s), dtype=idx.token_dtype, count=int(idx.lengths[i]),
-                             offset=int(idx.pointers[i]))
+        return self._shards[s][i]

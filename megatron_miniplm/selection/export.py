@@ -36,12 +36,13 @@ import numpy as np
 
 from megatron_miniplm.atomic_io import publish, temp_name, write_json_atomic
 from megatron_miniplm.settings import setting
+from megatron_miniplm.errors import UserError
 
 FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl.gz", ".jsonl.zst": "jsonl.zst", ".parquet": "parquet"}
 STATE_VERSION = 1
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An export that cannot run: the message names the file and the reason."""
 
 

@@ -8,18 +8,19 @@ lists. Everything is written under temporary names and renamed at the end, the m
 from __future__ import annotations
 
 import os
-import struct
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from megatron_miniplm import _cpp
-from megatron_miniplm.scoring.score_file import file_sha256
 from megatron_miniplm.atomic_io import publish, temp_name, write_json_atomic
-from megatron_miniplm.selection.difference import SelectionError
-from megatron_miniplm.selection.shards import INDEX_HEADER, INDEX_VERSION, TOKEN_DTYPES, Shard, domain_table
+from megatron_miniplm.data.dataset_writer import DATA_SUFFIXES
+from megatron_miniplm.data.indexed_dataset import DomainStats, IndexedDatasetWriter
+from megatron_miniplm.data.meta import idx_fingerprint
+from megatron_miniplm.selection.config import SelectionError
+from megatron_miniplm.selection.shards import Shard, domain_table
 
 CHUNK_ROWS = 1 << 20
-_DTYPE_CODES = {np.dtype(v): k for k, v in TOKEN_DTYPES.items()}
 # Per-dataset keys that must not be copied from a source shard's meta.
 _OWN_KEYS = ("shards", "fingerprint", "num_instances", "num_tokens", "num_documents", "domains",
              "domain_stats", "inputs", "skipped", "kind")
@@ -34,24 +35,96 @@ def check_materializable(shards: list[Shard]) -> np.dtype:
     return dtypes.pop()
 
 
-def _write_index(path: str, token_dtype: np.dtype, lengths: np.ndarray) -> None:
-    """A megatron-core .idx: header, int32 lengths, int64 byte pointers, int64 document
-    indices (one document per sequence)."""
-    n = int(lengths.shape[0])
-    itemsize = token_dtype.itemsize
-    with open(path, "wb") as f:
-        f.write(INDEX_HEADER + struct.pack("<Q", INDEX_VERSION) + struct.pack("<B", _DTYPE_CODES[token_dtype]))
-        f.write(struct.pack("<QQ", n, n + 1))
-        for a in range(0, n, CHUNK_ROWS):
-            f.write(np.ascontiguousarray(lengths[a:a + CHUNK_ROWS], dtype="<i4").tobytes())
-        start = 0
-        for a in range(0, n, CHUNK_ROWS):
-            nbytes = lengths[a:a + CHUNK_ROWS].astype(np.int64) * itemsize
-            ends = start + np.cumsum(nbytes)
-            f.write((ends - nbytes).astype("<i8").tobytes())
-            start = int(ends[-1])
-        for a in range(0, n + 1, CHUNK_ROWS):
-            f.write(np.arange(a, min(n + 1, a + CHUNK_ROWS), dtype="<i8").tobytes())
+@dataclass
+class _Output:
+    """The new dataset while it is written: every file under a temporary name."""
+
+    prefix: str
+    token_dtype: np.dtype
+    num_rows: int
+    tmp: dict = field(init=False)
+    index: IndexedDatasetWriter = field(init=False)
+    domains: np.ndarray = field(init=False)  # int32 [K], in the union numbering of domain_table
+    stats: DomainStats = field(default_factory=DomainStats)
+
+    def __post_init__(self) -> None:
+        self.tmp = {ext: temp_name(self.prefix + ext) for ext in DATA_SUFFIXES}
+        self.domains = np.empty(self.num_rows, dtype=np.int32)
+        self.index = IndexedDatasetWriter(self.tmp[".bin"], self.token_dtype)
+
+    def finish(self) -> None:
+        """The .idx and .domains.npy, still under temporary names."""
+        self.index.finalize(self.tmp[".idx"])
+        with open(self.tmp[".domains.npy"], "wb") as f:
+            np.save(f, self.domains)
+
+    def publish(self, meta: dict) -> None:
+        """The data files renamed into place, the meta last (an old meta removed first,
+        so an interrupted publish never looks complete)."""
+        meta_path = self.prefix + ".meta.json"
+        if os.path.exists(meta_path):
+            os.remove(meta_path)
+        for ext in DATA_SUFFIXES:
+            publish(self.tmp[ext], self.prefix + ext)
+        write_json_atomic(meta_path, meta)
+
+    def discard(self) -> None:
+        """Whatever is still under a temporary name (everything, unless published)."""
+        self.index.abort()
+        for path in self.tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def _locate(chunk: np.ndarray, shards: list[Shard], maps: list[np.ndarray], shard_domains: list[np.ndarray]):
+    """Where each (shard, instance) row's tokens are: shard, byte offset, length, global domain."""
+    sh, loc = np.ascontiguousarray(chunk[:, 0]), chunk[:, 1]
+    offset = np.empty(len(chunk), dtype=np.int64)
+    length = np.empty(len(chunk), dtype=np.int64)
+    dom = np.empty(len(chunk), dtype=np.int64)
+    for s in np.unique(sh):
+        m = sh == s
+        idx = loc[m]
+        offset[m] = shards[s].index.pointers[idx]
+        length[m] = shards[s].index.lengths[idx]
+        dom[m] = maps[s][np.asarray(shard_domains[s][idx])]
+    return sh, offset, length, dom
+
+
+def _copy_rows(rows: np.ndarray, shards: list[Shard], maps: list[np.ndarray], out: _Output,
+               eod: int | None, num_threads: int) -> None:
+    """The rows' tokens, in blend order, gathered a chunk at a time by the C++ gather."""
+    sources = [s.data for s in shards]
+    shard_domains = [s.domains() for s in shards]
+    itemsize = out.token_dtype.itemsize
+    for a in range(0, out.num_rows, CHUNK_ROWS):
+        chunk = np.asarray(rows[a:a + CHUNK_ROWS])
+        sh, offset, length, dom = _locate(chunk, shards, maps, shard_domains)
+        nbytes = length * itemsize
+        buf = np.empty(int(nbytes.sum()), dtype=np.uint8)
+        _cpp.gather_bytes(sources, sh, offset, nbytes, buf, num_threads=num_threads)
+        tokens = buf.view(out.token_dtype)
+        out.index.add_sequences(tokens, length)
+        out.domains[a:a + len(chunk)] = dom
+        out.stats.add(tokens, length, dom, eod)
+
+
+def _dataset_meta(out: _Output, shards: list[Shard], names: list[str], eod: int | None,
+                  selection_meta: dict) -> dict:
+    """The source meta's common keys, with this dataset's own counts and the selection."""
+    meta = {key: v for key, v in shards[0].meta.items() if key not in _OWN_KEYS}
+    meta.update({
+        "fingerprint": idx_fingerprint(out.tmp[".idx"]),
+        "num_instances": out.num_rows,
+        "num_tokens": out.index.num_tokens,
+        "num_documents": out.stats.num_documents if eod is not None else out.num_rows,
+        "domains": names,
+        "domain_stats": out.stats.to_meta(names),
+        "inputs": [x for s in shards for x in (s.meta.get("inputs") or [])],
+        "skipped": {},
+        "selection": selection_meta,
+    })
+    return meta
 
 
 def materialize(rows: np.ndarray, shards: list[Shard], prefix: str, selection_meta: dict,
@@ -59,69 +132,14 @@ def materialize(rows: np.ndarray, shards: list[Shard], prefix: str, selection_me
     """Writes PREFIX.bin/.idx/.domains.npy/.meta.json holding the blend's instances, in
     blend order; returns the dataset meta."""
     token_dtype = check_materializable(shards)
-    itemsize = token_dtype.itemsize
     names, maps = domain_table(shards)
-    tok = shards[0].meta.get("tokenizer") or {}
-    eod = tok.get("eod_id")
-    k = int(rows.shape[0])
-    final = {ext: prefix + ext for ext in (".bin", ".idx", ".domains.npy", ".meta.json")}
-    tmp = {ext: temp_name(path) for ext, path in final.items()}
+    eod = (shards[0].meta.get("tokenizer") or {}).get("eod_id")
+    out = _Output(prefix, token_dtype, int(rows.shape[0]))
     try:
-        lengths = np.empty(k, dtype=np.int32)
-        domains_out = np.empty(k, dtype=np.int32)
-        stats = {name: np.zeros(len(names), dtype=np.int64) for name in ("documents", "instances", "tokens")}
-        sources = [s.data for s in shards]
-        shard_domains = [s.domains() for s in shards]
-        with open(tmp[".bin"], "wb") as fbin:
-            for a in range(0, k, CHUNK_ROWS):
-                chunk = np.asarray(rows[a:a + CHUNK_ROWS])
-                sh, loc = np.ascontiguousarray(chunk[:, 0]), chunk[:, 1]
-                offset = np.empty(len(chunk), dtype=np.int64)
-                length = np.empty(len(chunk), dtype=np.int64)
-                dom = np.empty(len(chunk), dtype=np.int64)
-                for s in np.unique(sh):
-                    m = sh == s
-                    idx = loc[m]
-                    offset[m] = shards[s].index.pointers[idx]
-                    length[m] = shards[s].index.lengths[idx]
-                    dom[m] = maps[s][np.asarray(shard_domains[s][idx])]
-                nbytes = length * itemsize
-                buf = np.empty(int(nbytes.sum()), dtype=np.uint8)
-                _cpp.gather_bytes(sources, sh, offset, nbytes, buf, num_threads=num_threads)
-                fbin.write(memoryview(buf))
-                lengths[a:a + len(chunk)] = length
-                domains_out[a:a + len(chunk)] = dom
-                stats["instances"] += np.bincount(dom, minlength=len(names))
-                stats["tokens"] += np.bincount(dom, weights=length, minlength=len(names)).astype(np.int64)
-                if eod is not None:
-                    is_eod = np.concatenate([[0], np.cumsum(buf.view(token_dtype) == eod)])
-                    ends = np.cumsum(length)
-                    docs = is_eod[ends] - is_eod[ends - length]
-                    stats["documents"] += np.bincount(dom, weights=docs, minlength=len(names)).astype(np.int64)
-        _write_index(tmp[".idx"], token_dtype, lengths)
-        with open(tmp[".domains.npy"], "wb") as f:
-            np.save(f, domains_out)
-        inputs = [x for s in shards for x in (s.meta.get("inputs") or [])]
-        meta = {k2: v for k2, v in shards[0].meta.items() if k2 not in _OWN_KEYS}
-        meta.update({
-            "fingerprint": file_sha256(tmp[".idx"]),
-            "num_instances": k,
-            "num_tokens": int(lengths.sum(dtype=np.int64)),
-            "num_documents": int(stats["documents"].sum()) if eod is not None else k,
-            "domains": names,
-            "domain_stats": {n: {key: int(stats[key][i]) for key in ("documents", "instances", "tokens")}
-                             for i, n in enumerate(names)},
-            "inputs": inputs,
-            "skipped": {},
-            "selection": selection_meta,
-        })
-        if os.path.exists(final[".meta.json"]):
-            os.remove(final[".meta.json"])
-        for ext in (".bin", ".idx", ".domains.npy"):
-            publish(tmp[ext], final[ext])
-        write_json_atomic(final[".meta.json"], meta)
+        _copy_rows(rows, shards, maps, out, eod, num_threads)
+        out.finish()
+        meta = _dataset_meta(out, shards, names, eod, selection_meta)
+        out.publish(meta)
         return meta
     finally:
-        for path in tmp.values():
-            if os.path.exists(path):
-                os.remove(path)
+        out.discard()

@@ -16,9 +16,8 @@ import numpy as np
 import megatron_miniplm
 from megatron_miniplm.scoring.score_file import ScoreFileError, check_scores_match, load_scores, score_paths
 from megatron_miniplm.selection import blend as blend_io
-from megatron_miniplm.selection.difference import (
-    RANKINGS, SelectionConfig, SelectionError, compute_scores, kept_mask, select, write_blend,
-)
+from megatron_miniplm.selection.difference import RANKINGS, compute_scores, kept_mask, select, write_blend
+from megatron_miniplm.selection.config import SelectionConfig, SelectionError
 from megatron_miniplm.selection.shards import Shard, concat_lengths, open_shards, shard_offsets
 from megatron_miniplm.settings import setting
 
@@ -120,100 +119,145 @@ def _score_entries(output: str, role: str, scores: Optional[_Scores]) -> list[di
              "dataset_fingerprint": m.get("dataset_fingerprint")} for p, m in zip(scores.prefixes, scores.metas)]
 
 
-def run(req: SampleRequest) -> SampleResult:
-    cfg = req.config
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+@dataclass
+class _Inputs:
+    """The validated inputs of a run: shards, score sets, and the corpus in global order."""
 
-    # 1. Everything that can refuse, before anything is written.
+    shards: list[Shard]
+    teacher: Optional[_Scores]
+    reference: Optional[_Scores]
+    offsets: np.ndarray  # int64 [S + 1]: global index of each shard's first instance, then N
+    lengths: np.ndarray  # int32 [N]: tokens per instance
+
+    @property
+    def num_instances(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def tokens_total(self) -> int:
+        return int(self.lengths.sum(dtype=np.int64))
+
+
+def _validate(req: SampleRequest) -> _Inputs:
+    """Everything that can refuse the run, before anything is written."""
+    cfg = req.config
     shards = open_shards(req.data_paths)
     _check_shards(shards, req)
     _check_output(req, shards)
     for role in cfg.models_needed:
         if not getattr(req, f"{role}_scores"):
             raise SelectionError(f"method {cfg.method!r} needs --{role}-scores")
-    teacher = _load_score_set("teacher", req.teacher_scores, shards)
-    reference = _load_score_set("reference", req.reference_scores, shards)
-    offsets = shard_offsets(shards)
-    n = int(offsets[-1])
-    lengths = concat_lengths(shards)
-    tokens_total = int(lengths.sum(dtype=np.int64))
-    if cfg.keep_tokens is not None and cfg.keep_tokens > tokens_total:
-        raise SelectionError(f"--keep-tokens {cfg.keep_tokens:,} is larger than the corpus ({tokens_total:,} tokens)")
+    inputs = _Inputs(shards, _load_score_set("teacher", req.teacher_scores, shards),
+                     _load_score_set("reference", req.reference_scores, shards),
+                     shard_offsets(shards), concat_lengths(shards))
+    if cfg.keep_tokens is not None and cfg.keep_tokens > inputs.tokens_total:
+        raise SelectionError(f"--keep-tokens {cfg.keep_tokens:,} is larger than the corpus "
+                             f"({inputs.tokens_total:,} tokens)")
     # Every given score file must be usable, whatever the method ranks by.
+    teacher, reference = inputs.teacher, inputs.reference
     for kind in [k for k, have in (("teacher", teacher), ("reference", reference)) if have is not None]:
         if kind not in cfg.models_needed:
-            compute_scores(kind, _arrays(teacher), _arrays(reference), offsets, _names(kind, teacher, reference),
-                           cfg.num_threads, keep=False)
-    timings["validate_s"] = time.perf_counter() - t0
+            compute_scores(kind, _arrays(teacher), _arrays(reference), inputs.offsets,
+                           _names(kind, teacher, reference), cfg.num_threads, keep=False)
+    return inputs
 
-    t1 = time.perf_counter()
+
+def _select(inputs: _Inputs, cfg: SelectionConfig, keep_scores: bool):
+    """(selection, ranking scores or None); refuses an empty selection."""
     kind = RANKINGS[cfg.method][0] if cfg.method != "uniform" else None
-    selection, scores = select(_arrays(teacher), _arrays(reference), offsets, lengths, cfg,
-                               _names(kind, teacher, reference) if kind else None,
-                               keep_scores=bool(req.report_dir))
+    selection, scores = select(_arrays(inputs.teacher), _arrays(inputs.reference), inputs.offsets, inputs.lengths,
+                               cfg, _names(kind, inputs.teacher, inputs.reference) if kind else None,
+                               keep_scores=keep_scores)
     if selection.count == 0:
         why = (f"--keep-tokens {cfg.keep_tokens} is smaller than the first-ranked instance" if cfg.keep_tokens
-               else f"alpha * N = {cfg.alpha} * {n} rounds to 0 instances")
+               else f"alpha * N = {cfg.alpha} * {inputs.num_instances} rounds to 0 instances")
         raise SelectionError(f"the selection is empty: {why}")
-    timings["score_and_select_s"] = time.perf_counter() - t1
+    return selection, scores
 
-    # 2. Write.
-    summary = {
+
+def _blend_summary(req: SampleRequest, inputs: _Inputs, num_selected: int) -> dict:
+    """The blend meta, but for "tokens_kept" (summed while the blend is written)."""
+    cfg, shards = req.config, inputs.shards
+    return {
         "format_version": blend_io.FORMAT_VERSION,
         "kind": blend_io.KIND,
         "datasets": [{"prefix": blend_io.relative_prefix(req.output, s.prefix), "fingerprint": s.fingerprint,
                       "num_instances": s.num_instances, "num_tokens": s.num_tokens} for s in shards],
-        "scores": {"teacher": _score_entries(req.output, "teacher", teacher),
-                   "reference": _score_entries(req.output, "reference", reference)},
+        "scores": {"teacher": _score_entries(req.output, "teacher", inputs.teacher),
+                   "reference": _score_entries(req.output, "reference", inputs.reference)},
         "method": cfg.method,
         "alpha": cfg.alpha,
         "keep_tokens": cfg.keep_tokens,
         "order": cfg.order,
         "seed": int(cfg.seed),
-        "num_selected": int(selection.count),
-        "tokens_kept": None,  # summed while the blend is written
-        "num_instances_total": n,
-        "tokens_total": tokens_total,
+        "num_selected": int(num_selected),
+        "tokens_kept": None,
+        "num_instances_total": inputs.num_instances,
+        "tokens_total": inputs.tokens_total,
         "tokenizer": shards[0].meta.get("tokenizer"),
         "seq_length": shards[0].meta.get("seq_length"),
         "created_by": "tools/difference_sample.py",
         "version": megatron_miniplm.__version__,
     }
-    out_dir = os.path.dirname(os.path.abspath(req.output))
-    os.makedirs(out_dir, exist_ok=True)
-    t2 = time.perf_counter()
+
+
+def _write(req: SampleRequest, inputs: _Inputs, selection, summary: dict) -> dict:
+    """The blend (or, with --materialize, the new dataset); fills summary["tokens_kept"]
+    and returns the written meta."""
+    cfg = req.config
+    os.makedirs(os.path.dirname(os.path.abspath(req.output)), exist_ok=True)
     if req.materialize:
         from megatron_miniplm.selection.materialize import materialize
 
-        rows, summary["tokens_kept"] = write_blend(selection, offsets, cfg, lengths)
+        rows, summary["tokens_kept"] = write_blend(selection, inputs.offsets, cfg, inputs.lengths)
         selection_meta = {k: v for k, v in summary.items() if k not in ("format_version", "kind", "tokenizer",
                                                                          "seq_length")}
-        meta = materialize(rows, shards, req.output, selection_meta, cfg.num_threads)
-    else:
-        writer = blend_io.BlendWriter(req.output, selection.count)
-        try:
-            _, summary["tokens_kept"] = write_blend(selection, offsets, cfg, lengths, out=writer.array)
-            writer.commit(summary)
-        except BaseException:
-            writer.abort()
-            raise
-        meta = summary
+        return materialize(rows, inputs.shards, req.output, selection_meta, cfg.num_threads)
+    writer = blend_io.BlendWriter(req.output, selection.count)
+    try:
+        _, summary["tokens_kept"] = write_blend(selection, inputs.offsets, cfg, inputs.lengths, out=writer.array)
+        writer.commit(summary)
+    except BaseException:
+        writer.abort()
+        raise
+    return summary
+
+
+def _report(req: SampleRequest, inputs: _Inputs, selection, scores, summary: dict) -> None:
+    """--report: the ranking the method used, or the difference when it used none."""
+    from megatron_miniplm.selection.report import ReportInputs, write_report
+
+    cfg, teacher, reference = req.config, inputs.teacher, inputs.reference
+    ranking, name, asc = scores, cfg.method, RANKINGS.get(cfg.method, ("", False))[1]
+    if ranking is None and teacher is not None and reference is not None:
+        ranking = compute_scores("difference", teacher.arrays, reference.arrays, inputs.offsets,
+                                 _names("difference", teacher, reference), cfg.num_threads)
+        name = "difference"
+    write_report(req.report_dir, ReportInputs(
+        shards=inputs.shards, offsets=inputs.offsets, lengths=inputs.lengths, kept=kept_mask(selection),
+        summary=summary, teacher=_arrays(teacher), reference=_arrays(reference), ranking=ranking,
+        ranking_name=name, ranking_ascending=asc, examples=req.report_examples, num_threads=cfg.num_threads))
+
+
+def run(req: SampleRequest) -> SampleResult:
+    """Validate, select, write, report; every refusal comes before the first write."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    inputs = _validate(req)
+    timings["validate_s"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    selection, scores = _select(inputs, req.config, keep_scores=bool(req.report_dir))
+    timings["score_and_select_s"] = time.perf_counter() - t1
+
+    summary = _blend_summary(req, inputs, selection.count)
+    t2 = time.perf_counter()
+    meta = _write(req, inputs, selection, summary)
     timings["write_s"] = time.perf_counter() - t2
 
     if req.report_dir:
-        from megatron_miniplm.selection.report import ReportInputs, write_report
-
         t3 = time.perf_counter()
-        ranking, name, asc = scores, cfg.method, RANKINGS.get(cfg.method, ("", False))[1]
-        if ranking is None and teacher is not None and reference is not None:
-            ranking = compute_scores("difference", teacher.arrays, reference.arrays, offsets,
-                                     _names("difference", teacher, reference), cfg.num_threads)
-            name = "difference"
-        write_report(req.report_dir, ReportInputs(
-            shards=shards, offsets=offsets, lengths=lengths, kept=kept_mask(selection), summary=summary,
-            teacher=_arrays(teacher), reference=_arrays(reference), ranking=ranking, ranking_name=name,
-            ranking_ascending=asc, examples=req.report_examples, num_threads=cfg.num_threads))
+        _report(req, inputs, selection, scores, summary)
         timings["report_s"] = time.perf_counter() - t3
     return SampleResult(meta=meta, timings=timings)
 

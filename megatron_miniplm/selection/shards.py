@@ -1,30 +1,24 @@
 """Dataset shards as Difference Sampling sees them: meta, instance lengths, domains.
 
-A dataset prefix is PREFIX.bin / PREFIX.idx (megatron-core indexed dataset, one sequence
-per instance), PREFIX.domains.npy and PREFIX.meta.json; a sharded dataset's top-level
-meta lists its shards ("shards": relative prefixes). The .idx is read here directly
-(memory-mapped, a few header fields) rather than through megatron-core, whose import
-alone costs seconds per process; tests check both readers agree.
+A dataset prefix is PREFIX.bin / PREFIX.idx (an indexed dataset, one sequence per
+instance, read through megatron_miniplm.data.indexed_dataset without megatron-core),
+PREFIX.domains.npy and PREFIX.meta.json; a sharded dataset's top-level meta lists its
+shards ("shards": relative prefixes).
 """
 from __future__ import annotations
 
 import json
 import os
-import struct
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import numpy as np
 
-INDEX_HEADER = b"MMIDIDX\x00\x00"
-INDEX_VERSION = 1
-# megatron-core's token dtype codes in the .idx header.
-TOKEN_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
-                7: np.float32, 8: np.uint16}
+from megatron_miniplm.data.indexed_dataset import IndexedDatasetError, IndexedDatasetReader
+from megatron_miniplm.errors import UserError
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset that cannot be used; the message names the file and the reason."""
 
 
@@ -62,64 +56,31 @@ def expand_prefixes(prefixes: list[str]) -> list[str]:
     return out
 
 
-@dataclass
-class IndexArrays:
-    """The .idx contents, memory-mapped."""
-
-    token_dtype: np.dtype
-    lengths: np.ndarray  # int32 [N], tokens per instance
-    pointers: np.ndarray  # int64 [N], byte offset of each instance in the .bin
-    document_indices: np.ndarray  # int64 [D + 1]
-
-
-def _mapped(path: str, dtype, offset: int, count: int) -> np.ndarray:
-    if count == 0:
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
-
-
-def read_index(prefix: str) -> IndexArrays:
-    path = prefix + ".idx"
-    if not os.path.isfile(path):
-        raise DatasetError(f"{path}: index file not found")
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(34)
-    if len(head) < 34 or head[:9] != INDEX_HEADER:
-        raise DatasetError(f"{path}: not a megatron indexed-dataset index (bad header)")
-    (version,) = struct.unpack("<Q", head[9:17])
-    code = head[17]
-    seqs, docs = struct.unpack("<QQ", head[18:34])
-    if version != INDEX_VERSION or code not in TOKEN_DTYPES:
-        raise DatasetError(f"{path}: unsupported index version {version} or dtype code {code}")
-    need = 34 + 4 * seqs + 8 * seqs + 8 * docs
-    if size < need:
-        raise DatasetError(f"{path}: truncated ({size} bytes, header promises {need})")
-    return IndexArrays(
-        token_dtype=np.dtype(TOKEN_DTYPES[code]),
-        lengths=_mapped(path, np.int32, 34, seqs),
-        pointers=_mapped(path, np.int64, 34 + 4 * seqs, seqs),
-        document_indices=_mapped(path, np.int64, 34 + 12 * seqs, docs),
-    )
+def open_indexed(prefix: str) -> IndexedDatasetReader:
+    """The shard's .idx/.bin, memory-mapped; a missing or damaged file is a DatasetError."""
+    try:
+        return IndexedDatasetReader(prefix)
+    except (FileNotFoundError, IndexedDatasetError) as e:
+        raise DatasetError(str(e)) from None
 
 
 @dataclass
 class Shard:
     prefix: str
     meta: dict
-    index: IndexArrays = field(repr=False)
+    index: IndexedDatasetReader = field(repr=False)
 
     @property
     def num_instances(self) -> int:
-        return int(self.index.lengths.shape[0])
+        return len(self.index)
 
     @property
     def fingerprint(self) -> str:
         return str(self.meta["fingerprint"])
 
-    @cached_property
+    @property
     def num_tokens(self) -> int:
-        return int(self.index.lengths.sum(dtype=np.int64))
+        return self.index.num_tokens
 
     @property
     def domain_names(self) -> list[str]:
@@ -136,19 +97,14 @@ class Shard:
             raise DatasetError(f"{path}: expected {self.num_instances} integer domain ids, got {arr.dtype} {arr.shape}")
         return arr
 
-    @cached_property
+    @property
     def data(self) -> np.ndarray:
         """The .bin bytes, memory-mapped (uint8)."""
-        path = self.prefix + ".bin"
-        if os.path.getsize(path) == 0:
-            return np.zeros(0, dtype=np.uint8)
-        return np.memmap(path, dtype=np.uint8, mode="r")
+        return self.index.data
 
     def tokens(self, i: int) -> np.ndarray:
         """Token ids of instance i (a read-only view)."""
-        start = int(self.index.pointers[i])
-        n = int(self.index.lengths[i])
-        return np.frombuffer(self.data, dtype=self.index.token_dtype, count=n, offset=start)
+        return self.index[i]
 
     def mapped_domains(self, to_global: np.ndarray) -> np.ndarray:
         """Domain ids of every instance in the global numbering of `domain_table`."""
@@ -163,17 +119,10 @@ def open_shard(prefix: str) -> Shard:
     meta = read_dataset_meta(prefix)
     if meta.get("shards"):
         raise DatasetError(f"{prefix}.meta.json: a sharded dataset's top level; open its shards (expand_prefixes)")
-    index = read_index(prefix)
-    n = int(index.lengths.shape[0])
-    if meta["num_instances"] != n:
-        raise DatasetError(f"{prefix}.idx: {n} instances, but {prefix}.meta.json says num_instances={meta['num_instances']}")
-    bin_path = prefix + ".bin"
-    if not os.path.isfile(bin_path):
-        raise DatasetError(f"{bin_path}: data file not found")
-    if n:
-        end = int(index.pointers[-1]) + int(index.lengths[-1]) * index.token_dtype.itemsize
-        if os.path.getsize(bin_path) < end:
-            raise DatasetError(f"{bin_path}: {os.path.getsize(bin_path)} bytes, the index needs {end}")
+    index = open_indexed(prefix)
+    if meta["num_instances"] != len(index):
+        raise DatasetError(f"{prefix}.idx: {len(index)} instances, but {prefix}.meta.json says "
+                           f"num_instances={meta['num_instances']}")
     return Shard(prefix=prefix, meta=meta, index=index)
 
 

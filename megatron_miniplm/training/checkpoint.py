@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from megatron_miniplm import platform
 from megatron_miniplm.atomic_io import write_json_atomic, write_text_atomic
-from megatron_miniplm.checkpointing import (
+from megatron_miniplm.dist_checkpoint import (
     LATEST_FILE, MODEL_CONFIG_FILE, CheckpointMismatch, checkpoint_name, latest_checkpoint,
     load_model_state, load_sharded, save_sharded, sharded_model_state,
 )
@@ -248,7 +248,7 @@ def _finish_torch_adam_load(optimizer, loaded_state) -> None:
 
 
 def _write_info(directory: str, tokenizer: Optional[dict], dtype: str) -> None:
-    from megatron_miniplm.conversion.checkpoint_dir import write_info
+    from megatron_miniplm.conversion.checkpoint_info import write_info
     from megatron_miniplm.conversion.errors import ConversionError
     from megatron_miniplm.conversion.tokenizer_files import copy_tokenizer
 

@@ -14,26 +14,14 @@ run at another DP size reads the same global batches.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron_miniplm.data.indexed_dataset import IndexedDatasetReader
 from megatron_miniplm.data.meta import dataset_prefixes as shard_prefixes_of
 from megatron_miniplm.data.meta import read_dataset_meta
-
-
-DATA_ORDERS = ("shuffled", "original")  # each epoch reshuffled, or the data's own order
-
-
-def _open_indexed(prefix: str):
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    for ext in (".bin", ".idx"):
-        if not os.path.exists(prefix + ext):
-            raise FileNotFoundError(f"{prefix}{ext}: data file not found")
-    return IndexedDataset(prefix)
 
 
 class InstanceSource:
@@ -51,7 +39,7 @@ class InstanceSource:
         else:
             shard_prefixes = shard_prefixes_of(prefix)
         self.metas = [read_dataset_meta(p) for p in shard_prefixes]
-        self.shards = [_open_indexed(p) for p in shard_prefixes]
+        self.shards = [IndexedDatasetReader(p) for p in shard_prefixes]
         if self.pairs is not None:
             self.size = len(self.pairs)
         else:
@@ -214,7 +202,7 @@ class DocumentStream:
         for source in sources:
             if len(source.shards) != 1:
                 raise ValueError(f"{source.prefix}: sharded document-mode datasets: give the shards")
-            prefixes.append(source.shards[0].path_prefix)
+            prefixes.append(source.shards[0].prefix)  # megatron-core's GPTDataset opens it itself
         config = GPTDatasetConfig(
             random_seed=seed, sequence_length=seq_length,
             blend=(prefixes, weights if len(prefixes) > 1 else None), split="1,0,0",

@@ -23,49 +23,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from megatron_miniplm import platform
-from megatron_miniplm.settings import setting
-
-
-@dataclass(frozen=True)
-class OptimizerSettings:
-    """AdamW with MiniPLM's recipe where it differs from Megatron-LM's defaults (each help says)."""
-
-    lr: float = setting(6e-4, group="optimizer",
-                        help="peak learning rate (MiniPLM's students; Megatron-LM has no default)")
-    min_lr: Optional[float] = setting(
-        None, group="optimizer",
-        help="floor of the decay (default: lr / 10, MiniPLM's recipe; Megatron-LM's is 0)")
-    weight_decay: float = setting(0.1, group="optimizer", help="MiniPLM's recipe (Megatron-LM: 0.01)")
-    adam_beta1: float = setting(0.9, group="optimizer", help="Adam's beta1")
-    adam_beta2: float = setting(0.98, group="optimizer", help="MiniPLM's recipe (Megatron-LM: 0.999)")
-    adam_eps: float = setting(1e-8, group="optimizer", help="Adam's epsilon")
-    clip_grad: float = setting(1.0, group="optimizer", help="gradient norm clipping; 0 turns it off")
-
-    @property
-    def final_lr(self) -> float:
-        return self.min_lr if self.min_lr is not None else self.lr / 10
-
-
-@dataclass(frozen=True)
-class DDPSettings:
-    """megatron-core DDP and the distributed optimizer, with Megatron-LM's flags and defaults."""
-
-    use_distributed_optimizer: bool = setting(
-        False, group="distributed",
-        help="shard the optimizer state and fp32 main parameters over data-parallel ranks")
-    overlap_grad_reduce: bool = setting(
-        False, group="distributed", help="overlap the gradient reduce-scatter/all-reduce with the backward pass")
-    overlap_param_gather: bool = setting(
-        False, group="distributed",
-        help="overlap the parameter all-gather with the next forward pass "
-             "(needs --use-distributed-optimizer and --overlap-grad-reduce)")
-    ddp_bucket_size: Optional[int] = setting(
-        None, group="distributed", help="elements per gradient bucket (default: megatron-core's, with overlap)")
-
-    def __post_init__(self):
-        if self.overlap_param_gather and not (self.use_distributed_optimizer and self.overlap_grad_reduce):
-            raise ValueError("overlap_param_gather (--overlap-param-gather) needs use_distributed_optimizer "
-                             "and overlap_grad_reduce, as in Megatron-LM")
+from megatron_miniplm.training.config import DDPSettings, OptimizerSettings
 
 
 def wrap_ddp(model: torch.nn.Module, settings: DDPSettings = DDPSettings()):
@@ -89,7 +47,8 @@ def build_model_chunks(config, *, bf16: bool = False, ddp: DDPSettings = DDPSett
                        impl=None, sequence_parallel: bool = False) -> list:
     """This rank's ``GPTModel`` slice on its device, DDP-wrapped, schedule hooks attached;
     ``impl``: a resolved ``models.gpt.Implementation`` (default: Megatron-LM's defaults here)."""
-    from megatron_miniplm.models.gpt import RecomputeSettings, build_model
+    from megatron_miniplm.models.gpt import build_model
+    from megatron_miniplm.models.config import RecomputeSettings
 
     model = build_model(config, params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
                         recompute=recompute or RecomputeSettings(), impl=impl, sequence_parallel=sequence_parallel)

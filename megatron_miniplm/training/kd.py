@@ -17,38 +17,12 @@ is over the student's real vocabulary: megatron's padding rows are left out.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_miniplm.settings import setting
-
-KD = "knowledge distillation (Vanilla KD)"
-
-
-@dataclass(frozen=True)
-class KDSettings:
-    kd_teacher_load: Optional[str] = setting(
-        None, group=KD, metavar="CKPT",
-        help="distil online from this teacher checkpoint (a converted HF/GGUF model works); "
-             "pipeline parallelism is not supported with it")
-    kd_ratio: float = setting(0.5, group=KD, help="r in (1 - r) * LM loss + r * KD loss, in [0, 1] (0.5: the "
-                                                   "official MiniPLM code's Vanilla KD default)")
-    kd_temperature: float = setting(1.0, group=KD, help="softmax temperature T of both models (> 0); the KD "
-                                                        "loss is T^2 * KL, as in Hinton et al.")
-
-    def __post_init__(self):
-        if not (0.0 <= self.kd_ratio <= 1.0):
-            raise ValueError(f"kd_ratio (--kd-ratio) must be in [0, 1], got {self.kd_ratio}")
-        if not (self.kd_temperature > 0.0 and math.isfinite(self.kd_temperature)):
-            raise ValueError(f"kd_temperature (--kd-temperature) must be > 0, got {self.kd_temperature}")
-
-    @property
-    def enabled(self) -> bool:
-        return self.kd_teacher_load is not None
+from megatron_miniplm.training.config import KDSettings
 
 
 def _lse(logits: torch.Tensor, group) -> torch.Tensor:
@@ -176,15 +150,28 @@ class Teacher:
             return self.model(tokens, position_ids, None)  # [s, b, h], after the final norm
 
 
-def kd_loss(teacher: Teacher, settings: KDSettings, labels, loss_mask, teacher_hidden, logits):
+def counted_rows(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices (int64, ascending) of the tokens the loss counts: loss mask > 0.
+
+    Give it the host copy of the mask, as the data loader made it: the number of rows
+    depends on the mask's values, so computed on the device it would make the host wait
+    for the device (and copy the count back) every micro-batch."""
+    return (loss_mask.reshape(-1) > 0).nonzero().squeeze(1)
+
+
+def kd_loss(teacher: Teacher, settings: KDSettings, labels, loss_mask, rows, teacher_hidden, logits):
     """Schedule loss function of a KD micro-batch: (sum of the mixed loss over counted tokens,
-    their count, logged [sum, count] of the LM loss, the KD loss and the mixed loss)."""
+    their count, logged [sum, count] of the LM loss, the KD loss and the mixed loss).
+
+    ``rows``: ``counted_rows`` of the micro-batch, on the device. Rows are gathered by these
+    indices rather than selected by a boolean mask on the device, whose output size the host
+    would have to wait for."""
     from megatron.core import tensor_parallel
 
-    mask = loss_mask.reshape(-1) > 0
-    rows = logits.reshape(-1, logits.shape[-1])[mask]  # a copy: megatron's CE below works in place
-    hidden = teacher_hidden.transpose(0, 1).reshape(-1, teacher_hidden.shape[-1])[mask]
-    kl = vocab_parallel_kl(rows, hidden, teacher.weight, real=teacher.real, temperature=settings.kd_temperature,
+    # index_select copies: megatron's CE below works in place on the logits
+    student = logits.reshape(-1, logits.shape[-1]).index_select(0, rows)
+    hidden = teacher_hidden.transpose(0, 1).reshape(-1, teacher_hidden.shape[-1]).index_select(0, rows)
+    kl = vocab_parallel_kl(student, hidden, teacher.weight, real=teacher.real, temperature=settings.kd_temperature,
                            chunk_tokens=teacher.chunk_tokens, group=teacher.group)
     # megatron's vocab-parallel CE, as the model's own loss computes it (rows are independent,
     # so the [b, s] layout gives the same values as its [s, b] one)
@@ -193,7 +180,7 @@ def kd_loss(teacher: Teacher, settings: KDSettings, labels, loss_mask, teacher_h
     kl_sum = kl.sum()
     r = settings.kd_ratio
     total = (1.0 - r) * ce_sum + r * kl_sum
-    count = mask.sum()
+    count = (loss_mask.reshape(-1) > 0).sum()  # on the device: no wait
     n = count.float()
     return total, count.to(torch.int), {"lm loss": torch.stack([ce_sum.detach(), n]),
                                         "kd loss": torch.stack([kl_sum.detach(), n]),
@@ -201,16 +188,22 @@ def kd_loss(teacher: Teacher, settings: KDSettings, labels, loss_mask, teacher_h
 
 
 def kd_forward_step(teacher: Teacher, settings: KDSettings, data_iterator, model):
-    """Schedule forward step: the teacher's hidden states (no grad), the student's logits."""
+    """Schedule forward step: the teacher's hidden states (no grad), the student's logits.
+
+    The batch is the data loader's, on the host: the counted rows' indices are computed
+    there and copied to the device like the batch's tensors (pinned on a GPU, so that the
+    copy does not wait either). A batch already on the device is read back once for them."""
     from functools import partial
 
     from megatron_miniplm import platform
 
     batch = next(data_iterator)
     device = platform.device()
+    rows = platform.pin({"rows": counted_rows(batch["loss_mask"].cpu())})["rows"]
     tokens = batch["tokens"].to(device, non_blocking=True)
     position_ids = batch["position_ids"].to(device, non_blocking=True)
     teacher_hidden = teacher.hidden_states(tokens, position_ids)
     logits = model(tokens, position_ids, None)  # [b, s, V/tp]
     return logits, partial(kd_loss, teacher, settings, batch["labels"].to(device, non_blocking=True),
-                           batch["loss_mask"].to(device, non_blocking=True), teacher_hidden)
+                           batch["loss_mask"].to(device, non_blocking=True), rows.to(device, non_blocking=True),
+                           teacher_hidden)

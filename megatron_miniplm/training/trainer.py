@@ -15,7 +15,6 @@ import contextlib
 import gc
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -23,151 +22,48 @@ import torch.distributed as dist
 
 from megatron_miniplm import parallel, platform
 from megatron_miniplm.data.samples import collate_instances
-from megatron_miniplm.models.config import ModelConfig
-from megatron_miniplm.settings import setting, to_mapping
+from megatron_miniplm.settings import to_mapping
 from megatron_miniplm.signals import SignalFlag, any_rank
 from megatron_miniplm.training import engine, metrics
 from megatron_miniplm.training.checkpoint import load_checkpoint, save_checkpoint
-from megatron_miniplm.training.data import DATA_ORDERS, SampleStream
+from megatron_miniplm.training.data import SampleStream
 from megatron_miniplm.training.flops import device_peak_flops, training_flops_per_token
-from megatron_miniplm.models.gpt import LayerImpl, RecomputeSettings, TrainingFusions, resolve_implementation
-from megatron_miniplm.training.kd import KDSettings, Teacher, kd_forward_step
+from megatron_miniplm.models.gpt import resolve_implementation
+from megatron_miniplm.training.kd import Teacher, kd_forward_step
 from megatron_miniplm.training.prefetch import Prefetcher
-
-
-DATA, TRAINING, PARALLEL, CHECKPOINTING, LOGGING = "data", "training", "parallelism", "checkpointing", "logging"
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run is made with; saved with every checkpoint (run_config.json).
-    Its settings are tools/pretrain_gpt.py's flags (``megatron_miniplm.settings``)."""
-
-    model: ModelConfig = setting(cli=False, help="the model (the tool builds it from a preset, "
-                                                 "a model_config.json or shape flags)")
-    data_path: list[str] = setting(
-        group=DATA, metavar="PATH",
-        help="a dataset prefix, Megatron-style 'W1 P1 W2 P2' blends, or a sampled blend of "
-             "tools/difference_sample.py")
-    valid_data_path: Optional[list[str]] = setting(None, group=DATA, metavar="PATH", help="validation data")
-    data_cache_path: Optional[str] = setting(
-        None, group=DATA,
-        help="where megatron's GPTDataset keeps its index cache (document-mode data; default: a "
-             "cache/ directory beside the data, which must then be writable). Built once by rank 0 "
-             "and read by the others: a filesystem every node sees")
-    data_order: str = setting("shuffled", group=DATA, choices=DATA_ORDERS,
-                              help="order of the training instances within each epoch")
-    seq_length: int = setting(1024, group=DATA, help="tokens per training sequence")
-    micro_batch_size: int = setting(4, group=TRAINING, help="sequences per micro-batch and rank")
-    global_batch_size: int = setting(32, group=TRAINING, help="sequences per optimizer step")
-    train_iters: Optional[int] = setting(None, group=TRAINING, help="optimizer steps")
-    num_workers: int = setting(2, group=DATA, help="0: build each global batch when it is needed; >= 1 (Megatron-LM's "
-                                                   "default 2): build the next one in a background thread while "
-                                                   "this one trains (pinned on a GPU)")
-    train_tokens: Optional[int] = setting(
-        None, group=TRAINING,
-        help="alternative to --train-iters: a token budget (iterations = tokens / (global batch x seq length))")
-    optimizer: engine.OptimizerSettings = field(default_factory=engine.OptimizerSettings)
-    lr_warmup_iters: int = setting(0, group="optimizer", one_of="warm-up", help="linear warm-up steps")
-    lr_warmup_fraction: Optional[float] = setting(
-        None, group="optimizer", one_of="warm-up",
-        help="or: warm-up steps as a fraction of the decay steps (as in Megatron-LM)")
-    lr_decay_iters: Optional[int] = setting(None, group="optimizer",
-                                            help="decay steps (default: the training iterations)")
-    lr_decay_style: str = setting("cosine", group="optimizer", choices=("cosine", "linear", "constant"),
-                                  help="learning-rate decay after the warm-up")
-    bf16: bool = setting(False, group=TRAINING,
-                         help="bf16 parameters and activations, fp32 main parameters and gradient reduction")
-    seed: int = setting(1234, group=TRAINING, help="Megatron-LM's seeding: + 100 x pipeline rank")
-    tensor_model_parallel_size: int = setting(1, group=PARALLEL, help="tensor-parallel ranks per model replica")
-    pipeline_model_parallel_size: int = setting(1, group=PARALLEL, help="pipeline stages per model replica")
-    sequence_parallel: bool = setting(
-        False, group=PARALLEL,
-        help="Megatron-LM's sequence parallelism: norms and the embedding output split over the sequence across "
-             "TP ranks (activation memory / TP; all-gather + reduce-scatter in place of all-reduces). Needs "
-             "--seq-length divisible by TP; ignored at TP 1, as in Megatron-LM")
-    layers: LayerImpl = field(default_factory=LayerImpl)
-    fusions: TrainingFusions = field(default_factory=TrainingFusions)
-    ddp: engine.DDPSettings = field(default_factory=engine.DDPSettings)
-    recompute: RecomputeSettings = field(default_factory=RecomputeSettings)
-    kd: KDSettings = field(default_factory=KDSettings)
-    save: Optional[str] = setting(None, group=CHECKPOINTING, help="directory of the checkpoints")
-    load: Optional[str] = setting(
-        None, group=CHECKPOINTING,
-        help="resume from this directory's latest checkpoint (give --save's to resume a run), or "
-             "start from a model checkpoint's weights")
-    no_load_optim: bool = setting(False, group=CHECKPOINTING,
-                                  help="load the model weights only (the optimizer starts from them)")
-    no_load_rng: bool = setting(False, group=CHECKPOINTING,
-                                help="do not restore the RNG states saved with the checkpoint: they keep "
-                                     "what --seed gave them (as Megatron-LM's --no-load-rng)")
-    save_interval: int = setting(0, group=CHECKPOINTING, help="save every this many iterations (and at the end)")
-    dist_ckpt_optim_fully_reshardable: bool = setting(
-        False, group=CHECKPOINTING,
-        help="save the distributed optimizer's state so that it reloads at any TP/PP/DP (default: each "
-             "rank writes its own shard, which reloads at another DP size only)")
-    exit_signal_handler: bool = setting(False, group=CHECKPOINTING,
-                                        help="on SIGTERM: finish the iteration, save a checkpoint, exit 0")
-    exit_duration_in_mins: Optional[float] = setting(
-        None, group=CHECKPOINTING, help="save and exit 0 once the run has used this many minutes")
-    exit_interval: Optional[int] = setting(
-        None, group=CHECKPOINTING, help="save and exit 0 when the iteration is a multiple of this")
-    manual_gc: bool = setting(False, group=TRAINING,
-                              help="Python's garbage collector off during training, run every --manual-gc-interval "
-                                   "iterations instead (the same on every rank: no straggler from a collection)")
-    manual_gc_interval: int = setting(0, group=TRAINING, help="iterations between collections with --manual-gc "
-                                                              "(0: only at start)")
-    eval_interval: int = setting(0, group=LOGGING, help="validate every this many iterations (and at the end)")
-    eval_iters: int = setting(10, group=LOGGING, help="validation global batches")
-    log_interval: int = setting(10, group=LOGGING, help="iterations per log line")
-    tensorboard_dir: Optional[str] = setting(None, group=LOGGING, help="write tensorboard events here")
-    metrics_file: Optional[str] = setting(None, group=LOGGING, help="JSON lines, one per iteration (rank 0)")
-    peak_tflops: Optional[float] = setting(None, group=LOGGING, help="device peak for MFU where it is not known")
-
-    def __post_init__(self):
-        if (self.train_iters is None) == (self.train_tokens is None):
-            raise ValueError("give exactly one of train_iters (--train-iters) and train_tokens (--train-tokens)")
-        if self.fusions.cross_entropy_loss_fusion and self.fusions.cross_entropy_fusion_impl == "native" \
-                and not self.bf16:
-            # megatron-core 0.16.1's fused_cross_entropy casts the logits' gradient to bf16 whatever
-            # the logits' dtype: under bf16 that is what the unfused loss gives too (bit for bit),
-            # with fp32 parameters it would silently lose precision.
-            raise ValueError("cross_entropy_loss_fusion (--cross-entropy-loss-fusion) with the native implementation "
-                             "needs --bf16: megatron-core's fused cross entropy rounds the logits' gradient to bf16")
-        tp = self.tensor_model_parallel_size
-        if self.sequence_parallel and tp > 1 and self.seq_length % tp:
-            raise ValueError(f"sequence_parallel (--sequence-parallel) splits the sequence over the {tp} TP ranks: "
-                             f"--seq-length {self.seq_length} is not divisible by {tp}")
-        if self.lr_warmup_fraction is not None and self.lr_warmup_iters:
-            raise ValueError("give lr_warmup_iters (--lr-warmup-iters) or lr_warmup_fraction "
-                             "(--lr-warmup-fraction), not both")
-
-    @property
-    def decay_iters(self) -> int:
-        return self.lr_decay_iters or self.iterations
-
-    @property
-    def warmup_iters(self) -> int:
-        if self.lr_warmup_fraction is not None:
-            return int(self.lr_warmup_fraction * self.decay_iters)
-        return self.lr_warmup_iters
-
-    @property
-    def iterations(self) -> int:
-        if self.train_iters is not None:
-            return self.train_iters
-        return max(1, self.train_tokens // (self.global_batch_size * self.seq_length))
+from megatron_miniplm.training.config import TrainConfig
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.start_time = time.time()
         self.cfg = cfg
+        self._set_up_parallel_state()
+        self._set_up_data()
+        self._set_up_model_and_optimizer()
+        self._set_up_teacher()
+        self._set_up_scheduler()
+        self._set_up_progress()
+        self._set_up_accounting()
+        self.prefetch = Prefetcher(lambda start: list(self._microbatches(self.train_data, start)),
+                                   step=cfg.global_batch_size, end=cfg.iterations * cfg.global_batch_size,
+                                   enabled=cfg.num_workers > 0)
+        self._log_startup()
+
+    # ---- set-up --------------------------------------------------------------------------
+    def _set_up_parallel_state(self) -> None:
+        """The process groups and seeds of the layout, once the model is known to split over TP
+        and before anything depends on the data-parallel size."""
+        cfg = self.cfg
         cfg.model.check_tensor_parallel(cfg.tensor_model_parallel_size)
         self.info = parallel.initialize(parallel.ParallelConfig(
             cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed,
         ))
         self._check_batch_layout()
+
+    def _set_up_data(self) -> None:
+        """The training samples (and validation ones, if any), checked against the model."""
+        cfg = self.cfg
         self.train_data = SampleStream.from_data_path(
             cfg.data_path, cfg.seed, cfg.data_order == "shuffled", num_samples=cfg.iterations * cfg.global_batch_size,
             seq_length=cfg.seq_length, cache_path=cfg.data_cache_path,
@@ -183,12 +79,17 @@ class Trainer:
         if self.valid_data is not None:
             self._check_data(self.valid_data, "validation data")
 
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
+    def _set_up_model_and_optimizer(self) -> None:
+        cfg = self.cfg
         self.impl = resolve_implementation(cfg.layers, cfg.fusions)
         self.model = engine.build_model_chunks(cfg.model, bf16=cfg.bf16, ddp=cfg.ddp, recompute=cfg.recompute,
                                                impl=self.impl, sequence_parallel=cfg.sequence_parallel)
         self.optimizer = engine.build_optimizer(self.model, cfg.optimizer, bf16=cfg.bf16)
+
+    def _set_up_teacher(self) -> None:
+        """Under KD, the frozen teacher and the forward step that distils from it; else the
+        plain LM forward step."""
+        cfg = self.cfg
         self.teacher, self.forward_step = None, engine.gpt_forward_step
         if cfg.kd.enabled:
             from functools import partial
@@ -197,6 +98,11 @@ class Trainer:
                                    data_path=cfg.data_path[-1],
                                    impl=resolve_implementation(cfg.layers, forward_only=True))
             self.forward_step = partial(kd_forward_step, self.teacher, cfg.kd)
+
+    def _set_up_scheduler(self) -> None:
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        cfg = self.cfg
         decay, warmup = cfg.decay_iters, cfg.warmup_iters
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=cfg.optimizer.lr, min_lr=cfg.optimizer.final_lr,
@@ -204,13 +110,20 @@ class Trainer:
             lr_decay_style=cfg.lr_decay_style, start_wd=cfg.optimizer.weight_decay,
             end_wd=cfg.optimizer.weight_decay, wd_incr_steps=decay, wd_incr_style="constant",
         )
+
+    def _set_up_progress(self) -> None:
+        """The counters of a fresh run, then those of the checkpoint resumed from, if any."""
         self.iteration = 0
         self._pending: list = []  # steps whose logged values are still on the device
         self.consumed_samples = 0
         self.consumed_tokens = 0
         self.consumed_flops = 0.0
-        if cfg.load:
+        if self.cfg.load:
             self._resume()
+
+    def _set_up_accounting(self) -> None:
+        """FLOPs per token and the device's peak (for MFU), and the tensorboard writer."""
+        cfg = self.cfg
         # Training FLOPs per token, the teacher's forward pass included under KD (it is a
         # third of its training FLOPs): what MiniPLM is compared with at equal compute.
         tp = cfg.tensor_model_parallel_size
@@ -219,10 +132,6 @@ class Trainer:
             self.flops_per_token += training_flops_per_token(self.teacher.config, cfg.seq_length, tp) / 3
         self.peak_flops = device_peak_flops(cfg.peak_tflops)
         self.writer = self._tensorboard()
-        self.prefetch = Prefetcher(lambda start: list(self._microbatches(self.train_data, start)),
-                                   step=cfg.global_batch_size, end=cfg.iterations * cfg.global_batch_size,
-                                   enabled=cfg.num_workers > 0)
-        self._log_startup()
 
     # ---- validation of settings ----------------------------------------------------------
     def _check_batch_layout(self) -> None:

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from megatron_miniplm.conversion.checkpoint_dir import atomic_directory, resolve_megatron_checkpoint
+from megatron_miniplm.conversion.checkpoint_info import atomic_directory, resolve_megatron_checkpoint
 from megatron_miniplm.conversion.errors import ConversionError
 
 

@@ -7,7 +7,7 @@
 - unsupported architectures, missing files and bad parallel sizes are clear errors.
 """
 
-import importlib.util
+import importlib
 import json
 import os
 
@@ -18,19 +18,8 @@ import torch.nn.functional as F
 import tiny_hf_models as tiny
 from distributed import run_distributed
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 ATOL = 1e-4
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "convert_checkpoint_tool", os.path.join(REPO, "tools", "convert_checkpoint.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TOOL = _tool()
+TOOL = importlib.import_module("megatron_miniplm.cli.convert_checkpoint")
 
 
 def convert(*args) -> int:
@@ -57,7 +46,7 @@ def _parallel_worker(root: str, names: list):
     from megatron.core import parallel_state as ps
 
     from megatron_miniplm import parallel
-    from megatron_miniplm.checkpointing import load_model, load_model_config, save_model
+    from megatron_miniplm.dist_checkpoint import load_model, load_model_config, save_model
     from megatron_miniplm.models.gpt import build_model
     from megatron_miniplm.training.engine import forward_losses
 
@@ -133,7 +122,7 @@ def world_of_one():
 
 
 def load_megatron(directory, dtype=torch.float32):
-    from megatron_miniplm.checkpointing import load_model, load_model_config
+    from megatron_miniplm.dist_checkpoint import load_model, load_model_config
     from megatron_miniplm.models.gpt import build_model
 
     config = load_model_config(str(directory))

@@ -34,7 +34,7 @@ def _tp3_worker(checkpoint: str, tokens_path: str, out_path: str):
     from megatron.core import parallel_state as ps
 
     from megatron_miniplm import parallel
-    from megatron_miniplm.checkpointing import load_model, load_model_config
+    from megatron_miniplm.dist_checkpoint import load_model, load_model_config
     from megatron_miniplm.models.gpt import build_model
 
     parallel.initialize(parallel.ParallelConfig(tensor_model_parallel_size=3))
@@ -51,7 +51,7 @@ def _tp3_worker(checkpoint: str, tokens_path: str, out_path: str):
 
 
 def test_smollm2_gguf_conversion(tmp_path):
-    from megatron_miniplm.conversion import find_packaged_gguf
+    from megatron_miniplm.conversion.gguf import find_packaged_gguf
     from megatron_miniplm.data.tokenizer import load_tokenizer
 
     check = _check_script()

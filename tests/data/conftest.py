@@ -113,7 +113,8 @@ def sp_tokenizer(tmp_path_factory, corpus_texts) -> str:
 @pytest.fixture
 def run_preprocess(tmp_path):
     """preprocess() with test defaults; returns (summary, prefix)."""
-    from megatron_miniplm.data.preprocess import PreprocessConfig, preprocess
+    from megatron_miniplm.data.preprocess import preprocess
+    from megatron_miniplm.data.config import PreprocessConfig
 
     def run(inputs, tokenizer, name="out", **kw):
         kw.setdefault("progress", False)

@@ -1,15 +1,13 @@
-"""Dataset writing: same bytes as megatron-core's builder, spilled index, atomic commit."""
+"""Dataset writing: spilled index and columns, domain statistics, atomic commit, shards.
+(The .bin/.idx bytes themselves are compared with megatron-core's in test_indexed_dataset.)"""
 import json
 import os
 
 import numpy as np
 import pytest
-import torch
-from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
-from megatron_miniplm.data.dataset_writer import (
-    DatasetWriter, SpilledArray, StreamingIndexedDatasetBuilder, token_dtype, write_npy,
-)
+from megatron_miniplm.data.dataset_writer import DatasetWriter, write_npy
+from megatron_miniplm.data.indexed_dataset import IndexedDatasetReader, SpilledArray
 from megatron_miniplm.data.instances import Instances
 from megatron_miniplm.data.meta import dataset_prefixes, read_dataset_meta
 
@@ -22,28 +20,16 @@ def random_sequences(n, vocab, seed=0):
 
 
 @pytest.mark.parametrize("vocab", [500, 100_000])
-def test_streaming_builder_writes_the_stock_builders_bytes(tmp_path, vocab):
-    seqs = random_sequences(1000, vocab)
-    dtype = token_dtype(vocab)
-    assert dtype == (np.uint16 if vocab < 65500 else np.int32)
-    stock = IndexedDatasetBuilder(str(tmp_path / "a.bin"), dtype=dtype)
-    ours = StreamingIndexedDatasetBuilder(str(tmp_path / "b.bin"), dtype=dtype, spill_entries=64)
-    for s in seqs[:500]:  # the inherited per-document API
-        stock.add_document(s, [len(s)])
-        ours.add_document(s, [len(s)])
-    rest = seqs[500:]
-    for s in rest:
-        stock.add_item(torch.from_numpy(s))
-        stock.end_document()
-    ours.add_sequences(np.concatenate(rest), np.array([len(s) for s in rest]))  # the batch API
-    assert len(ours.sequence_lengths) == 1000 and os.path.exists(ours.sequence_lengths.path)  # spilled
-    stock.finalize(str(tmp_path / "a.idx"))
-    ours.finalize(str(tmp_path / "b.idx"))
-    for ext in (".bin", ".idx"):
-        assert (tmp_path / f"a{ext}").read_bytes() == (tmp_path / f"b{ext}").read_bytes()
-    assert sorted(os.listdir(tmp_path)) == ["a.bin", "a.idx", "b.bin", "b.idx"]  # spill files removed
-    ds = IndexedDataset(str(tmp_path / "b"))
-    assert len(ds) == 1000 and all(np.array_equal(ds[i], seqs[i]) for i in range(0, 1000, 37))
+def test_token_dtype_follows_the_vocabulary(tmp_path, vocab):
+    seqs = random_sequences(300, vocab)
+    prefix = str(tmp_path / "ds")
+    w = DatasetWriter(prefix, vocab_size=vocab, eod_id=0, spill_entries=64)  # spills
+    w.add(batch(seqs, [0] * len(seqs)))
+    w.commit(COMMON, ["a"])
+    got = IndexedDatasetReader(prefix)
+    assert got.token_dtype == (np.uint16 if vocab < 65500 else np.int32)
+    assert len(got) == 300 and all(np.array_equal(got[i], seqs[i]) for i in range(300))
+    assert dataset_files(tmp_path) == ["ds.bin", "ds.domains.npy", "ds.idx", "ds.meta.json"]  # no spill files left
 
 
 def test_spilled_array_and_npy(tmp_path):

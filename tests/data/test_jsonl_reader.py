@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from megatron_miniplm.data.jsonl_reader import (
-    Block, FileDone, InputNotFoundError, ReadFailure, read_blocks, read_file, resolve_inputs,
-)
+from megatron_miniplm.data.blocks import Block, FileDone, InputNotFoundError, ReadFailure
+from megatron_miniplm.data.inputs import compression_of, read_blocks, resolve_inputs
+from megatron_miniplm.data.jsonl_reader import read_file
 from megatron_miniplm.data.records import SkipReason
 
 from .conftest import make_records, write_jsonl
@@ -31,7 +31,7 @@ def payload() -> bytes:
 
 
 def collect(path, block_bytes):
-    items = list(read_file(0, path, block_bytes))
+    items = list(read_file(0, path, block_bytes, compression=compression_of(path)))
     blocks = [i for i in items if isinstance(i, Block)]
     fails = [i for i in items if isinstance(i, ReadFailure)]
     assert isinstance(items[-1], FileDone)
@@ -95,6 +95,14 @@ def test_multi_member_gzip_and_multi_frame_zstd(tmp_path, payload):
         path.write_bytes(compress(payload[:half], how) + compress(payload[half:], how))
         blocks, fails, _ = collect(str(path), block_bytes=4096)
         assert not fails and b"".join(b.data for b in blocks) == payload
+
+
+def test_the_compression_comes_from_the_name(tmp_path):
+    names = {"a.jsonl": "none", "a.json": "none", "a.ndjson": "none", "a.jsonl.gz": "gzip",
+             "a.jsonl.zst": "zstd", "a.jsonl.zstd": "zstd", "a.parquet": "parquet", "A.PARQUET": "parquet"}
+    assert {name: compression_of(name) for name in names} == names
+    with pytest.raises(ValueError, match="compression must be one of"):
+        next(read_file(0, str(tmp_path / "a.jsonl.bz2"), compression="bzip2"))
 
 
 def test_resolve_inputs(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from megatron_miniplm.data.arrow_reader import RecordBlock, read_arrow_input  # noqa: E402
-from megatron_miniplm.data.jsonl_reader import FileDone, ReadFailure, resolve_inputs  # noqa: E402
+from megatron_miniplm.data.blocks import FileDone, ReadFailure, RecordBlock  # noqa: E402
+from megatron_miniplm.data.inputs import read_input, resolve_inputs  # noqa: E402
 from megatron_miniplm.data.meta import read_dataset_meta  # noqa: E402
 from megatron_miniplm.data.records import InputError, SkipReason  # noqa: E402
 
@@ -178,7 +178,7 @@ def test_mixed_inputs_in_argument_order(tmp_path, run_preprocess, bpe_tokenizer,
 
 def test_reader_blocks_rows_and_progress(tmp_path, records):
     path = write_parquet(tmp_path / "in.parquet", records[:100], row_group_size=40)
-    items = list(read_arrow_input(3, path, block_bytes=2000))
+    items = list(read_input(3, path, block_bytes=2000))
     blocks = [i for i in items if isinstance(i, RecordBlock)]
     done = items[-1]
     assert isinstance(done, FileDone) and not any(isinstance(i, ReadFailure) for i in items)
@@ -210,7 +210,7 @@ def test_reader_reads_only_the_named_columns(tmp_path, records, monkeypatch):
         return real(self, i, columns=columns, **kw)
 
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
-    blocks = [i for i in read_arrow_input(0, path) if isinstance(i, RecordBlock)]
+    blocks = [i for i in read_input(0, path) if isinstance(i, RecordBlock)]
     assert asked == [["meta.pile_set_name", "text"]]
     assert [t for b in blocks for t in b.texts] == [r["text"] for r in rows]
 

@@ -262,7 +262,7 @@ def test_cli_failure_and_success(tmp_path, bpe_tokenizer):
 
 def test_read_ahead_is_bounded(bpe_tokenizer):
     """Pool.imap reads its whole input ahead; ordered_tokenize keeps a fixed window."""
-    from megatron_miniplm.data.jsonl_reader import Block
+    from megatron_miniplm.data.blocks import Block
     from megatron_miniplm.data.preprocess import ordered_tokenize
     from megatron_miniplm.data.records import parse_key
     from megatron_miniplm.data.worker import BlockTokenizer, WorkerConfig

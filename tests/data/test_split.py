@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from megatron_miniplm.data.meta import read_dataset_meta, verify_fingerprint
-from megatron_miniplm.data.split import SplitConfig, instance_keys, split_dataset
+from megatron_miniplm.data.split import instance_keys, split_dataset
+from megatron_miniplm.data.config import SplitConfig
 
 from .conftest import make_records, read_domains, read_instances, write_jsonl
 
@@ -17,7 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, bpe_tokenizer):
     """A sharded miniplm dataset of a few hundred instances."""
-    from megatron_miniplm.data.preprocess import PreprocessConfig, preprocess
+    from megatron_miniplm.data.preprocess import preprocess
+    from megatron_miniplm.data.config import PreprocessConfig
 
     d = tmp_path_factory.mktemp("split_src")
     path = write_jsonl(str(d / "in.jsonl"), make_records(200, seed=11))

@@ -22,7 +22,7 @@ JOB_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
 def _save_checkpoint(directory: str, tokenizer: str) -> None:
     """A random tiny model with its tokenizer beside it, as the trainer saves one."""
     from megatron_miniplm import parallel
-    from megatron_miniplm.checkpointing import save_model
+    from megatron_miniplm.dist_checkpoint import save_model
     from megatron_miniplm.conversion.tokenizer_files import TOKENIZER_DIR, TOKENIZER_JSON, tokenizer_record
     from megatron_miniplm.models.gpt import build_model
     from presets import get_preset

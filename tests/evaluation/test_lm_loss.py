@@ -28,8 +28,7 @@ def test_mean_of_per_instance_means_not_token_weighted():
 
 
 def _train(argv):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import pretrain_gpt
+    from megatron_miniplm.cli import pretrain_gpt
 
     assert pretrain_gpt.main(argv) == 0
 
@@ -111,8 +110,7 @@ def test_evaluate_reports_domains_seeds_the_paired_difference_and_curves(tmp_pat
 
 
 def _evaluate(argv):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import evaluate
+    from megatron_miniplm.cli import evaluate
 
     assert evaluate.main(argv) == 0
 
@@ -125,8 +123,7 @@ def test_trained_untied_student_exported_to_hf_scores_as_in_the_evaluator(tmp_pa
 
     from megatron_miniplm.scoring.score_file import load_scores
 
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import convert_checkpoint
+    from megatron_miniplm.cli import convert_checkpoint
 
     train = write_dataset(str(tmp_path / "train"), pattern_instances(160, VOCAB, SEQ + 1, seed=1), VOCAB, SEQ)
     instances = pattern_instances(16, VOCAB, SEQ + 1, seed=2)

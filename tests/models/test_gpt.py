@@ -5,7 +5,8 @@ import torch
 
 from megatron_miniplm import parallel
 from presets import get_preset
-from megatron_miniplm.models.gpt import LayerImpl, TrainingFusions, build_model, resolve_implementation
+from megatron_miniplm.models.gpt import build_model, resolve_implementation
+from megatron_miniplm.models.config import LayerImpl, TrainingFusions
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -181,7 +182,7 @@ def test_broken_transformer_engine_counts_as_absent(tmp_path):
 
 
 @pytest.mark.parametrize("first_import", [
-    "megatron_miniplm.data.dataset_writer",  # imports megatron-core at module import
+    "megatron_miniplm.models.attention",  # imports megatron-core at module import
     "megatron.core.models.gpt",  # megatron-core itself, after the package
 ])
 def test_a_broken_transformer_engine_never_reaches_megatron_core(tmp_path, first_import):

@@ -1,5 +1,6 @@
 """The pipeline config: one declaration per setting, sources in order, refusals that name the setting."""
 
+import dataclasses
 import os
 
 import pytest
@@ -16,20 +17,30 @@ def test_the_demo_config_file_is_the_defaults():
     assert cfg == PipelineConfig()
 
 
-def test_every_example_config_loads():
+def test_every_example_config_loads_as_written():
+    """Each shipped file's keys are the config's values (its dry run is tests/pipeline/test_example_configs.py)."""
     for name in os.listdir(os.path.join(REPO, "examples", "configs")):
-        config.load(os.path.join(REPO, "examples", "configs", name), environ={})
+        path = os.path.join(REPO, "examples", "configs", name)
+        cfg, sources = config.load(path, environ={})
+        written = yaml.safe_load(open(path)) or {}
+        for key in sources:
+            value, node = cfg, written
+            for part in key.split("."):
+                value, node = getattr(value, part) if not isinstance(value, dict) else value[part], node[part]
+            if dataclasses.is_dataclass(value):  # an empty section: its defaults
+                value, node = dataclasses.asdict(value), dataclasses.asdict(type(value)(**node))
+            assert value == node, (name, key)
 
 
 def test_sources_in_order(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"selection": {"alpha": 0.4}, "seed": 7}))
     cfg, sources = config.load(str(path), ["selection.alpha=0.2"], environ={"ALPHA": "0.3", "SEED": "9"})
-    assert cfg.selection["alpha"] == 0.2 and sources["selection.alpha"] == "command line"
+    assert cfg.selection.alpha == 0.2 and sources["selection.alpha"] == "command line"
     assert cfg.seed == 9 and sources["seed"] == "$SEED"
-    assert "baselines" not in cfg.selection  # the file's section replaces the demo's whole
+    assert cfg.selection.baselines == []  # the file's section replaces the demo's whole
     cfg, _ = config.load(None, ["selection.alpha=0.2"], environ={})
-    assert cfg.selection == {"alpha": 0.2, "baselines": ["uniform"]}  # a single key merges into it
+    assert (cfg.selection.alpha, cfg.selection.baselines) == (0.2, ["uniform"])  # a single key merges into it
 
 
 def test_a_later_setting_drops_what_it_is_an_alternative_to(tmp_path):
@@ -37,9 +48,9 @@ def test_a_later_setting_drops_what_it_is_an_alternative_to(tmp_path):
     a model preset replaces the model settings of earlier sources."""
     cfg, _ = config.load(None, ["split.ref_tokens=5000", "student.train.lr_warmup_iters=10",
                                 "selection.keep_tokens=900", "reference.model.preset=qwen-104M"], environ={})
-    assert cfg.split == {"ref_tokens": 5000}
-    assert cfg.student.train["lr_warmup_iters"] == 10 and "lr_warmup_fraction" not in cfg.student.train
-    assert cfg.selection == {"keep_tokens": 900, "baselines": ["uniform"]}
+    assert (cfg.split.ref_tokens, cfg.split.ref_fraction) == (5000, None)
+    assert (cfg.student.train.lr_warmup_iters, cfg.student.train.lr_warmup_fraction) == (10, None)
+    assert (cfg.selection.keep_tokens, cfg.selection.alpha, cfg.selection.baselines) == (900, None, ["uniform"])
     assert cfg.reference.model == {"preset": "qwen-104M"}
     cfg, _ = config.load(None, ["reference.model.preset=qwen-104M", "reference.model.num_layers=4"], environ={})
     assert cfg.reference.model == {"preset": "qwen-104M", "num_layers": 4}  # a preset, then changes to it
@@ -55,7 +66,7 @@ def test_the_launchers_environment_variables_still_work():
     assert cfg.student.model == {"num_layers": 3, "hidden_size": 64, "ffn_hidden_size": 128,
                                  "num_attention_heads": 4, "tie_embeddings": False}
     assert cfg.bf16 is False
-    assert cfg.reference.train["micro_batch_size"] == cfg.student.train["micro_batch_size"] == 2
+    assert cfg.reference.train.micro_batch_size == cfg.student.train.micro_batch_size == 2
     assert cfg.corpus.train == ["a.jsonl", "b c.jsonl"] and cfg.parallel.nnodes == 2 and cfg.work_dir == "/x"
 
 
@@ -66,8 +77,16 @@ def test_the_launchers_environment_variables_still_work():
     ("reference.train.data_path=[x]", "reference.train.data_path: set by the pipeline itself"),
     ("colour=red", "unknown setting(s) colour"),
     ("student.model.depth=3", "student.model: unknown model setting(s) depth"),
-    ("vanilla_kd.kd_teacher_load=x", "vanilla_kd: unknown setting(s) kd_teacher_load; known: enabled, kd_ratio, "
-                                     "kd_temperature"),
+    ("vanilla_kd.kd_teacher_load=x", "vanilla_kd.kd_teacher_load: set by the pipeline itself"),
+    ("vanilla_kd.kd_ratios=x", "vanilla_kd.kd_ratios: not a setting of KDSettings; known: enabled, kd_ratio, "
+                               "kd_temperature"),
+    ("student.train.lr=fast", "student.train.lr: expected a number, got 'fast'"),
+    ("scoring.micro_batch_size=1.5", "scoring.micro_batch_size: expected an integer, got 1.5"),
+    ("selection.baselines=uniform", "selection.baselines: expected a list, got 'uniform'"),
+    ("reference.train.data_order=sorted", "reference.train.data_order: 'sorted' is not one of shuffled, original"),
+    ("reference.model.num_layers=two", "reference.model.num_layers: expected an integer, got 'two'"),
+    ("vanilla_kd.enabled=1", "vanilla_kd.enabled: expected true or false, got 1"),
+    ("parallel.nnodes=x", "parallel.nnodes: expected an integer, got 'x'"),
     ("evaluation.beta=x", "evaluation.beta: not a setting of EvalConfig"),
     ("evaluation.bootstrap_seed=3", "evaluation.bootstrap_seed: set by the pipeline itself"),
     ("evaluation.bf16=true", "evaluation.bf16: set bf16 once, at the top"),
@@ -87,3 +106,42 @@ def test_yaml_aliases_do_not_tie_sections_together(tmp_path):
     assert "&id" in path.read_text()  # one mapping, written once
     cfg, _ = config.load(str(path), ["student.model.num_layers=6"], environ={})
     assert cfg.reference.model["num_layers"] == 2 and cfg.student.model["num_layers"] == 6
+
+
+def test_config_modules_import_no_torch():
+    """--dry-run and --help stay instant: the pipeline config, every stage's config and the
+    stage graph build without torch, megatron, numpy or transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from megatron_miniplm.pipeline import config, invariants, stages\n"
+            "import megatron_miniplm.data.config, megatron_miniplm.scoring.config, megatron_miniplm.selection.config\n"
+            "import megatron_miniplm.training.config, megatron_miniplm.evaluation.config, megatron_miniplm.models.config\n"
+            "cfg, _ = config.load(sys.argv[1], environ={})\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'megatron', 'numpy', 'transformers'}))")
+    out = subprocess.run([sys.executable, "-c", code, os.path.join(REPO, "examples", "configs", "paper.yaml")],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_section_is_its_stage_config_less_the_pipelines_settings():
+    """Every stage setting is a section field or declared as set by the pipeline, never both; the
+    stage config built from a section keeps its values."""
+    import dataclasses as dc
+
+    from megatron_miniplm.settings import Section, cli_fields
+
+    for f in dc.fields(PipelineConfig):
+        section = config._hint_at([f.name])
+        if not (isinstance(section, type) and issubclass(section, Section)):
+            continue
+        flags = {g.name for g, _ in cli_fields(section.stage)}
+        fields = {g.name for g in dc.fields(section)} - section.extras
+        assert fields | section.pipeline_sets == flags and not fields & section.pipeline_sets, f.name
+    cfg, _ = config.load(None, ["scoring.micro_batch_size=3", "scoring.transformer_impl=local"], environ={})
+    score = cfg.scoring.stage_config(data_path="d", load="l", output_prefix="o", tensor_model_parallel_size=1,
+                                     pipeline_model_parallel_size=1, bf16=False, seed=1, progress=False)
+    assert (score.micro_batch_size, score.layers.transformer_impl) == (3, "local")
+    with pytest.raises(TypeError, match="missing \\['seed'\\]"):
+        cfg.split.stage_config(input_prefix="i", ref_prefix="r", rest_prefix="s")

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pipeline_helpers import PIPELINE, REPO, run_pipeline, tiny_config, write_config
+from pipeline_helpers import PIPELINE, run_pipeline, tiny_config, write_config
 from distributed import free_port
 
 SINGLE_STAGES = ("teacher", "data", "split", "select")
@@ -31,9 +31,10 @@ def _evaluation(work_dir):
 
 
 def _stages(output, what):
-    """Stage names the output reports as run ('RUN ') or skipped ('skip')."""
+    """Stage names the run's plan ('STAGE RUN|skip  REASON' lines) reports as run ('RUN') or
+    skipped ('skip')."""
     lines = output.split("\n=== stage", 1)[0].splitlines()
-    return [line.split()[0] for line in lines if line[21:25] == what]
+    return [words[0] for words in map(str.split, lines) if len(words) > 1 and words[1] == what]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_it_runs_and_reports(one_node):
     assert os.path.exists(ev["report"]) and open(ev["curves"], "rb").read(4) == b"\x89PNG"
     assert "Selection: kept fraction per domain" in output and "| noise |" in output
     assert (root / "work" / "pipeline_config.yaml").exists()
-    from megatron_miniplm.checkpointing import latest_checkpoint
+    from megatron_miniplm.dist_checkpoint import latest_checkpoint
 
     record = json.load(open(root / "work" / "records" / "student-miniplm.json"))
     checkpoint = latest_checkpoint(os.path.join(record["output"], "ckpt"))
@@ -79,7 +80,7 @@ def test_an_unchanged_rerun_skips_everything(one_node):
     root, config, _ = one_node
     out = run_pipeline(config, "parallel.nproc_per_node=2")
     assert out.returncode == 0, out.stdout[-3000:]
-    assert _stages(out.stdout, "RUN ") == []
+    assert _stages(out.stdout, "RUN") == []
     assert len(_stages(out.stdout, "skip")) == 11
     assert "student-miniplm" in out.stdout  # the table is printed again
 
@@ -135,7 +136,7 @@ def test_a_changed_alpha_reruns_exactly_what_reads_it(one_node):
     before = _results(copy)
     out = run_pipeline(config2, "selection.alpha=0.3", "parallel.nproc_per_node=2", f"parallel.master_port={free_port()}")
     assert out.returncode == 0, out.stdout[-3000:]
-    assert _stages(out.stdout, "RUN ") == ["select", "student-miniplm", "student-uniform", "student-vanilla-kd",
+    assert _stages(out.stdout, "RUN") == ["select", "student-miniplm", "student-uniform", "student-vanilla-kd",
                                            "evaluate"]
     after = _results(copy)
     assert after["reference"]["lm_loss"] == before["reference"]["lm_loss"]  # the same reference model
@@ -147,7 +148,7 @@ def test_students_with_another_tokenizer(setting, one_node):
     students' own tokenizer (a byte-level BPE; the teacher's is word-level)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from megatron_miniplm.checkpointing import latest_checkpoint
+    from megatron_miniplm.dist_checkpoint import latest_checkpoint
     from megatron_miniplm.data.tokenizer import file_sha256
 
     root, config, _ = one_node
@@ -164,7 +165,7 @@ def test_students_with_another_tokenizer(setting, one_node):
     out = run_pipeline(config2, f"student_tokenizer={student_tokenizer}", "vanilla_kd.enabled=false",
                        "parallel.nproc_per_node=2", f"parallel.master_port={free_port()}")
     assert out.returncode == 0, out.stdout[-3000:]
-    assert _stages(out.stdout, "RUN ") == ["retokenize", "student-miniplm", "student-uniform", "evaluate"]
+    assert _stages(out.stdout, "RUN") == ["retokenize", "student-miniplm", "student-uniform", "evaluate"]
     results = _results(copy)
     assert set(results) == {"student-miniplm", "student-uniform"}  # one unit of loss: the students' tokenizer
     for name in results:
@@ -244,9 +245,7 @@ def test_a_refused_config_exits_1_before_anything_runs(setting, tmp_path):
 def test_the_evaluation_section_reaches_the_tool(setting, tmp_path):
     """The evaluate stage's command, parsed by tools/evaluate.py, gives back the section's
     settings over EvalConfig's defaults and the settings the pipeline owns."""
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import evaluate
-
+    from megatron_miniplm.cli import evaluate
     from megatron_miniplm.evaluation.config import EvalConfig
     from megatron_miniplm.pipeline import config, stages
     from megatron_miniplm.settings import from_args

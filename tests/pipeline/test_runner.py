@@ -24,7 +24,7 @@ def toy_graph(work_dir, log, *, b_setting=1, b_sleep=0.0, nnodes=1, node_rank=0)
     def stage(name, kind, settings, deps, sleep=0.0):
         return Stage(name, kind, settings, deps=deps,
                      commands=lambda out, d, n=name, s=sleep: [[sys.executable, "-c", STEP, out, n, str(log), str(s)]],
-                     finished=lambda out, d: None if os.path.exists(os.path.join(out, "done")) else "not done")
+                     missing=lambda out, dirs: None if os.path.exists(os.path.join(out, "done")) else "not done")
 
     stages = [stage("a", SINGLE, {"x": 1}, []), stage("b", DISTRIBUTED, {"x": b_setting}, ["a"], b_sleep),
               stage("c", SINGLE, {"x": 1}, ["b"])]
@@ -63,10 +63,10 @@ def test_records_skip_and_downstream_reruns(tmp_path):
 
 def test_a_stage_killed_half_way_reruns(tmp_path):
     log, work = tmp_path / "log", tmp_path / "w"
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_runner as t; "
-            "from megatron_miniplm.pipeline import runner; g = t.toy_graph(sys.argv[2], sys.argv[3], b_sleep=30); "
+    code = ("import runpy, sys; t = runpy.run_path(sys.argv[1]); "
+            "from megatron_miniplm.pipeline import runner; g = t['toy_graph'](sys.argv[2], sys.argv[3], b_sleep=30); "
             "runner.execute(g, runner.plan(g))")
-    proc = subprocess.Popen([sys.executable, "-c", code, os.path.dirname(__file__), str(work), str(log)],
+    proc = subprocess.Popen([sys.executable, "-c", code, os.path.abspath(__file__), str(work), str(log)],
                             start_new_session=True, stdout=subprocess.DEVNULL)
     deadline = time.time() + 60
     while ran(log) != ["a", "b"]:
@@ -84,7 +84,7 @@ def test_a_stage_killed_half_way_reruns(tmp_path):
 
 def test_a_stage_that_stops_early_ends_the_run_with_3(tmp_path):
     graph = toy_graph(tmp_path / "w", tmp_path / "log")
-    graph.stages[1].finished = lambda out, d: "checkpoint at iteration 4, 10 wanted"
+    graph.stages[1].missing = lambda out, dirs: "checkpoint at iteration 4, 10 wanted"
     lines = []
     assert runner.execute(graph, runner.plan(graph), log=lines.append) == runner.STOPPED_EARLY
     assert "run the same command again to resume" in lines[-1]

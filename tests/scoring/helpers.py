@@ -66,7 +66,7 @@ def save_checkpoint(directory: str, preset: str = "tiny", vocab: int = VOCAB, to
     """A random model at TP=1/PP=1 (run under run_distributed, world 1), with its config
     and, unless ``tokenizer`` is None, a checkpoint_info.json naming the tokenizer."""
     from megatron_miniplm import parallel
-    from megatron_miniplm.checkpointing import save_model
+    from megatron_miniplm.dist_checkpoint import save_model
     from presets import get_preset
     from megatron_miniplm.models.gpt import build_model
 

@@ -36,7 +36,8 @@ RUNS = {"chunk0": 0, "chunk1": 1, "chunk1.5": 1.5, "chunk4": 4, "auto": None}  #
 
 
 def _score_all(root: str) -> None:
-    from megatron_miniplm.scoring.scorer import ScoreConfig, score
+    from megatron_miniplm.scoring.scorer import score
+    from megatron_miniplm.scoring.config import ScoreConfig
 
     write_dataset(os.path.join(root, "data"), make_instances(160, seed=4, max_len=129))
     save_checkpoint(os.path.join(root, "ckpt"))

@@ -19,7 +19,7 @@ used, and every matrix is random, so a wrong one shows as an error of nats.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 
@@ -31,7 +31,6 @@ from conversion import tiny_hf_models as tiny
 from corpus import write_dataset
 from distributed import run_distributed
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ATOL = 1e-5
 EOD = 0
 VOCAB_STD = 0.5  # logits of std ~4 over the 300-token vocabulary: NLLs of several nats off log V
@@ -43,10 +42,7 @@ LAYOUTS = {"tp1": [], "tp2": ["--tensor-model-parallel-size", "2"], "pp2": ["--p
 
 
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"megatron_miniplm.cli.{name}")
 
 
 def make_instances(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -82,7 +78,8 @@ def _kd_logprobs(root: str, name: str, tp: int) -> None:
     from megatron.core import parallel_state as ps
 
     from megatron_miniplm import parallel
-    from megatron_miniplm.training.kd import KDSettings, Teacher
+    from megatron_miniplm.training.kd import Teacher
+    from megatron_miniplm.training.config import KDSettings
 
     parallel.initialize(parallel.ParallelConfig(tensor_model_parallel_size=tp))
     ckpt, data = os.path.join(root, f"{name}-meg"), os.path.join(root, "data")
@@ -101,7 +98,7 @@ def _kd_logprobs(root: str, name: str, tp: int) -> None:
 
 
 def _config(ckpt: str):
-    from megatron_miniplm.checkpointing import load_model_config
+    from megatron_miniplm.dist_checkpoint import load_model_config
 
     return load_model_config(ckpt)
 
@@ -109,7 +106,8 @@ def _config(ckpt: str):
 def _score(root: str, layouts: list[str]) -> None:
     """tools/score_docs.py's flags and run, without its ``main``, which ends the process group
     (a world of several processes cannot rendezvous again on torchrun's port)."""
-    from megatron_miniplm.scoring.scorer import ScoreConfig, score
+    from megatron_miniplm.scoring.scorer import score
+    from megatron_miniplm.scoring.config import ScoreConfig
     from megatron_miniplm.settings import from_args
 
     parser = _tool("score_docs").build_parser()

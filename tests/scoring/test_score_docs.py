@@ -43,7 +43,7 @@ def _world1(root: str) -> None:
 def _reference(root: str, instances) -> None:
     import torch
 
-    from megatron_miniplm.checkpointing import load_model, load_model_config
+    from megatron_miniplm.dist_checkpoint import load_model, load_model_config
     from megatron_miniplm.models.gpt import PLAIN_LOCAL, build_model
 
     config = load_model_config(os.path.join(root, "ckpt"))
@@ -76,7 +76,7 @@ def root(tmp_path_factory):
 
 
 def _config(root, name, **kw):
-    from megatron_miniplm.scoring.scorer import ScoreConfig
+    from megatron_miniplm.scoring.config import ScoreConfig
 
     kw.setdefault("data_path", os.path.join(root, "data"))
     return ScoreConfig(load=os.path.join(root, "ckpt"), output_prefix=os.path.join(root, name),
@@ -100,7 +100,7 @@ def _single(root: str) -> None:
     score(_config(root, "tp1"))
     score(_config(root, "bf16", bf16=True))
     score(_config(root, "sharded_scores", data_path=os.path.join(root, "sharded"), micro_batch_size=5))
-    from megatron_miniplm.models.gpt import LayerImpl
+    from megatron_miniplm.models.config import LayerImpl
 
     score(_config(root, "local_attention", layers=LayerImpl(attention_backend="local"), logits_chunk_mb=0))
 

@@ -12,7 +12,7 @@ from megatron_miniplm.scoring.dataset import ScoringError
 from megatron_miniplm.scoring.identity import recorded_sizes
 from megatron_miniplm.scoring.nll import TILE_ROWS
 from megatron_miniplm.scoring.resume import write_run
-from megatron_miniplm.scoring.scorer import ScoreConfig
+from megatron_miniplm.scoring.config import ScoreConfig
 from megatron_miniplm.scoring.sizing import Sizes, check_request, choose_sizes, request_of
 
 GiB = 1 << 30

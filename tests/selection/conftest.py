@@ -1,11 +1,6 @@
-import os
-import sys
-
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from selection_helpers import make_corpus  # noqa: E402
+from selection_helpers import make_corpus  # on the path by pyproject.toml's pytest pythonpath
 
 
 @pytest.fixture(scope="session")

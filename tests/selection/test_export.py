@@ -31,9 +31,10 @@ def _bpe(directory, texts):
 def blend(tmp_path_factory):
     """A preprocessed 3-shard corpus with teacher/reference scores and a shuffled MiniPLM blend."""
     from megatron_miniplm.data.meta import dataset_prefixes
-    from megatron_miniplm.data.preprocess import PreprocessConfig, preprocess
+    from megatron_miniplm.data.preprocess import preprocess
+    from megatron_miniplm.data.config import PreprocessConfig
     from megatron_miniplm.scoring.score_file import save_scores
-    from megatron_miniplm.selection.difference import SelectionConfig
+    from megatron_miniplm.selection.config import SelectionConfig
     from megatron_miniplm.selection.sample import SampleRequest, run
     from megatron_miniplm.selection.shards import open_shard
 
@@ -112,7 +113,8 @@ def test_records_in_blend_order_with_domains_and_scores_that_tokenize_back(blend
 
 def test_preprocessing_the_export_gives_back_the_selected_tokens(blend, tmp_path):
     """Each record, re-tokenized as one document (EOD appended), is its piece of the blend."""
-    from megatron_miniplm.data.preprocess import PreprocessConfig, preprocess
+    from megatron_miniplm.data.preprocess import preprocess
+    from megatron_miniplm.data.config import PreprocessConfig
     from megatron_miniplm.selection.shards import domain_table, open_shards
 
     out = str(tmp_path / "refined.jsonl.zst")
@@ -177,7 +179,8 @@ def test_a_killed_sharded_export_resumes_to_the_same_files(blend, tmp_path, monk
 
 def test_another_tokenizer_gives_a_student_corpus(blend, tmp_path):
     """The cross-family recipe: the export tokenized with a different vocabulary."""
-    from megatron_miniplm.data.preprocess import PreprocessConfig, preprocess
+    from megatron_miniplm.data.preprocess import preprocess
+    from megatron_miniplm.data.config import PreprocessConfig
     from megatron_miniplm.selection.export import iter_records
 
     out = str(tmp_path / "refined.parquet")

@@ -10,7 +10,8 @@ import pytest
 from selection_helpers import EOD, ref_budget, ref_difference, ref_top_k, to_pairs
 
 from megatron_miniplm.selection.blend import BlendReader, dataset_prefixes, is_blend, load_blend
-from megatron_miniplm.selection.difference import SelectionConfig, instances_to_keep
+from megatron_miniplm.selection.difference import instances_to_keep
+from megatron_miniplm.selection.config import SelectionConfig
 from megatron_miniplm.selection.sample import SampleRequest, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from megatron_miniplm.scoring.score_file import ScoreFileError, save_scores
-from megatron_miniplm.selection.difference import SelectionConfig, SelectionError
+from megatron_miniplm.selection.config import SelectionConfig, SelectionError
 from megatron_miniplm.selection.sample import SampleRequest, run
 from megatron_miniplm.selection.shards import DatasetError
 

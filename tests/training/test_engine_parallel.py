@@ -37,13 +37,11 @@ def _run(root: str, name: str, tp: int, pp: int, save_init: bool):
     from megatron.core import parallel_state as ps
 
     from megatron_miniplm import parallel
-    from megatron_miniplm.checkpointing import load_model, save_model
+    from megatron_miniplm.dist_checkpoint import load_model, save_model
     from presets import get_preset
     from megatron_miniplm.models.gpt import build_model
-    from megatron_miniplm.training.engine import (
-        OptimizerSettings, attach_schedule_hooks, build_optimizer, forward_losses, train_step,
-        wrap_ddp,
-    )
+    from megatron_miniplm.training.engine import attach_schedule_hooks, build_optimizer, forward_losses, train_step, wrap_ddp
+    from megatron_miniplm.training.config import OptimizerSettings
 
     parallel.initialize(parallel.ParallelConfig(tp, pp, seed=3))
     config = get_preset(PRESET)
@@ -71,7 +69,7 @@ def _run(root: str, name: str, tp: int, pp: int, save_init: bool):
 
 def _load_tp1(root: str, names: list):
     from megatron_miniplm import parallel
-    from megatron_miniplm.checkpointing import load_model
+    from megatron_miniplm.dist_checkpoint import load_model
     from presets import get_preset
     from megatron_miniplm.models.gpt import build_model
 

@@ -128,12 +128,7 @@ def _expect_refusal(argv, message):
     import contextlib
     import io
 
-    import sys
-
-    from trainer_helpers import REPO
-
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import pretrain_gpt
+    from megatron_miniplm.cli import pretrain_gpt
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):

@@ -83,7 +83,7 @@ TOKENIZER = {"vocab_size": 500, "eod_id": 0, "pad_id": 0, "sha256": None}
 def _save_models(root):
     """A student (tiny) and a teacher (tiny-gqa: GQA, no QKV bias) at TP=1, vocabulary 500."""
     from megatron_miniplm import parallel
-    from megatron_miniplm.checkpointing import save_model
+    from megatron_miniplm.dist_checkpoint import save_model
     from megatron_miniplm.models.gpt import build_model
     from presets import get_preset
 
@@ -108,9 +108,10 @@ def _batch():
 
 def _kd_loss(root, tp, temperatures, out):
     from megatron_miniplm import parallel
-    from megatron_miniplm.checkpointing import load_model, load_model_config
+    from megatron_miniplm.dist_checkpoint import load_model, load_model_config
     from megatron_miniplm.models.gpt import build_model
-    from megatron_miniplm.training.kd import KDSettings, Teacher, kd_forward_step
+    from megatron_miniplm.training.kd import Teacher, kd_forward_step
+    from megatron_miniplm.training.config import KDSettings
 
     info = parallel.initialize(parallel.ParallelConfig(tensor_model_parallel_size=tp, seed=11))
     config = load_model_config(os.path.join(root, "student"))
@@ -132,7 +133,7 @@ def _full_reference(root, temperatures, out):
     """Plain PyTorch from full logits (TP=1): megatron's CE over the padded vocabulary, the
     KL over the real one, masked."""
     from megatron_miniplm import parallel
-    from megatron_miniplm.checkpointing import load_model, load_model_config
+    from megatron_miniplm.dist_checkpoint import load_model, load_model_config
     from megatron_miniplm.models.gpt import build_model
 
     parallel.initialize(parallel.ParallelConfig(seed=11))
@@ -180,6 +181,46 @@ def test_kd_loss_equals_full_logit_reference(kd_models, tmp_path):
     assert float(refs[1.0]["kd"]) != pytest.approx(float(refs[2.0]["kd"]))  # the temperature matters
 
 
+def _kd_step_on_meta():
+    """A KD micro-batch whose device is ``meta`` (shapes, no values) and whose batch is on the
+    host, as the data loader gives it: any size that depends on the values on the device (a
+    boolean mask, ``nonzero``) raises there, where on a GPU it would make the host wait."""
+    from types import SimpleNamespace
+
+    from megatron_miniplm import parallel, platform
+    from megatron_miniplm.training.config import KDSettings
+    from megatron_miniplm.training.kd import kd_forward_step
+
+    parallel.initialize(parallel.ParallelConfig(seed=11))
+    meta = platform.NO_CUDA_DEVICE = torch.device("meta")
+    seen = []
+
+    def hidden_states(tokens, position_ids):
+        seen.append(tokens.device)
+        return torch.empty(SEQ, MICRO, H, device=meta)
+
+    teacher = SimpleNamespace(weight=torch.empty(V, H, device=meta), real=REAL, chunk_tokens=4, group=None,
+                              hidden_states=hidden_states)
+    student_logits = torch.empty(MICRO, SEQ, V, device=meta, requires_grad=True)
+
+    def student(tokens, position_ids, attention_mask):
+        seen.append(tokens.device)
+        return student_logits * 1.0
+
+    settings = KDSettings(kd_ratio=0.3, kd_temperature=2.0)
+    logits, loss_func = kd_forward_step(teacher, settings, iter([_batch()]), student)
+    total, count, reports = loss_func(logits)
+    total.backward()
+    assert seen == [meta, meta]
+    assert total.is_meta and total.shape == () and count.is_meta and count.dtype == torch.int
+    assert all(v.is_meta and v.shape == (2,) for v in reports.values()), reports
+    assert student_logits.grad.shape == student_logits.shape
+
+
+def test_kd_loss_selects_the_counted_tokens_without_waiting_for_the_device():
+    run_distributed(_kd_step_on_meta, 1)
+
+
 # ---- training with a teacher ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -214,10 +255,10 @@ def test_ratio_0_trains_exactly_as_without_kd(corpus, initial_checkpoint, teache
 
 def _train_and_check_teacher(argv, out):
     from megatron_miniplm.settings import from_args
-    from megatron_miniplm.training.trainer import TrainConfig, Trainer
+    from megatron_miniplm.training.trainer import Trainer
+    from megatron_miniplm.training.config import TrainConfig
 
-    sys.path.insert(0, os.path.join(os.path.dirname(TOOL)))
-    import pretrain_gpt
+    from megatron_miniplm.cli import pretrain_gpt
 
     parsed = pretrain_gpt.build_parser().parse_args(argv)
     cfg = from_args(TrainConfig, parsed, model=pretrain_gpt.model_config_from_args(parsed, 512))

@@ -103,16 +103,10 @@ def test_recompute_refusals(corpus, flags, message):
 
 
 def test_the_flags_reach_megatron_cores_config(corpus):
-    import os
-    import sys
-
+    from megatron_miniplm.cli import pretrain_gpt
     from megatron_miniplm.models.gpt import transformer_config
     from megatron_miniplm.settings import from_args
-    from megatron_miniplm.training.trainer import TrainConfig
-    from trainer_helpers import TOOL
-
-    sys.path.insert(0, os.path.dirname(TOOL))
-    import pretrain_gpt
+    from megatron_miniplm.training.config import TrainConfig
 
     parsed = pretrain_gpt.build_parser().parse_args(args(corpus, "--recompute-granularity", "full",
                                                          "--recompute-method", "block", "--recompute-num-layers", "1"))
@@ -124,18 +118,12 @@ def test_the_flags_reach_megatron_cores_config(corpus):
 def test_the_kernel_flags_reach_the_model(corpus):
     """--attention-backend, --cross-entropy-loss-fusion and --sequence-parallel as megatron-core
     gets them (the CPU resolves Megatron-LM's TE defaults to the local layers)."""
-    import os
-    import sys
-
     from megatron_miniplm import parallel
+    from megatron_miniplm.cli import pretrain_gpt
     from megatron_miniplm.models.attention import FlashSDPAttention
     from megatron_miniplm.models.gpt import build_model, resolve_implementation
     from megatron_miniplm.settings import from_args
-    from megatron_miniplm.training.trainer import TrainConfig
-    from trainer_helpers import TOOL
-
-    sys.path.insert(0, os.path.dirname(TOOL))
-    import pretrain_gpt
+    from megatron_miniplm.training.config import TrainConfig
 
     parsed = pretrain_gpt.build_parser().parse_args(args(corpus, "--attention-backend", "flash", "--bf16",
                                                          "--cross-entropy-loss-fusion", "--sequence-parallel"))

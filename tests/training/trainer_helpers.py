@@ -1,7 +1,6 @@
 """Running tools/pretrain_gpt.py in tests: the tiny corpus's arguments, metrics, checkpoints."""
 
 import os
-import sys
 
 from presets import model_flags
 
@@ -27,8 +26,7 @@ def metrics(path):
 
 def train(argv):
     """tools/pretrain_gpt.py's main in this process (run it under tests/distributed.py)."""
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import pretrain_gpt
+    from megatron_miniplm.cli import pretrain_gpt
 
     assert pretrain_gpt.main(argv) == 0
 
@@ -40,7 +38,7 @@ def parameters_at_tp1(checkpoints, leading=None):
     import torch
 
     from megatron_miniplm import parallel
-    from megatron_miniplm.checkpointing import load_model, load_model_config
+    from megatron_miniplm.dist_checkpoint import load_model, load_model_config
     from megatron_miniplm.models.gpt import build_model
 
     parallel.initialize()

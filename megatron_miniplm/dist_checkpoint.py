@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from megatron_miniplm.errors import UserError
 from megatron_miniplm.models.config import ModelConfig
 
 MODEL_CONFIG_FILE = "model_config.json"
@@ -79,7 +80,7 @@ def load_model(model_chunks: list, directory: str) -> None:
     load_model_state(model_chunks, load_sharded(model_state, directory), directory)
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError, ValueError):
     """A checkpoint does not hold what the model needs."""
 
 

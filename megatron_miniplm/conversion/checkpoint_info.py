@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from typing import Iterator, Optional
 
-from megatron_miniplm.checkpointing import LATEST_FILE, MODEL_CONFIG_FILE, latest_checkpoint
+from megatron_miniplm.dist_checkpoint import LATEST_FILE, MODEL_CONFIG_FILE, latest_checkpoint
 from megatron_miniplm.conversion.errors import ConversionError
 
 INFO_FILE = "checkpoint_info.json"

@@ -1,7 +1,7 @@
 """The latest-checkpoint marker: Megatron-LM's iteration number or a directory name."""
 import pytest
 
-from megatron_miniplm.checkpointing import LATEST_FILE, latest_checkpoint, resolve_checkpoint_dir
+from megatron_miniplm.dist_checkpoint import LATEST_FILE, latest_checkpoint, resolve_checkpoint_dir
 from megatron_miniplm.training.checkpoint import resume_dir
 
 
@@ -81,9 +81,9 @@ def _tensors(model):
 def test_extra_state_differences_load_both_ways(tmp_path, saved_with, loaded_into):
     import torch
 
-    from megatron_miniplm.checkpointing import load_model, save_model
+    from megatron_miniplm.dist_checkpoint import load_model, save_model
 
-    from megatron_miniplm.checkpointing import sharded_model_state
+    from megatron_miniplm.dist_checkpoint import sharded_model_state
 
     source, config = _model(saved_with, seed=1)
     keys = sharded_model_state([source])["model"]
@@ -103,7 +103,7 @@ def test_extra_state_differences_load_both_ways(tmp_path, saved_with, loaded_int
 
 
 def test_other_missing_entries_are_refused(tmp_path):
-    from megatron_miniplm.checkpointing import CheckpointMismatch, load_model, save_model
+    from megatron_miniplm.dist_checkpoint import CheckpointMismatch, load_model, save_model
 
     source, config = _model(False, tie=True)  # tied: no output_layer.weight saved
     save_model([source], str(tmp_path), config)

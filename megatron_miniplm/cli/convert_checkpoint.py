@@ -1,0 +1,91 @@
+"""Convert checkpoints between HF (transformers directory or GGUF file) and megatron.
+
+    # teacher import: Qwen2 / Qwen1.5 / Llama directory, or a GGUF file (dequantized)
+    python tools/convert_checkpoint.py --direction hf-to-megatron --load PATH --save DIR \\
+        [--tensor-model-parallel-size N] [--pipeline-model-parallel-size M] [--dtype bf16|fp32]
+
+    # student export: megatron checkpoint of any TP/PP -> Qwen2 or Llama HF directory
+    python tools/convert_checkpoint.py --direction megatron-to-hf --load DIR --save DIR \\
+        [--hf-architecture auto|qwen2|llama] [--tokenizer PATH] [--dtype bf16|fp32]
+
+Runs in one process (no torchrun): the megatron checkpoint is a dist checkpoint
+that reshards on load, so the parallel sizes given here are only validated
+(they must divide heads, key/value heads, layers) and recorded. The model
+config (model_config.json) and the tokenizer (tokenizer/) are written beside
+the shards, so tools/pretrain_gpt.py and tools/score_docs.py need no model flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from megatron_miniplm.cli.runner import tool
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--direction", required=True, choices=["hf-to-megatron", "megatron-to-hf"])
+    p.add_argument("--load", required=True,
+                   help="hf-to-megatron: HF model directory, .gguf file, or directory with one .gguf; "
+                        "megatron-to-hf: megatron checkpoint directory")
+    p.add_argument("--save", required=True, help="output directory (must be absent or empty unless --overwrite)")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="hf-to-megatron: TP size the checkpoint must load at (validated, recorded)")
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="hf-to-megatron: PP size the checkpoint must load at (validated, recorded)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the written weights")
+    p.add_argument("--gguf-file", default=None, help="hf-to-megatron: GGUF file name inside --load")
+    p.add_argument("--model-name", default=None, help="hf-to-megatron: name stored in model_config.json")
+    p.add_argument("--hf-architecture", choices=["auto", "qwen2", "llama"], default="auto",
+                   help="megatron-to-hf: output layout (auto: the imported architecture, else qwen2 "
+                        "with QKV bias, llama without)")
+    p.add_argument("--tokenizer", default=None,
+                   help="megatron-to-hf: tokenizer.json or tokenizer directory to copy "
+                        "(default: the checkpoint's tokenizer/)")
+    p.add_argument("--eod-token", default=None, help="end-of-document token, if the tokenizer's is not found")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
+    return p
+
+
+@tool
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_miniplm.conversion.hf_to_megatron import convert_hf_to_megatron
+    from megatron_miniplm.conversion.megatron_to_hf import convert_megatron_to_hf
+
+    start = time.time()
+    if args.direction == "hf-to-megatron":
+        r = convert_hf_to_megatron(
+            args.load, args.save,
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            dtype=args.dtype, gguf_file=args.gguf_file, name=args.model_name,
+            eod_token=args.eod_token, overwrite=args.overwrite,
+        )
+        summary = {"saved": r.directory, "architecture": r.info["architecture"], "dtype": args.dtype,
+                   "model": r.model_config.to_dict(), "tokenizer": r.info["tokenizer"]}
+        if r.info["tokenizer"] is None:
+            print("warning: the source has no tokenizer: checkpoint_info.json records none, so "
+                  "tools/score_docs.py cannot check it against the dataset's", file=sys.stderr)
+    else:
+        if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
+            print("note: parallel sizes are ignored for megatron-to-hf (the checkpoint is read whole)",
+                  file=sys.stderr)
+        r = convert_megatron_to_hf(
+            args.load, args.save, layout=args.hf_architecture, dtype=args.dtype,
+            tokenizer=args.tokenizer, eod_token=args.eod_token, overwrite=args.overwrite,
+        )
+        summary = {"saved": r.directory, "layout": r.layout, "dtype": args.dtype, "eod_id": r.eod_id}
+        if r.eod_id is None:
+            print("warning: no tokenizer found (pass --tokenizer); the HF directory has weights only",
+                  file=sys.stderr)
+    summary["seconds"] = round(time.time() - start, 1)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
