@@ -78,17 +78,17 @@ class _Output:
 
 def _locate(chunk: np.ndarray, shards: list[Shard], maps: list[np.ndarray], shard_domains: list[np.ndarray]):
     """Where each (shard, instance) row's tokens are: shard, byte offset, length, global domain."""
-    sh, loc = np.ascontiguousarray(chunk[:, 0]), chunk[:, 1]
+    shard, row = np.ascontiguousarray(chunk[:, 0]), chunk[:, 1]
     offset = np.empty(len(chunk), dtype=np.int64)
     length = np.empty(len(chunk), dtype=np.int64)
-    dom = np.empty(len(chunk), dtype=np.int64)
-    for s in np.unique(sh):
-        m = sh == s
-        idx = loc[m]
+    domain = np.empty(len(chunk), dtype=np.int64)
+    for s in np.unique(shard):
+        m = shard == s
+        idx = row[m]
         offset[m] = shards[s].index.pointers[idx]
         length[m] = shards[s].index.lengths[idx]
-        dom[m] = maps[s][np.asarray(shard_domains[s][idx])]
-    return sh, offset, length, dom
+        domain[m] = maps[s][np.asarray(shard_domains[s][idx])]
+    return shard, offset, length, domain
 
 
 def _copy_rows(rows: np.ndarray, shards: list[Shard], maps: list[np.ndarray], out: _Output,
@@ -99,14 +99,14 @@ def _copy_rows(rows: np.ndarray, shards: list[Shard], maps: list[np.ndarray], ou
     itemsize = out.token_dtype.itemsize
     for a in range(0, out.num_rows, CHUNK_ROWS):
         chunk = np.asarray(rows[a:a + CHUNK_ROWS])
-        sh, offset, length, dom = _locate(chunk, shards, maps, shard_domains)
+        shard, offset, length, domain = _locate(chunk, shards, maps, shard_domains)
         nbytes = length * itemsize
         buf = np.empty(int(nbytes.sum()), dtype=np.uint8)
-        _cpp.gather_bytes(sources, sh, offset, nbytes, buf, num_threads=num_threads)
+        _cpp.gather_bytes(sources, shard, offset, nbytes, buf, num_threads=num_threads)
         tokens = buf.view(out.token_dtype)
         out.index.add_sequences(tokens, length)
-        out.domains[a:a + len(chunk)] = dom
-        out.stats.add(tokens, length, dom, eod)
+        out.domains[a:a + len(chunk)] = domain
+        out.stats.add(tokens, length, domain, eod)
 
 
 def _dataset_meta(out: _Output, shards: list[Shard], names: list[str], eod: int | None,
