@@ -97,6 +97,21 @@ def summarize(runs: dict, domains: Optional[np.ndarray], domain_names: Sequence[
             "bootstrap": {"samples": bootstrap_samples, "seed": seed, "level": level}, "verdicts": verdicts}
 
 
+def with_compute(results: dict) -> None:
+    """Each verdict ends with what the two models' training cost, where both are known: a
+    difference means little without it (the paper compares methods at equal training FLOPs)."""
+    models, first = results["models"], results.get("baseline_of_comparison")
+    verdicts = []
+    for verdict, other in zip(results.get("verdicts", []), results.get("comparisons", {})):
+        fa, fb = models.get(first, {}).get("train_flops"), models.get(other, {}).get("train_flops")
+        if fa and fb:
+            ratio = fb / fa
+            verdict += (f"; at equal training FLOPs ({fa:.3g})" if abs(ratio - 1) < 0.005
+                        else f"; {other} trained with {ratio:.3g}x the FLOPs of {first}")
+        verdicts.append(verdict)
+    results["verdicts"] = verdicts
+
+
 def _difference(d: dict) -> PairedDifference:
     return PairedDifference(mean=d["mean"], low=d["low"], high=d["high"], instances=d["instances"], level=d["level"],
                             documents=d.get("documents", 0), seeds=tuple(d.get("seeds", (1, 1))),

@@ -27,6 +27,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         flops = [f for n, c in zip(names, cfg.load) if n == name for f in [train_flops(c)] if f is not None]
         if flops:
             models[name]["train_flops"] = sum(flops) / len(flops)
+    from megatron_miniplm.evaluation.report import with_compute
+
+    with_compute(results)
     if cfg.tasks:
         add_task_results(cfg, models)
     write_outputs(cfg, results)

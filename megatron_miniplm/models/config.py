@@ -120,14 +120,15 @@ def _qwen(name, hidden, ffn, layers, heads, *, tied=True, published=None) -> Mod
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # MiniPLM's reference model and students (the method doc's table). Tied
-    # embeddings, as in MiniPLM's released student configs; counts include the
-    # embedding matrix once.
+    # MiniPLM's reference model and students (the method doc's table). Tied embeddings
+    # up to 500M, as in MiniPLM's released student configs (counts include the embedding
+    # matrix once); untied at 1.2B, as its released checkpoint.
     "qwen-104M": _qwen("qwen-104M", 512, 1408, 8, 8, published=104_000_000),
     "qwen-200M": _qwen("qwen-200M", 768, 2112, 12, 12, published=200_000_000),
     "qwen-300M": _qwen("qwen-300M", 768, 2112, 18, 12),
     "qwen-500M": _qwen("qwen-500M", 1024, 2816, 24, 16),
-    "qwen-1.2B": _qwen("qwen-1.2B", 1536, 4224, 24, 16),
+    # The released 1.2B student has untied embeddings (its checkpoint holds 1.16B parameters).
+    "qwen-1.2B": _qwen("qwen-1.2B", 1536, 4224, 24, 16, tied=False, published=1_160_000_000),
     # Teachers, as published by Qwen (untied embeddings).
     "qwen1.5-0.5B": _qwen("qwen1.5-0.5B", 1024, 2816, 24, 16, tied=False, published=620_000_000),
     "qwen1.5-1.8B": _qwen("qwen1.5-1.8B", 2048, 5504, 24, 16, tied=False, published=1_840_000_000),
@@ -145,8 +146,23 @@ PRESETS: dict[str, ModelConfig] = {
 PRESET_NOTES = {
     "qwen-300M": "paper's name is nominal: the table's shape gives 247M with tied embeddings",
     "qwen-500M": "paper's name is nominal: the table's shape gives 464M tied (619M untied)",
-    "qwen-1.2B": "paper's name is nominal: the table's shape gives 927M tied (1.16B untied)",
+    "qwen-1.2B": "the paper's 1.2B: its released checkpoint's 1.16B, with untied embeddings",
 }
+
+
+def model_from_spec(spec: dict, vocab_size: int = 1) -> ModelConfig:
+    """A model mapping of the pipeline config (a preset and/or model settings) as a ModelConfig;
+    a shape without a vocabulary gets ``vocab_size`` (the data's), as tools/pretrain_gpt.py's
+    shape flags do."""
+    values = {k: v for k, v in spec.items() if k != "preset"}
+    if spec.get("preset"):
+        return get_preset(spec["preset"]).replace(**values)
+    shape = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
+    missing = [k for k in shape if k not in values]
+    if missing:
+        raise ValueError(f"needs a preset or all of {', '.join(shape)} (missing {', '.join(missing)})")
+    values.setdefault("vocab_size", vocab_size)
+    return ModelConfig(**values)
 
 
 def get_preset(name: str) -> ModelConfig:

@@ -60,9 +60,15 @@ TrainSection = section_of(
     sets=("data_path", "valid_data_path", "seq_length", "seed", "bf16", "tensor_model_parallel_size",
           "pipeline_model_parallel_size", "save", "load", "train_iters", "train_tokens", "metrics_file",
           "exit_signal_handler", "kd_teacher_load", "kd_ratio", "kd_temperature"))
+KD_MATCHING = ("flops", "steps")
 VanillaKDSection = section_of(
     KDSettings, name="VanillaKDSection", sets=("kd_teacher_load",),
-    extra=[("enabled", bool, setting(False, help="train a Vanilla KD student"))])
+    extra=[("enabled", bool, setting(False, help="train a Vanilla KD student")),
+           ("match", str, setting("flops", choices=KD_MATCHING,
+                                  help="what the KD student shares with the others: flops (its steps cut so "
+                                       "that its training FLOPs, its teacher's forward pass counted, equal a "
+                                       "plain student's: the paper's comparison and the official scripts') or "
+                                       "steps (the same steps: more compute than the others)"))])
 EvaluationSection = section_of(
     EvalConfig, name="EvaluationSection",
     sets=("load", "name", "json", "data_path", "output_dir", "report_dir", "metrics_file", "bootstrap_seed",
@@ -91,6 +97,8 @@ class LanguageModel:
     model: dict = setting(help="a preset ({preset: qwen-104M}) and/or model settings "
                                "(num_layers, hidden_size, ...), as tools/pretrain_gpt.py's model flags")
     epochs: float = setting(help="passes over the training data (the reference's D_ref, the students' selection)")
+    train_iters: Optional[int] = setting(None, help="fixed optimizer steps instead of epochs (the official "
+                                                    "MiniPLM runs train every student for 100K steps)")
     train: TrainSection = setting(default_factory=TrainSection,
                                   help="tools/pretrain_gpt.py settings (lr, batch sizes, ...)")
 
@@ -156,8 +164,9 @@ class PipelineConfig:
     student: LanguageModel = field(default_factory=_demo_student)
     vanilla_kd: VanillaKDSection = setting(default_factory=VanillaKDSection,
                                help="a Vanilla KD student beside the others (online distillation from the "
-                                    "teacher, trained on the uniform sample with the same steps and seed): "
-                                    "enabled, and kd_ratio / kd_temperature of tools/pretrain_gpt.py")
+                                    "teacher, trained on the uniform sample with the same seed and, by "
+                                    "default, the same training FLOPs): enabled, match, and kd_ratio / "
+                                    "kd_temperature of tools/pretrain_gpt.py")
     student_seeds: Optional[list] = setting(
         None, help="train every student once per seed of this list (the table shows the mean and spread "
                    "across seeds; the paired differences pool them); default: [seed]")
@@ -366,7 +375,10 @@ def _refuse_pipeline_settings(data: Mapping, path: tuple = ()) -> None:
                     raise ConfigError(f"{where}.{name}: set {name} once, at the top of the pipeline config "
                                       f"(every stage must use the same)")
                 if name in tp.pipeline_sets:
-                    raise ConfigError(f"{where}.{name}: set by the pipeline itself")
+                    parent = _hint_at(list(path))
+                    instead = (f"; give {'.'.join(path)}.{name}" if dataclasses.is_dataclass(parent)
+                               and name in {f.name for f in dataclasses.fields(parent)} else "")
+                    raise ConfigError(f"{where}.{name}: set by the pipeline itself{instead}")
                 else:
                     raise ConfigError(f"{where}.{name}: not a setting of {tp.stage.__name__}; known: "
                                       f"{', '.join(sorted(known))}")

@@ -15,25 +15,11 @@ import json
 import os
 from typing import Optional
 
+from megatron_miniplm.models.config import model_from_spec
 from megatron_miniplm.pipeline.config import ConfigError
 from megatron_miniplm.pipeline.stages import Graph, expand
 
 BASELINES = ("uniform", "teacher", "reference")
-
-
-def model_from_spec(spec: dict, vocab_size: int = 1):
-    """A model mapping of the config (a preset and/or model settings) as a ModelConfig."""
-    from megatron_miniplm.models.config import ModelConfig, get_preset
-
-    values = {k: v for k, v in spec.items() if k != "preset"}
-    if spec.get("preset"):
-        return get_preset(spec["preset"]).replace(**values)
-    shape = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
-    missing = [k for k in shape if k not in values]
-    if missing:
-        raise ConfigError(f"needs a preset or all of {', '.join(shape)} (missing {', '.join(missing)})")
-    values.setdefault("vocab_size", vocab_size)
-    return ModelConfig(**values)
 
 
 def _sha256(path: str) -> Optional[str]:
@@ -193,6 +179,8 @@ def _model(graph: Graph, where: str, spec, tp: int, pp: int, dp: int) -> list[st
         problems.append(f"{where}.train: {e}")
     if spec.epochs <= 0:
         problems.append(f"{where}.epochs {spec.epochs}: must be positive")
+    if spec.train_iters is not None and spec.train_iters < 1:
+        problems.append(f"{where}.train_iters {spec.train_iters}: must be positive")
     try:
         model = model_from_spec(spec.model)
     except (ConfigError, ValueError) as e:

@@ -20,11 +20,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
-from megatron_miniplm.models.config import ModelConfig
+from megatron_miniplm.models.config import ModelConfig, model_from_spec
 from megatron_miniplm.pipeline.config import PipelineConfig
 from megatron_miniplm.scoring import SCORES_VERSION
 from megatron_miniplm.selection.config import SelectionConfig
 from megatron_miniplm.settings import cli_fields, flag_of, to_argv
+from megatron_miniplm.training.flops import flops_matched_kd_iterations
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SINGLE, DISTRIBUTED = "single", "distributed"
@@ -347,14 +348,17 @@ class Graph:
 
         cfg = self.cfg
         # Epochs over D_ref for the reference; for every student over the MiniPLM selection's
-        # tokens, so that all students take the same steps.
+        # tokens, so that all students take the same steps (or fixed steps: train_iters). The
+        # Vanilla KD student takes fewer where it matches their FLOPs (vanilla_kd.match).
         budget, key = {"split": ("ref", "num_tokens"), "select": ("miniplm", "tokens_kept"),
                        "retokenize": ("miniplm", "num_tokens")}[data_stage]
         valid_stage = "retokenize" if data_stage == "retokenize" else "data"
 
         def iterations(dirs) -> int:
             tokens = _read_meta(os.path.join(dirs[data_stage], budget + ".meta.json"))[key]
-            return _iterations(model.epochs, tokens, model.train.global_batch_size, cfg.seq_length)
+            steps = model.train_iters or _iterations(model.epochs, tokens, model.train.global_batch_size,
+                                                     cfg.seq_length)
+            return self.kd_iterations(model, steps, dirs) if kd is not None and kd.match == "flops" else steps
 
         def commands(out, dirs):
             train = self.train_config(model, out, dirs, os.path.join(dirs[data_stage], data_name), iterations(dirs), kd, seed,
@@ -367,13 +371,28 @@ class Graph:
             want = str(iterations(dirs))
             return None if got == want else f"checkpoint at iteration {got}, {want} wanted"
 
-        settings = {"model": model.model, "epochs": model.epochs, "train": model.train.given(), "seq_length": cfg.seq_length,
+        budget_settings = {"train_iters": model.train_iters} if model.train_iters else {"epochs": model.epochs}
+        settings = {"model": model.model, **budget_settings, "train": model.train.given(), "seq_length": cfg.seq_length,
                     "seed": cfg.seed if seed is None else seed, "bf16": self.bf16, "data": data_name, "layout": _layout(cfg)}
         deps = [data_stage, "data"]
         if kd is not None:
-            settings.update(kd=kd.given(), scores_version=SCORES_VERSION)  # the teacher's logits
+            # the teacher's logits, and the rule its steps follow (stated: a changed default must
+            # not leave a KD student of the other rule looking finished)
+            settings.update(kd=kd.given(), match=kd.match, scores_version=SCORES_VERSION)
             deps.append("teacher")
         self.stages.append(Stage(name, DISTRIBUTED, settings, deps=deps, commands=commands, missing=missing))
+
+    def kd_iterations(self, model, plain_iterations: int, dirs: dict) -> int:
+        """The Vanilla KD student's steps at the training FLOPs of ``plain_iterations`` steps of a
+        plain student: the student's shape as the tool resolves it (a preset's own vocabulary,
+        else the data's), the teacher's from its checkpoint."""
+        from megatron_miniplm.dist_checkpoint import load_model_config
+
+        vocab = _read_meta(os.path.join(dirs["data"], "train.meta.json"))["tokenizer"]["vocab_size"]
+        student = model_from_spec(model.model, vocab_size=vocab)
+        teacher = load_model_config(self.teacher_checkpoint(dirs))
+        return flops_matched_kd_iterations(plain_iterations, student, teacher, self.cfg.seq_length,
+                                           self.cfg.parallel.tensor_model_parallel_size)
 
     def _score(self, model: str) -> None:
 

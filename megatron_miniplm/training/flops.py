@@ -43,6 +43,21 @@ def training_flops_per_token(config: ModelConfig, seq_length: int, tensor_parall
     return 6.0 * (config.num_layers * (attention + mlp) + logits)
 
 
+def kd_teacher_flops_per_token(teacher: ModelConfig, seq_length: int, tensor_parallel_size: int = 1) -> float:
+    """The teacher's forward pass in Vanilla KD, per token: a third of its training FLOPs."""
+    return training_flops_per_token(teacher, seq_length, tensor_parallel_size) / 3
+
+
+def flops_matched_kd_iterations(iterations: int, student: ModelConfig, teacher: ModelConfig, seq_length: int,
+                                tensor_parallel_size: int = 1) -> int:
+    """Steps of a Vanilla KD student that spend the training FLOPs of ``iterations`` steps of the
+    same student trained alone, its teacher's forward pass counted (the nearest whole step, at
+    least one): the paper compares methods at equal training compute."""
+    alone = training_flops_per_token(student, seq_length, tensor_parallel_size)
+    with_teacher = alone + kd_teacher_flops_per_token(teacher, seq_length, tensor_parallel_size)
+    return max(1, round(iterations * alone / with_teacher))
+
+
 def peak_flops_of(device_name: str) -> float | None:
     """Dense bf16 peak of a CUDA device by its name; None when not in the table."""
     for key, peak in PEAK_BF16_FLOPS:

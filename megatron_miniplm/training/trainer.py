@@ -27,7 +27,7 @@ from megatron_miniplm.signals import SignalFlag, any_rank
 from megatron_miniplm.training import engine, metrics
 from megatron_miniplm.training.checkpoint import load_checkpoint, save_checkpoint
 from megatron_miniplm.training.data import SampleStream
-from megatron_miniplm.training.flops import device_peak_flops, training_flops_per_token
+from megatron_miniplm.training.flops import device_peak_flops, kd_teacher_flops_per_token, training_flops_per_token
 from megatron_miniplm.models.gpt import resolve_implementation
 from megatron_miniplm.training.kd import Teacher, kd_forward_step
 from megatron_miniplm.training.prefetch import Prefetcher
@@ -129,7 +129,7 @@ class Trainer:
         tp = cfg.tensor_model_parallel_size
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.seq_length, tp)
         if self.teacher is not None:
-            self.flops_per_token += training_flops_per_token(self.teacher.config, cfg.seq_length, tp) / 3
+            self.flops_per_token += kd_teacher_flops_per_token(self.teacher.config, cfg.seq_length, tp)
         self.peak_flops = device_peak_flops(cfg.peak_tflops)
         self.writer = self._tensorboard()
 

@@ -164,3 +164,16 @@ def test_a_reordered_blend_has_no_document_numbering(tmp_path):
     assert test_documents(prefix, np.zeros(2, dtype=np.int32)) is None
     json.dump({**meta, "selection": {"order": "original"}}, open(prefix + ".meta.json", "w"))
     assert test_documents(prefix, np.zeros(2, dtype=np.int32)).tolist() == [0, 1]
+
+
+def test_each_verdict_ends_with_the_training_compute():
+    """Equal FLOPs are said as such; unequal ones as a ratio; unknown ones not at all."""
+    from megatron_miniplm.evaluation.report import with_compute
+
+    results = {"baseline_of_comparison": "a", "comparisons": {"b": {}, "c": {}, "t": {}},
+               "verdicts": ["a − b ...", "a − c ...", "a − t ..."],
+               "models": {"a": {"train_flops": 4.0e13}, "b": {"train_flops": 4.01e13},
+                          "c": {"train_flops": 1.6e14}, "t": {}}}
+    with_compute(results)
+    assert results["verdicts"] == ["a − b ...; at equal training FLOPs (4e+13)",
+                                   "a − c ...; c trained with 4x the FLOPs of a", "a − t ..."]

@@ -75,6 +75,8 @@ def test_the_launchers_environment_variables_still_work():
     ("student.train.seed=3", "student.train.seed: set seed once, at the top"),
     ("scoring.seq_length=64", "scoring.seq_length: set seq_length once, at the top"),
     ("reference.train.data_path=[x]", "reference.train.data_path: set by the pipeline itself"),
+    ("student.train.train_iters=9", "student.train.train_iters: set by the pipeline itself; give student.train_iters"),
+    ("vanilla_kd.match=tokens", "vanilla_kd.match: 'tokens' is not one of flops, steps"),
     ("colour=red", "unknown setting(s) colour"),
     ("student.model.depth=3", "student.model: unknown model setting(s) depth"),
     ("vanilla_kd.kd_teacher_load=x", "vanilla_kd.kd_teacher_load: set by the pipeline itself"),

@@ -37,3 +37,23 @@ def test_the_output_layer_counts_the_padded_vocabulary():
 ])
 def test_peak_by_device_name(name, peak):
     assert peak_flops_of(name) == peak
+
+
+def test_flops_matched_kd_steps_by_hand():
+    """The Vanilla KD student's steps at a plain student's training FLOPs, counted by hand from
+    the presets' shapes (multiply-adds per token at sequence length 1024; training is 6 FLOPs per
+    multiply-add, the teacher's forward 2)."""
+    from megatron_miniplm.training.flops import flops_matched_kd_iterations
+
+    def macs(h, ffn, layers, heads, head_dim, kv_heads, vocab, s=1024):
+        q, kv = heads * head_dim, kv_heads * head_dim
+        return layers * (h * (q + 2 * kv) + q * s + q * h + 3 * h * ffn) + h * vocab
+
+    teacher = macs(2048, 5504, 24, 16, 128, 16, 151936)  # Qwen1.5-1.8B
+    for preset, student in (("qwen-200M", macs(768, 2112, 12, 12, 64, 12, 151936)),
+                            ("qwen-500M", macs(1024, 2816, 24, 16, 64, 16, 151936))):
+        want = round(100_000 * 6 * student / (6 * student + 2 * teacher))
+        got = flops_matched_kd_iterations(100_000, get_preset(preset), get_preset("qwen1.5-1.8B"), 1024)
+        assert got == want, preset
+    assert flops_matched_kd_iterations(100_000, get_preset("qwen-200M"), get_preset("qwen1.5-1.8B"), 1024) == 28835
+    assert flops_matched_kd_iterations(1, get_preset("qwen-200M"), get_preset("qwen1.5-1.8B"), 1024) == 1
