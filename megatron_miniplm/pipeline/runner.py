@@ -28,6 +28,7 @@ from typing import Optional
 
 from megatron_miniplm.atomic_io import write_json_atomic, write_text_atomic
 from megatron_miniplm.pipeline.config import to_yaml
+from megatron_miniplm.pipeline.lock import LaunchLock
 from megatron_miniplm.pipeline.stages import DISTRIBUTED, SINGLE, Graph, Stage, record_bf16
 
 STOPPED_EARLY = 3  # exit code: a stage was stopped by SIGTERM after saving; rerun to resume
@@ -117,6 +118,16 @@ class Runner:
     # ---- the run --------------------------------------------------------------------------
     def run(self, decisions: list[Decision]) -> None:
         os.makedirs(os.path.join(self.work_dir, "records"), exist_ok=True)
+        # one launch per work directory: the first node's launcher holds the lock (the other
+        # nodes' launchers belong to the same launch)
+        self.lock = LaunchLock(self.work_dir).acquire(warn=self.log) if self.node0 else None
+        try:
+            self._run_stages(decisions)
+        finally:
+            if self.lock:
+                self.lock.release()
+
+    def _run_stages(self, decisions: list[Decision]) -> None:
         if self.par.nnodes > 1 and self.par.launcher == "torchrun":
             check_shared_work_dir(self.work_dir, self.par.nnodes, self.par.node_rank, plan=plan_of(self.graph))
         if self.node0:
@@ -164,7 +175,8 @@ class Runner:
     def _execute(self, stage: Stage, argv: list[str]) -> None:
         launch = self._launcher(argv) if stage.kind == DISTRIBUTED else argv
         self.log("    $ " + " ".join(launch))
-        code = subprocess.call(launch)
+        held = (self.lock.fd,) if self.lock and self.lock.fd is not None else ()
+        code = subprocess.call(launch, pass_fds=held)  # the tools hold the lock while they run
         if code != 0:
             raise StageFailed(f"stage {stage.name} failed (exit {code}): {' '.join(argv[:2])}", code)
 

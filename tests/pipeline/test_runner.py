@@ -147,3 +147,59 @@ def test_srun_steps_get_the_jobs_cpus_per_task(tmp_path, monkeypatch, cpus):
     argv = runner.Runner(graph, log=lambda *a: None)._launcher([sys.executable, "tool.py", "--x"])
     assert argv[0] == "srun" and argv[-3:] == [sys.executable, "tool.py", "--x"]
     assert ("--cpus-per-task=8" in argv) == (cpus is not None)
+
+
+def _launch_in_background(work, log, sleep):
+    """A launch of the toy pipeline in another process, stage b sleeping ``sleep`` seconds."""
+    code = ("import runpy, sys; t = runpy.run_path(sys.argv[1]); "
+            "from megatron_miniplm.pipeline import runner; g = t['toy_graph'](sys.argv[2], sys.argv[3], "
+            "b_sleep=float(sys.argv[4])); runner.execute(g, runner.plan(g))")
+    proc = subprocess.Popen([sys.executable, "-c", code, os.path.abspath(__file__), str(work), str(log), str(sleep)],
+                            start_new_session=True, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while ran(log) != ["a", "b"]:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    return proc
+
+
+def test_a_second_launch_on_a_work_dir_in_use_is_refused(tmp_path):
+    """While a launch runs (here in stage b), another on its work directory is refused at once,
+    naming the holder; once the first has ended, the next one runs."""
+    from megatron_miniplm.pipeline.lock import WorkDirInUse
+
+    log, work = tmp_path / "log", tmp_path / "w"
+    first = _launch_in_background(work, log, sleep=30)
+    graph = toy_graph(work, tmp_path / "log2")
+    started = time.time()
+    with pytest.raises(WorkDirInUse, match=f"in use by another launch \\(host {os.uname().nodename}, pid {first.pid}, "):
+        runner.execute(graph, runner.plan(graph), log=lambda *a: None)
+    assert time.time() - started < 5 and ran(tmp_path / "log2") == []
+    os.killpg(first.pid, signal.SIGTERM)
+    first.wait()
+    assert runner.execute(graph, runner.plan(graph), log=lambda *a: None) == 0
+
+
+def test_a_killed_launchs_lock_is_taken_over_once_its_tools_are_gone(tmp_path):
+    """SIGKILL to the launcher alone: its running tool still holds the directory (it could still
+    write); once that is gone too, the next launch takes over without any clean-up."""
+    from megatron_miniplm.pipeline.lock import WorkDirInUse
+
+    log, work = tmp_path / "log", tmp_path / "w"
+    first = _launch_in_background(work, log, sleep=30)
+    os.kill(first.pid, signal.SIGKILL)  # the launcher only: stage b's process runs on
+    first.wait()
+    graph = toy_graph(work, log)
+    with pytest.raises(WorkDirInUse):
+        runner.execute(graph, runner.plan(graph), log=lambda *a: None)
+    os.killpg(first.pid, signal.SIGKILL)  # now stage b's too
+    deadline = time.time() + 10
+    while True:
+        try:
+            assert runner.execute(graph, runner.plan(graph), log=lambda *a: None) == 0
+            break
+        except WorkDirInUse:
+            assert time.time() < deadline
+            time.sleep(0.1)
+    assert ran(log)[-2:] == ["b", "c"]
+
