@@ -48,7 +48,8 @@ setup(
         "hf": ["gguf", "accelerate", "safetensors"],
         "report": ["matplotlib"],
         "eval": ["lm_eval==0.4.13"],
-        "dev": ["pytest", "gguf", "accelerate", "safetensors", "matplotlib", "lm_eval==0.4.13"],
+        "wandb": ["wandb>=0.17"],  # Weights & Biases logging (--wandb-project)
+        "dev": ["pytest", "gguf", "accelerate", "safetensors", "matplotlib", "lm_eval==0.4.13", "wandb>=0.17"],
     },
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
     ext_modules=ext_modules,

@@ -30,13 +30,16 @@ _NO_DEFAULT = dataclasses.MISSING
 
 def setting(default: Any = _NO_DEFAULT, *, help: str, flag: Optional[str] = None,
             choices: Optional[Iterable] = None, metavar: Optional[str] = None, group: Optional[str] = None,
-            cli: bool = True, one_of: Optional[str] = None, default_factory: Any = _NO_DEFAULT) -> Any:
+            cli: bool = True, one_of: Optional[str] = None, fingerprinted: bool = True,
+            default_factory: Any = _NO_DEFAULT) -> Any:
     """A dataclass field with what its command-line flag needs. ``cli=False``: not a flag
     (set by the tool or the pipeline itself). ``group``: its section in ``--help``.
     ``one_of``: the name of a choice this setting is one way of making; the settings of a
-    class that share it are alternatives, and setting one drops the others (``alternatives``)."""
+    class that share it are alternatives, and setting one drops the others (``alternatives``).
+    ``fingerprinted=False``: how a run is watched (a logging sink), not what it makes: left out
+    of the pipeline's stage fingerprints, so that changing it reruns nothing."""
     metadata = {"help": help, "flag": flag, "choices": tuple(choices) if choices else None,
-                "metavar": metavar, "cli": cli, "group": group, "one_of": one_of}
+                "metavar": metavar, "cli": cli, "group": group, "one_of": one_of, "fingerprinted": fingerprinted}
     if default_factory is not _NO_DEFAULT:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -269,12 +272,12 @@ class Section:
     extras: frozenset = frozenset()  # settings of the section that are not the stage's
 
     def given(self) -> dict:
-        """The settings that differ from the section's defaults: what a config chose, and what a
-        stage's fingerprint holds (an unchanged stage keeps its outputs when a setting is added
-        to its config with a default)."""
+        """The settings that differ from the section's defaults, less those that only say how a
+        run is watched: what a stage's fingerprint holds (an unchanged stage keeps its outputs
+        when a setting is added to its config with a default)."""
         default = type(self)()
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if getattr(self, f.name) != getattr(default, f.name)}
+                if getattr(self, f.name) != getattr(default, f.name) and f.metadata.get("fingerprinted", True)}
 
     def stage_settings(self) -> dict:
         """The section's values that are the stage's settings."""

@@ -6,13 +6,19 @@
 
     # student export: megatron checkpoint of any TP/PP -> Qwen2 or Llama HF directory
     python tools/convert_checkpoint.py --direction megatron-to-hf --load DIR --save DIR \\
-        [--hf-architecture auto|qwen2|llama] [--tokenizer PATH] [--dtype bf16|fp32]
+        [--hf-architecture auto|qwen2|llama] [--tokenizer PATH] [--dtype bf16|fp32] \\
+        [--results RESULTS.json | --no-model-card]
 
 Runs in one process (no torchrun): the megatron checkpoint is a dist checkpoint
 that reshards on load, so the parallel sizes given here are only validated
 (they must divide heads, key/value heads, layers) and recorded. The model
 config (model_config.json) and the tokenizer (tokenizer/) are written beside
 the shards, so tools/pretrain_gpt.py and tools/score_docs.py need no model flags.
+
+The student export also writes a model card (README.md): the model's shape and
+parameter count, the tokenizer, the training data (a sampled blend's selection,
+teacher and reference), tokens seen and training FLOPs, Vanilla KD's settings,
+and the held-out results of tools/evaluate.py where they are found.
 """
 
 from __future__ import annotations
@@ -46,13 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="megatron-to-hf: tokenizer.json or tokenizer directory to copy "
                         "(default: the checkpoint's tokenizer/)")
     p.add_argument("--eod-token", default=None, help="end-of-document token, if the tokenizer's is not found")
+    p.add_argument("--results", default=None, metavar="RESULTS.json",
+                   help="megatron-to-hf: results.json of tools/evaluate.py that scored this checkpoint; the "
+                        "model card shows its held-out row (default: the pipeline's evaluation when the "
+                        "checkpoint is a stage's WORK_DIR/STAGE/FINGERPRINT/ckpt, else none)")
+    p.add_argument("--no-model-card", action="store_true",
+                   help="megatron-to-hf: write no README.md model card")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
     return p
 
 
+def check_card_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The model card is the student export's: its flags mean nothing elsewhere."""
+    if args.direction != "megatron-to-hf" and (args.results is not None or args.no_model_card):
+        p.error("--results and --no-model-card apply to --direction megatron-to-hf only")
+    if args.results is not None and args.no_model_card:
+        p.error("--results is shown in the model card: it cannot go with --no-model-card")
+
+
 @tool
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_card_flags(parser, args)
     from megatron_miniplm.conversion.hf_to_megatron import convert_hf_to_megatron
     from megatron_miniplm.conversion.megatron_to_hf import convert_megatron_to_hf
 
@@ -77,8 +99,10 @@ def main(argv=None) -> int:
         r = convert_megatron_to_hf(
             args.load, args.save, layout=args.hf_architecture, dtype=args.dtype,
             tokenizer=args.tokenizer, eod_token=args.eod_token, overwrite=args.overwrite,
+            model_card=not args.no_model_card, results=args.results,
         )
-        summary = {"saved": r.directory, "layout": r.layout, "dtype": args.dtype, "eod_id": r.eod_id}
+        summary = {"saved": r.directory, "layout": r.layout, "dtype": args.dtype, "eod_id": r.eod_id,
+                   "model_card": r.model_card}
         if r.eod_id is None:
             print("warning: no tokenizer found (pass --tokenizer); the HF directory has weights only",
                   file=sys.stderr)

@@ -12,6 +12,11 @@ sampled blend written by tools/difference_sample.py.
 parameters and activations, fp32 main parameters in the optimizer and fp32
 gradient reduction. Preemption: --exit-signal-handler saves a checkpoint and
 exits 0 on SIGTERM; rerun the same command (with --load = --save) to resume.
+
+Logging, from rank 0: the log line every --log-interval iterations, and the same
+numbers to --metrics-file (JSON lines), --tensorboard-dir and Weights & Biases
+(--wandb-project; the wandb extra, pip install megatron-miniplm[wandb]; offline
+with --wandb-mode offline). A resumed run continues its W&B run.
 """
 
 from __future__ import annotations

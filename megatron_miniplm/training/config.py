@@ -163,8 +163,32 @@ class TrainConfig:
     eval_interval: int = setting(0, group=LOGGING, help="validate every this many iterations (and at the end)")
     eval_iters: int = setting(10, group=LOGGING, help="validation global batches")
     log_interval: int = setting(10, group=LOGGING, help="iterations per log line")
-    tensorboard_dir: Optional[str] = setting(None, group=LOGGING, help="write tensorboard events here")
+    tensorboard_dir: Optional[str] = setting(None, group=LOGGING, fingerprinted=False,
+                                             help="write tensorboard events here")
     metrics_file: Optional[str] = setting(None, group=LOGGING, help="JSON lines, one per iteration (rank 0)")
+    wandb_project: Optional[str] = setting(
+        None, group=LOGGING, fingerprinted=False,
+        help="log to Weights & Biases, in this project (W&B is on when it is given; needs the wandb extra: "
+             "pip install megatron-miniplm[wandb]): the metrics file's numbers with step = iteration, the "
+             "run's config and each checkpoint's iteration. Rank 0 logs, as it writes the metrics file and "
+             "tensorboard (Megatron-LM logs from the last rank). A run resumed from its own --save continues "
+             "the W&B run of its checkpoint")
+    wandb_exp_name: Optional[str] = setting(None, group=LOGGING, fingerprinted=False,
+                                            help="the W&B run's name (default: W&B's)")
+    wandb_save_dir: Optional[str] = setting(
+        None, group=LOGGING, fingerprinted=False,
+        help="where W&B writes its local run files (default: a wandb/ directory under --save, as in "
+             "Megatron-LM; without --save, W&B's default)")
+    wandb_entity: Optional[str] = setting(None, group=LOGGING, fingerprinted=False,
+                                          help="the W&B user or team of the project (default: W&B's)")
+    wandb_group: Optional[str] = setting(
+        None, group=LOGGING, fingerprinted=False,
+        help="a W&B run group, e.g. the runs of one pipeline's stages (this project's flag; "
+             "Megatron-LM has none)")
+    wandb_mode: Optional[str] = setting(
+        None, group=LOGGING, fingerprinted=False, choices=("online", "offline"),
+        help="offline: W&B writes the run locally only, with no network (upload it later with "
+             "`wandb sync`) (default: W&B's own, the WANDB_MODE environment variable, else online)")
     peak_tflops: Optional[float] = setting(None, group=LOGGING, help="device peak for MFU where it is not known")
 
     def __post_init__(self):

@@ -22,6 +22,11 @@ class Metrics:
     throughput: dict[int, dict]  # iteration closing a logging window -> its last throughput line
 
 
+def kind(record: dict) -> str:
+    """Which of ``Metrics``' kinds a line is: "valid", "throughput" or "train" (its own keys say)."""
+    return "valid" if "valid_loss" in record else "throughput" if "tokens_per_s" in record else "train"
+
+
 def append(path: str, records) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.writelines(json.dumps(m) + "\n" for m in records)
@@ -40,6 +45,5 @@ def read(path: str) -> Metrics:
             if number == len(lines):
                 continue  # a last line cut by a kill
             raise ValueError(f"{path}:{number}: not a JSON line") from None
-        kind = out.valid if "valid_loss" in m else out.throughput if "tokens_per_s" in m else out.train
-        kind[m["iteration"]] = m
+        getattr(out, kind(m))[m["iteration"]] = m
     return out

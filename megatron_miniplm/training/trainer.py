@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import os
 import time
 from typing import Optional
 
@@ -24,7 +25,7 @@ from megatron_miniplm import parallel, platform
 from megatron_miniplm.data.samples import collate_instances
 from megatron_miniplm.settings import to_mapping
 from megatron_miniplm.signals import SignalFlag, any_rank
-from megatron_miniplm.training import engine, metrics
+from megatron_miniplm.training import engine, loggers
 from megatron_miniplm.training.checkpoint import load_checkpoint, save_checkpoint
 from megatron_miniplm.training.data import SampleStream
 from megatron_miniplm.training.flops import device_peak_flops, kd_teacher_flops_per_token, training_flops_per_token
@@ -38,6 +39,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.start_time = time.time()
         self.cfg = cfg
+        loggers.check(cfg)  # a missing logging package: refused before anything starts
         self._set_up_parallel_state()
         self._set_up_data()
         self._set_up_model_and_optimizer()
@@ -118,11 +120,12 @@ class Trainer:
         self.consumed_samples = 0
         self.consumed_tokens = 0
         self.consumed_flops = 0.0
+        self.wandb_run_id: Optional[str] = None  # kept with the checkpoints, so that a resume continues the run
         if self.cfg.load:
             self._resume()
 
     def _set_up_accounting(self) -> None:
-        """FLOPs per token and the device's peak (for MFU), and the tensorboard writer."""
+        """FLOPs per token and the device's peak (for MFU), and the sinks of the records."""
         cfg = self.cfg
         # Training FLOPs per token, the teacher's forward pass included under KD (it is a
         # third of its training FLOPs): what MiniPLM is compared with at equal compute.
@@ -131,7 +134,7 @@ class Trainer:
         if self.teacher is not None:
             self.flops_per_token += kd_teacher_flops_per_token(self.teacher.config, cfg.seq_length, tp)
         self.peak_flops = device_peak_flops(cfg.peak_tflops)
-        self.writer = self._tensorboard()
+        self.loggers = self._open_loggers()
 
     # ---- validation of settings ----------------------------------------------------------
     def _check_batch_layout(self) -> None:
@@ -177,6 +180,9 @@ class Trainer:
         self.consumed_samples = state["consumed_samples"]
         self.consumed_tokens = state["consumed_tokens"]
         self.consumed_flops = state.get("consumed_flops", 0.0)
+        if cfg.save and os.path.realpath(cfg.load) == os.path.realpath(cfg.save):
+            # A resume of this run (not a start from another run's checkpoint): the same W&B run.
+            self.wandb_run_id = state.get("wandb_run_id")
         self._log(f"resumed from {cfg.load} at iteration {self.iteration}"
                   + ("" if state["optimizer_loaded"] else
                      " (model weights only: optimizer state initialised from them)"))
@@ -203,7 +209,13 @@ class Trainer:
 
         A step's losses are read on the host only when they are needed: at the logging interval,
         before a validation, a save or an exit, and at the end (one synchronisation for all the
-        steps since the last read), so the host queues the next step while the device works."""
+        steps since the last read), so the host queues the next step while the device works.
+        The run's logging ends with it: its sinks are closed (W&B's run finished, as failed if
+        it raised)."""
+        with self.loggers:
+            return self._train()
+
+    def _train(self) -> dict:
         cfg = self.cfg
         last: dict = {}
         start_iteration = self.iteration
@@ -340,8 +352,6 @@ class Trainer:
         self._log(f" validation at iteration {self.iteration}: loss {loss:.4f} "
                   f"ppl {math.exp(min(loss, 50)):.2f}")
         self._write_metrics({"iteration": self.iteration, "valid_loss": loss})
-        if self.writer:
-            self.writer.add_scalar("valid/loss", loss, self.iteration)
         return loss
 
     def save(self) -> None:
@@ -350,6 +360,8 @@ class Trainer:
                            "consumed_flops": self.consumed_flops}
             if self.teacher is not None:
                 train_state["kd_teacher"] = self.teacher.identity()
+            if self.wandb_run_id is not None:
+                train_state["wandb_run_id"] = self.wandb_run_id
             save_checkpoint(
                 self.cfg.save, self.iteration, self.model, self.optimizer, self.scheduler, train_state,
                 self.cfg.model, tokenizer=self._data_tokenizer() or None,
@@ -357,6 +369,7 @@ class Trainer:
                 run_config=to_mapping(self.cfg),
             )
         self._log(f" saved checkpoint at iteration {self.iteration} to {self.cfg.save}")
+        self.loggers.checkpoint(self.iteration)
 
     def _optimizer_format(self) -> Optional[str]:
         if not self.cfg.ddp.use_distributed_optimizer:
@@ -412,31 +425,36 @@ class Trainer:
             f"{s_per_iter * 1000:.0f} ms/iter | {tokens_per_s:.0f} tokens/s ({counted_per_s:.0f} non-pad) "
             f"| {tflops:.3f} TFLOP/s/device{mfu}"
         )
-        if self.writer:
-            for key in ("loss", "lm_loss", "kd_loss", "lr", "grad_norm"):
-                if m.get(key) is not None:
-                    self.writer.add_scalar(f"train/{key}", m[key], m["iteration"])
-            self.writer.add_scalar("train/tokens_per_s", tokens_per_s, m["iteration"])
         self._write_metrics({"iteration": m["iteration"], "window_iterations": iterations,
                              "tokens_per_s": tokens_per_s, "counted_tokens_per_s": counted_per_s,
                              "ms_per_iter": s_per_iter * 1000, "tflops_per_device": tflops, "mfu": mfu_value})
 
     def _write_metrics(self, *records: dict) -> None:
-        if self.cfg.metrics_file and self.info.rank == 0:
-            metrics.append(self.cfg.metrics_file, records)
+        """Every record of the run goes here: to the metrics file, tensorboard and W&B (``loggers``)."""
+        self.loggers.write(*records)
 
     def _log(self, message: str) -> None:
         if self.info.rank == 0:
             print(message, flush=True)
 
-    def _tensorboard(self):
-        if not self.cfg.tensorboard_dir or self.info.rank != 0:
-            return None
+    def _open_loggers(self) -> "loggers.Loggers":
+        """The sinks of the records (rank 0's). Under W&B, the run id is this run's from its
+        checkpoint, else a new one, agreed by every rank since each saves it with the checkpoint.
+        A sink that cannot open (W&B without an API key, an unwritable directory) stops every
+        rank, not rank 0 alone with the others waiting for it in the first step."""
+        if self.cfg.wandb_project and self.wandb_run_id is None:
+            chosen = [loggers.new_wandb_run_id() if self.info.rank == 0 else None]
+            dist.broadcast_object_list(chosen, src=0, device=platform.device())
+            self.wandb_run_id = chosen[0]
+        opened, error = loggers.Loggers(), None
         try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise RuntimeError("a tensorboard directory needs the tensorboard package") from e
-        return SummaryWriter(self.cfg.tensorboard_dir)
+            opened = loggers.open_loggers(self.cfg, rank=self.info.rank, wandb_run_id=self.wandb_run_id,
+                                          config=to_mapping(self.cfg))
+        except (loggers.LoggerUnavailable, OSError) as e:
+            error = e
+        if any_rank([error is not None])[0]:
+            raise error or loggers.LoggerUnavailable("rank 0 could not open the run's logging (its error says why)")
+        return opened
 
 
 @contextlib.contextmanager

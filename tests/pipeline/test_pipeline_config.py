@@ -147,3 +147,17 @@ def test_a_section_is_its_stage_config_less_the_pipelines_settings():
     assert (score.micro_batch_size, score.layers.transformer_impl) == (3, "local")
     with pytest.raises(TypeError, match="missing \\['seed'\\]"):
         cfg.split.stage_config(input_prefix="i", ref_prefix="r", rest_prefix="s")
+
+
+def test_how_a_run_is_watched_is_not_what_it_makes():
+    """Logging sinks (tensorboard, W&B) stay out of a stage's fingerprint: a rerun that only
+    adds them skips every stage; a setting that changes the model does not."""
+    from megatron_miniplm.pipeline.stages import Graph
+
+    base = Graph(config.load(None, ["bf16=false"], environ={})[0])
+    watched = Graph(config.load(None, ["bf16=false", "student.train.wandb_project=p",
+                                       "student.train.tensorboard_dir=/tb"], environ={})[0])
+    changed = Graph(config.load(None, ["bf16=false", "student.train.lr=0.001"], environ={})[0])
+    prints = lambda g: {s.name: s.fingerprint for s in g.stages}  # noqa: E731
+    assert prints(watched) == prints(base)
+    assert prints(changed)["student-miniplm"] != prints(base)["student-miniplm"]
