@@ -7,7 +7,7 @@ Domains come from the Python installation running this script:
   package-docs  README / LICENSE / METADATA text of installed packages
   noise         low-quality text: words of the other domains in random order
 
-    python tools/build_demo_corpus.py --output-dir DIR [--chars-per-domain 600000] [--test-fraction 0.05]
+    python tools/build_demo_corpus.py --output-dir DIR [--chars-per-domain 600000] [--test-fraction 0.15]
 
 Writes DIR/train.jsonl and DIR/test.jsonl ({"text", "meta": {"pile_set_name"}}); a
 document goes to the test split by a hash of its source, so the held-out
@@ -102,7 +102,7 @@ def _is_test(source: str, fraction: float) -> bool:
     return h / 0xFFFFFFFF < fraction
 
 
-def build(output_dir: str, chars_per_domain: int, test_fraction: float = 0.08, seed: int = 0) -> dict:
+def build(output_dir: str, chars_per_domain: int, test_fraction: float = 0.15, seed: int = 0) -> dict:
     domains = {
         "python-code": _stdlib_sources(tests=False),
         "python-tests": _stdlib_sources(tests=True),
@@ -133,7 +133,9 @@ def build(output_dir: str, chars_per_domain: int, test_fraction: float = 0.08, s
             for source, text in docs:
                 if used >= chars_per_domain:
                     break
-                text = text[: max(2000, chars_per_domain // 20)]  # no single file dominates a domain
+                # a file's head, short enough that no file dominates a domain and that the test
+                # split holds enough documents for a document-level bootstrap to mean something
+                text = text[: max(1000, chars_per_domain // 80)]
                 emit(domain, source, text)
                 used += len(text)
                 if len(vocabulary) < 200_000:
@@ -153,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", required=True)
     p.add_argument("--chars-per-domain", type=int, default=600_000)
-    p.add_argument("--test-fraction", type=float, default=0.08)
+    p.add_argument("--test-fraction", type=float, default=0.15,
+                   help="share of the non-noise documents held out for the comparison, chosen by a hash of their source")
     p.add_argument("--seed", type=int, default=0)
     return p
 

@@ -55,6 +55,7 @@ class PairedDifference:
     documents: int = 0  # test documents resampled (0: instances taken as independent)
     seeds: tuple = (1, 1)  # training seeds of a and of b
     seed_std: Optional[float] = None  # seed-to-seed spread of the difference, with >= 2 seeds each
+    seeds_paired: bool = False  # run k of each model shared its seed: the per-seed differences vary
 
     @property
     def covers_seeds(self) -> bool:
@@ -63,7 +64,9 @@ class PairedDifference:
     @property
     def covers(self) -> str:
         test = "test documents" if self.documents else "test instances"
-        return f"{test} and training seeds" if self.covers_seeds else f"{test} only"
+        if not self.covers_seeds:
+            return f"{test} only"
+        return f"{test} and training seeds{' (paired by seed)' if self.seeds_paired else ''}"
 
     @property
     def excludes_zero(self) -> bool:
@@ -91,7 +94,7 @@ class PairedDifference:
 
 def paired_difference(a_runs: Sequence[np.ndarray], b_runs: Sequence[np.ndarray], *,
                       documents: Optional[np.ndarray] = None, samples: int = 10_000, seed: int = 0,
-                      level: float = 0.95, block: int = 256) -> PairedDifference:
+                      level: float = 0.95, block: int = 256, same_seeds: bool = False) -> PairedDifference:
     """Difference of two models' per-instance losses (each a list of per-seed arrays over the same
     test instances; instances that a run leaves without a counted token are left out), with an
     interval over the two sources of chance in such a comparison:
@@ -102,8 +105,11 @@ def paired_difference(a_runs: Sequence[np.ndarray], b_runs: Sequence[np.ndarray]
     - training: with >= 2 seeds of each model, the seed-to-seed variance of each model's mean
       loss (over its k seeds, /k) is added to the bootstrap's variance of the test-set part,
       and the interval is a t interval with Welch-Satterthwaite degrees of freedom (a
-      bootstrap over 2-5 seeds would understate it). With one seed of either model the
-      interval is the test-set part alone, and ``verdict`` says so.
+      bootstrap over 2-5 seeds would understate it). ``same_seeds``: run k of each model was
+      trained with the same seed (the same initial weights and data-order stream), so the
+      runs pair up: the variance is that of the k per-seed differences (/k, k - 1 degrees of
+      freedom), which leaves out what the two runs of a seed share. With one seed of either
+      model the interval is the test-set part alone, and ``verdict`` says so.
     """
     A = np.stack([np.asarray(r, dtype=np.float64) for r in a_runs])
     B = np.stack([np.asarray(r, dtype=np.float64) for r in b_runs])
@@ -124,14 +130,21 @@ def paired_difference(a_runs: Sequence[np.ndarray], b_runs: Sequence[np.ndarray]
     if min(A.shape[0], B.shape[0]) < 2:
         low, high = np.percentile(test_means, [100 * tail, 100 * (1 - tail)])
         return PairedDifference(mean=mean, low=float(low), high=float(high), **kinds)
-    parts = [(float(np.var(test_means, ddof=1)), int(groups.max())),  # (variance, degrees of freedom)
-             (float(np.var(A.mean(axis=1), ddof=1)) / A.shape[0], A.shape[0] - 1),
-             (float(np.var(B.mean(axis=1), ddof=1)) / B.shape[0], B.shape[0] - 1)]
+    test_part = (float(np.var(test_means, ddof=1)), int(groups.max()))  # (variance, degrees of freedom)
+    if same_seeds and A.shape[0] == B.shape[0]:
+        per_seed = A.mean(axis=1) - B.mean(axis=1)
+        seed_parts = [(float(np.var(per_seed, ddof=1)) / per_seed.size, per_seed.size - 1)]
+        seed_std = float(np.std(per_seed, ddof=1))
+    else:
+        seed_parts = [(float(np.var(A.mean(axis=1), ddof=1)) / A.shape[0], A.shape[0] - 1),
+                      (float(np.var(B.mean(axis=1), ddof=1)) / B.shape[0], B.shape[0] - 1)]
+        seed_std = math.sqrt(seed_parts[0][0] * A.shape[0] + seed_parts[1][0] * B.shape[0])
+    parts = [test_part, *seed_parts]
     variance = sum(v for v, _ in parts)
     df = variance ** 2 / sum(v ** 2 / max(n, 1) for v, n in parts) if variance > 0 else math.inf
     half = t_quantile(1 - tail, df) * math.sqrt(variance)
-    seed_std = math.sqrt(parts[1][0] * A.shape[0] + parts[2][0] * B.shape[0])
-    return PairedDifference(mean=mean, low=mean - half, high=mean + half, seed_std=seed_std, **kinds)
+    return PairedDifference(mean=mean, low=mean - half, high=mean + half, seed_std=seed_std,
+                            seeds_paired=bool(same_seeds and A.shape[0] == B.shape[0]), **kinds)
 
 
 def _cluster_bootstrap(d: np.ndarray, groups: np.ndarray, *, samples: int, seed: int, block: int) -> np.ndarray:
@@ -183,19 +196,24 @@ def spread(values: Sequence[float]) -> Optional[float]:
 
 def compare_models(losses: dict, domains: Optional[np.ndarray], domain_names: Sequence[str], *,
                    documents: Optional[np.ndarray] = None, samples: int = 10_000, seed: int = 0,
-                   level: float = 0.95) -> dict:
+                   level: float = 0.95, seeds: Optional[dict] = None) -> dict:
     """The first model against each other one: {other: {"overall": {...}, "domains": {...}}}.
 
     ``losses``: {model: [per-instance losses of each of its seeds]}, insertion-ordered;
-    ``documents``: the test document of each instance (None: instances taken as independent).
+    ``documents``: the test document of each instance (None: instances taken as independent);
+    ``seeds``: {model: the training seed of each of its runs} where known: two models whose runs
+    have the same seeds are compared seed by seed (``paired_difference``'s ``same_seeds``).
     """
     names = list(losses)
     base = losses[names[0]]
     out = {}
     for other in names[1:]:
         theirs = losses[other]
+        same = _seed_order(seeds or {}, names[0], other)
+        if same is not None:
+            theirs = [theirs[k] for k in same]
         row = {"overall": paired_difference(base, theirs, documents=documents, samples=samples, seed=seed,
-                                            level=level).as_dict(), "domains": {}}
+                                            level=level, same_seeds=same is not None).as_dict(), "domains": {}}
         if domains is not None:
             usable = ~np.isnan(pooled(base)) & ~np.isnan(pooled(theirs))
             for d, dname in enumerate(domain_names):
@@ -204,6 +222,16 @@ def compare_models(losses: dict, domains: Optional[np.ndarray], domain_names: Se
                     row["domains"][str(dname)] = paired_difference(
                         [r[sel] for r in base], [r[sel] for r in theirs],
                         documents=None if documents is None else documents[sel],
-                        samples=samples, seed=seed, level=level).as_dict()
+                        samples=samples, seed=seed, level=level, same_seeds=same is not None).as_dict()
         out[other] = row
     return out
+
+
+def _seed_order(seeds: dict, a: str, b: str) -> Optional[list[int]]:
+    """The order of b's runs that matches a's seeds one to one, where both models ran the same
+    (>= 2, distinct, known) seeds; else None."""
+    sa, sb = seeds.get(a), seeds.get(b)
+    if not sa or not sb or len(sa) < 2 or None in sa or None in sb or len(set(sa)) != len(sa) \
+            or sorted(sa) != sorted(sb):
+        return None
+    return [sb.index(x) for x in sa]

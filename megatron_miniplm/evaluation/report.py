@@ -73,9 +73,9 @@ def _eods_per_instance(shard, eod_id: int) -> np.ndarray:
 
 def summarize(runs: dict, domains: Optional[np.ndarray], domain_names: Sequence[str], *,
               documents: Optional[np.ndarray] = None, bootstrap_samples: int = 10_000, seed: int = 0,
-              level: float = 0.95) -> dict:
+              level: float = 0.95, training_seeds: Optional[dict] = None) -> dict:
     """``runs``: {model: [(checkpoint, scores [N, 2]) per seed]} in table order; the first
-    model is compared with every other one."""
+    model is compared with every other one. ``training_seeds``: {model: each run's --seed}."""
     models, losses = {}, {}
     for name, seeds in runs.items():
         per_seed = [{"checkpoint": ckpt, **lm_loss_from_scores(scores)} for ckpt, scores in seeds]
@@ -90,7 +90,7 @@ def summarize(runs: dict, domains: Optional[np.ndarray], domain_names: Sequence[
                                   "instances": doms[0][d]["instances"]} for d in doms[0]}
         models[name] = row
     comparisons = compare_models(losses, domains, domain_names, documents=documents, samples=bootstrap_samples,
-                                 seed=seed, level=level) if len(runs) > 1 else {}
+                                 seed=seed, level=level, seeds=training_seeds) if len(runs) > 1 else {}
     first = next(iter(runs))
     verdicts = [_difference(c["overall"]).verdict(first, other) for other, c in comparisons.items()]
     return {"models": models, "baseline_of_comparison": first, "comparisons": comparisons,
@@ -115,7 +115,7 @@ def with_compute(results: dict) -> None:
 def _difference(d: dict) -> PairedDifference:
     return PairedDifference(mean=d["mean"], low=d["low"], high=d["high"], instances=d["instances"], level=d["level"],
                             documents=d.get("documents", 0), seeds=tuple(d.get("seeds", (1, 1))),
-                            seed_std=d.get("seed_std"))
+                            seed_std=d.get("seed_std"), seeds_paired=d.get("seeds_paired", False))
 
 
 def supports_claim(d: dict) -> bool:

@@ -5,6 +5,7 @@ written from them (report, curves, JSON with the config that made it)."""
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 from megatron_miniplm.evaluation.config import EvalConfig
 from megatron_miniplm.settings import to_mapping
@@ -84,8 +85,10 @@ def lm_loss_results(cfg: EvalConfig) -> dict:
     if not runs:  # not rank 0
         return {"models": {}}
     domains, domain_names = test_domains(cfg.data_path)
+    seeds = {name: [training_seed(ckpt) for ckpt, _ in model_runs] for name, model_runs in runs.items()}
     return summarize(runs, domains, domain_names, documents=test_documents(cfg.data_path, domains),
-                     bootstrap_samples=cfg.bootstrap_samples, seed=cfg.bootstrap_seed, level=cfg.confidence)
+                     bootstrap_samples=cfg.bootstrap_samples, seed=cfg.bootstrap_seed, level=cfg.confidence,
+                     training_seeds=seeds)
 
 
 def write_outputs(cfg: EvalConfig, results: dict) -> None:
@@ -112,6 +115,20 @@ def write_outputs(cfg: EvalConfig, results: dict) -> None:
         from megatron_miniplm.atomic_io import write_json_atomic
 
         write_json_atomic(cfg.json, dict(results, config=to_mapping(cfg)))
+
+
+def training_seed(checkpoint: str) -> Optional[int]:
+    """The --seed a trainer's checkpoint was trained with (its run_config.json); None for other
+    checkpoints (a converted model)."""
+    import json
+
+    from megatron_miniplm.dist_checkpoint import resolve_checkpoint_dir
+
+    try:
+        with open(os.path.join(resolve_checkpoint_dir(checkpoint), "run_config.json"), encoding="utf-8") as f:
+            return json.load(f).get("seed")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def train_flops(checkpoint: str):

@@ -127,7 +127,7 @@ def _demo_student() -> LanguageModel:
     return LanguageModel(
         model={"num_layers": 4, "hidden_size": 256, "ffn_hidden_size": 704, "num_attention_heads": 4},
         epochs=2, train=TrainSection(lr=2e-3, lr_warmup_fraction=0.05, micro_batch_size=4, global_batch_size=16,
-                                     eval_iters=4, eval_interval=12, save_interval=200, log_interval=25))
+                                     eval_iters=4, eval_interval=25, save_interval=200, log_interval=25))
 
 
 @dataclass
@@ -167,9 +167,12 @@ class PipelineConfig:
                                     "teacher, trained on the uniform sample with the same seed and, by "
                                     "default, the same training FLOPs): enabled, match, and kd_ratio / "
                                     "kd_temperature of tools/pretrain_gpt.py")
+    student_runs: int = setting(3, help="train every student this many times, with seeds seed, seed + 1, ... "
+                                        "(the table shows the mean and spread across them, and the paired "
+                                        "differences' intervals cover training seeds only from 2 runs on); "
+                                        "each run is a whole student training")
     student_seeds: Optional[list] = setting(
-        None, help="train every student once per seed of this list (the table shows the mean and spread "
-                   "across seeds; the paired differences pool them); default: [seed]")
+        None, help="the students' seeds, listed: train every student once per seed (instead of student_runs)")
     evaluation: EvaluationSection = setting(default_factory=EvaluationSection,
                                help="tools/evaluate.py settings (EvalConfig): micro_batch_size; the paired "
                                     "differences' bootstrap_samples and confidence; zero-shot tasks (tasks, "

@@ -125,6 +125,8 @@ def _students(cfg) -> list[str]:
                               or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
                               or len(set(seeds)) != len(seeds)):
         problems.append(f"student_seeds {seeds!r}: a non-empty list of distinct integers")
+    if cfg.student_runs < 1:
+        problems.append(f"student_runs {cfg.student_runs}: at least 1")
     kd, par = cfg.vanilla_kd, cfg.parallel
     if kd.enabled:
         if "uniform" not in cfg.selection.baselines:

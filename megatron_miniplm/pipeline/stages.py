@@ -206,7 +206,8 @@ class Graph:
 
     @property
     def student_seeds(self) -> list[int]:
-        return list(self.cfg.student_seeds or [self.cfg.seed])
+        cfg = self.cfg
+        return list(cfg.student_seeds or [cfg.seed + k for k in range(cfg.student_runs)])
 
     @property
     def students(self) -> list[tuple[str, str, int]]:

@@ -98,7 +98,8 @@ def test_evaluate_reports_domains_seeds_the_paired_difference_and_curves(tmp_pat
     assert got["mean"] < 0  # 16 steps beat 4
     # the JSON carries the config it was made with
     assert res["config"]["load"] == loads and res["config"]["bootstrap_samples"] == 500
-    assert res["verdicts"] == [want.verdict("good", "short")] and res["verdicts"][0] in result.stdout
+    compute = f"; short trained with {short['train_flops'] / good['train_flops']:.3g}x the FLOPs of good"
+    assert res["verdicts"] == [want.verdict("good", "short") + compute] and res["verdicts"][0] in result.stdout
     assert "LM loss per domain" in result.stdout and "(all)" in result.stdout
     text = open(report / "evaluation_report.md").read()
     assert "| short |" in text and "curves.png" in text

@@ -19,7 +19,7 @@ def tiny_config(setting, work_dir, **top) -> dict:
             "split": {"ref_fraction": 0.3},
             "reference": {"model": TINY_MODEL, "epochs": 1, "train": TINY_TRAIN},
             "student": {"model": TINY_MODEL, "epochs": 1, "train": TINY_TRAIN},
-            "vanilla_kd": {"enabled": True}, **top}
+            "vanilla_kd": {"enabled": True}, "student_runs": 1, **top}
 
 
 def write_config(path, data) -> str:
