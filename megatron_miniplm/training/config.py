@@ -80,6 +80,12 @@ class KDSettings:
 DATA_ORDERS = ("shuffled", "original")  # each epoch reshuffled, or the data's own order
 
 
+def _sink(**kwargs):
+    """A setting of where a run's numbers go (tensorboard, W&B): unset by default, and not part of
+    what the run makes (left out of the pipeline's fingerprints)."""
+    return setting(None, group=LOGGING, fingerprinted=False, **kwargs)
+
+
 DATA, TRAINING, PARALLEL, CHECKPOINTING, LOGGING = "data", "training", "parallelism", "checkpointing", "logging"
 @dataclass
 class TrainConfig:
@@ -163,32 +169,25 @@ class TrainConfig:
     eval_interval: int = setting(0, group=LOGGING, help="validate every this many iterations (and at the end)")
     eval_iters: int = setting(10, group=LOGGING, help="validation global batches")
     log_interval: int = setting(10, group=LOGGING, help="iterations per log line")
-    tensorboard_dir: Optional[str] = setting(None, group=LOGGING, fingerprinted=False,
-                                             help="write tensorboard events here")
+    tensorboard_dir: Optional[str] = _sink(help="write tensorboard events here")
     metrics_file: Optional[str] = setting(None, group=LOGGING, help="JSON lines, one per iteration (rank 0)")
-    wandb_project: Optional[str] = setting(
-        None, group=LOGGING, fingerprinted=False,
+    wandb_project: Optional[str] = _sink(
         help="log to Weights & Biases, in this project (W&B is on when it is given; needs the wandb extra: "
              "pip install megatron-miniplm[wandb]): the metrics file's numbers with step = iteration, the "
              "run's config and each checkpoint's iteration. Rank 0 logs, as it writes the metrics file and "
              "tensorboard (Megatron-LM logs from the last rank). A run resumed from its own --save continues "
              "the W&B run of its checkpoint")
-    wandb_exp_name: Optional[str] = setting(None, group=LOGGING, fingerprinted=False,
-                                            help="the W&B run's name (default: W&B's)")
-    wandb_save_dir: Optional[str] = setting(
-        None, group=LOGGING, fingerprinted=False,
+    wandb_exp_name: Optional[str] = _sink(help="the W&B run's name (default: W&B's)")
+    wandb_save_dir: Optional[str] = _sink(
         help="where W&B writes its local run files (default: a wandb/ directory under --save, as in "
              "Megatron-LM; without --save, W&B's default)")
-    wandb_entity: Optional[str] = setting(None, group=LOGGING, fingerprinted=False,
-                                          help="the W&B user or team of the project (default: W&B's)")
-    wandb_group: Optional[str] = setting(
-        None, group=LOGGING, fingerprinted=False,
-        help="a W&B run group, e.g. the runs of one pipeline's stages (this project's flag; "
-             "Megatron-LM has none)")
-    wandb_mode: Optional[str] = setting(
-        None, group=LOGGING, fingerprinted=False, choices=("online", "offline"),
-        help="offline: W&B writes the run locally only, with no network (upload it later with "
-             "`wandb sync`) (default: W&B's own, the WANDB_MODE environment variable, else online)")
+    wandb_entity: Optional[str] = _sink(help="the W&B user or team of the project (default: W&B's)")
+    wandb_group: Optional[str] = _sink(
+        help="a W&B run group, e.g. the runs of one pipeline's stages (this project's flag; Megatron-LM has none)")
+    wandb_mode: Optional[str] = _sink(
+        choices=("online", "offline"),
+        help="offline: W&B writes the run locally only, with no network (upload it later with `wandb sync`) "
+             "(default: W&B's own, the WANDB_MODE environment variable, else online)")
     peak_tflops: Optional[float] = setting(None, group=LOGGING, help="device peak for MFU where it is not known")
 
     def __post_init__(self):
