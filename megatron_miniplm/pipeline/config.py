@@ -59,7 +59,8 @@ TrainSection = section_of(
     TrainConfig, name="TrainSection",
     sets=("data_path", "valid_data_path", "seq_length", "seed", "bf16", "tensor_model_parallel_size",
           "pipeline_model_parallel_size", "save", "load", "train_iters", "train_tokens", "metrics_file",
-          "exit_signal_handler", "kd_teacher_load", "kd_ratio", "kd_temperature"))
+          "exit_signal_handler", "kd_teacher_load", "kd_ratio", "kd_temperature", "wandb_project", "wandb_exp_name",
+          "wandb_save_dir", "wandb_entity", "wandb_group", "wandb_mode"))
 KD_MATCHING = ("flops", "steps")
 VanillaKDSection = section_of(
     KDSettings, name="VanillaKDSection", sets=("kd_teacher_load",),
@@ -101,6 +102,18 @@ class LanguageModel:
                                                     "MiniPLM runs train every student for 100K steps)")
     train: TrainSection = setting(default_factory=TrainSection,
                                   help="tools/pretrain_gpt.py settings (lr, batch sizes, ...)")
+
+
+@dataclass
+class WandB:
+    """Weights & Biases for every training stage (tools/pretrain_gpt.py's --wandb-* flags): one run
+    per stage, named after it, all in one group. How a run is watched changes no fingerprint."""
+
+    project: Optional[str] = setting(None, help="log every training stage to W&B, in this project")
+    entity: Optional[str] = setting(None, help="the W&B user or team (default: W&B's)")
+    group: Optional[str] = setting(None, help="the runs' group (default: the work directory's name)")
+    mode: Optional[str] = setting(None, choices=("online", "offline"),
+                                  help="offline: local run files only, no network (default: W&B's own)")
 
 
 @dataclass
@@ -178,6 +191,7 @@ class PipelineConfig:
                                     "differences' bootstrap_samples and confidence; zero-shot tasks (tasks, "
                                     "include_path, num_fewshot, limit, batch_size)")
     parallel: Parallel = field(default_factory=Parallel)
+    wandb: WandB = field(default_factory=WandB)
 
 
 # The environment variables examples/pretrain_miniplm.sh reads -> config keys.

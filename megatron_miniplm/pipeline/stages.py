@@ -328,11 +328,11 @@ class Graph:
                                  commands=commands))
 
     def train_config(self, model, out: str, dirs: dict, data_path: str, iters: int, kd=None,
-                     seed: Optional[int] = None, valid_stage: str = "data"):
+                     seed: Optional[int] = None, valid_stage: str = "data", stage: str = ""):
         """tools/pretrain_gpt.py's TrainConfig for a model of the config, less its model: that goes
         to the tool as model flags (``model_flags``), which it resolves against the data's
-        vocabulary. ``kd``: the Vanilla KD section, for the KD student."""
-        cfg, par = self.cfg, self.cfg.parallel
+        vocabulary. ``kd``: the Vanilla KD section, for the KD student; ``stage``: its W&B run's name."""
+        cfg, par, wandb = self.cfg, self.cfg.parallel, self.cfg.wandb
         kd_settings = kd if kd is not None else type(cfg.vanilla_kd)()  # the defaults: no KD
         return model.train.stage_config(
             model=None, data_path=[data_path], valid_data_path=[os.path.join(dirs[valid_stage], "test")],
@@ -342,7 +342,10 @@ class Graph:
             save=os.path.join(out, "ckpt"), load=os.path.join(out, "ckpt"), train_iters=iters, train_tokens=None,
             metrics_file=os.path.join(out, "metrics.jsonl"), exit_signal_handler=True,
             kd_teacher_load=self.teacher_checkpoint(dirs) if kd is not None else None,
-            kd_ratio=kd_settings.kd_ratio, kd_temperature=kd_settings.kd_temperature)
+            kd_ratio=kd_settings.kd_ratio, kd_temperature=kd_settings.kd_temperature,
+            wandb_project=wandb.project, wandb_entity=wandb.entity, wandb_mode=wandb.mode, wandb_save_dir=None,
+            wandb_group=(wandb.group or os.path.basename(os.path.abspath(cfg.work_dir))) if wandb.project else None,
+            wandb_exp_name=stage if wandb.project else None)
 
     def _train(self, name: str, model, *, data_stage: str, data_name: str, kd=None,
                seed: Optional[int] = None) -> None:
@@ -362,8 +365,8 @@ class Graph:
             return self.kd_iterations(model, steps, dirs) if kd is not None and kd.match == "flops" else steps
 
         def commands(out, dirs):
-            train = self.train_config(model, out, dirs, os.path.join(dirs[data_stage], data_name), iterations(dirs), kd, seed,
-                                      valid_stage)
+            train = self.train_config(model, out, dirs, os.path.join(dirs[data_stage], data_name), iterations(dirs), kd,
+                                      seed, valid_stage, stage=name)
             return [[self.python, tool("pretrain_gpt.py"), *model_flags(model.model), *to_argv(train)]]
 
         def missing(out, dirs):

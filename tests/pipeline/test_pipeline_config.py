@@ -155,9 +155,28 @@ def test_how_a_run_is_watched_is_not_what_it_makes():
     from megatron_miniplm.pipeline.stages import Graph
 
     base = Graph(config.load(None, ["bf16=false"], environ={})[0])
-    watched = Graph(config.load(None, ["bf16=false", "student.train.wandb_project=p",
+    watched = Graph(config.load(None, ["bf16=false", "wandb.project=p", "wandb.mode=offline",
                                        "student.train.tensorboard_dir=/tb"], environ={})[0])
     changed = Graph(config.load(None, ["bf16=false", "student.train.lr=0.001"], environ={})[0])
     prints = lambda g: {s.name: s.fingerprint for s in g.stages}  # noqa: E731
     assert prints(watched) == prints(base)
     assert prints(changed)["student-miniplm"] != prints(base)["student-miniplm"]
+
+
+def test_every_training_stage_logs_to_one_wandb_group(tmp_path):
+    """wandb.project gives each training stage its W&B run, named after the stage, grouped by the
+    work directory; a stage's own wandb_* settings are the pipeline's."""
+    from megatron_miniplm.pipeline.stages import Graph
+    from megatron_miniplm.settings import to_argv
+
+    cfg, _ = config.load(None, ["bf16=false", f"work_dir={tmp_path / 'runs'}", "wandb.project=p",
+                                "wandb.mode=offline"], environ={})
+    graph = Graph(cfg)
+    argv = to_argv(graph.train_config(cfg.student, "out", {"data": "d"}, "x", 5, stage="student-uniform"))
+    flags = dict(zip(argv[::1], argv[1:]))
+    assert (flags["--wandb-project"], flags["--wandb-group"], flags["--wandb-exp-name"], flags["--wandb-mode"]) == \
+        ("p", "runs", "student-uniform", "offline")
+    plain = Graph(config.load(None, ["bf16=false"], environ={})[0])
+    assert not any(a.startswith("--wandb") for a in to_argv(plain.train_config(cfg.student, "o", {"data": "d"}, "x", 5)))
+    with pytest.raises(ConfigError, match="student.train.wandb_project: set by the pipeline itself"):
+        config.load(None, ["student.train.wandb_project=p"], environ={})
