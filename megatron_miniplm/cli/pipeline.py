@@ -18,6 +18,7 @@ printed), 3 a stage was stopped by SIGTERM after saving (run the same command to
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megatron_miniplm.cli.runner import tool
@@ -28,7 +29,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value",
                    help="a YAML config file (first), then overrides")
     p.add_argument("--dry-run", action="store_true", help="print the config and the plan; run nothing")
+    p.add_argument("--status", action="store_true",
+                   help="where the run of this config stands (from any node, during the run or after it "
+                        "stopped): each stage's state, a running training stage's iteration, speed and time "
+                        "left; runs nothing")
     return p
+
+
+def status_report(graph) -> str:
+    """The --status table: the output directories a stage reads come from their records."""
+    from megatron_miniplm.pipeline import runner, status
+
+    work_dir = os.path.abspath(graph.cfg.work_dir)
+
+    def dirs_of(stage):
+        return {dep: (runner.read_record(work_dir, dep) or {}).get("output", graph.out_dir(graph[dep]))
+                for dep in stage.deps}
+
+    return status.report(graph, dirs_of)
 
 
 @tool
@@ -42,6 +60,9 @@ def main(argv=None) -> int:
 
     cfg, sources = config.load(path, overrides)  # a refused config (ConfigError, a ValueError): status 1
     graph = stages.Graph(cfg)
+    if ns.status:  # also where the config can no longer run (e.g. outside the Slurm job that ran it)
+        print(status_report(graph))
+        return 0
     invariants.check(graph)
     decisions = runner.plan(graph)
     if ns.dry_run:

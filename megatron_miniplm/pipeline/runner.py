@@ -29,6 +29,7 @@ from typing import Optional
 from megatron_miniplm.atomic_io import write_json_atomic, write_text_atomic
 from megatron_miniplm.pipeline.config import to_yaml
 from megatron_miniplm.pipeline.lock import LaunchLock
+from megatron_miniplm.pipeline.status import StatusFile
 from megatron_miniplm.pipeline.stages import DISTRIBUTED, SINGLE, Graph, Stage, record_bf16
 
 STOPPED_EARLY = 3  # exit code: a stage was stopped by SIGTERM after saving; rerun to resume
@@ -121,6 +122,7 @@ class Runner:
         # one launch per work directory: the first node's launcher holds the lock (the other
         # nodes' launchers belong to the same launch)
         self.lock = LaunchLock(self.work_dir).acquire(warn=self.log) if self.node0 else None
+        self.status = StatusFile(self.work_dir, [d.stage.name for d in decisions]) if self.node0 else None
         try:
             self._run_stages(decisions)
         finally:
@@ -143,6 +145,8 @@ class Runner:
                 self._wait_for(stage)
             elif decision.run and not self._done(stage):
                 self._run(stage, dirs)
+            elif self.status:
+                self.status.set(stage.name, "done", output=dirs[stage.name], seconds=0.0, skipped=True)
 
     def _done(self, stage: Stage) -> bool:
         """A record of this fingerprint appeared since the plan (another launcher ran it)."""
@@ -155,6 +159,8 @@ class Runner:
             shutil.rmtree(out)  # a killed single-process stage starts over (its tools write atomically)
         os.makedirs(out, exist_ok=True)
         started = time.time()
+        if self.status:
+            self.status.set(stage.name, "running", output=out)
         try:
             for argv in stage.commands(out, dirs):
                 argv = argv() if callable(argv) else argv
@@ -165,12 +171,16 @@ class Runner:
                                   f"stop (SIGTERM: preemption or a time limit) and saved its progress; run the "
                                   f"same command again to resume", STOPPED_EARLY)
         except StageFailed as e:
+            if self.status:
+                self.status.set(stage.name, "stopped" if e.code == STOPPED_EARLY else "failed", error=str(e))
             if stage.kind == SINGLE:
                 write_json_atomic(_record_path(self.work_dir, stage.name) + ".failed",
                                   {"fingerprint": stage.fingerprint, "error": str(e)})
             raise
         if self.node0:
             self._record(stage, out, time.time() - started)
+            self.status.set(stage.name, "done", output=out)
+        self.log(f"--- {stage.name}: done in {time.time() - started:.0f} s")
 
     def _execute(self, stage: Stage, argv: list[str]) -> None:
         launch = self._launcher(argv) if stage.kind == DISTRIBUTED else argv

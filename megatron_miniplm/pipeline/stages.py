@@ -49,6 +49,9 @@ class Stage:
     # missing(out_dir, dirs of the stages read) -> what is missing from its outputs, None once
     # they are complete (a stage stopped by SIGTERM exits 0 before it is complete)
     missing: Callable[[str, dict], Optional[str]] = lambda out, dirs: None
+    # progress(out_dir, dirs of the stages read) -> how far a running stage is, from what its
+    # tool writes as it goes (None: nothing to tell)
+    progress: Optional[Callable[[str, dict], Optional[str]]] = None
     fingerprint: str = ""
 
     def compute_fingerprint(self, upstream: dict) -> str:
@@ -384,7 +387,11 @@ class Graph:
             # not leave a KD student of the other rule looking finished)
             settings.update(kd=kd.given(), match=kd.match, scores_version=SCORES_VERSION)
             deps.append("teacher")
-        self.stages.append(Stage(name, DISTRIBUTED, settings, deps=deps, commands=commands, missing=missing))
+        def progress(out, dirs):
+            return training_progress(os.path.join(out, "metrics.jsonl"), iterations(dirs))
+
+        self.stages.append(Stage(name, DISTRIBUTED, settings, deps=deps, commands=commands, missing=missing,
+                                 progress=progress))
 
     def kd_iterations(self, model, plain_iterations: int, dirs: dict) -> int:
         """The Vanilla KD student's steps at the training FLOPs of ``plain_iterations`` steps of a
@@ -478,6 +485,33 @@ class Graph:
                                  deps=[*(stage for stage, _, _ in students), "reference", "teacher", "data"]
                                  + ([] if same_tokenizer else ["retokenize"]),
                                  commands=commands, missing=missing))
+
+
+def training_progress(metrics_file: str, total: int) -> Optional[str]:
+    """'iteration 40/108 (37%), 2,100 tokens/s, ~2.3 min left' from a trainer's metrics file
+    (its last iteration and its last throughput record); None before its first line."""
+    last, rate = None, None
+    try:
+        with open(metrics_file, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line being written
+                    continue
+                if "tokens_per_s" in record:
+                    rate = record
+                elif "loss" in record:
+                    last = record
+    except OSError:
+        return None
+    if last is None:
+        return None
+    done = last["iteration"]
+    text = f"iteration {done}/{total} ({100 * done / max(total, 1):.0f}%)"
+    if rate and rate.get("ms_per_iter"):
+        left = max(total - done, 0) * rate["ms_per_iter"] / 1000 / 60
+        text += f", {rate['tokens_per_s']:,.0f} tokens/s, ~{left:.1f} min left"
+    return text
 
 
 def _layout(cfg: PipelineConfig) -> dict:

@@ -203,3 +203,36 @@ def test_a_killed_launchs_lock_is_taken_over_once_its_tools_are_gone(tmp_path):
             time.sleep(0.1)
     assert ran(log)[-2:] == ["b", "c"]
 
+
+
+def test_status_of_a_running_and_of_a_stopped_launch(tmp_path):
+    """--status during a run says which stage runs; after the launch is killed, that the stage
+    was stopped and a rerun resumes it; after a complete run, every stage done."""
+    from megatron_miniplm.pipeline import status
+
+    log, work = tmp_path / "log", tmp_path / "w"
+    first = _launch_in_background(work, log, sleep=30)
+    graph = toy_graph(work, log)
+    text = status.report(graph, lambda stage: {})
+    assert ": running;" in text.splitlines()[0]
+    states = {line.split()[0]: line.split(None, 1)[1] for line in text.splitlines()[1:]}
+    assert states["a"].startswith("done in") and states["b"].startswith("running since")
+    assert states["c"] == "pending"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    text = status.report(graph, lambda stage: {})
+    assert ": not running;" in text.splitlines()[0]
+    assert "b" in text and "stopped (started" in text and "rerun the command to resume" in text
+    assert runner.execute(graph, runner.plan(graph), log=lambda *a: None) == 0
+    text = status.report(graph, lambda stage: {})
+    assert all(" done in " in line for line in text.splitlines()[1:])
+
+
+def test_training_progress_from_the_metrics_file(tmp_path):
+    from megatron_miniplm.pipeline.stages import training_progress
+
+    path = tmp_path / "metrics.jsonl"
+    assert training_progress(str(path), 100) is None
+    path.write_text('{"iteration": 10, "loss": 7.0}\n{"iteration": 20, "loss": 6.5}\n'
+                    '{"iteration": 20, "tokens_per_s": 2100.0, "ms_per_iter": 1500.0}\n{"iteration": 2')
+    assert training_progress(str(path), 100) == "iteration 20/100 (20%), 2,100 tokens/s, ~2.0 min left"
