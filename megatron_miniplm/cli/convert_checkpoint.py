@@ -24,6 +24,7 @@ and the held-out results of tools/evaluate.py where they are found.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 import time
@@ -96,13 +97,22 @@ def main(argv=None) -> int:
         if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
             print("note: parallel sizes are ignored for megatron-to-hf (the checkpoint is read whole)",
                   file=sys.stderr)
+        from megatron_miniplm.evaluation import model_card
+
+        # read before anything is written: a bad results file fails the export at once
+        facts = None if args.no_model_card else model_card.read_card_facts(args.load, args.results)
+
+        def add_card(directory: str, layout: str) -> None:
+            model_card.write_model_card(directory, facts, layout=layout, dtype=args.dtype,
+                                        name=os.path.basename(os.path.abspath(args.save)))
+
         r = convert_megatron_to_hf(
             args.load, args.save, layout=args.hf_architecture, dtype=args.dtype,
             tokenizer=args.tokenizer, eod_token=args.eod_token, overwrite=args.overwrite,
-            model_card=not args.no_model_card, results=args.results,
+            add_files=add_card if facts is not None else None,
         )
         summary = {"saved": r.directory, "layout": r.layout, "dtype": args.dtype, "eod_id": r.eod_id,
-                   "model_card": r.model_card}
+                   "model_card": os.path.join(r.directory, model_card.CARD_FILE) if facts is not None else None}
         if r.eod_id is None:
             print("warning: no tokenizer found (pass --tokenizer); the HF directory has weights only",
                   file=sys.stderr)

@@ -4,18 +4,18 @@ Loads the checkpoint, of any TP/PP layout, at TP=1 in one process (the dist
 checkpoint reshards on load), maps the tensors to the Qwen2 or Llama layout and
 writes ``config.json`` + ``model.safetensors`` + the tokenizer, a directory
 that ``AutoModelForCausalLM`` / ``AutoTokenizer`` load as they are, and, when
-asked, a model card (``README.md``, see model_card.py) saying how the model was made.
+asked, files of the caller's (tools/convert_checkpoint.py adds a model card, evaluation/model_card.py).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from megatron_miniplm.conversion import checkpoint_info, mapping, model_card as card
+from megatron_miniplm.conversion import checkpoint_info, mapping
 from megatron_miniplm.conversion.dtypes import HF_NAME, torch_dtype
 from megatron_miniplm.conversion.errors import ConversionError
 from megatron_miniplm.conversion.hf_config import ARCHITECTURES, hf_config_from_model_config
@@ -35,7 +35,6 @@ class ExportResult:
     layout: str
     model_config: ModelConfig
     eod_id: Optional[int]
-    model_card: Optional[str] = None  # the README.md written, None without one
 
 
 def choose_layout(requested: str, config: ModelConfig, info: Optional[dict]) -> str:
@@ -83,12 +82,10 @@ def convert_megatron_to_hf(
     tokenizer: Optional[str] = None,
     eod_token: Optional[str] = None,
     overwrite: bool = False,
-    model_card: bool = False,
-    results: Optional[str] = None,
+    add_files: Optional[Callable[[str, str], None]] = None,
 ) -> ExportResult:
-    """``model_card``: also write README.md, with the held-out row of ``results`` (tools/evaluate.py's
-    results.json, which must have scored this checkpoint) or, without it, of the pipeline's
-    evaluation when the checkpoint is a pipeline stage's."""
+    """``add_files(directory, layout)``: writes what a caller adds to the export (the tool: a
+    model card) into the export's temporary directory, before it is published whole."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
@@ -104,10 +101,6 @@ def convert_megatron_to_hf(
     info = checkpoint_info.read_info(resolved)
     layout = choose_layout(layout, config, info)
     tokenizer_src = find_tokenizer(load, resolved, tokenizer)
-    if results is not None and not model_card:
-        raise ConversionError("results are shown in the model card: they need model_card=True")
-    # read before anything is written: a bad results file fails the export at once
-    facts = card.read_card_facts(load, results) if model_card else None
 
     with checkpoint_info.atomic_directory(save, overwrite) as tmp:
         eod_id = None
@@ -125,7 +118,6 @@ def convert_megatron_to_hf(
         hf_config.save_pretrained(tmp)
         GenerationConfig(bos_token_id=eod_id, eos_token_id=eod_id).save_pretrained(tmp)
         save_file(hf_state, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
-        if facts is not None:
-            card.write_model_card(tmp, facts, layout=layout, dtype=dtype, name=os.path.basename(os.path.abspath(save)))
-    card_path = os.path.join(os.path.abspath(save), card.CARD_FILE) if facts is not None else None
-    return ExportResult(os.path.abspath(save), layout, config, eod_id, card_path)
+        if add_files is not None:
+            add_files(tmp, layout)
+    return ExportResult(os.path.abspath(save), layout, config, eod_id)

@@ -452,7 +452,9 @@ class Trainer:
                                           config=to_mapping(self.cfg))
         except (loggers.LoggerUnavailable, OSError) as e:
             error = e
-        if any_rank([error is not None])[0]:
+        # only the sinks that can fail to start need every rank's word (a collective at set-up)
+        can_fail = bool(self.cfg.wandb_project or self.cfg.tensorboard_dir)
+        if (any_rank([error is not None])[0] if can_fail else error is not None):
             raise error or loggers.LoggerUnavailable("rank 0 could not open the run's logging (its error says why)")
         return opened
 

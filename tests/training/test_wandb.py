@@ -152,6 +152,8 @@ def test_without_wandb_a_one_line_refusal_before_anything_starts(corpus, tmp_pat
 
     from megatron_miniplm.cli import pretrain_gpt
 
+    if dist.is_initialized():  # a group another test of this process left: this run must not make one
+        dist.destroy_process_group()
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails as if it were not installed
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py"])
     m = tmp_path / "m.jsonl"

@@ -239,7 +239,7 @@ def test_results_that_did_not_score_the_checkpoint_are_refused(student, tmp_path
 
 
 def test_hub_ids_only_from_the_hub_cache_layout():
-    from megatron_miniplm.conversion.model_card import base_model_of, hub_id
+    from megatron_miniplm.evaluation.model_card import base_model_of, hub_id
 
     assert hub_id("/cache/hub/models--Qwen--Qwen1.5-1.8B/snapshots/0a1b") == "Qwen/Qwen1.5-1.8B"
     assert hub_id("/cache/hub/models--gpt2/snapshots/0a1b") == "gpt2"
@@ -252,7 +252,7 @@ def test_hub_ids_only_from_the_hub_cache_layout():
 
 def test_training_data_of_a_weighted_blend(student, tmp_path):
     """A Megatron-style weighted --data-path: each prefix with its share; one that is gone is unknown."""
-    from megatron_miniplm.conversion.model_card import CardFacts, data_section, read_data_sources
+    from megatron_miniplm.evaluation.model_card import CardFacts, data_section, read_data_sources
 
     corpus = os.path.join(os.path.dirname(student[1]), "corpus")
     gone = str(tmp_path / "gone")
