@@ -423,7 +423,8 @@ class Graph:
         self.stages.append(Stage(f"score-{model}", DISTRIBUTED,
                                  {"scoring": cfg.scoring.given(), "bf16": self.bf16, "seed": cfg.seed, "layout": _layout(cfg),
                                   "scores_version": SCORES_VERSION},
-                                 deps=[model, "split"], commands=commands, missing=missing))
+                                 deps=[model, "split"], commands=commands, missing=missing,
+                                 progress=lambda out, dirs: scoring_progress(os.path.join(out, "scores"))))
 
     def _select(self) -> None:
         from megatron_miniplm.selection.sample import SampleRequest
@@ -489,21 +490,16 @@ class Graph:
 
 def training_progress(metrics_file: str, total: int) -> Optional[str]:
     """'iteration 40/108 (37%), 2,100 tokens/s, ~2.3 min left' from a trainer's metrics file
-    (its last iteration and its last throughput record); None before its first line."""
+    (its last iteration and its last throughput record); None before its first line. Reads
+    the file's end only: a long run's file is large, and --status is run while it grows."""
     last, rate = None, None
-    try:
-        with open(metrics_file, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:  # a line being written
-                    continue
-                if "tokens_per_s" in record:
-                    rate = record
-                elif "loss" in record:
-                    last = record
-    except OSError:
-        return None
+    for record in _last_records(metrics_file):
+        if rate is None and "tokens_per_s" in record:
+            rate = record
+        elif last is None and "loss" in record:
+            last = record
+        if last is not None and rate is not None:
+            break
     if last is None:
         return None
     done = last["iteration"]
@@ -511,6 +507,45 @@ def training_progress(metrics_file: str, total: int) -> Optional[str]:
     if rate and rate.get("ms_per_iter"):
         left = max(total - done, 0) * rate["ms_per_iter"] / 1000 / 60
         text += f", {rate['tokens_per_s']:,.0f} tokens/s, ~{left:.1f} min left"
+    return text
+
+
+def _last_records(path: str, block: int = 1 << 16):
+    """A JSON-lines file's records, last first, read back from its end a block at a time (a
+    line being written is skipped)."""
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return
+    with f:
+        pos, carry = f.seek(0, os.SEEK_END), b""
+        while pos > 0:
+            start = max(0, pos - block)
+            f.seek(start)
+            lines = (f.read(pos - start) + carry).split(b"\n")
+            pos = start
+            carry = lines.pop(0) if start > 0 else b""  # may start mid-line: joined to the next block
+            for line in reversed(lines):
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    continue
+
+
+def scoring_progress(output_prefix: str) -> Optional[str]:
+    """'instances 1,200/4,000 (30%), 9,800 tokens/s, ~2.3 min left' from the status a scorer
+    keeps in its progress directory (rank 0's replica; throughput over all replicas)."""
+    from megatron_miniplm.scoring import resume
+
+    status = resume.read_status(resume.progress_dir(output_prefix))
+    if status is None:
+        return None
+    done, total = status["instances_done"], status["instances"]
+    text = f"instances {done:,}/{total:,} ({100 * done / max(total, 1):.0f}%)"
+    if status["replicas"] > 1:
+        text += f" of replica 1 of {status['replicas']}"
+    if status.get("seconds_left") is not None:
+        text += f", {status['tokens_per_s']:,.0f} tokens/s, ~{status['seconds_left'] / 60:.1f} min left"
     return text
 
 

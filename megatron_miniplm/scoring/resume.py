@@ -3,6 +3,10 @@
     SCORES_PREFIX.progress/run.json        what is being computed (dataset, model,
                                             settings, plan digest); written once, atomically
     SCORES_PREFIX.progress/shard-00000.bin one file per data-parallel replica
+    SCORES_PREFIX.progress/status.json     how far the run is (rank 0's replica, which the
+                                            plan balances with the others): rewritten
+                                            atomically every few seconds, for the pipeline's
+                                            --status; never read to resume
 
 A shard is a sequence of records, one per finished batch:
 
@@ -34,6 +38,7 @@ MAGIC = b"SCR1"
 _HEAD = struct.Struct("<4sQI")
 _CRC = struct.Struct("<I")
 RUN_FILE = "run.json"
+STATUS_FILE = "status.json"
 
 
 def progress_dir(output_prefix: str) -> str:
@@ -161,6 +166,20 @@ def write_run(directory: str, run: dict) -> None:
     """Create the progress directory with its run description, atomically."""
     os.makedirs(directory, exist_ok=True)
     write_json_atomic(os.path.join(directory, RUN_FILE), run, sort_keys=True, ensure_ascii=True)
+
+
+def write_status(directory: str, status: dict) -> None:
+    write_json_atomic(os.path.join(directory, STATUS_FILE), status, sort_keys=True)
+
+
+def read_status(directory: str) -> Optional[dict]:
+    """The last status the run wrote; None before its first (or with a damaged file: it is a
+    report, not state)."""
+    try:
+        with open(os.path.join(directory, STATUS_FILE), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def done_batches(directory: str, num_batches: int) -> np.ndarray:

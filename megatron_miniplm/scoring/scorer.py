@@ -257,7 +257,7 @@ class Scorer:
     def _score_batches(self) -> tuple[Optional[str], Session]:
         """This replica's steps, then its progress flushed and every rank met; the name of the
         signal that stopped the loop (None when it ran to the end) and what the session did."""
-        bar = _ProgressBar(self.cfg, int(self.plan.batch_sizes()[self.mine].sum()), self.info.dp_size)
+        bar = _Progress(self.cfg, self.progress_dir, self._replica_instances(), self.info.dp_size)
         common = self._common_steps()
         start, cpu_start = time.perf_counter(), time.process_time()
         with SignalFlag() as sigterm:
@@ -270,13 +270,19 @@ class Scorer:
         session = Session(self.todo_tokens, time.perf_counter() - start, cpu_s, self.resumed)
         return (sigterm.name if stopped else None), session
 
+    def _replica_instances(self) -> tuple[int, int]:
+        """This replica's instances recorded before this session, and all of them."""
+        sizes = self.plan.batch_sizes()
+        replica = replica_batches(self.plan, self.info.dp_rank, self.info.dp_size)
+        return int(sizes[replica[self.done[replica]]].sum()), int(sizes[replica].sum())
+
     def _common_steps(self) -> int:
         """Steps that every replica takes: where the ranks can agree to stop on a signal."""
         dp = self.info.dp_size
         todo = [int((~self.done[replica_batches(self.plan, r, dp)]).sum()) for r in range(dp)]
         return min(-(-n // self.per_step) for n in todo)
 
-    def _run_steps(self, sigterm: SignalFlag, common_steps: int, bar: "_ProgressBar") -> bool:
+    def _run_steps(self, sigterm: SignalFlag, common_steps: int, bar: "_Progress") -> bool:
         """One step per group of ``per_step`` batches; True when the ranks agreed to stop. The
         vote is taken only at the steps every replica takes, so that all ranks take part."""
         vote = StopVote()
@@ -389,27 +395,53 @@ class Scorer:
         }
 
 
-class _ProgressBar:
-    """tqdm over this replica's instances with the tokens/s since it began, on rank 0 and with
-    --progress only; a no-op elsewhere."""
+class _Progress:
+    """Rank 0's view of its replica's progress: a tqdm bar with the tokens/s since the loop
+    began (with --progress), and the progress directory's status file for the pipeline's
+    --status (every ``interval_s`` and at the end). A no-op on the other ranks."""
 
-    def __init__(self, cfg: ScoreConfig, total_instances: int, dp_size: int):
+    def __init__(self, cfg: ScoreConfig, directory: str, instances: tuple[int, int], dp_size: int,
+                 interval_s: float = 10.0, clock: Callable[[], float] = time.perf_counter):
+        self.on = dist.get_rank() == 0
+        self.directory, self.dp_size, self.interval_s, self.clock = directory, dp_size, interval_s, clock
+        self.done, self.total = instances  # this replica's: recorded before this session, all
+        self.tokens = self.session_instances = 0
         self.bar = None
-        self.tokens = 0
-        if cfg.progress and dist.get_rank() == 0:
+        if cfg.progress and self.on:
             from tqdm import tqdm
 
             desc = "scoring" if dp_size == 1 else f"scoring (replica 1 of {dp_size})"
-            self.bar = tqdm(total=total_instances, desc=desc, unit="inst", dynamic_ncols=True, smoothing=0.05)
-        self.start = time.perf_counter()
+            self.bar = tqdm(total=self.total, initial=self.done, desc=desc, unit="inst", dynamic_ncols=True,
+                            smoothing=0.05)
+        self.start = self.last_write = clock()
 
     def update(self, batches: list) -> None:
-        if self.bar is None:
+        if not self.on:
             return
+        instances = sum(len(b.ids) for b in batches)
+        self.done += instances
+        self.session_instances += instances
         self.tokens += sum(b.tokens for b in batches)
-        self.bar.update(sum(len(b.ids) for b in batches))
-        self.bar.set_postfix_str(f"{self.tokens / max(time.perf_counter() - self.start, 1e-9):,.0f} tok/s")
+        if self.bar is not None:
+            self.bar.update(instances)
+            self.bar.set_postfix_str(f"{self._rate():,.0f} tok/s")
+        if self.clock() - self.last_write >= self.interval_s:
+            self._write()
+
+    def _rate(self) -> float:
+        return self.tokens / max(self.clock() - self.start, 1e-9)
+
+    def _write(self) -> None:
+        self.last_write = self.clock()
+        elapsed, left = self.clock() - self.start, self.total - self.done
+        resume.write_status(self.directory, {
+            "instances_done": self.done, "instances": self.total, "replicas": self.dp_size,
+            "tokens_per_s": self._rate() * self.dp_size,
+            "seconds_left": left * elapsed / self.session_instances if self.session_instances else None,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
     def close(self) -> None:
+        if self.on:
+            self._write()
         if self.bar is not None:
             self.bar.close()

@@ -236,3 +236,51 @@ def test_training_progress_from_the_metrics_file(tmp_path):
     path.write_text('{"iteration": 10, "loss": 7.0}\n{"iteration": 20, "loss": 6.5}\n'
                     '{"iteration": 20, "tokens_per_s": 2100.0, "ms_per_iter": 1500.0}\n{"iteration": 2')
     assert training_progress(str(path), 100) == "iteration 20/100 (20%), 2,100 tokens/s, ~2.0 min left"
+
+
+def test_metrics_read_from_the_end_in_blocks_equal_a_full_read(tmp_path):
+    """Records read back a block at a time, lines straddling blocks included, are the file's
+    records in reverse; a half-written last line is skipped."""
+    import json
+    import random
+
+    from megatron_miniplm.pipeline import stages
+
+    rng = random.Random(0)
+    records = [{"iteration": i, "loss": rng.random(), "pad": "x" * rng.randrange(0, 90)} for i in range(500)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"iteration": 50')
+    for block in (7, 64, 1000, 1 << 16):
+        assert list(stages._last_records(str(path), block=block)) == records[::-1]
+    assert list(stages._last_records(str(tmp_path / "missing.jsonl"))) == []
+
+
+def test_training_progress_reads_only_the_end_of_a_large_file(tmp_path):
+    """Bytes read, as the kernel counts them (/proc/self/io rchar): the end of the file, not
+    its 6 MB."""
+    from megatron_miniplm.pipeline.stages import training_progress
+
+    def bytes_read() -> int:
+        with open("/proc/self/io") as f:
+            return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "w") as f:
+        f.write('{"iteration": 1, "loss": 7.0}\n' * 200_000)
+        f.write('{"iteration": 20, "tokens_per_s": 2100.0, "ms_per_iter": 1500.0}\n{"iteration": 20, "loss": 6.5}\n')
+    before = bytes_read()
+    assert training_progress(str(path), 100) == "iteration 20/100 (20%), 2,100 tokens/s, ~2.0 min left"
+    assert bytes_read() - before < 1 << 18
+
+
+def test_scoring_progress_from_the_scorers_status(tmp_path):
+    from megatron_miniplm.pipeline.stages import scoring_progress
+    from megatron_miniplm.scoring import resume
+
+    prefix = str(tmp_path / "scores")
+    assert scoring_progress(prefix) is None
+    os.makedirs(resume.progress_dir(prefix))
+    resume.write_status(resume.progress_dir(prefix), {"instances_done": 1200, "instances": 4000, "replicas": 2,
+                                                      "tokens_per_s": 9800.0, "seconds_left": 138.0})
+    assert scoring_progress(prefix) == ("instances 1,200/4,000 (30%) of replica 1 of 2, 9,800 tokens/s, "
+                                        "~2.3 min left")

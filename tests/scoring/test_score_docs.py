@@ -443,6 +443,8 @@ def test_sigterm_flushes_progress_and_exits_cleanly(layouts):
     assert not os.path.exists(output + ".npy")
     recorded = _records(pdir)
     assert recorded >= 3
+    status = resume.read_status(pdir)  # what the pipeline's --status shows of a stopped scorer
+    assert status is not None and 0 < status["instances_done"] < status["instances"], status
     proc = _torchrun(root, output)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
