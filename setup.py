@@ -49,7 +49,9 @@ setup(
         "report": ["matplotlib"],
         "eval": ["lm_eval==0.4.13"],
         "wandb": ["wandb>=0.17"],  # Weights & Biases logging (--wandb-project)
-        "dev": ["pytest", "gguf", "accelerate", "safetensors", "matplotlib", "lm_eval==0.4.13", "wandb>=0.17"],
+        "tensorboard": ["tensorboard"],  # --tensorboard-dir
+        "dev": ["pytest", "gguf", "accelerate", "safetensors", "matplotlib", "lm_eval==0.4.13", "wandb>=0.17",
+                "tensorboard"],
     },
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
     ext_modules=ext_modules,

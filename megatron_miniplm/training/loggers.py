@@ -39,7 +39,7 @@ def check(cfg) -> None:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
         except ImportError:
             raise LoggerUnavailable("--tensorboard-dir needs the tensorboard package: "
-                                    "pip install tensorboard") from None
+                                    "pip install megatron-miniplm[tensorboard]") from None
     if cfg.wandb_project:
         try:
             import wandb  # noqa: F401
