@@ -24,6 +24,9 @@ BAD_LINES = [
     ('{"text": "t", "meta": {"pile_set_name": 3}}', SkipReason.NOT_A_STRING),
     ('{"text": "", "meta": {"pile_set_name": "A"}}', SkipReason.EMPTY_TEXT),
     ('{"text": "a\\ud800b", "meta": {"pile_set_name": "A"}}', SkipReason.INVALID_UTF8),
+    # Valid JSON the json module cannot hold: found by benchmarks/fuzz_inputs.py.
+    ('{"text": "t", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", SkipReason.INVALID_JSON),  # RecursionError
+    ('{"text": "t", "meta": {"pile_set_name": "A"}, "n": ' + "7" * 5000 + "}", SkipReason.INVALID_JSON),
 ]
 
 
