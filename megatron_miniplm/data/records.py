@@ -43,7 +43,8 @@ class InputError(UserError, ValueError):
     def __init__(self, path: str, record: BadRecord, rows: bool = False):
         self.path, self.record = path, record
         where = f"{path}: row {record.line}" if rows else f"{path}:{record.line}"
-        super().__init__(f"{where}: {record.reason.value}: {record.detail}")
+        detail = " ".join(record.detail.split())  # a library's message may span lines (pyarrow's do)
+        super().__init__(f"{where}: {record.reason.value}: {detail}")
 
 
 @dataclass
