@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_miniplm import platform
-from megatron_miniplm.atomic_io import write_json_atomic, write_text_atomic
+from megatron_miniplm.atomic_io import disk_space, write_json_atomic, write_text_atomic
 from megatron_miniplm.dist_checkpoint import (
     LATEST_FILE, MODEL_CONFIG_FILE, CheckpointMismatch, checkpoint_name, latest_checkpoint,
     load_model_state, load_sharded, save_sharded, sharded_model_state,
@@ -131,15 +131,17 @@ def save_checkpoint(
     state["scheduler"] = scheduler.state_dict()
     state["train_state"] = dict(train_state, iteration=iteration, has_optimizer_state=has_optimizer_state,
                                 optimizer_format=optimizer_format, layout=_layout())
-    save_sharded(state, partial)
-    # RNG streams are per rank: restored only when the layout is unchanged.
-    torch.save(_rng_state(), os.path.join(partial, f"rng_rank{rank:05d}.pt"))
+    with disk_space(partial):  # a full disk: the .partial directory is never loaded, and the next save replaces it
+        save_sharded(state, partial)
+        # RNG streams are per rank: restored only when the layout is unchanged.
+        torch.save(_rng_state(), os.path.join(partial, f"rng_rank{rank:05d}.pt"))
     dist.barrier()
     if rank == 0:
-        model_config.save(os.path.join(partial, MODEL_CONFIG_FILE))
-        if run_config is not None:
-            write_json_atomic(os.path.join(partial, RUN_CONFIG_FILE), run_config)
-        _write_info(partial, tokenizer, dtype)
+        with disk_space(partial):
+            model_config.save(os.path.join(partial, MODEL_CONFIG_FILE))
+            if run_config is not None:
+                write_json_atomic(os.path.join(partial, RUN_CONFIG_FILE), run_config)
+            _write_info(partial, tokenizer, dtype)
         if os.path.exists(final):  # a re-save of the same iteration
             shutil.rmtree(final)
         os.replace(partial, final)
