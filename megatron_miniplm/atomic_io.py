@@ -45,8 +45,21 @@ def _free(path: str) -> str:
         return "free space unknown"
 
 
-def is_disk_full(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno in NO_SPACE
+def space_ran_out(e: BaseException, path: str, needed: int) -> bool:
+    """Whether a failed write of `needed` bytes under `path` is explained by a full disk: an
+    ENOSPC or EDQUOT among its causes, or, for writers that lose the errno (torch's zip
+    writer reports "unexpected pos", wrapped in a checkpoint exception), less space free
+    there now than the write needed."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in NO_SPACE:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    try:
+        return shutil.disk_usage(directory).free < needed
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager

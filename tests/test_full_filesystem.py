@@ -100,3 +100,71 @@ def test_a_score_file_on_a_full_filesystem(tmpfs):
     r = _python(["-c", code, prefix, str(rows)])
     assert r.returncode == 0, r.stderr
     assert np.load(prefix + ".npy").shape == (rows, 2)
+
+
+def _save_tiny_checkpoint(save_dir: str, out: str) -> None:
+    """One rank: a tiny model's checkpoint at iteration 0; `out` gets the error, if any."""
+    import json
+
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_miniplm import parallel
+    from megatron_miniplm.training import engine
+    from megatron_miniplm.training.checkpoint import save_checkpoint
+    from presets import get_preset
+
+    parallel.initialize(parallel.ParallelConfig(seed=5))
+    config = get_preset("tiny")
+    chunks = engine.build_model_chunks(config)
+    optimizer = engine.build_optimizer(chunks, engine.OptimizerSettings())
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=1e-3, min_lr=0.0, lr_warmup_steps=0, lr_decay_steps=10,
+        lr_decay_style="constant", start_wd=0.0, end_wd=0.0, wd_incr_steps=10, wd_incr_style="constant")
+    try:
+        save_checkpoint(save_dir, 0, chunks, optimizer, scheduler, {"consumed_samples": 0, "consumed_tokens": 0},
+                        config)
+        result = {"error": None}
+    except Exception as e:  # noqa: BLE001  (reported to the test)
+        result = {"error": type(e).__name__, "message": str(e)}
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+def test_a_checkpoint_save_on_a_full_filesystem(tmp_path, tmpfs):
+    import json
+
+    from distributed import run_distributed
+    from megatron_miniplm.dist_checkpoint import latest_checkpoint
+
+    save_dir, out = str(tmpfs / "ckpt"), str(tmp_path / "result.json")
+    ballast = _fill(tmpfs, 64 << 10)
+    run_distributed(_save_tiny_checkpoint, 1, save_dir, out)
+    result = json.load(open(out))
+    assert result["error"] == "DiskFullError", result
+    assert result["message"].startswith(f"{save_dir}/iter_0000000.partial: no space left on the device"), result
+    assert latest_checkpoint(save_dir) is None  # nothing a resume would load
+    os.remove(ballast)
+    run_distributed(_save_tiny_checkpoint, 1, save_dir, out)
+    assert json.load(open(out)) == {"error": None}
+    assert latest_checkpoint(save_dir) == os.path.join(save_dir, "iter_0000000")
+    assert sorted(os.listdir(save_dir)) == ["iter_0000000", "latest_checkpointed_iteration.txt"]
+
+
+def test_a_failed_write_is_put_down_to_a_full_disk_only_when_it_is_one(tmp_path):
+    """Writers that lose the errno (torch's zip writer: "unexpected pos") are judged by the
+    space left; an ENOSPC anywhere among the causes decides at once."""
+    import errno
+
+    from megatron_miniplm.atomic_io import space_ran_out
+
+    lost = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    free = shutil.disk_usage(tmp_path).free
+    assert space_ran_out(lost, str(tmp_path), needed=free + (1 << 30))
+    assert not space_ran_out(lost, str(tmp_path), needed=1)
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("wrapped") from e
+    except RuntimeError as wrapped:
+        assert space_ran_out(wrapped, str(tmp_path), needed=1)
