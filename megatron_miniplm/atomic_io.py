@@ -36,6 +36,9 @@ class DiskFullError(UserError, OSError):
         super().__init__(f"{path}: {what} ({need}{_free(path)}); free space and run again")
         self.errno = cause.errno if cause is not None else errno.ENOSPC
 
+    def __reduce__(self):  # picklable (to another process) with its own arguments
+        return DiskFullError, (self.path, self.needed, OSError(self.errno, os.strerror(self.errno)))
+
 
 def _free(path: str) -> str:
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))

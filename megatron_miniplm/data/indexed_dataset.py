@@ -167,7 +167,8 @@ class IndexedDatasetWriter:
         self.document_indices.append(0)
         self.num_sequences = 0  # the counts outlive the index arrays, dropped by finalize
         self.num_tokens = 0
-        self._bin = open(bin_path, "wb")
+        with disk_space(bin_path):
+            self._bin = open(bin_path, "wb")
 
     def __len__(self) -> int:
         return self.num_sequences
