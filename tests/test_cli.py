@@ -119,6 +119,23 @@ def test_the_user_errors_share_one_base_and_keep_theirs():
                 ScoreFileError):
         assert issubclass(cls, UserError) and issubclass(cls, ValueError), cls
     assert issubclass(LaunchError, UserError) and issubclass(LaunchError, RuntimeError)
+    from megatron_miniplm.atomic_io import DiskFullError
+
+    assert issubclass(DiskFullError, UserError) and issubclass(DiskFullError, OSError)
+
+
+def test_a_full_disk_is_one_line(capsys, monkeypatch, tmp_path):
+    import errno
+
+    from megatron_miniplm.atomic_io import DiskFullError
+
+    monkeypatch.setattr(sys, "argv", ["preprocess_data.py"])
+    full = DiskFullError(str(tmp_path / "out.bin"), 1234, OSError(errno.EDQUOT, "quota"))
+    assert full.errno == errno.EDQUOT
+    assert runner.run(_raising(full)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"preprocess_data.py: error: {tmp_path / 'out.bin'}: disk quota exceeded (1,234 bytes needed, ")
+    assert err.endswith(" bytes free there); free space and run again\n") and err.count("\n") == 1
 
 
 # Any change to the interpreter's module search path: its methods that add or remove, an

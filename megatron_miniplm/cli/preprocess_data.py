@@ -12,7 +12,8 @@ columns); the same documents give the same dataset whatever their format.
 Writes PREFIX.bin/.idx (megatron-core IndexedDataset), PREFIX.domains.npy and
 PREFIX.meta.json (or PREFIX_00000.* ... with --shard-size-tokens), all under temporary
 names renamed at the end: a failed run leaves nothing under PREFIX. Exit status 1 on bad
-input (with --on-error fail) or bad arguments, with the file, line (or row) and reason.
+input (with --on-error fail) or bad arguments, with the file, line (or row) and reason, and
+on a full disk, with the file and the space.
 """
 from __future__ import annotations
 

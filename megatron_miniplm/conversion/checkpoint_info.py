@@ -23,6 +23,7 @@ import shutil
 import tempfile
 from typing import Iterator, Optional
 
+from megatron_miniplm.atomic_io import disk_space
 from megatron_miniplm.dist_checkpoint import LATEST_FILE, MODEL_CONFIG_FILE, latest_checkpoint
 from megatron_miniplm.conversion.errors import ConversionError
 
@@ -66,7 +67,8 @@ def atomic_directory(path: str, overwrite: bool = False) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
-        yield tmp
+        with disk_space(path):
+            yield tmp
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_miniplm.atomic_io import disk_space
 from megatron_miniplm.conversion import checkpoint_info, mapping
 from megatron_miniplm.conversion.dtypes import HF_NAME, torch_dtype
 from megatron_miniplm.conversion.errors import ConversionError
@@ -117,7 +118,9 @@ def convert_megatron_to_hf(
         hf_config = hf_config_from_model_config(config, layout, dtype=HF_NAME[dtype], eod_id=eod_id)
         hf_config.save_pretrained(tmp)
         GenerationConfig(bos_token_id=eod_id, eos_token_id=eod_id).save_pretrained(tmp)
-        save_file(hf_state, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+        weights = sum(v.numel() * v.element_size() for v in hf_state.values())
+        with disk_space(os.path.join(save, WEIGHTS_FILE), weights):
+            save_file(hf_state, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
         if add_files is not None:
             add_files(tmp, layout)
     return ExportResult(os.path.abspath(save), layout, config, eod_id)

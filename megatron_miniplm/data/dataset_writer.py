@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from megatron_miniplm.atomic_io import publish, temp_name
+from megatron_miniplm.atomic_io import disk_space, publish, remove_quietly, temp_name
 from megatron_miniplm.data.indexed_dataset import (
     SPILL_ENTRIES, DomainStats, IndexedDatasetWriter, SpilledArray, optimal_token_dtype,
 )
@@ -27,7 +27,7 @@ DATA_SUFFIXES = (".bin", ".idx", ".domains.npy")
 
 def write_npy(path: str, array: SpilledArray) -> None:
     """A 1-D .npy file from a spilled array, streamed (np.load reads it as usual)."""
-    with open(path, "wb") as f:
+    with disk_space(path, len(array) * array.dtype.itemsize), open(path, "wb") as f:
         header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False, "shape": (len(array),)}
         np.lib.format.write_array_header_1_0(f, header)
         for chunk in array.chunks():
@@ -102,8 +102,7 @@ class _Shard:
         for column in self.columns.values():
             column.remove()
         for tmp, _ in self.paths():
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            remove_quietly(tmp)
 
 
 def shard_prefix(prefix: str, index: int) -> str:
@@ -250,8 +249,7 @@ class DatasetWriter:
         """Remove every temporary file; the final names are untouched."""
         for shard in self.shards:
             shard.abort()
-        if os.path.exists(self._top_meta_tmp):
-            os.remove(self._top_meta_tmp)
+        remove_quietly(self._top_meta_tmp)
 
     def __enter__(self) -> "DatasetWriter":
         return self

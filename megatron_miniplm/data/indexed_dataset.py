@@ -34,6 +34,7 @@ from functools import cached_property
 from typing import Iterable, Iterator
 
 import numpy as np
+from megatron_miniplm.atomic_io import close_quietly, disk_space, remove_quietly
 from megatron_miniplm.errors import UserError
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
@@ -120,16 +121,18 @@ class SpilledArray:
             bigger[: self._used] = self._buf[: self._used]
             self._buf = bigger
             return
-        if self._file is None:
-            self._file = open(self.path, "w+b")
-        self._file.write(self._buf[: self._used].tobytes())
+        with disk_space(self.path):
+            if self._file is None:
+                self._file = open(self.path, "w+b")
+            self._file.write(self._buf[: self._used].tobytes())
         self._spilled += self._used
         self._used = 0
 
     def chunks(self) -> Iterator[np.ndarray]:
         """All entries, in order, at most `capacity` at a time."""
         if self._file is not None:
-            self._file.flush()
+            with disk_space(self.path):
+                self._file.flush()
             self._file.seek(0)
             step = self.capacity * self.dtype.itemsize
             while data := self._file.read(step):
@@ -140,9 +143,9 @@ class SpilledArray:
     def remove(self) -> None:
         """Delete the spill file and free the buffer: the array is done with."""
         if self._file is not None:
-            self._file.close()
+            close_quietly(self._file)
             self._file = None
-            os.remove(self.path)
+            remove_quietly(self.path)
         self._buf = np.empty(0, dtype=self.dtype)
         self._used = self._spilled = 0
 
@@ -164,7 +167,8 @@ class IndexedDatasetWriter:
         self.document_indices.append(0)
         self.num_sequences = 0  # the counts outlive the index arrays, dropped by finalize
         self.num_tokens = 0
-        self._bin = open(bin_path, "wb")
+        with disk_space(bin_path):
+            self._bin = open(bin_path, "wb")
 
     def __len__(self) -> int:
         return self.num_sequences
@@ -188,15 +192,18 @@ class IndexedDatasetWriter:
         tokens = np.ascontiguousarray(tokens, dtype=self.dtype).reshape(-1)
         if tokens.size != int(lengths.sum()):
             raise ValueError(f"{self.bin_path}: {tokens.size} tokens for sequences of {int(lengths.sum())} in all")
-        self._bin.write(tokens)
+        with disk_space(self.bin_path):
+            self._bin.write(tokens)
         self.num_sequences += len(lengths)
         self.num_tokens += tokens.size
 
     def finalize(self, idx_path: str) -> None:
         """Close the .bin, write the .idx, drop the spill files."""
-        self._bin.close()
+        with disk_space(self.bin_path):
+            self._bin.close()
         itemsize = np.int64(self.dtype.itemsize)
-        with open(idx_path, "wb") as f:
+        size = HEADER_SIZE + 12 * len(self.lengths) + 8 * len(self.document_indices)
+        with disk_space(idx_path, size), open(idx_path, "wb") as f:
             f.write(pack_header(self.dtype, len(self.lengths), len(self.document_indices)))
             for chunk in self.lengths.chunks():
                 f.write(chunk.astype("<i4").tobytes())
@@ -213,11 +220,9 @@ class IndexedDatasetWriter:
 
     def abort(self) -> None:
         """Close and delete the .bin and the spill files; the .idx is never started."""
-        if not self._bin.closed:
-            self._bin.close()
+        close_quietly(self._bin)
         self._discard_index()
-        if os.path.exists(self.bin_path):
-            os.remove(self.bin_path)
+        remove_quietly(self.bin_path)
 
     def _discard_index(self) -> None:
         self.lengths.remove()

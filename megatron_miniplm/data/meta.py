@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any
 
+from megatron_miniplm.atomic_io import disk_space
 from megatron_miniplm.data.tokenizer import file_sha256
 from megatron_miniplm.errors import UserError
 
@@ -85,6 +86,6 @@ def verify_fingerprint(prefix: str) -> None:
 
 
 def write_json(path: str, obj: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    with disk_space(path), open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")

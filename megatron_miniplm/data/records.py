@@ -43,7 +43,8 @@ class InputError(UserError, ValueError):
     def __init__(self, path: str, record: BadRecord, rows: bool = False):
         self.path, self.record = path, record
         where = f"{path}: row {record.line}" if rows else f"{path}:{record.line}"
-        super().__init__(f"{where}: {record.reason.value}: {record.detail}")
+        detail = " ".join(record.detail.split())  # a library's message may span lines (pyarrow's do)
+        super().__init__(f"{where}: {record.reason.value}: {detail}")
 
 
 @dataclass
@@ -107,6 +108,10 @@ def parse_block(
             except json.JSONDecodeError as e:
                 detail = "blank line" if not line.strip() else f"{e.msg} at column {e.colno}"
                 bad = BadRecord(line_no, SkipReason.INVALID_JSON, detail)
+            except RecursionError:  # the decoder recurses once per nested array or object
+                bad = BadRecord(line_no, SkipReason.INVALID_JSON, "arrays or objects nested too deeply to parse")
+            except ValueError as e:  # valid JSON that Python refuses: an integer of thousands of digits
+                bad = BadRecord(line_no, SkipReason.INVALID_JSON, f"cannot be parsed: {str(e).split(';')[0]}")
             else:
                 bad = _check(obj, line_no, text_key, dotted_text, domain_key, dotted_domain, b"\\u" in raw, out, default_domain)
         if bad is not None:

@@ -32,7 +32,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from megatron_miniplm.atomic_io import write_json_atomic
+from megatron_miniplm.atomic_io import close_quietly, disk_space, write_json_atomic
 
 MAGIC = b"SCR1"
 _HEAD = struct.Struct("<4sQI")
@@ -137,21 +137,26 @@ class ShardWriter:
             self._file.seek(valid)
 
     def append(self, batch_index: int, scores: np.ndarray) -> None:
-        # One write call per record: a kill leaves either the whole record or a torn tail.
-        self._file.write(encode_record(batch_index, scores))
-        self._file.flush()
-        if self.fsync and self._clock() - self._synced_at >= self.sync_interval_s:
-            self._sync()
+        # One write call per record: a kill, or a full disk, leaves either the whole record or
+        # a torn tail, which the next run truncates.
+        with disk_space(self.path):
+            self._file.write(encode_record(batch_index, scores))
+            self._file.flush()
+            if self.fsync and self._clock() - self._synced_at >= self.sync_interval_s:
+                self._sync()
 
     def _sync(self) -> None:
         os.fsync(self._file.fileno())
         self._synced_at = self._clock()
 
     def close(self) -> None:
-        self._file.flush()
-        if self.fsync:
-            self._sync()
-        self._file.close()
+        try:
+            with disk_space(self.path):
+                self._file.flush()
+                if self.fsync:
+                    self._sync()
+        finally:
+            close_quietly(self._file)
 
 
 def read_run(directory: str) -> Optional[dict]:

@@ -34,7 +34,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from megatron_miniplm.atomic_io import publish, temp_name, write_json_atomic
+from megatron_miniplm.atomic_io import close_quietly, disk_space, publish, remove_quietly, temp_name, write_json_atomic
 from megatron_miniplm.settings import setting
 from megatron_miniplm.errors import UserError
 
@@ -181,38 +181,52 @@ class _Shard:
     def _finish_writing(self) -> None:
         raise NotImplementedError
 
+    def write(self, records: list[dict]) -> None:
+        with disk_space(self.path):
+            self._write(records)
+
     def close(self) -> None:
-        self._finish_writing()
+        with disk_space(self.path):
+            self._finish_writing()
         publish(self.tmp, self.path)
 
     def abort(self) -> None:
+        """Remove the file; its last bytes may fail to reach a full disk, which no longer matters."""
         try:
             self._finish_writing()
+        except OSError:
+            pass
         finally:
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
+            remove_quietly(self.tmp)
 
 
 class _JsonlShard(_Shard):
     def __init__(self, path: str, fmt: str):
         super().__init__(path)
         raw = open(self.tmp, "wb")
-        if fmt == "jsonl.gz":
-            self._raw, self.f = raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0)
-        elif fmt == "jsonl.zst":
-            import zstandard
+        try:  # gzip writes its header at once
+            if fmt == "jsonl.gz":  # the header names the final file, not the temporary one: same bytes every run
+                self._raw, self.f = raw, gzip.GzipFile(os.path.basename(path), "wb", fileobj=raw, mtime=0)
+            elif fmt == "jsonl.zst":
+                import zstandard
 
-            self._raw, self.f = raw, zstandard.ZstdCompressor(level=3).stream_writer(raw)
-        else:
-            self._raw, self.f = None, raw
+                self._raw, self.f = raw, zstandard.ZstdCompressor(level=3).stream_writer(raw)
+            else:
+                self._raw, self.f = None, raw
+        except BaseException:
+            close_quietly(raw)
+            remove_quietly(self.tmp)
+            raise
 
-    def write(self, records: list[dict]) -> None:
+    def _write(self, records: list[dict]) -> None:
         self.f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
 
     def _finish_writing(self) -> None:
-        self.f.close()
-        if self._raw is not None and not self._raw.closed:
-            self._raw.close()
+        try:
+            self.f.close()
+        finally:
+            if self._raw is not None and not self._raw.closed:
+                self._raw.close()
 
 
 class _ParquetShard(_Shard):
@@ -227,7 +241,7 @@ class _ParquetShard(_Shard):
             ("teacher_nll", pa.float64()), ("reference_nll", pa.float64()), ("difference_score", pa.float64())]))])
         self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
 
-    def write(self, records: list[dict]) -> None:
+    def _write(self, records: list[dict]) -> None:
         pa, meta_type = self.pa, self.schema.field("meta").type
         metas = [r["meta"] for r in records]
         meta = pa.StructArray.from_arrays(
@@ -241,7 +255,8 @@ class _ParquetShard(_Shard):
 
 def _open_shard(path: str, fmt: str):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    return _ParquetShard(path) if fmt == "parquet" else _JsonlShard(path, fmt)
+    with disk_space(path):
+        return _ParquetShard(path) if fmt == "parquet" else _JsonlShard(path, fmt)
 
 
 def _fingerprint(config: ExportConfig, meta: dict) -> str:

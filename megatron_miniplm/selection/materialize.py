@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron_miniplm import _cpp
-from megatron_miniplm.atomic_io import publish, temp_name, write_json_atomic
+from megatron_miniplm.atomic_io import disk_space, publish, remove_quietly, temp_name
 from megatron_miniplm.data.dataset_writer import DATA_SUFFIXES
 from megatron_miniplm.data.indexed_dataset import DomainStats, IndexedDatasetWriter
-from megatron_miniplm.data.meta import idx_fingerprint
+from megatron_miniplm.data.meta import idx_fingerprint, write_json
 from megatron_miniplm.selection.config import SelectionError
 from megatron_miniplm.selection.shards import Shard, domain_table
 
@@ -48,32 +48,32 @@ class _Output:
     stats: DomainStats = field(default_factory=DomainStats)
 
     def __post_init__(self) -> None:
-        self.tmp = {ext: temp_name(self.prefix + ext) for ext in DATA_SUFFIXES}
+        self.tmp = {ext: temp_name(self.prefix + ext) for ext in DATA_SUFFIXES + (".meta.json",)}
         self.domains = np.empty(self.num_rows, dtype=np.int32)
         self.index = IndexedDatasetWriter(self.tmp[".bin"], self.token_dtype)
 
     def finish(self) -> None:
         """The .idx and .domains.npy, still under temporary names."""
         self.index.finalize(self.tmp[".idx"])
-        with open(self.tmp[".domains.npy"], "wb") as f:
+        with disk_space(self.prefix + ".domains.npy", self.domains.nbytes), open(self.tmp[".domains.npy"], "wb") as f:
             np.save(f, self.domains)
 
     def publish(self, meta: dict) -> None:
-        """The data files renamed into place, the meta last (an old meta removed first,
-        so an interrupted publish never looks complete)."""
+        """The meta written under its temporary name, then the data files renamed into place,
+        the meta last (an old meta removed first, so an interrupted publish never looks
+        complete, and nothing is written once the first file is in place)."""
         meta_path = self.prefix + ".meta.json"
+        write_json(self.tmp[".meta.json"], meta)
         if os.path.exists(meta_path):
             os.remove(meta_path)
-        for ext in DATA_SUFFIXES:
+        for ext in DATA_SUFFIXES + (".meta.json",):
             publish(self.tmp[ext], self.prefix + ext)
-        write_json_atomic(meta_path, meta)
 
     def discard(self) -> None:
         """Whatever is still under a temporary name (everything, unless published)."""
         self.index.abort()
         for path in self.tmp.values():
-            if os.path.exists(path):
-                os.remove(path)
+            remove_quietly(path)
 
 
 def _locate(chunk: np.ndarray, shards: list[Shard], maps: list[np.ndarray], shard_domains: list[np.ndarray]):

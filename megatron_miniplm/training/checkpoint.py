@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_miniplm import platform
-from megatron_miniplm.atomic_io import write_json_atomic, write_text_atomic
+from megatron_miniplm.atomic_io import DiskFullError, disk_space, space_ran_out, write_json_atomic, write_text_atomic
 from megatron_miniplm.dist_checkpoint import (
     LATEST_FILE, MODEL_CONFIG_FILE, CheckpointMismatch, checkpoint_name, latest_checkpoint,
     load_model_state, load_sharded, save_sharded, sharded_model_state,
@@ -131,21 +131,47 @@ def save_checkpoint(
     state["scheduler"] = scheduler.state_dict()
     state["train_state"] = dict(train_state, iteration=iteration, has_optimizer_state=has_optimizer_state,
                                 optimizer_format=optimizer_format, layout=_layout())
-    save_sharded(state, partial)
-    # RNG streams are per rank: restored only when the layout is unchanged.
-    torch.save(_rng_state(), os.path.join(partial, f"rng_rank{rank:05d}.pt"))
+    _save_state(state, partial, rank)
     dist.barrier()
     if rank == 0:
-        model_config.save(os.path.join(partial, MODEL_CONFIG_FILE))
-        if run_config is not None:
-            write_json_atomic(os.path.join(partial, RUN_CONFIG_FILE), run_config)
-        _write_info(partial, tokenizer, dtype)
+        with disk_space(partial):
+            model_config.save(os.path.join(partial, MODEL_CONFIG_FILE))
+            if run_config is not None:
+                write_json_atomic(os.path.join(partial, RUN_CONFIG_FILE), run_config)
+            _write_info(partial, tokenizer, dtype)
         if os.path.exists(final):  # a re-save of the same iteration
             shutil.rmtree(final)
         os.replace(partial, final)
         write_text_atomic(os.path.join(save_dir, LATEST_FILE), str(iteration))  # as Megatron-LM writes it
     dist.barrier()
     return final
+
+
+def _save_state(state: dict, partial: str, rank: int) -> None:
+    """This rank's shards and RNG streams into `partial`. A full disk is a DiskFullError,
+    and rank 0 removes the .partial directory (never loaded, and replaced by the next save
+    anyway) to give the space back."""
+    try:
+        save_sharded(state, partial)
+        # RNG streams are per rank: restored only when the layout is unchanged.
+        torch.save(_rng_state(), os.path.join(partial, f"rng_rank{rank:05d}.pt"))
+    except BaseException as e:  # torch's CheckpointException derives from BaseException
+        needed = _tensor_bytes(state)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)) or not space_ran_out(e, partial, needed):
+            raise
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise DiskFullError(partial, needed) from e
+
+
+def _tensor_bytes(state) -> int:
+    """Bytes of the tensors in a (sharded) state dict: what a save writes at the least."""
+    if isinstance(state, dict):
+        return sum(_tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in state)
+    data = state if isinstance(state, torch.Tensor) else getattr(state, "data", None)
+    return data.numel() * data.element_size() if isinstance(data, torch.Tensor) else 0
 
 
 def _format_metadata(optimizer_format: Optional[str]) -> Optional[dict]:

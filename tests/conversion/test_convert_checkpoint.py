@@ -331,3 +331,30 @@ def test_error_existing_output_and_failed_conversion_leaves_nothing(converted, t
     err = _error(capsys, "--direction", "hf-to-megatron", "--load", src, "--save", tmp_path / "o")
     assert "end-of-document" in err
     assert sorted(os.listdir(tmp_path)) == ["full", "no-eod"]
+
+
+def test_a_full_disk_stops_the_export_and_the_rerun_completes_it(converted, tmp_path, capsys, monkeypatch):
+    """The weights file does not fit: one line naming it and the bytes it needs; no output, no
+    temporary directory; with space again, the export is the one made before."""
+    import errno
+
+    import safetensors.torch
+
+    root, _ = converted
+    real = safetensors.torch.save_file
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)  # what fitted
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "hf"
+    err = _error(capsys, "--direction", "megatron-to-hf", "--load", root / "llama-meg", "--save", out)
+    lines = err.strip().splitlines()
+    size = sum(t.numel() * t.element_size() for t in safetensors.torch.load_file(root / "llama-rt" / "model.safetensors").values())
+    assert len(lines) == 1 and f"{out / 'model.safetensors'}: no space left on the device ({size:,} bytes needed" in lines[0], err
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert convert("--direction", "megatron-to-hf", "--load", root / "llama-meg", "--save", out) == 0
+    assert_same_tensors(out, root / "llama-rt")

@@ -24,6 +24,9 @@ BAD_LINES = [
     ('{"text": "t", "meta": {"pile_set_name": 3}}', SkipReason.NOT_A_STRING),
     ('{"text": "", "meta": {"pile_set_name": "A"}}', SkipReason.EMPTY_TEXT),
     ('{"text": "a\\ud800b", "meta": {"pile_set_name": "A"}}', SkipReason.INVALID_UTF8),
+    # Valid JSON the json module cannot hold: found by benchmarks/fuzz_inputs.py.
+    ('{"text": "t", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", SkipReason.INVALID_JSON),  # RecursionError
+    ('{"text": "t", "meta": {"pile_set_name": "A"}, "n": ' + "7" * 5000 + "}", SkipReason.INVALID_JSON),
 ]
 
 
@@ -67,3 +70,13 @@ def test_keys_and_domains():
     # Unicode and escapes survive; the last line may lack its newline.
     out = parse_block(rec("数据 \\n é").encode() + b"\n" + rec("z").encode(), 1, TEXT, DOMAIN)
     assert out.texts == ["数据 \\n é", "z"] and out.num_lines == 2
+
+
+def test_the_error_is_one_line_whatever_the_detail():
+    """pyarrow's messages span lines ("...Invalid data\nDeserializing page header failed."),
+    found by benchmarks/fuzz_inputs.py on flipped Parquet bytes: the tools print one line."""
+    from megatron_miniplm.data.records import BadRecord
+
+    bad = BadRecord(12, SkipReason.CORRUPT_INPUT, "cannot read row group 11: Invalid data\nDeserializing page header failed.")
+    message = str(InputError("f.parquet", bad, rows=True))
+    assert message == "f.parquet: row 12: corrupt_input: cannot read row group 11: Invalid data Deserializing page header failed."

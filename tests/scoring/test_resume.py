@@ -115,3 +115,22 @@ def test_records_reach_the_file_at_once_and_fsync_is_paced(tmp_path, monkeypatch
     assert synced == [5.0, 10.0]
     w.close()
     assert synced == [5.0, 10.0, 12.0]
+
+
+def test_a_full_disk_stops_with_the_shard_named_and_the_rerun_continues(tmp_path, monkeypatch):
+    """The record that did not fit is a torn tail: the next run truncates it and appends again."""
+    from disk_full import FullDisk
+    from megatron_miniplm.atomic_io import DiskFullError
+
+    path = str(tmp_path / "shard-00000.bin")
+    append(path, (0, scores(2, 0)))
+    record = os.path.getsize(path)
+    disk = FullDisk(monkeypatch, [resume], budget=record // 2)
+    w = resume.ShardWriter(path, fsync=False)
+    with pytest.raises(DiskFullError, match=rf"^{path}: no space left on the device"):
+        w.append(1, scores(2, 5))
+    w.close()
+    assert os.path.getsize(path) == record + record // 2  # half a record reached the disk
+    disk.budget = None
+    append(path, (1, scores(2, 5)))
+    assert [r.batch_index for r in resume.read_shard(path)[0]] == [0, 1]

@@ -200,3 +200,75 @@ def test_refusals(blend, tmp_path):
     result = _export(str(tmp_path / "nope"), str(tmp_path / "x.jsonl"))
     assert result.returncode == 1 and "nope.meta.json" in result.stderr
     assert not os.path.exists(tmp_path / "x.jsonl")
+
+
+def _listing(directory) -> dict:
+    """Every file's bytes but an export's state file (it names its own paths)."""
+    return {f: open(os.path.join(directory, f), "rb").read() for f in sorted(os.listdir(directory))
+            if not f.endswith(".export.json")}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_a_full_disk_stops_the_export_and_the_rerun_completes_it(blend, tmp_path, monkeypatch, suffix):
+    """At the first and last write of every file: DiskFullError naming the file; no temporary
+    left; the shards finished before stay recorded; the rerun gives the same files."""
+    from disk_full import FullDisk
+    from megatron_miniplm import atomic_io
+    from megatron_miniplm.atomic_io import DiskFullError
+    from megatron_miniplm.selection import export
+
+    cfg = dict(blend=blend["blend"], shard_size_mb=0.01, batch_size=8, progress=False)
+    disk = FullDisk(monkeypatch, [export, atomic_io])
+    export.export_selection(export.ExportConfig(output=str(tmp_path / "want" / f"r{suffix}"), **cfg))
+    want = _listing(tmp_path / "want")
+    sites, counted = disk.sites(), list(disk.writes)
+    assert len(want) >= 4 and len(sites) >= 6
+    for k in sites:
+        out = tmp_path / f"at{k}"
+        disk.fail_at(k, counted)
+        with pytest.raises(DiskFullError, match=rf"^{out}/r.*: no space left on the device"):
+            export.export_selection(export.ExportConfig(output=str(out / f"r{suffix}"), **cfg))
+        assert not [f for f in os.listdir(out) if ".tmp-" in f], os.listdir(out)
+        disk.budget = None
+        export.export_selection(export.ExportConfig(output=str(out / f"r{suffix}"), **cfg))
+        assert _listing(out) == want
+
+
+def test_a_full_disk_stops_materialize_and_the_rerun_completes_it(blend, tmp_path, monkeypatch):
+    from disk_full import FullDisk
+    from megatron_miniplm import atomic_io
+    from megatron_miniplm.atomic_io import DiskFullError
+    from megatron_miniplm.data import indexed_dataset, meta
+    from megatron_miniplm.selection import materialize
+    from megatron_miniplm.selection.config import SelectionConfig
+    from megatron_miniplm.selection.sample import SampleRequest, run
+
+    def sample(out):
+        run(SampleRequest(data_paths=[blend["prefix"]], output=str(out / "sel"), materialize=True,
+                          config=SelectionConfig(alpha=0.5, order="shuffled"),
+                          teacher_scores=[f"{s}.teacher" for s in blend["shards"]],
+                          reference_scores=[f"{s}.reference" for s in blend["shards"]]))
+
+    disk = FullDisk(monkeypatch, [materialize, indexed_dataset, meta, atomic_io])
+    sample(tmp_path / "want")
+    want = _listing(tmp_path / "want")
+    sites, counted = disk.sites(), list(disk.writes)
+    assert len(sites) >= 4
+    for k in sites:
+        out = tmp_path / f"at{k}"
+        disk.fail_at(k, counted)
+        with pytest.raises(DiskFullError, match=rf"^{out}/sel.*: no space left on the device"):
+            sample(out)
+        assert os.listdir(out) == [], os.listdir(out)
+        disk.budget = None
+        sample(out)
+        assert _listing(out) == want
+
+
+def test_a_gzip_export_is_the_same_bytes_every_run(blend, tmp_path):
+    """The gzip header names the final file, not the run's temporary one."""
+    assert _export(blend["blend"], str(tmp_path / "a" / "r.jsonl.gz")).returncode == 0
+    assert _export(blend["blend"], str(tmp_path / "b" / "r.jsonl.gz")).returncode == 0
+    data = (tmp_path / "a" / "r.jsonl.gz").read_bytes()
+    assert data == (tmp_path / "b" / "r.jsonl.gz").read_bytes()
+    assert b"r.jsonl\0" in data[:32] and b".tmp-" not in data[:64]
