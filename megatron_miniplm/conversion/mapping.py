@@ -1,4 +1,4 @@
-"""Tensor mapping between HF (Qwen2 / Llama) and megatron-core GPT state dicts.
+"""Tensor mapping between HF (Qwen2 / Llama / Qwen3 / Mistral) and megatron-core GPT state dicts.
 
 Both sides are whole (TP=1) tensors: megatron's dist checkpoint reshards them
 to any TP/PP on load, so the mapping never deals with parallel slices.
@@ -11,7 +11,8 @@ Megatron's fused layouts (checked against a built ``GPTModel``):
 - ``linear_fc1`` is ``[gate; up]`` (SwiGLU), ``linear_fc2`` is ``down``.
 - The RMSNorm before attention is ``input_layernorm``, before the MLP
   ``pre_mlp_layernorm`` (local spec; the checkpoint maps them to the
-  Transformer Engine names, so either spec loads it).
+  Transformer Engine names, so either spec loads it). Qwen3's per-head
+  ``q_norm`` / ``k_norm`` are ``q_layernorm`` / ``k_layernorm``.
 - Embedding and output rows are padded to ``padded_vocab_size()``; the pad
   rows are zero and are dropped on export.
 """
@@ -27,6 +28,9 @@ from megatron_miniplm.models.config import ModelConfig
 
 QWEN2 = "qwen2"
 LLAMA = "llama"
+QWEN3 = "qwen3"
+MISTRAL = "mistral"
+LAYOUTS = (QWEN2, LLAMA, QWEN3, MISTRAL)
 
 
 # --- fused QKV ---------------------------------------------------------------
@@ -101,6 +105,9 @@ def hf_to_megatron(hf: MutableMapping[str, torch.Tensor], config: ModelConfig) -
             yield m + "self_attention.linear_qkv.bias", fuse_qkv(
                 take(h + "self_attn.q_proj.bias"), take(h + "self_attn.k_proj.bias"),
                 take(h + "self_attn.v_proj.bias"), heads, groups)
+        if config.qk_layernorm:
+            yield m + "self_attention.q_layernorm.weight", take(h + "self_attn.q_norm.weight")
+            yield m + "self_attention.k_layernorm.weight", take(h + "self_attn.k_norm.weight")
         yield m + "self_attention.linear_proj.weight", take(h + "self_attn.o_proj.weight")
         yield m + "pre_mlp_layernorm.weight", take(h + "post_attention_layernorm.weight")
         yield m + "mlp.linear_fc1.weight", torch.cat(
@@ -118,14 +125,14 @@ def hf_to_megatron(hf: MutableMapping[str, torch.Tensor], config: ModelConfig) -
 
 
 def megatron_to_hf(meg: MutableMapping[str, torch.Tensor], config: ModelConfig, layout: str) -> dict[str, torch.Tensor]:
-    """HF state dict (Qwen2 or Llama names) of a whole megatron model, padding rows dropped.
+    """HF state dict (names of ``layout``) of a whole megatron model, padding rows dropped.
 
-    A Qwen2 layout always has q/k/v biases and a Llama layout with biases also
-    has one on o_proj: where the megatron model has none, zeros are written,
+    A Qwen2 layout always has q/k/v biases and a Llama or Qwen3 layout with biases
+    also has one on o_proj: where the megatron model has none, zeros are written,
     which leaves the function unchanged.
     """
-    if layout not in (QWEN2, LLAMA):
-        raise ConversionError(f"unknown HF layout '{layout}' (qwen2, llama)")
+    if layout not in LAYOUTS:
+        raise ConversionError(f"unknown HF layout '{layout}' ({', '.join(LAYOUTS)})")
     meg = {k: v for k, v in meg.items() if torch.is_tensor(v)}  # drop _extra_state
 
     def take(key: str) -> torch.Tensor:
@@ -149,8 +156,11 @@ def megatron_to_hf(meg: MutableMapping[str, torch.Tensor], config: ModelConfig, 
             qb, kb, vb = q.new_zeros(q.shape[0]), k.new_zeros(k.shape[0]), v.new_zeros(v.shape[0])
         if hf_bias:
             out[h + "self_attn.q_proj.bias"], out[h + "self_attn.k_proj.bias"], out[h + "self_attn.v_proj.bias"] = qb, kb, vb
+        if config.qk_layernorm:
+            out[h + "self_attn.q_norm.weight"] = take(m + "self_attention.q_layernorm.weight")
+            out[h + "self_attn.k_norm.weight"] = take(m + "self_attention.k_layernorm.weight")
         out[h + "self_attn.o_proj.weight"] = take(m + "self_attention.linear_proj.weight")
-        if layout == LLAMA and hf_bias:
+        if layout != QWEN2 and hf_bias:
             out[h + "self_attn.o_proj.bias"] = q.new_zeros(config.hidden_size)
         out[h + "post_attention_layernorm.weight"] = take(m + "pre_mlp_layernorm.weight")
         gate, up = take(m + "mlp.linear_fc1.weight").chunk(2, dim=0)

@@ -1,7 +1,8 @@
 """Typed model configs and the named presets of the paper, its teachers, and tests.
 
-All models are decoder-only transformers of the Qwen / Llama family: RMSNorm,
-SwiGLU MLP, RoPE, no bias except (optionally) on the QKV projection.
+All models are decoder-only transformers of the Qwen / Llama / Mistral family: RMSNorm,
+SwiGLU MLP, RoPE (optionally with Llama 3's frequency scaling), no bias except (optionally)
+on the QKV projection, optionally RMSNorm on each query and key head (Qwen3's QK-norm).
 """
 
 from __future__ import annotations
@@ -34,6 +35,27 @@ class ModelConfig:
     tie_embeddings: bool = setting(True, group=MODEL, flag="--untie-embeddings-and-output-weights",
                                    help="an output layer of its own instead of the input embedding")
     init_method_std: float = setting(0.02, group=MODEL, help="standard deviation of the initial weights")
+    kv_channels: Optional[int] = setting(
+        None, group=MODEL, help="width of each attention head (default: hidden size / attention heads; Qwen3's "
+                                "heads are wider)")
+    qk_layernorm: bool = setting(False, group=MODEL, help="RMSNorm on each query and key head before RoPE (Qwen3)")
+    use_rope_scaling: bool = setting(
+        False, group=MODEL, help="Llama 3.1's RoPE frequency scaling (rope_type llama3): long wavelengths divided by "
+                                 "--rope-scaling-factor, short ones kept, a smooth blend between")
+    rope_scaling_factor: float = setting(8.0, group=MODEL, help="with --use-rope-scaling: the factor")
+    rope_low_freq_factor: float = setting(
+        1.0, group=MODEL, help="with --use-rope-scaling: wavelengths above original context / this are scaled "
+                               "(Megatron-LM fixes it at 1)")
+    rope_high_freq_factor: float = setting(
+        4.0, group=MODEL, help="with --use-rope-scaling: wavelengths below original context / this are kept "
+                               "(Megatron-LM fixes it at 4)")
+    rope_original_max_position_embeddings: int = setting(
+        8192, group=MODEL, help="with --use-rope-scaling: the context the RoPE frequencies were made for "
+                                "(Megatron-LM fixes it at 8192)")
+    sliding_window: Optional[int] = setting(
+        None, group=MODEL, help="the model's attention window (Mistral): it runs only sequences that fit the window, "
+                                "where its attention is plain causal attention (unlike Megatron-LM's --window-size, "
+                                "no windowed kernel)")
     make_vocab_size_divisible_by: int = setting(
         128, group=MODEL, help="pad the vocabulary to a multiple of this (x TP where TP does not divide it)")
     name: str = "custom"
@@ -42,7 +64,7 @@ class ModelConfig:
     published_params: Optional[int] = None
 
     def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads != 0:
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden size {self.hidden_size} is not divisible by "
                 f"{self.num_attention_heads} attention heads"
@@ -59,7 +81,16 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def check_attention_window(self, seq_length: int) -> None:
+        """Refuses sequences longer than the model's attention window: there windowed attention
+        differs from causal attention, and the layers built here have no window."""
+        if self.sliding_window is not None and seq_length > self.sliding_window:
+            raise ValueError(
+                f"sequence length {seq_length} exceeds the {self.sliding_window}-token sliding attention window of "
+                f"model '{self.name}': it is computed exactly only where a sequence fits the window (plain causal "
+                f"attention there); use sequences of at most {self.sliding_window} tokens")
 
     def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
         """Vocabulary padded so that TP divides it.

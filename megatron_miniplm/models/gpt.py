@@ -11,6 +11,7 @@ the start-up lines print it.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -185,6 +186,7 @@ def _architecture(config: ModelConfig) -> dict:
         num_attention_heads=config.num_attention_heads,
         num_query_groups=config.kv_heads,
         kv_channels=config.head_dim,
+        qk_layernorm=config.qk_layernorm,
         normalization="RMSNorm",
         layernorm_epsilon=config.norm_epsilon,
         gated_linear_unit=True,
@@ -250,8 +252,9 @@ class LocalRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def layer_spec(impl: Implementation):
-    """The transformer layer's ``ModuleSpec`` for a resolved implementation."""
+def layer_spec(impl: Implementation, qk_layernorm: bool = False):
+    """The transformer layer's ``ModuleSpec`` for a resolved implementation; ``qk_layernorm``:
+    an RMSNorm over each query and key head (the spec's own where TE imports, else ours)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -259,11 +262,14 @@ def layer_spec(impl: Implementation):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     if impl.spec == "transformer_engine":
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     else:
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
         spec.submodules.input_layernorm = LocalRMSNorm
         spec.submodules.pre_mlp_layernorm = LocalRMSNorm
+        if qk_layernorm:
+            attention = spec.submodules.self_attention.submodules
+            attention.q_layernorm = attention.k_layernorm = LocalRMSNorm
     from megatron_miniplm.models.attention import FlashSDPAttention, SDPAttention
 
     core = {"sdpa": SDPAttention, "sdpa-flash": FlashSDPAttention, "local": DotProductAttention}.get(impl.attention)
@@ -277,7 +283,7 @@ def _block_spec(impl: Implementation, tcfg):
     stage's layers with the local norm as the final one too."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    spec = layer_spec(impl)
+    spec = layer_spec(impl, tcfg.qk_layernorm)
     if impl.spec == "transformer_engine":
         return spec
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(tcfg), layer_norm=LocalRMSNorm)
@@ -339,7 +345,7 @@ def build_model(
 def _gpt_model(config: ModelConfig, tcfg, impl: Implementation, tp: int, pre_process: bool, post_process: bool):
     from megatron.core.models.gpt import GPTModel
 
-    return GPTModel(
+    model = GPTModel(
         config=tcfg,
         transformer_layer_spec=_block_spec(impl, tcfg),
         vocab_size=config.padded_vocab_size(tp),
@@ -351,3 +357,28 @@ def _gpt_model(config: ModelConfig, tcfg, impl: Implementation, tp: int, pre_pro
         position_embedding_type="rope",
         rotary_base=int(config.rotary_base),
     )
+    if config.use_rope_scaling and hasattr(model, "rotary_pos_emb"):
+        model.rotary_pos_emb.inv_freq = rope_inverse_frequencies(config, model.rotary_pos_emb.inv_freq.device)
+    return model
+
+
+def rope_inverse_frequencies(config: ModelConfig, device=None) -> torch.Tensor:
+    """RoPE's inverse frequencies with Llama 3.1's scaling, all four of its parameters as the
+    model says. megatron-core's RotaryEmbedding takes only the factor and fixes the others (low
+    1, high 4, original context 8192), so the builder sets the frequencies itself.
+
+    Per frequency, by its wavelength 2 pi / f against the original context L: shorter than
+    L / high_freq_factor, kept; longer than L / low_freq_factor, divided by the factor; in
+    between, a linear blend of the two weighted by L / wavelength, from 0 at the long end
+    to 1 at the short end.
+    """
+    dim = config.head_dim
+    base = config.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+    inv_freq = 1.0 / base
+    factor, context = config.rope_scaling_factor, config.rope_original_max_position_embeddings
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    wavelength = 2 * math.pi / inv_freq
+    weight = ((context / wavelength - low) / (high - low)).clamp(0.0, 1.0)
+    blended = (1 - weight) * inv_freq / factor + weight * inv_freq
+    scaled = torch.where(wavelength > context / low, inv_freq / factor, blended)
+    return torch.where(wavelength < context / high, inv_freq, scaled)
