@@ -141,6 +141,10 @@ QWEN_VOCAB = 151_936
 SMOLLM_VOCAB = 49_152
 
 
+LLAMA3_VOCAB = 128_256
+# Llama 3.1's RoPE: base 500,000, frequencies scaled for a context 8x its original 8,192 (Llama 3.2: 32x).
+_LLAMA31_ROPE = dict(rotary_base=500_000.0, use_rope_scaling=True, rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
+                     rope_high_freq_factor=4.0, rope_original_max_position_embeddings=8192)
 def _qwen(name, hidden, ffn, layers, heads, *, tied=True, published=None) -> ModelConfig:
     return ModelConfig(
         name=name, num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
@@ -172,9 +176,37 @@ PRESETS: dict[str, ModelConfig] = {
         max_position_embeddings=8192, init_method_std=0.041666666666666664,
         published_params=135_000_000,
     ),
+    # MiniPLM's cross-family student: Llama 3.1's architecture and tokenizer, 12 layers of width 768
+    # with multi-head attention and tied embeddings (see PRESET_NOTES).
+    "llama3.1-212M": ModelConfig(
+        name="llama3.1-212M", num_layers=12, hidden_size=768, ffn_hidden_size=3072, num_attention_heads=12,
+        vocab_size=LLAMA3_VOCAB, norm_epsilon=1e-5, qkv_bias=False, tie_embeddings=True,
+        max_position_embeddings=131_072, published_params=212_000_000, **_LLAMA31_ROPE),
+    # Teachers of today's families, as published.
+    "llama3.2-1B": ModelConfig(
+        name="llama3.2-1B", num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
+        num_query_groups=8, vocab_size=LLAMA3_VOCAB, norm_epsilon=1e-5, qkv_bias=False, tie_embeddings=True,
+        max_position_embeddings=131_072, published_params=1_240_000_000,
+        **dict(_LLAMA31_ROPE, rope_scaling_factor=32.0)),
+    "qwen3-0.6B": ModelConfig(
+        name="qwen3-0.6B", num_layers=28, hidden_size=1024, ffn_hidden_size=3072, num_attention_heads=16,
+        num_query_groups=8, kv_channels=128, qk_layernorm=True, vocab_size=QWEN_VOCAB, qkv_bias=False,
+        tie_embeddings=True, rotary_base=1_000_000.0, max_position_embeddings=40_960,
+        published_params=600_000_000),
+}
+
+# Students of other architectures the paper trains, refused with the reason.
+REFUSED_PRESETS = {
+    "mamba-130M": "the paper's Mamba student is not built here: megatron-core's Mamba layers need GPU kernels "
+                  "(mamba-ssm's selective scan, causal-conv1d) that neither run on a CPU nor are tested here; "
+                  "llama3.1-212M is the paper's other cross-family student",
 }
 
 PRESET_NOTES = {
+    "llama3.1-212M": "the paper's Llama-3.1 student, its shape inferred: MiniPLM's repository fetches its config.json "
+                     "from the HF hub; 12 x 768, FFN 3072, 12 heads and tied embeddings over Llama 3's 128,256 "
+                     "tokens are the Llama shape of the paper's student width that gives 212M (211.8M)",
+    "qwen3-0.6B": "Qwen3's 0.6B: 0.44B without the (tied) embedding",
     "qwen-300M": "paper's name is nominal: the table's shape gives 247M with tied embeddings",
     "qwen-500M": "paper's name is nominal: the table's shape gives 464M tied (619M untied)",
     "qwen-1.2B": "the paper's 1.2B: its released checkpoint's 1.16B, with untied embeddings",
@@ -197,6 +229,8 @@ def model_from_spec(spec: dict, vocab_size: int = 1) -> ModelConfig:
 
 
 def get_preset(name: str) -> ModelConfig:
+    if name in REFUSED_PRESETS:
+        raise ValueError(f"model preset '{name}': {REFUSED_PRESETS[name]}")
     try:
         return PRESETS[name]
     except KeyError:

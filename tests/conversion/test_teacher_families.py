@@ -202,3 +202,26 @@ def test_export_refuses_a_layout_without_the_model_features():
     mistral = model_config_from_hf(tiny.hf_config("mistral"), "t")
     with pytest.raises(ConversionError, match="sliding attention window"):
         hf_config_from_model_config(mistral, "qwen2")
+
+
+# --- the paper's cross-family student ---------------------------------------------------------
+
+def test_llama31_student_preset_exports_as_llama_3_1():
+    """The Llama-3.1 student keeps its own vocabulary whatever the data's (the students' tokenizer
+    path), exports to Llama's layout with Llama 3.1's RoPE, and reads back as itself."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from megatron_miniplm.conversion.megatron_to_hf import choose_layout
+    from megatron_miniplm.models.config import model_from_spec
+    from megatron_miniplm.models.gpt import rope_inverse_frequencies
+
+    config = model_from_spec({"preset": "llama3.1-212M"}, vocab_size=600)
+    assert config.vocab_size == 128_256
+    layout = choose_layout("auto", config, None)
+    assert layout == "llama"
+    hf = hf_config_from_model_config(config, layout)
+    assert hf.rope_parameters == {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    torch.testing.assert_close(rope_inverse_frequencies(config), ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")[0],
+                               rtol=0, atol=0)
+    assert model_config_from_hf(hf, config.name) == config.replace(published_params=None)
