@@ -203,9 +203,8 @@ REFUSED_PRESETS = {
 }
 
 PRESET_NOTES = {
-    "llama3.1-212M": "the paper's Llama-3.1 student, its shape inferred: MiniPLM's repository fetches its config.json "
-                     "from the HF hub; 12 x 768, FFN 3072, 12 heads and tied embeddings over Llama 3's 128,256 "
-                     "tokens are the Llama shape of the paper's student width that gives 212M (211.8M)",
+    "llama3.1-212M": "the paper's Llama-3.1 student, shape inferred (its config.json is on the HF hub, not in "
+                     "MiniPLM's repository): Llama 3.1 at width 768 with tied embeddings gives 212M",
     "qwen3-0.6B": "Qwen3's 0.6B: 0.44B without the (tied) embedding",
     "qwen-300M": "paper's name is nominal: the table's shape gives 247M with tied embeddings",
     "qwen-500M": "paper's name is nominal: the table's shape gives 464M tied (619M untied)",
