@@ -225,3 +225,14 @@ def test_llama31_student_preset_exports_as_llama_3_1():
     torch.testing.assert_close(rope_inverse_frequencies(config), ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")[0],
                                rtol=0, atol=0)
     assert model_config_from_hf(hf, config.name) == config.replace(published_params=None)
+
+
+def test_model_card_names_the_family_features():
+    from megatron_miniplm.evaluation.model_card import _family_rows
+
+    rows = dict(_family_rows(model_config_from_hf(tiny.hf_config("qwen3"), "t")))
+    assert rows == {"Head width": 24, "QK-norm": "yes (RMSNorm per query and key head)"}
+    rows = dict(_family_rows(model_config_from_hf(tiny.hf_config("llama3.1"), "t")))
+    assert rows["RoPE scaling"] == "llama3: factor 8, low/high frequency factors 1/4, original context 64"
+    assert dict(_family_rows(model_config_from_hf(tiny.hf_config("mistral"), "t")))["Attention window"] == "128 tokens"
+    assert _family_rows(model_config_from_hf(tiny.hf_config("llama"), "t")) == []
