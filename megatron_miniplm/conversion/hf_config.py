@@ -89,7 +89,8 @@ def unsupported_features(c, layout: str) -> list[str]:
         problems.append("bias on the MLP")
     if layout in (LLAMA, QWEN3) and getattr(c, "attention_bias", False):
         problems.append("attention_bias (megatron's GPT has no bias on the output projection)")
-    if layout in (QWEN2, QWEN3) and getattr(c, "use_sliding_window", False) and getattr(c, "sliding_window", None) is None:
+    sliding = layout in (QWEN2, QWEN3) and getattr(c, "use_sliding_window", False)
+    if sliding and getattr(c, "sliding_window", None) is None:
         problems.append("sliding-window attention without a window size")
     layer_types = getattr(c, "layer_types", None) or []
     odd = sorted(set(layer_types) - {"full_attention", "sliding_attention"})

@@ -21,7 +21,8 @@ def test_a_qwen3_teacher_runs_through_the_pipeline(setting, tmp_path):
     assert out.returncode == 0, out.stdout[-4000:]
     with open(tmp_path / "work" / "records" / "teacher.json") as f:
         checkpoint = json.load(f)["output"]
-    found = [os.path.join(d, "model_config.json") for d, _, files in os.walk(checkpoint) if "model_config.json" in files]
+    found = [os.path.join(d, name) for d, _, files in os.walk(checkpoint) for name in files
+             if name == "model_config.json"]
     model = json.load(open(found[0]))
     assert model["qk_layernorm"] and model["kv_channels"] == 24
     with open(tmp_path / "work" / "records" / "evaluate.json") as f:
