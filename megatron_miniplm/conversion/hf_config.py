@@ -1,4 +1,4 @@
-"""HF model configs (Qwen2, Llama, Qwen3, Mistral) <-> ``ModelConfig``, refusing what megatron's GPT
+"""HF model configs (Qwen2, Llama, Qwen3, Mistral, Qwen3-MoE, Mixtral) <-> ``ModelConfig``, refusing what megatron's GPT
 cannot express exactly, by name."""
 
 from __future__ import annotations
@@ -6,21 +6,24 @@ from __future__ import annotations
 from typing import Optional
 
 from megatron_miniplm.conversion.errors import ConversionError
-from megatron_miniplm.conversion.mapping import LAYOUTS, LLAMA, MISTRAL, QWEN2, QWEN3
+from megatron_miniplm.conversion.mapping import LAYOUTS, LLAMA, MISTRAL, MIXTRAL, QWEN2, QWEN3, QWEN3_MOE
 from megatron_miniplm.models.config import ModelConfig
 
 # HF architecture class -> our layout name. Qwen1.5 checkpoints declare Qwen2ForCausalLM,
 # Llama 3.x and SmolLM LlamaForCausalLM.
 ARCHITECTURES = {"Qwen2ForCausalLM": QWEN2, "LlamaForCausalLM": LLAMA, "Qwen3ForCausalLM": QWEN3,
-                 "MistralForCausalLM": MISTRAL}
-MODEL_TYPES = {"qwen2": QWEN2, "llama": LLAMA, "qwen3": QWEN3, "mistral": MISTRAL}
+                 "MistralForCausalLM": MISTRAL, "Qwen3MoeForCausalLM": QWEN3_MOE, "MixtralForCausalLM": MIXTRAL}
+MODEL_TYPES = {"qwen2": QWEN2, "llama": LLAMA, "qwen3": QWEN3, "mistral": MISTRAL, "qwen3_moe": QWEN3_MOE,
+               "mixtral": MIXTRAL}
+WINDOWED = (MISTRAL, MIXTRAL)  # every layer slides where the config has a window
+QK_NORM = (QWEN3, QWEN3_MOE)
+MOE = (QWEN3_MOE, MIXTRAL)
 CLASS_OF_LAYOUT = {layout: cls for cls, layout in ARCHITECTURES.items()}
 _MAMBA = ("Mamba layers: megatron-core's need GPU kernels (mamba-ssm's selective scan, causal-conv1d) that "
           "neither run on a CPU nor are tested here")
 # Architectures users bring that the GPT built here cannot compute exactly, and what it lacks.
 REFUSED = {
-    "Qwen3MoeForCausalLM": "mixture-of-experts MLPs (not converted yet)",
-    "MixtralForCausalLM": "mixture-of-experts MLPs (not converted yet)",
+    "Qwen2MoeForCausalLM": "a shared expert with a sigmoid gate (not converted yet)",
     "Gemma2ForCausalLM": "logit soft-capping, post-norms, GeGLU and (1 + weight) norms",
     "Gemma3ForCausalLM": "post-norms, GeGLU and (1 + weight) norms",
     "GemmaForCausalLM": "GeGLU, embeddings scaled by sqrt(hidden size) and (1 + weight) norms",
@@ -74,7 +77,7 @@ def rope_settings(hf_config) -> dict:
 def sliding_window_of(hf_config, layout: str) -> Optional[int]:
     """The attention window of a model any of whose layers slide, None where none does."""
     window = getattr(hf_config, "sliding_window", None)
-    if layout == MISTRAL:
+    if layout in WINDOWED:
         return window
     layer_types = getattr(hf_config, "layer_types", None) or []
     return window if "sliding_attention" in layer_types else None
@@ -87,19 +90,34 @@ def unsupported_features(c, layout: str) -> list[str]:
         problems.append(f"activation '{c.hidden_act}' (SwiGLU with silu only)")
     if getattr(c, "mlp_bias", False):
         problems.append("bias on the MLP")
-    if layout in (LLAMA, QWEN3) and getattr(c, "attention_bias", False):
+    if layout in (LLAMA, *QK_NORM) and getattr(c, "attention_bias", False):
         problems.append("attention_bias (megatron's GPT has no bias on the output projection)")
-    sliding = layout in (QWEN2, QWEN3) and getattr(c, "use_sliding_window", False)
+    sliding = layout in (QWEN2, *QK_NORM) and getattr(c, "use_sliding_window", False)
     if sliding and getattr(c, "sliding_window", None) is None:
         problems.append("sliding-window attention without a window size")
     layer_types = getattr(c, "layer_types", None) or []
     odd = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
     if odd:
         problems.append(f"layer types {odd}")
+    if layout == QWEN3_MOE and (getattr(c, "mlp_only_layers", None) or getattr(c, "decoder_sparse_step", 1) != 1):
+        problems.append("dense MLP layers among the expert layers (mlp_only_layers, decoder_sparse_step)")
     for name in ("final_logit_softcapping", "attn_logit_softcapping"):
         if getattr(c, name, None):
             problems.append(f"logit soft-capping ({name})")
     return problems
+
+
+def experts_of(c, layout: str) -> dict:
+    """The mixture-of-experts settings of Qwen3-MoE (``num_experts``, ``moe_intermediate_size``,
+    ``norm_topk_prob``) or Mixtral (``num_local_experts``, experts of ``intermediate_size``, weights
+    renormalised over the chosen experts); the load-balancing settings only train a router."""
+    if layout == QWEN3_MOE:
+        return dict(num_experts=c.num_experts, moe_router_topk=c.num_experts_per_tok,
+                    moe_ffn_hidden_size=c.moe_intermediate_size, moe_router_pre_softmax=not c.norm_topk_prob)
+    if layout == MIXTRAL:
+        return dict(num_experts=c.num_local_experts, moe_router_topk=c.num_experts_per_tok,
+                    moe_ffn_hidden_size=c.intermediate_size)
+    return {}
 
 
 def model_config_from_hf(hf_config, name: str) -> ModelConfig:
@@ -118,7 +136,8 @@ def model_config_from_hf(hf_config, name: str) -> ModelConfig:
         num_attention_heads=c.num_attention_heads,
         num_query_groups=None if kv == c.num_attention_heads else kv,
         kv_channels=None if head_dim in (None, c.hidden_size // c.num_attention_heads) else head_dim,
-        qk_layernorm=layout == QWEN3,
+        qk_layernorm=layout in QK_NORM,
+        **experts_of(c, layout),
         sliding_window=sliding_window_of(c, layout),
         vocab_size=c.vocab_size,
         max_position_embeddings=c.max_position_embeddings,
@@ -143,12 +162,16 @@ def rope_parameters(config: ModelConfig) -> dict:
 def layout_problems(config: ModelConfig, layout: str) -> list[str]:
     """What of the model the HF layout has no place for."""
     problems = []
-    if config.qk_layernorm and layout != QWEN3:
-        problems.append("QK-norm (qwen3 only)")
-    if config.sliding_window is not None and layout != MISTRAL:
-        problems.append("a sliding attention window (mistral only)")
-    if config.qkv_bias and layout == MISTRAL:
-        problems.append("QKV bias (not in mistral)")
+    if config.qk_layernorm != (layout in QK_NORM):
+        problems.append("QK-norm (qwen3, qwen3_moe)" if config.qk_layernorm else "lack of QK-norm")
+    if config.sliding_window is not None and layout not in WINDOWED:
+        problems.append("sliding attention window (mistral, mixtral)")
+    if config.qkv_bias and layout in WINDOWED:
+        problems.append("QKV bias (not in mistral, mixtral)")
+    if bool(config.num_experts) != (layout in MOE):
+        problems.append("experts (qwen3_moe, mixtral)" if config.num_experts else "dense MLP")
+    if layout == MIXTRAL and config.moe_router_pre_softmax:
+        problems.append("router weights of a softmax over all experts (not in mixtral)")
     return problems
 
 
@@ -159,7 +182,7 @@ def hf_config_from_model_config(
 
     bos = eos = the end-of-document token, as in the Qwen and SmolLM base models.
     """
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     if layout not in LAYOUTS:
         raise ConversionError(f"unknown HF layout '{layout}' ({', '.join(LAYOUTS)})")
@@ -191,4 +214,13 @@ def hf_config_from_model_config(
     if layout == QWEN3:
         return Qwen3Config(attention_bias=config.qkv_bias, use_sliding_window=False, head_dim=config.head_dim,
                            **common)
-    return MistralConfig(sliding_window=config.sliding_window, head_dim=config.head_dim, **common)
+    if layout == MISTRAL:
+        return MistralConfig(sliding_window=config.sliding_window, head_dim=config.head_dim, **common)
+    experts = dict(num_experts_per_tok=config.moe_router_topk, head_dim=config.head_dim)
+    if layout == QWEN3_MOE:
+        return Qwen3MoeConfig(attention_bias=config.qkv_bias, use_sliding_window=False, num_experts=config.num_experts,
+                              moe_intermediate_size=config.expert_ffn_hidden_size, decoder_sparse_step=1,
+                              mlp_only_layers=[], norm_topk_prob=not config.moe_router_pre_softmax, **experts, **common)
+    common["intermediate_size"] = config.expert_ffn_hidden_size
+    return MixtralConfig(sliding_window=config.sliding_window, num_local_experts=config.num_experts, **experts,
+                         **common)

@@ -39,14 +39,16 @@ class ExportResult:
 
 def choose_layout(requested: str, config: ModelConfig, info: Optional[dict]) -> str:
     """``auto``: the architecture the checkpoint was imported from, else the layout of the model's
-    features: Qwen3 with QK-norm, Mistral with an attention window, Qwen2 with QKV bias
-    (MiniPLM's students), Llama otherwise."""
+    features: with experts Qwen3-MoE (QK-norm) or Mixtral; Qwen3 with QK-norm, Mistral with an
+    attention window, Qwen2 with QKV bias (MiniPLM's students), Llama otherwise."""
     if requested not in LAYOUTS:
         raise ConversionError(f"--hf-architecture {requested}: choose from {', '.join(LAYOUTS)}")
     if requested != "auto":
         return requested
     if info and info.get("architecture") in ARCHITECTURES:
         return ARCHITECTURES[info["architecture"]]
+    if config.num_experts:
+        return mapping.QWEN3_MOE if config.qk_layernorm else mapping.MIXTRAL
     if config.qk_layernorm:
         return mapping.QWEN3
     if config.sliding_window is not None:

@@ -330,6 +330,8 @@ def _family_rows(c) -> list:
                                      f"{c.rope_original_max_position_embeddings:,}"))
     if c.sliding_window is not None:
         rows.append(("Attention window", f"{c.sliding_window:,} tokens"))
+    if c.num_experts:
+        rows.append(("Experts", f"{c.num_experts} of FFN {c.expert_ffn_hidden_size}, top {c.moe_router_topk}"))
     return rows
 
 

@@ -1,8 +1,9 @@
 """Typed model configs and the named presets of the paper, its teachers, and tests.
 
 All models are decoder-only transformers of the Qwen / Llama / Mistral family: RMSNorm,
-SwiGLU MLP, RoPE (optionally with Llama 3's frequency scaling), no bias except (optionally)
-on the QKV projection, optionally RMSNorm on each query and key head (Qwen3's QK-norm).
+SwiGLU MLP (optionally a mixture of SwiGLU experts), RoPE (optionally with Llama 3's
+frequency scaling), no bias except (optionally) on the QKV projection, optionally RMSNorm
+on each query and key head (Qwen3's QK-norm).
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ class ModelConfig:
         None, group=MODEL, help="the model's attention window (Mistral): it runs only sequences that fit the window, "
                                 "where its attention is plain causal attention (unlike Megatron-LM's --window-size, "
                                 "no windowed kernel)")
+    num_experts: Optional[int] = setting(
+        None, group=MODEL, help="experts of every layer's mixture-of-experts MLP (Qwen3-MoE, Mixtral); default: "
+                                "a dense MLP")
+    moe_router_topk: int = setting(2, group=MODEL, help="with --num-experts: experts each token is routed to")
+    moe_ffn_hidden_size: Optional[int] = setting(
+        None, group=MODEL, help="with --num-experts: each expert's SwiGLU inner size (default: --ffn-hidden-size)")
+    moe_router_pre_softmax: bool = setting(
+        False, group=MODEL, help="with --num-experts: the top-k experts weighted by their softmax over all experts "
+                                 "(Qwen3-MoE's norm_topk_prob false); default: by the softmax over the chosen "
+                                 "experts' logits (Mixtral, Qwen3-MoE)")
     make_vocab_size_divisible_by: int = setting(
         128, group=MODEL, help="pad the vocabulary to a multiple of this (x TP where TP does not divide it)")
     name: str = "custom"
@@ -78,6 +89,10 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
     @property
     def head_dim(self) -> int:

@@ -187,6 +187,7 @@ def _architecture(config: ModelConfig) -> dict:
         num_query_groups=config.kv_heads,
         kv_channels=config.head_dim,
         qk_layernorm=config.qk_layernorm,
+        **_experts(config),
         normalization="RMSNorm",
         layernorm_epsilon=config.norm_epsilon,
         gated_linear_unit=True,
@@ -198,6 +199,19 @@ def _architecture(config: ModelConfig) -> dict:
         init_method_std=config.init_method_std,
         attention_softmax_in_fp32=True,
     )
+
+
+def _experts(config: ModelConfig) -> dict:
+    """A mixture-of-experts MLP: megatron-core's router, top-k and experts one after another
+    (SequentialMLP), tokens gathered to every expert rank (allgather dispatcher). No
+    load-balancing loss: the routing of a converted teacher is its own, and the loss only
+    trains a router."""
+    if not config.num_experts:
+        return {}
+    return dict(num_moe_experts=config.num_experts, moe_router_topk=config.moe_router_topk,
+                moe_ffn_hidden_size=config.expert_ffn_hidden_size, moe_router_pre_softmax=config.moe_router_pre_softmax,
+                moe_grouped_gemm=False, moe_token_dispatcher_type="allgather",
+                moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
 
 
 def _layout(tensor_parallel_size: int, pipeline_parallel_size: int, sequence_parallel: bool) -> dict:
@@ -252,9 +266,10 @@ class LocalRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def layer_spec(impl: Implementation, qk_layernorm: bool = False):
+def layer_spec(impl: Implementation, qk_layernorm: bool = False, num_experts: Optional[int] = None):
     """The transformer layer's ``ModuleSpec`` for a resolved implementation; ``qk_layernorm``:
-    an RMSNorm over each query and key head (the spec's own where TE imports, else ours)."""
+    an RMSNorm over each query and key head (the spec's own where TE imports, else ours);
+    ``num_experts``: a mixture-of-experts MLP of that many experts."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -262,9 +277,11 @@ def layer_spec(impl: Implementation, qk_layernorm: bool = False):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     if impl.spec == "transformer_engine":
-        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=False,
+                                                          qk_layernorm=qk_layernorm)
     else:
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
+        spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False, normalization="RMSNorm",
+                                        qk_layernorm=qk_layernorm)
         spec.submodules.input_layernorm = LocalRMSNorm
         spec.submodules.pre_mlp_layernorm = LocalRMSNorm
         if qk_layernorm:
@@ -283,7 +300,7 @@ def _block_spec(impl: Implementation, tcfg):
     stage's layers with the local norm as the final one too."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    spec = layer_spec(impl, tcfg.qk_layernorm)
+    spec = layer_spec(impl, tcfg.qk_layernorm, tcfg.num_moe_experts)
     if impl.spec == "transformer_engine":
         return spec
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(tcfg), layer_norm=LocalRMSNorm)
@@ -316,6 +333,8 @@ def build_model(
     from megatron.core import parallel_state as ps
 
     megatron_compat.apply()
+    if config.num_experts:
+        megatron_compat.moe_router_without_te()
     impl = impl or resolve_implementation()
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()

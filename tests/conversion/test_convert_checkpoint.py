@@ -59,6 +59,7 @@ def _parallel_worker(root: str, names: list):
         config = load_model_config(os.path.join(root, f"{name}-meg"))
         model = build_model(config)
         load_model([model], os.path.join(root, f"{name}-meg"))
+        model.eval()  # scoring's mode (megatron-core's MoE layers refuse TP without SP in training mode)
         with torch.no_grad():
             local = model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
         shards = [torch.empty_like(local) for _ in range(ps.get_tensor_model_parallel_world_size())]

@@ -1,7 +1,8 @@
-"""What the newer teacher families add, against transformers' own code: Llama 3.1's RoPE scaling
-(frequencies and its effect beyond the original context), Mistral's attention window (exact where
-the sequence fits it, refused where it does not), Qwen3's QK-norm, and a refusal naming each
-feature megatron-core's GPT cannot express. tests/conversion/test_convert_checkpoint.py runs every
+"""What the newer teacher families add, against transformers' own code: Llama 3.1's RoPE
+scaling (frequencies and its effect beyond the original context), Mistral's attention window
+(exact where the sequence fits it, refused where it does not), Qwen3's QK-norm, the experts of
+Qwen3-MoE and Mixtral (both router weightings), and a refusal naming each feature
+megatron-core's GPT cannot express. tests/conversion/test_convert_checkpoint.py runs every
 family through the tool (NLL at TP=1/2, PP=2, round trip)."""
 
 import os
@@ -161,8 +162,7 @@ def test_flops_count_the_head_width():
 # --- refusals, each by name ---------------------------------------------------------------
 
 @pytest.mark.parametrize("config_class,architecture,message", [
-    ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "mixture-of-experts"),
-    ("MixtralConfig", "MixtralForCausalLM", "mixture-of-experts"),
+    ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", "a shared expert with a sigmoid gate"),
     ("Gemma2Config", "Gemma2ForCausalLM", "logit soft-capping, post-norms"),
     ("MambaConfig", "MambaForCausalLM", "Mamba layers: megatron-core's need GPU kernels"),
 ])
@@ -184,6 +184,8 @@ def test_unsupported_architectures_are_refused_with_the_reason(config_class, arc
     ("MistralConfig", dict(hidden_act="gelu"), "activation 'gelu'"),
     ("Qwen3Config", dict(layer_types=["full_attention", "chunked_attention"]), "layer types"),
     ("LlamaConfig", dict(final_logit_softcapping=30.0), "logit soft-capping"),
+    ("Qwen3MoeConfig", dict(mlp_only_layers=[1]), "dense MLP layers among the expert layers"),
+    ("Qwen3MoeConfig", dict(decoder_sparse_step=2), "dense MLP layers among the expert layers"),
 ])
 def test_unsupported_features_are_refused_by_name(config_class, settings, message):
     import transformers
@@ -236,3 +238,38 @@ def test_model_card_names_the_family_features():
     assert rows["RoPE scaling"] == "llama3: factor 8, low/high frequency factors 1/4, original context 64"
     assert dict(_family_rows(model_config_from_hf(tiny.hf_config("mistral"), "t")))["Attention window"] == "128 tokens"
     assert _family_rows(model_config_from_hf(tiny.hf_config("llama"), "t")) == []
+    assert dict(_family_rows(model_config_from_hf(tiny.hf_config("mixtral"), "t")))["Experts"] == "4 of FFN 160, top 2"
+
+
+# --- mixtures of experts ---------------------------------------------------------------------
+
+def test_qwen3_moe_router_weights_over_all_experts(world_of_one):
+    """norm_topk_prob false: the chosen experts weighted by their softmax over all experts
+    (megatron-core's pre-softmax router); the default weighting would give another result."""
+    config = tiny.hf_config("qwen3-moe")
+    config.norm_topk_prob = False
+    hf = tiny.make_model(config)
+    ours = model_config_from_hf(hf.config, "t")
+    assert ours.moe_router_pre_softmax and ours.num_experts == 4 and ours.moe_router_topk == 2
+    tokens = tiny.random_tokens()
+    ref = hf_nll(hf, tokens)
+    torch.testing.assert_close(megatron_nll(converted(hf, ours), tokens), ref, rtol=0, atol=1e-5)
+    other = megatron_nll(converted(hf, ours.replace(moe_router_pre_softmax=False)), tokens)
+    assert (other - ref).abs().max() > 1e-3
+
+
+def test_flops_count_the_active_experts():
+    from megatron_miniplm.training.flops import training_flops_per_token
+
+    config = model_config_from_hf(tiny.hf_config("qwen3-moe"), "t")
+    h, q, kv, s = 64, 4 * 24, 2 * 24, 10
+    per_layer = h * (q + 2 * kv) + q * s + q * h + 3 * h * 32 * 2 + h * 4
+    assert training_flops_per_token(config, s) == 6.0 * (2 * per_layer + h * config.padded_vocab_size())
+
+
+def test_export_refuses_experts_in_a_dense_layout():
+    config = model_config_from_hf(tiny.hf_config("qwen3-moe"), "t")
+    with pytest.raises(ConversionError, match="--hf-architecture qwen3 cannot hold the model's experts"):
+        hf_config_from_model_config(config, "qwen3")
+    with pytest.raises(ConversionError, match="--hf-architecture qwen3_moe cannot hold the model's dense MLP"):
+        hf_config_from_model_config(model_config_from_hf(tiny.hf_config("qwen3"), "t"), "qwen3_moe")

@@ -35,12 +35,20 @@ MODELS = {
     # Mistral style: an attention window the sequences fit, heads wider than hidden / heads, GQA.
     "mistral": dict(arch="mistral", num_key_value_heads=2, tie_word_embeddings=False, head_dim=24,
                     sliding_window=128),
+    # Qwen3-MoE style: 4 experts of inner size 32, top-2, weights renormalised over the two.
+    "qwen3-moe": dict(arch="qwen3_moe", num_key_value_heads=2, tie_word_embeddings=False, head_dim=24, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
+    # Mixtral style: 4 experts of inner size 160, top-2, an attention window the sequences fit.
+    "mixtral": dict(arch="mixtral", num_key_value_heads=2, tie_word_embeddings=False, num_local_experts=4,
+                    num_experts_per_tok=2, sliding_window=128),
 }
 # Per architecture: its RoPE base and norm epsilon, as in the models each one stands for.
 ARCHS = {"qwen2": dict(rope_theta=1e6, eps=1e-6), "llama": dict(rope_theta=1e4, eps=1e-5),
-         "qwen3": dict(rope_theta=1e6, eps=1e-6), "mistral": dict(rope_theta=1e6, eps=1e-5)}
+         "qwen3": dict(rope_theta=1e6, eps=1e-6), "mistral": dict(rope_theta=1e6, eps=1e-5),
+         "qwen3_moe": dict(rope_theta=1e6, eps=1e-6), "mixtral": dict(rope_theta=1e6, eps=1e-5)}
 CLASSES = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "llama": ("LlamaConfig", "LlamaForCausalLM"),
-           "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM")}
+           "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+           "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM")}
 
 
 def variant_config(arch: str, *, num_key_value_heads: int, tie_word_embeddings: bool, **extra):
@@ -57,7 +65,7 @@ def variant_config(arch: str, *, num_key_value_heads: int, tie_word_embeddings: 
         rope_parameters={"rope_type": "default", "rope_theta": ARCHS[arch]["rope_theta"]},
         bos_token_id=0, eos_token_id=0,
     )
-    if arch == "mistral":
+    if arch in ("mistral", "mixtral"):
         common["head_dim"] = None  # MistralConfig's default is 128, not hidden / heads
     common.update(extra)
     return getattr(transformers, config_class)(architectures=[architecture], **common)
