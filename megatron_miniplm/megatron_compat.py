@@ -28,7 +28,7 @@ GPU run is never touched. What it patches, checked against megatron-core 0.16.1:
   their constructors sort parameters by; so ``--bf16`` builds the same bf16 parameters, fp32
   main parameters and (distributed) optimizer as on a GPU.
 
-On every machine (``use_in_process_write_results``):
+On every machine (``use_in_process_write_results``, ``moe_router_without_te``):
 
 - ``megatron.core.dist_checkpointing.strategies.filesystem_async._results_queue``: a queue of
   this process instead of one made in a spawned multiprocessing Manager (see there).
@@ -241,6 +241,17 @@ def apply() -> bool:
     _cpu_mixed_precision_optimizers()
     _applied = True
     return True
+
+
+def moe_router_without_te() -> None:
+    """megatron-core's MoE router asks whether Transformer Engine's GEMM is there through a name
+    that its module defines only where TE imports (``moe_utils.te_general_gemm``): without TE
+    (a CPU, an image without TE) every router forward raises NameError. Defined as None there,
+    the router takes its own PyTorch path, as its code intends."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def use_in_process_write_results() -> None:

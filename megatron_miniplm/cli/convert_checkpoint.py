@@ -1,12 +1,14 @@
 """Convert checkpoints between HF (transformers directory or GGUF file) and megatron.
 
-    # teacher import: Qwen2 / Qwen1.5 / Llama directory, or a GGUF file (dequantized)
+    # teacher import: Qwen1.5 / Qwen2 / Qwen3 / Llama (3.x) / Mistral / Qwen3-MoE / Mixtral directory,
+    # or a GGUF file (dequantized)
     python tools/convert_checkpoint.py --direction hf-to-megatron --load PATH --save DIR \\
         [--tensor-model-parallel-size N] [--pipeline-model-parallel-size M] [--dtype bf16|fp32]
 
-    # student export: megatron checkpoint of any TP/PP -> Qwen2 or Llama HF directory
+    # student export: megatron checkpoint of any TP/PP -> Qwen2, Llama, Qwen3 or Mistral HF directory
     python tools/convert_checkpoint.py --direction megatron-to-hf --load DIR --save DIR \\
-        [--hf-architecture auto|qwen2|llama] [--tokenizer PATH] [--dtype bf16|fp32] \\
+        [--hf-architecture auto|qwen2|llama|qwen3|mistral|qwen3_moe|mixtral] \\
+        [--tokenizer PATH] [--dtype bf16|fp32] \\
         [--results RESULTS.json | --no-model-card]
 
 Runs in one process (no torchrun): the megatron checkpoint is a dist checkpoint
@@ -46,9 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the written weights")
     p.add_argument("--gguf-file", default=None, help="hf-to-megatron: GGUF file name inside --load")
     p.add_argument("--model-name", default=None, help="hf-to-megatron: name stored in model_config.json")
-    p.add_argument("--hf-architecture", choices=["auto", "qwen2", "llama"], default="auto",
-                   help="megatron-to-hf: output layout (auto: the imported architecture, else qwen2 "
-                        "with QKV bias, llama without)")
+    p.add_argument("--hf-architecture", default="auto",
+                   choices=["auto", "qwen2", "llama", "qwen3", "mistral", "qwen3_moe", "mixtral"],
+                   help="megatron-to-hf: output layout (auto: the imported architecture, else with experts "
+                        "qwen3_moe or mixtral; qwen3 with QK-norm, mistral with an attention window, qwen2 with "
+                        "QKV bias, llama otherwise)")
     p.add_argument("--tokenizer", default=None,
                    help="megatron-to-hf: tokenizer.json or tokenizer directory to copy "
                         "(default: the checkpoint's tokenizer/)")

@@ -1,4 +1,4 @@
-"""Tensor mapping between HF (Qwen2 / Llama) and megatron-core GPT state dicts.
+"""Tensor mapping between HF (Qwen2 / Llama / Qwen3 / Mistral) and megatron-core GPT state dicts.
 
 Both sides are whole (TP=1) tensors: megatron's dist checkpoint reshards them
 to any TP/PP on load, so the mapping never deals with parallel slices.
@@ -8,10 +8,15 @@ Megatron's fused layouts (checked against a built ``GPTModel``):
 - ``linear_qkv`` rows are grouped per key/value group: for each of the G
   groups, its H/G query heads, then its key head, then its value head, each
   ``head_dim`` rows. The bias (Qwen) follows the same order.
-- ``linear_fc1`` is ``[gate; up]`` (SwiGLU), ``linear_fc2`` is ``down``.
+- ``linear_fc1`` is ``[gate; up]`` (SwiGLU), ``linear_fc2`` is ``down``. A mixture of
+  experts has ``mlp.router`` (HF's ``mlp.gate``) and ``mlp.experts.local_experts.E.linear_fc1/2``,
+  one per expert: a transformers 5 model holds them stacked, ``experts.gate_up_proj``
+  ``[E, 2 x inner, hidden]`` (gate rows first) and ``experts.down_proj`` ``[E, hidden, inner]``;
+  the published checkpoints (and the export) one by one (``EXPERT_NAMES``).
 - The RMSNorm before attention is ``input_layernorm``, before the MLP
   ``pre_mlp_layernorm`` (local spec; the checkpoint maps them to the
-  Transformer Engine names, so either spec loads it).
+  Transformer Engine names, so either spec loads it). Qwen3's per-head
+  ``q_norm`` / ``k_norm`` are ``q_layernorm`` / ``k_layernorm``.
 - Embedding and output rows are padded to ``padded_vocab_size()``; the pad
   rows are zero and are dropped on export.
 """
@@ -27,6 +32,11 @@ from megatron_miniplm.models.config import ModelConfig
 
 QWEN2 = "qwen2"
 LLAMA = "llama"
+QWEN3 = "qwen3"
+MISTRAL = "mistral"
+QWEN3_MOE = "qwen3_moe"
+MIXTRAL = "mixtral"
+LAYOUTS = (QWEN2, LLAMA, QWEN3, MISTRAL, QWEN3_MOE, MIXTRAL)
 
 
 # --- fused QKV ---------------------------------------------------------------
@@ -101,11 +111,12 @@ def hf_to_megatron(hf: MutableMapping[str, torch.Tensor], config: ModelConfig) -
             yield m + "self_attention.linear_qkv.bias", fuse_qkv(
                 take(h + "self_attn.q_proj.bias"), take(h + "self_attn.k_proj.bias"),
                 take(h + "self_attn.v_proj.bias"), heads, groups)
+        if config.qk_layernorm:
+            yield m + "self_attention.q_layernorm.weight", take(h + "self_attn.q_norm.weight")
+            yield m + "self_attention.k_layernorm.weight", take(h + "self_attn.k_norm.weight")
         yield m + "self_attention.linear_proj.weight", take(h + "self_attn.o_proj.weight")
         yield m + "pre_mlp_layernorm.weight", take(h + "post_attention_layernorm.weight")
-        yield m + "mlp.linear_fc1.weight", torch.cat(
-            [take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")], dim=0)
-        yield m + "mlp.linear_fc2.weight", take(h + "mlp.down_proj.weight")
+        yield from _mlp_to_megatron(take, h, m, config)
     yield "decoder.final_layernorm.weight", take("model.norm.weight")
     if config.tie_embeddings:
         hf.pop("lm_head.weight", None)  # the same tensor as the embedding
@@ -117,15 +128,53 @@ def hf_to_megatron(hf: MutableMapping[str, torch.Tensor], config: ModelConfig) -
         )
 
 
-def megatron_to_hf(meg: MutableMapping[str, torch.Tensor], config: ModelConfig, layout: str) -> dict[str, torch.Tensor]:
-    """HF state dict (Qwen2 or Llama names) of a whole megatron model, padding rows dropped.
+def _mlp_to_megatron(take, h: str, m: str, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """One layer's dense SwiGLU MLP, or its router and experts."""
+    if not config.num_experts:
+        yield m + "mlp.linear_fc1.weight", torch.cat(
+            [take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")], dim=0)
+        yield m + "mlp.linear_fc2.weight", take(h + "mlp.down_proj.weight")
+        return
+    yield m + "mlp.router.weight", take(h + "mlp.gate.weight")
+    gate_up, down = take(h + "mlp.experts.gate_up_proj"), take(h + "mlp.experts.down_proj")
+    for e in range(config.num_experts):
+        yield m + f"mlp.experts.local_experts.{e}.linear_fc1.weight", gate_up[e].contiguous()
+        yield m + f"mlp.experts.local_experts.{e}.linear_fc2.weight", down[e].contiguous()
 
-    A Qwen2 layout always has q/k/v biases and a Llama layout with biases also
-    has one on o_proj: where the megatron model has none, zeros are written,
+
+# Per-expert names of the published checkpoints (what transformers' save_pretrained writes and
+# every reader of those models expects): the MoE block, then gate, up and down of expert E.
+EXPERT_NAMES = {QWEN3_MOE: ("mlp", "gate_proj", "up_proj", "down_proj"),
+                MIXTRAL: ("block_sparse_moe", "w1", "w3", "w2")}
+
+
+def _mlp_to_hf(take, m: str, h: str, config: ModelConfig, layout: str) -> dict[str, torch.Tensor]:
+    """Inverse of ``_mlp_to_megatron``, experts written one by one as the published checkpoints hold them."""
+    if not config.num_experts:
+        gate, up = take(m + "mlp.linear_fc1.weight").chunk(2, dim=0)
+        return {h + "mlp.gate_proj.weight": gate.contiguous(), h + "mlp.up_proj.weight": up.contiguous(),
+                h + "mlp.down_proj.weight": take(m + "mlp.linear_fc2.weight")}
+    if layout not in EXPERT_NAMES:
+        raise ConversionError(f"HF layout '{layout}' has no experts")
+    block, gate_name, up_name, down_name = EXPERT_NAMES[layout]
+    out = {h + f"{block}.gate.weight": take(m + "mlp.router.weight")}
+    for e in range(config.num_experts):
+        expert = f"{h}{block}.experts.{e}."
+        gate, up = take(m + f"mlp.experts.local_experts.{e}.linear_fc1.weight").chunk(2, dim=0)
+        out[expert + f"{gate_name}.weight"], out[expert + f"{up_name}.weight"] = gate.contiguous(), up.contiguous()
+        out[expert + f"{down_name}.weight"] = take(m + f"mlp.experts.local_experts.{e}.linear_fc2.weight")
+    return out
+
+
+def megatron_to_hf(meg: MutableMapping[str, torch.Tensor], config: ModelConfig, layout: str) -> dict[str, torch.Tensor]:
+    """HF state dict (names of ``layout``) of a whole megatron model, padding rows dropped.
+
+    A Qwen2 layout always has q/k/v biases and a Llama or Qwen3 layout with biases
+    also has one on o_proj: where the megatron model has none, zeros are written,
     which leaves the function unchanged.
     """
-    if layout not in (QWEN2, LLAMA):
-        raise ConversionError(f"unknown HF layout '{layout}' (qwen2, llama)")
+    if layout not in LAYOUTS:
+        raise ConversionError(f"unknown HF layout '{layout}' ({', '.join(LAYOUTS)})")
     meg = {k: v for k, v in meg.items() if torch.is_tensor(v)}  # drop _extra_state
 
     def take(key: str) -> torch.Tensor:
@@ -149,13 +198,14 @@ def megatron_to_hf(meg: MutableMapping[str, torch.Tensor], config: ModelConfig, 
             qb, kb, vb = q.new_zeros(q.shape[0]), k.new_zeros(k.shape[0]), v.new_zeros(v.shape[0])
         if hf_bias:
             out[h + "self_attn.q_proj.bias"], out[h + "self_attn.k_proj.bias"], out[h + "self_attn.v_proj.bias"] = qb, kb, vb
+        if config.qk_layernorm:
+            out[h + "self_attn.q_norm.weight"] = take(m + "self_attention.q_layernorm.weight")
+            out[h + "self_attn.k_norm.weight"] = take(m + "self_attention.k_layernorm.weight")
         out[h + "self_attn.o_proj.weight"] = take(m + "self_attention.linear_proj.weight")
-        if layout == LLAMA and hf_bias:
+        if layout not in (QWEN2, MISTRAL, MIXTRAL) and hf_bias:
             out[h + "self_attn.o_proj.bias"] = q.new_zeros(config.hidden_size)
         out[h + "post_attention_layernorm.weight"] = take(m + "pre_mlp_layernorm.weight")
-        gate, up = take(m + "mlp.linear_fc1.weight").chunk(2, dim=0)
-        out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate.contiguous(), up.contiguous()
-        out[h + "mlp.down_proj.weight"] = take(m + "mlp.linear_fc2.weight")
+        out.update(_mlp_to_hf(take, m, h, config, layout))
     out["model.norm.weight"] = take("decoder.final_layernorm.weight")
     if not config.tie_embeddings:
         out["lm_head.weight"] = take("output_layer.weight")[:vocab].contiguous()

@@ -1,7 +1,7 @@
 """Megatron checkpoint -> HF model directory (student export).
 
 Loads the checkpoint, of any TP/PP layout, at TP=1 in one process (the dist
-checkpoint reshards on load), maps the tensors to the Qwen2 or Llama layout and
+checkpoint reshards on load), maps the tensors to a Qwen2, Llama, Qwen3 or Mistral layout and
 writes ``config.json`` + ``model.safetensors`` + the tokenizer, a directory
 that ``AutoModelForCausalLM`` / ``AutoTokenizer`` load as they are, and, when
 asked, files of the caller's (tools/convert_checkpoint.py adds a model card, evaluation/model_card.py).
@@ -26,7 +26,7 @@ from megatron_miniplm.conversion.tokenizer_files import (
 )
 from megatron_miniplm.models.config import ModelConfig
 
-LAYOUTS = ("auto", mapping.QWEN2, mapping.LLAMA)
+LAYOUTS = ("auto", *mapping.LAYOUTS)
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -39,14 +39,21 @@ class ExportResult:
 
 
 def choose_layout(requested: str, config: ModelConfig, info: Optional[dict]) -> str:
-    """``auto``: the architecture the checkpoint was imported from, else Qwen2 when
-    the model has QKV bias (MiniPLM's students) and Llama when it has none."""
+    """``auto``: the architecture the checkpoint was imported from, else the layout of the model's
+    features: with experts Qwen3-MoE (QK-norm) or Mixtral; Qwen3 with QK-norm, Mistral with an
+    attention window, Qwen2 with QKV bias (MiniPLM's students), Llama otherwise."""
     if requested not in LAYOUTS:
         raise ConversionError(f"--hf-architecture {requested}: choose from {', '.join(LAYOUTS)}")
     if requested != "auto":
         return requested
     if info and info.get("architecture") in ARCHITECTURES:
         return ARCHITECTURES[info["architecture"]]
+    if config.num_experts:
+        return mapping.QWEN3_MOE if config.qk_layernorm else mapping.MIXTRAL
+    if config.qk_layernorm:
+        return mapping.QWEN3
+    if config.sliding_window is not None:
+        return mapping.MISTRAL
     return mapping.QWEN2 if config.qkv_bias else mapping.LLAMA
 
 

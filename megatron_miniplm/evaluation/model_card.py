@@ -317,6 +317,24 @@ def metadata(facts: CardFacts) -> str:
     return f"---\n{text}{license_line}---\n"
 
 
+def _family_rows(c) -> list:
+    """The rows of the features only some families have, where the model has them."""
+    rows = []
+    if c.kv_channels is not None:
+        rows.append(("Head width", c.kv_channels))
+    if c.qk_layernorm:
+        rows.append(("QK-norm", "yes (RMSNorm per query and key head)"))
+    if c.use_rope_scaling:
+        rows.append(("RoPE scaling", f"llama3: factor {c.rope_scaling_factor:g}, low/high frequency factors "
+                                     f"{c.rope_low_freq_factor:g}/{c.rope_high_freq_factor:g}, original context "
+                                     f"{c.rope_original_max_position_embeddings:,}"))
+    if c.sliding_window is not None:
+        rows.append(("Attention window", f"{c.sliding_window:,} tokens"))
+    if c.num_experts:
+        rows.append(("Experts", f"{c.num_experts} of FFN {c.expert_ffn_hidden_size}, top {c.moe_router_topk}"))
+    return rows
+
+
 def model_section(facts: CardFacts, layout: str, dtype: str) -> str:
     from megatron_miniplm.conversion.hf_config import CLASS_OF_LAYOUT
 
@@ -329,6 +347,7 @@ def model_section(facts: CardFacts, layout: str, dtype: str) -> str:
         ("Layers", c.num_layers), ("Hidden size", c.hidden_size), ("FFN hidden size", c.ffn_hidden_size),
         ("Attention heads", c.num_attention_heads), ("Key/value heads", c.kv_heads), ("Vocabulary", vocab),
         ("Max positions", c.max_position_embeddings), ("RoPE base", rope),
+        *_family_rows(c),
         ("QKV bias", "yes" if c.qkv_bias else "no"),
         ("Tied input/output embeddings", "yes" if c.tie_embeddings else "no"),
         ("Parameters", f"{p.total:,} ({p.total / 1e6:.2f}M)"),

@@ -1,7 +1,9 @@
 """Typed model configs and the named presets of the paper, its teachers, and tests.
 
-All models are decoder-only transformers of the Qwen / Llama family: RMSNorm,
-SwiGLU MLP, RoPE, no bias except (optionally) on the QKV projection.
+All models are decoder-only transformers of the Qwen / Llama / Mistral family: RMSNorm,
+SwiGLU MLP (optionally a mixture of SwiGLU experts), RoPE (optionally with Llama 3's
+frequency scaling), no bias except (optionally) on the QKV projection, optionally RMSNorm
+on each query and key head (Qwen3's QK-norm).
 """
 
 from __future__ import annotations
@@ -34,6 +36,37 @@ class ModelConfig:
     tie_embeddings: bool = setting(True, group=MODEL, flag="--untie-embeddings-and-output-weights",
                                    help="an output layer of its own instead of the input embedding")
     init_method_std: float = setting(0.02, group=MODEL, help="standard deviation of the initial weights")
+    kv_channels: Optional[int] = setting(
+        None, group=MODEL, help="width of each attention head (default: hidden size / attention heads; Qwen3's "
+                                "heads are wider)")
+    qk_layernorm: bool = setting(False, group=MODEL, help="RMSNorm on each query and key head before RoPE (Qwen3)")
+    use_rope_scaling: bool = setting(
+        False, group=MODEL, help="Llama 3.1's RoPE frequency scaling (rope_type llama3): long wavelengths divided by "
+                                 "--rope-scaling-factor, short ones kept, a smooth blend between")
+    rope_scaling_factor: float = setting(8.0, group=MODEL, help="with --use-rope-scaling: the factor")
+    rope_low_freq_factor: float = setting(
+        1.0, group=MODEL, help="with --use-rope-scaling: wavelengths above original context / this are scaled "
+                               "(Megatron-LM fixes it at 1)")
+    rope_high_freq_factor: float = setting(
+        4.0, group=MODEL, help="with --use-rope-scaling: wavelengths below original context / this are kept "
+                               "(Megatron-LM fixes it at 4)")
+    rope_original_max_position_embeddings: int = setting(
+        8192, group=MODEL, help="with --use-rope-scaling: the context the RoPE frequencies were made for "
+                                "(Megatron-LM fixes it at 8192)")
+    sliding_window: Optional[int] = setting(
+        None, group=MODEL, help="the model's attention window (Mistral): it runs only sequences that fit the window, "
+                                "where its attention is plain causal attention (unlike Megatron-LM's --window-size, "
+                                "no windowed kernel)")
+    num_experts: Optional[int] = setting(
+        None, group=MODEL, help="experts of every layer's mixture-of-experts MLP (Qwen3-MoE, Mixtral); default: "
+                                "a dense MLP")
+    moe_router_topk: int = setting(2, group=MODEL, help="with --num-experts: experts each token is routed to")
+    moe_ffn_hidden_size: Optional[int] = setting(
+        None, group=MODEL, help="with --num-experts: each expert's SwiGLU inner size (default: --ffn-hidden-size)")
+    moe_router_pre_softmax: bool = setting(
+        False, group=MODEL, help="with --num-experts: the top-k experts weighted by their softmax over all experts "
+                                 "(Qwen3-MoE's norm_topk_prob false); default: by the softmax over the chosen "
+                                 "experts' logits (Mixtral, Qwen3-MoE)")
     make_vocab_size_divisible_by: int = setting(
         128, group=MODEL, help="pad the vocabulary to a multiple of this (x TP where TP does not divide it)")
     name: str = "custom"
@@ -42,7 +75,7 @@ class ModelConfig:
     published_params: Optional[int] = None
 
     def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads != 0:
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden size {self.hidden_size} is not divisible by "
                 f"{self.num_attention_heads} attention heads"
@@ -58,8 +91,21 @@ class ModelConfig:
         return self.num_query_groups or self.num_attention_heads
 
     @property
+    def expert_ffn_hidden_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
+
+    @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def check_attention_window(self, seq_length: int) -> None:
+        """Refuses sequences longer than the model's attention window: there windowed attention
+        differs from causal attention, and the layers built here have no window."""
+        if self.sliding_window is not None and seq_length > self.sliding_window:
+            raise ValueError(
+                f"sequence length {seq_length} exceeds the {self.sliding_window}-token sliding attention window of "
+                f"model '{self.name}': it is computed exactly only where a sequence fits the window (plain causal "
+                f"attention there); use sequences of at most {self.sliding_window} tokens")
 
     def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
         """Vocabulary padded so that TP divides it.
@@ -110,6 +156,10 @@ QWEN_VOCAB = 151_936
 SMOLLM_VOCAB = 49_152
 
 
+LLAMA3_VOCAB = 128_256
+# Llama 3.1's RoPE: base 500,000, frequencies scaled for a context 8x its original 8,192 (Llama 3.2: 32x).
+_LLAMA31_ROPE = dict(rotary_base=500_000.0, use_rope_scaling=True, rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
+                     rope_high_freq_factor=4.0, rope_original_max_position_embeddings=8192)
 def _qwen(name, hidden, ffn, layers, heads, *, tied=True, published=None) -> ModelConfig:
     return ModelConfig(
         name=name, num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
@@ -141,9 +191,36 @@ PRESETS: dict[str, ModelConfig] = {
         max_position_embeddings=8192, init_method_std=0.041666666666666664,
         published_params=135_000_000,
     ),
+    # MiniPLM's cross-family student: Llama 3.1's architecture and tokenizer, 12 layers of width 768
+    # with multi-head attention and tied embeddings (see PRESET_NOTES).
+    "llama3.1-212M": ModelConfig(
+        name="llama3.1-212M", num_layers=12, hidden_size=768, ffn_hidden_size=3072, num_attention_heads=12,
+        vocab_size=LLAMA3_VOCAB, norm_epsilon=1e-5, qkv_bias=False, tie_embeddings=True,
+        max_position_embeddings=131_072, published_params=212_000_000, **_LLAMA31_ROPE),
+    # Teachers of today's families, as published.
+    "llama3.2-1B": ModelConfig(
+        name="llama3.2-1B", num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
+        num_query_groups=8, vocab_size=LLAMA3_VOCAB, norm_epsilon=1e-5, qkv_bias=False, tie_embeddings=True,
+        max_position_embeddings=131_072, published_params=1_240_000_000,
+        **dict(_LLAMA31_ROPE, rope_scaling_factor=32.0)),
+    "qwen3-0.6B": ModelConfig(
+        name="qwen3-0.6B", num_layers=28, hidden_size=1024, ffn_hidden_size=3072, num_attention_heads=16,
+        num_query_groups=8, kv_channels=128, qk_layernorm=True, vocab_size=QWEN_VOCAB, qkv_bias=False,
+        tie_embeddings=True, rotary_base=1_000_000.0, max_position_embeddings=40_960,
+        published_params=600_000_000),
+}
+
+# Students of other architectures the paper trains, refused with the reason.
+REFUSED_PRESETS = {
+    "mamba-130M": "the paper's Mamba student is not built here: megatron-core's Mamba layers need GPU kernels "
+                  "(mamba-ssm's selective scan, causal-conv1d) that neither run on a CPU nor are tested here; "
+                  "llama3.1-212M is the paper's other cross-family student",
 }
 
 PRESET_NOTES = {
+    "llama3.1-212M": "the paper's Llama-3.1 student, shape inferred (its config.json is on the HF hub, not in "
+                     "MiniPLM's repository): Llama 3.1 at width 768 with tied embeddings gives 212M",
+    "qwen3-0.6B": "Qwen3's 0.6B: 0.44B without the (tied) embedding",
     "qwen-300M": "paper's name is nominal: the table's shape gives 247M with tied embeddings",
     "qwen-500M": "paper's name is nominal: the table's shape gives 464M tied (619M untied)",
     "qwen-1.2B": "the paper's 1.2B: its released checkpoint's 1.16B, with untied embeddings",
@@ -166,6 +243,8 @@ def model_from_spec(spec: dict, vocab_size: int = 1) -> ModelConfig:
 
 
 def get_preset(name: str) -> ModelConfig:
+    if name in REFUSED_PRESETS:
+        raise ValueError(f"model preset '{name}': {REFUSED_PRESETS[name]}")
     try:
         return PRESETS[name]
     except KeyError:

@@ -11,6 +11,7 @@ the start-up lines print it.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -185,6 +186,8 @@ def _architecture(config: ModelConfig) -> dict:
         num_attention_heads=config.num_attention_heads,
         num_query_groups=config.kv_heads,
         kv_channels=config.head_dim,
+        qk_layernorm=config.qk_layernorm,
+        **_experts(config),
         normalization="RMSNorm",
         layernorm_epsilon=config.norm_epsilon,
         gated_linear_unit=True,
@@ -196,6 +199,19 @@ def _architecture(config: ModelConfig) -> dict:
         init_method_std=config.init_method_std,
         attention_softmax_in_fp32=True,
     )
+
+
+def _experts(config: ModelConfig) -> dict:
+    """A mixture-of-experts MLP: megatron-core's router, top-k and experts one after another
+    (SequentialMLP), tokens gathered to every expert rank (allgather dispatcher). No
+    load-balancing loss: the routing of a converted teacher is its own, and the loss only
+    trains a router."""
+    if not config.num_experts:
+        return {}
+    return dict(num_moe_experts=config.num_experts, moe_router_topk=config.moe_router_topk,
+                moe_ffn_hidden_size=config.expert_ffn_hidden_size, moe_router_pre_softmax=config.moe_router_pre_softmax,
+                moe_grouped_gemm=False, moe_token_dispatcher_type="allgather",
+                moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
 
 
 def _layout(tensor_parallel_size: int, pipeline_parallel_size: int, sequence_parallel: bool) -> dict:
@@ -250,8 +266,10 @@ class LocalRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def layer_spec(impl: Implementation):
-    """The transformer layer's ``ModuleSpec`` for a resolved implementation."""
+def layer_spec(impl: Implementation, qk_layernorm: bool = False, num_experts: Optional[int] = None):
+    """The transformer layer's ``ModuleSpec`` for a resolved implementation; ``qk_layernorm``:
+    an RMSNorm over each query and key head (the spec's own where TE imports, else ours);
+    ``num_experts``: a mixture-of-experts MLP of that many experts."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -259,11 +277,16 @@ def layer_spec(impl: Implementation):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     if impl.spec == "transformer_engine":
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=False,
+                                                          qk_layernorm=qk_layernorm)
     else:
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False, normalization="RMSNorm",
+                                        qk_layernorm=qk_layernorm)
         spec.submodules.input_layernorm = LocalRMSNorm
         spec.submodules.pre_mlp_layernorm = LocalRMSNorm
+        if qk_layernorm:
+            attention = spec.submodules.self_attention.submodules
+            attention.q_layernorm = attention.k_layernorm = LocalRMSNorm
     from megatron_miniplm.models.attention import FlashSDPAttention, SDPAttention
 
     core = {"sdpa": SDPAttention, "sdpa-flash": FlashSDPAttention, "local": DotProductAttention}.get(impl.attention)
@@ -277,7 +300,7 @@ def _block_spec(impl: Implementation, tcfg):
     stage's layers with the local norm as the final one too."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    spec = layer_spec(impl)
+    spec = layer_spec(impl, tcfg.qk_layernorm, tcfg.num_moe_experts)
     if impl.spec == "transformer_engine":
         return spec
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(tcfg), layer_norm=LocalRMSNorm)
@@ -310,6 +333,8 @@ def build_model(
     from megatron.core import parallel_state as ps
 
     megatron_compat.apply()
+    if config.num_experts:
+        megatron_compat.moe_router_without_te()
     impl = impl or resolve_implementation()
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -339,7 +364,7 @@ def build_model(
 def _gpt_model(config: ModelConfig, tcfg, impl: Implementation, tp: int, pre_process: bool, post_process: bool):
     from megatron.core.models.gpt import GPTModel
 
-    return GPTModel(
+    model = GPTModel(
         config=tcfg,
         transformer_layer_spec=_block_spec(impl, tcfg),
         vocab_size=config.padded_vocab_size(tp),
@@ -351,3 +376,28 @@ def _gpt_model(config: ModelConfig, tcfg, impl: Implementation, tp: int, pre_pro
         position_embedding_type="rope",
         rotary_base=int(config.rotary_base),
     )
+    if config.use_rope_scaling and hasattr(model, "rotary_pos_emb"):
+        model.rotary_pos_emb.inv_freq = rope_inverse_frequencies(config, model.rotary_pos_emb.inv_freq.device)
+    return model
+
+
+def rope_inverse_frequencies(config: ModelConfig, device=None) -> torch.Tensor:
+    """RoPE's inverse frequencies with Llama 3.1's scaling, all four of its parameters as the
+    model says. megatron-core's RotaryEmbedding takes only the factor and fixes the others (low
+    1, high 4, original context 8192), so the builder sets the frequencies itself.
+
+    Per frequency, by its wavelength 2 pi / f against the original context L: shorter than
+    L / high_freq_factor, kept; longer than L / low_freq_factor, divided by the factor; in
+    between, a linear blend of the two weighted by L / wavelength, from 0 at the long end
+    to 1 at the short end.
+    """
+    dim = config.head_dim
+    base = config.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+    inv_freq = 1.0 / base
+    factor, context = config.rope_scaling_factor, config.rope_original_max_position_embeddings
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    wavelength = 2 * math.pi / inv_freq
+    weight = ((context / wavelength - low) / (high - low)).clamp(0.0, 1.0)
+    blended = (1 - weight) * inv_freq / factor + weight * inv_freq
+    scaled = torch.where(wavelength > context / low, inv_freq / factor, blended)
+    return torch.where(wavelength < context / high, inv_freq, scaled)

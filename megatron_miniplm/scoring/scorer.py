@@ -184,6 +184,8 @@ class Scorer:
         check_tokenizer(source, dataset.tokenizer, cfg.data_path)
         try:
             source.config.check_tensor_parallel(cfg.tensor_model_parallel_size)
+            # the model's input: the longest instance less its last token
+            source.config.check_attention_window(int(dataset.lengths.max(initial=1)) - 1)
         except ValueError as e:
             raise ScoringError(str(e)) from None
         if source.config.num_layers % cfg.pipeline_model_parallel_size:

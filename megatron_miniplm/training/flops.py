@@ -6,7 +6,9 @@ gradients) at 2 FLOPs per multiply-add, so 6 x the multiply-adds of:
 - attention, per layer: the QKV projection h x (q + 2 kv) with GQA's smaller k/v
   projections, the core attention q x s (QK^T and softmax(QK^T)V, each q x s / 2:
   causal, only half of the score matrix is computed), the output projection q x h;
-- the SwiGLU MLP, per layer: 3 x h x ffn (gate, up and down projections);
+- the SwiGLU MLP, per layer: 3 x h x ffn (gate, up and down projections); of a mixture of
+  experts, those of the top-k experts a token is routed to (its active parameters) and the
+  router's h x experts;
 - the output layer: h x the padded vocabulary (what the GEMM really multiplies).
 
 Embedding lookups, norms, softmax and the loss are not counted. The teacher of Vanilla
@@ -39,6 +41,8 @@ def training_flops_per_token(config: ModelConfig, seq_length: int, tensor_parall
     kv = config.kv_heads * config.head_dim
     attention = h * (q + 2 * kv) + q * s + q * h
     mlp = 3 * h * config.ffn_hidden_size
+    if config.num_experts:  # the experts a token is routed to, and the router
+        mlp = 3 * h * config.expert_ffn_hidden_size * config.moe_router_topk + h * config.num_experts
     logits = h * config.padded_vocab_size(tensor_parallel_size)
     return 6.0 * (config.num_layers * (attention + mlp) + logits)
 

@@ -99,6 +99,7 @@ class Trainer:
             self.teacher = Teacher(cfg.kd, cfg.model, bf16=cfg.bf16, data_tokenizer=self._data_tokenizer(),
                                    data_path=cfg.data_path[-1],
                                    impl=resolve_implementation(cfg.layers, forward_only=True))
+            self.teacher.config.check_attention_window(cfg.seq_length)
             self.forward_step = partial(kd_forward_step, self.teacher, cfg.kd)
 
     def _set_up_scheduler(self) -> None:
@@ -147,6 +148,7 @@ class Trainer:
         if cfg.seq_length > cfg.model.max_position_embeddings:
             raise ValueError(f"sequence length {cfg.seq_length} exceeds the model's "
                              f"{cfg.model.max_position_embeddings} positions")
+        cfg.model.check_attention_window(cfg.seq_length)
 
     def _check_data(self, data: SampleStream, what: str) -> None:
         for source in data.sources:

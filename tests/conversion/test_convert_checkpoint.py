@@ -1,7 +1,8 @@
-"""tools/convert_checkpoint.py on tiny random Qwen2 / Llama models made with transformers.
+"""tools/convert_checkpoint.py on tiny random models of every supported family made with transformers
+(Qwen1.5/2, Llama, Qwen3, Llama 3.1/3.2, Mistral: tiny_hf_models.MODELS).
 
-- the megatron model's logits equal HF's (fp32, 1e-4) at TP=1 and TP=2, and
-  its per-token losses at PP=2;
+- the megatron model's logits equal HF's (fp32, 1e-4) at TP=1 and TP=2, its per-token
+  NLLs within 1e-5, and its per-token losses at PP=2;
 - HF -> megatron -> HF gives identical tensors, also from a checkpoint re-saved at TP=2;
 - the checkpoint directory carries model_config.json, tokenizer/ and checkpoint_info.json;
 - unsupported architectures, missing files and bad parallel sizes are clear errors.
@@ -19,6 +20,7 @@ import tiny_hf_models as tiny
 from distributed import run_distributed
 
 ATOL = 1e-4
+NLL_ATOL = 1e-5
 TOOL = importlib.import_module("megatron_miniplm.cli.convert_checkpoint")
 
 
@@ -57,6 +59,7 @@ def _parallel_worker(root: str, names: list):
         config = load_model_config(os.path.join(root, f"{name}-meg"))
         model = build_model(config)
         load_model([model], os.path.join(root, f"{name}-meg"))
+        model.eval()  # scoring's mode (megatron-core's MoE layers refuse TP without SP in training mode)
         with torch.no_grad():
             local = model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
         shards = [torch.empty_like(local) for _ in range(ps.get_tensor_model_parallel_world_size())]
@@ -170,6 +173,22 @@ def test_per_token_losses_match_at_pp2(converted, parallel_runs, name):
     assert (got - hf_token_nll(models[name], tokens)).abs().min() > 1e-3  # the padding does count
 
 
+def token_nll(logits, tokens):
+    """Per-token NLL of the next token over the true vocabulary."""
+    return F.cross_entropy(logits[:, :-1, : tiny.VOCAB].transpose(1, 2), tokens[:, 1:], reduction="none")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_per_token_nll_matches_at_tp1_and_tp2(converted, parallel_runs, world_of_one, name):
+    root, models = converted
+    tokens = torch.load(root / "tokens.pt")
+    ref = token_nll(hf_logits(models[name], tokens), tokens)
+    model, _ = load_megatron(root / f"{name}-meg")
+    torch.testing.assert_close(token_nll(megatron_logits(model, tokens), tokens), ref, rtol=0, atol=NLL_ATOL)
+    tp2 = torch.load(parallel_runs / f"{name}-tp2-logits.pt")
+    torch.testing.assert_close(token_nll(tp2, tokens), ref, rtol=0, atol=NLL_ATOL)
+
+
 def test_a_wrong_mapping_would_be_caught(converted, world_of_one):
     """Swapping two layers' attention weights must break the match the tests rely on."""
     root, models = converted
@@ -228,7 +247,13 @@ def test_exported_directory_loads_in_transformers(converted, name):
     for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "vocab_size", "tie_word_embeddings", "rms_norm_eps"):
         assert getattr(config, field) == getattr(want, field), field
-    assert config.rope_parameters["rope_theta"] == want.rope_parameters["rope_theta"]
+    assert config.rope_parameters == want.rope_parameters  # Llama 3's scaling with it
+    assert getattr(config, "sliding_window", None) == getattr(want, "sliding_window", None)
+
+    def head_width(c):
+        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+    assert head_width(config) == head_width(want)
     assert config.eos_token_id == 0  # the tokenizer's <|endoftext|>
     model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
     tokens = torch.load(root / "tokens.pt")

@@ -8,13 +8,15 @@ from megatron_miniplm.models.param_count import count_parameters
 
 
 def analytic_count(c: ModelConfig) -> int:
-    """Independent formula: attention + SwiGLU MLP + 2 RMSNorms per layer, final norm, embeddings."""
-    q = c.hidden_size * c.hidden_size
-    kv = 2 * c.hidden_size * c.kv_heads * c.head_dim
-    bias = (c.hidden_size + 2 * c.kv_heads * c.head_dim) if c.qkv_bias else 0
-    out = c.hidden_size * c.hidden_size
+    """Independent formula: attention + SwiGLU MLP + 2 RMSNorms per layer (and QK-norm's two of
+    one head's width), final norm, embeddings."""
+    width = c.kv_channels or c.hidden_size // c.num_attention_heads
+    q = c.hidden_size * c.num_attention_heads * width
+    kv = 2 * c.hidden_size * c.kv_heads * width
+    bias = (c.num_attention_heads * width + 2 * c.kv_heads * width) if c.qkv_bias else 0
+    out = c.num_attention_heads * width * c.hidden_size
     mlp = 3 * c.hidden_size * c.ffn_hidden_size
-    norms = 2 * c.hidden_size
+    norms = 2 * c.hidden_size + (2 * width if c.qk_layernorm else 0)
     layer = q + kv + bias + out + mlp + norms
     embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_embeddings else 2)
     return c.num_layers * layer + c.hidden_size + embeddings
@@ -34,6 +36,16 @@ def test_published_sizes_within_3_percent(name):
     config = get_preset(name)
     total = count_parameters(config).total
     assert abs(total - config.published_params) / config.published_params < 0.03, total
+
+
+def test_cross_family_student_and_new_teachers():
+    """The paper's Llama-3.1 student is 212M with its tied embedding; Qwen3-0.6B's published
+    0.44B leaves out its embedding; a Mamba student is refused with the reason."""
+    assert count_parameters(get_preset("llama3.1-212M")).total == 211_766_016
+    qwen3 = count_parameters(get_preset("qwen3-0.6B"))
+    assert round(qwen3.non_embedding / 1e7) == 44
+    with pytest.raises(ValueError, match="mamba-130M.*megatron-core's Mamba layers need GPU kernels"):
+        get_preset("mamba-130M")
 
 
 def test_paper_sizes_include_embeddings():

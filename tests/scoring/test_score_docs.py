@@ -219,6 +219,10 @@ def _refusals(root: str, out_file: str) -> None:
     attempt("other_tokenizer", replace(_config(root, "r2"), load=other_hash))
     attempt("other_vocab_size", replace(_config(root, "r3"), load=other_size))
     attempt("no_info_larger_vocab", replace(_config(root, "r4"), load=no_info_big_vocab))
+    windowed = ckpt("ckpt_windowed")  # a Mistral-style attention window shorter than the instances
+    cfg_path = os.path.join(windowed, "model_config.json")
+    json.dump({**json.load(open(cfg_path)), "sliding_window": 4}, open(cfg_path, "w"))
+    attempt("window", replace(_config(root, "r6"), load=windowed))
 
     # A finished output: rerunning is a no-op; another dataset, model or settings are refused.
     attempt("first", _config(root, "out"))
@@ -290,6 +294,7 @@ def refusals(root):
     ("bad_fingerprint", "does not match"),
     ("missing_dir", "does not exist"),
     ("not_a_score_file", "is not a score file"),
+    ("window", "exceeds the 4-token sliding attention window"),
 ])
 def test_refusal(refusals, name, message):
     assert refusals[name]["ok"] is False, f"{name} was not refused"
@@ -306,7 +311,7 @@ def test_what_is_not_refused(refusals, root):
         assert refusals[name + "_then_ok"] == {"ok": True, "complete": False}
     assert refusals["leftover_progress"] == {"ok": True, "complete": True, "progress_removed": True}
     # The refused runs wrote nothing.
-    for name in ("r1", "r2", "r3", "r5"):
+    for name in ("r1", "r2", "r3", "r5", "r6"):
         assert not any(f.startswith(name + ".") for f in os.listdir(root)), name
 
 

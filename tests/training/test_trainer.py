@@ -96,6 +96,7 @@ def test_interrupted_save_leaves_previous_checkpoint(corpus, tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--global-batch-size", "7"], "not divisible by micro batch size"),
     (["--vocab-size", "100"], "exceeds the model's"),
+    (["--sliding-window", "8"], "exceeds the 8-token sliding attention window"),
     (["--data-path", "/nonexistent/prefix"], "meta file not found"),
     (["--num-attention-heads", "4", "--tensor-model-parallel-size", "3"], "does not divide"),
 ])
