@@ -256,13 +256,15 @@ class Generator:
                 for s in sequences:
                     flops += kd_teacher_flops_per_token(self.source.config, len(s)) * len(s)
                     tokens += len(s)
-            meta = writer.commit(self._common_meta(flops, tokens, elapsed_s), names)
+            meta = writer.commit(self._common_meta(flops, tokens), names)
         resume.remove(self.progress_dir)
-        log.info("wrote %s: %d sequences, %d tokens (teacher forward: %.3g FLOPs)", self.cfg.output_prefix,
-                 meta["num_instances"], meta["num_tokens"], flops)
+        log.info("wrote %s: %d sequences, %d tokens (teacher forward: %.3g FLOPs); this session %.1f s",
+                 self.cfg.output_prefix, meta["num_instances"], meta["num_tokens"], flops, elapsed_s)
         return meta
 
-    def _common_meta(self, flops: float, tokens: int, elapsed_s: float) -> dict:
+    def _common_meta(self, flops: float, tokens: int) -> dict:
+        """What the meta records beside the counts: nothing of the session, so that a resumed run
+        writes the same bytes as an uninterrupted one."""
         source = self.dataset.meta
         return {
             "format_version": source["format_version"],
@@ -278,7 +280,6 @@ class Generator:
                 "generated_tokens": tokens,
                 # one forward pass over each generated sequence: what its KV-cached decoding computes
                 "teacher_forward_flops": flops,
-                "elapsed_s_last_session": round(elapsed_s, 3),
                 "tool": "tools/generate_corpus.py",
             },
         }
