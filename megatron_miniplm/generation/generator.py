@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from megatron_miniplm.data.dataset_writer import DatasetWriter
