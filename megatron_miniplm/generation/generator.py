@@ -177,7 +177,6 @@ class Generator:
                          self.cfg.output_prefix)
             return GenerationSummary(self.cfg.output_prefix, True, len(self.plan.order))
         model = build_scoring_model(self.source, bf16=self.cfg.bf16, impl=self.impl)
-        model.config.flash_decode = False
         self._log_startup()
         start = time.perf_counter()
         stopped_by = self._decode(model)
