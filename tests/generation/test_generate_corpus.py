@@ -266,3 +266,25 @@ def test_refuses_a_prompt_as_long_as_the_sequence(tmp_path):
     rc = generate_corpus.main(["--data-path", "x", "--load", "y", "--output-prefix", str(tmp_path / "o"),
                                "--prompt-length", "64", "--max-length", "64"])
     assert rc == 1
+
+
+@pytest.mark.parametrize("cut", [1, 5, 30])
+def test_a_torn_record_is_ignored_and_truncated_before_appending(tmp_path, cut):
+    from megatron_miniplm.generation import progress
+
+    path = str(tmp_path / "shard-00000.bin")
+    writer = progress.RecordWriter(path, fsync=False)
+    writer.append(0, [np.array([1, 2, 3]), np.array([4])])
+    writer.append(1, [np.array([5, 6, 7, 8, 9, 10, 11])])
+    writer.close()
+    with open(path, "r+b") as f:  # a kill in the middle of the second record
+        f.truncate(os.path.getsize(path) - cut)
+    assert [k for k, _ in progress.iter_records([path])] == [0]
+    writer = progress.RecordWriter(path, fsync=False)
+    writer.append(2, [np.array([12, 13])])
+    writer.close()
+    records = list(progress.iter_records([path]))
+    assert [k for k, _ in records] == [0, 2]
+    assert [s.tolist() for s in records[0][1]] == [[1, 2, 3], [4]] and records[1][1][0].tolist() == [12, 13]
+    where = progress.record_offsets([path])
+    assert progress.read_record(*where[2])[0].tolist() == [12, 13]
