@@ -31,7 +31,7 @@ class GenerateConfig:
                                  help="prefix of the generated dataset (PREFIX.bin/.idx/.domains.npy/.meta.json)")
     prompt_length: int = setting(
         512, group="sampling",
-        help="prompt: the first this many tokens of each instance (all of a shorter one); default 512 as "
+        help="prompt: the first this many tokens of each instance (all of a shorter one); the default is "
              f"the official --max-prompt-length ({OFFICIAL_SOURCE})")
     max_length: Optional[int] = setting(
         None, group="sampling",
@@ -39,11 +39,11 @@ class GenerateConfig:
              "dataset's instance length (seq_length + 1), as the official --max-length is its training length")
     temperature: float = setting(
         1.0, group="sampling",
-        help=f"softmax temperature; 0 is greedy decoding (default 1.0, as the official --temperature: {OFFICIAL_SOURCE})")
+        help=f"softmax temperature; 0 is greedy decoding; the default is the official --temperature ({OFFICIAL_SOURCE})")
     top_p: float = setting(
         1.0, group="sampling",
-        help="nucleus sampling: sample among the most likely tokens whose probabilities sum to top-p "
-             "(default 1.0: the whole vocabulary, as the official --top-p, which is unset)")
+        help="nucleus sampling: sample among the most likely tokens whose probabilities sum to top-p; "
+             "the default, 1.0, keeps the whole vocabulary, as the official --top-p, which is unset")
     seed: int = setting(1234, group="sampling",
                         help="samples are a function of (seed, instance): neither batching nor the layout changes them")
     max_instances: Optional[int] = setting(
