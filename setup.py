@@ -17,7 +17,7 @@ ext_modules = [
 # megatron_miniplm.cli.<tool>:main, the code behind tools/<tool>.py; tests/test_packaging.py
 # checks that every tools/*.py has one and every one a tools/*.py.
 TOOLS = sorted(["build_demo_corpus", "convert_checkpoint", "difference_sample", "evaluate", "export_selection",
-                "model_info", "pipeline", "preprocess_data", "pretrain_gpt", "score_docs", "split_dataset"])
+                "model_info", "pipeline", "preprocess_data", "pretrain_gpt", "score_docs", "split_dataset", "generate_corpus"])
 CONSOLE_SCRIPTS = [f"miniplm-{tool.replace('_', '-')} = megatron_miniplm.cli.{tool}:main" for tool in TOOLS]
 
 setup(

@@ -23,6 +23,7 @@ LAYERS = [
     {"scoring"},
     {"selection"},
     {"training"},
+    {"generation"},  # SeqKD's corpus: a teacher's samples (counts their FLOPs as training does)
     {"evaluation"},
     {"pipeline"},
     {"cli"},  # the tools' code: may use everything

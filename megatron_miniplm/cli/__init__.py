@@ -14,6 +14,7 @@ Every tool is reachable three ways, all running the same `main`:
     pretrain_gpt        pre-train a GPT (reference LM or student), optionally with KD
     score_docs          per-instance NLL of a dataset under a model
     difference_sample   Difference Sampling: the selected blend
+    generate_corpus     SeqKD's corpus: continuations sampled from a teacher
     export_selection    a blend as text
     evaluate            held-out LM loss, paired comparisons, zero-shot tasks
     pipeline            the whole MiniPLM pipeline from one config

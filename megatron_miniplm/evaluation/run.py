@@ -28,6 +28,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         flops = [f for n, c in zip(names, cfg.load) if n == name for f in [train_flops(c)] if f is not None]
         if flops:
             models[name]["train_flops"] = sum(flops) / len(flops)
+        generation = [g for n, c in zip(names, cfg.load) if n == name for g in [generation_flops(c)] if g is not None]
+        if generation:
+            models[name]["generation_flops"] = sum(generation) / len(generation)
     from megatron_miniplm.evaluation.report import with_compute
 
     with_compute(results)
@@ -129,6 +132,29 @@ def training_seed(checkpoint: str) -> Optional[int]:
             return json.load(f).get("seed")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def generation_flops(checkpoint: str):
+    """The teacher's forward FLOPs that generated the data a trainer's checkpoint was trained on
+    (a SeqKD corpus: its meta's "generation" record, tools/generate_corpus.py); None for a model
+    trained on other data, or for other checkpoints."""
+    import json
+
+    from megatron_miniplm.data.meta import meta_path
+    from megatron_miniplm.dist_checkpoint import resolve_checkpoint_dir
+
+    try:
+        with open(os.path.join(resolve_checkpoint_dir(checkpoint), "run_config.json"), encoding="utf-8") as f:
+            data_paths = json.load(f).get("data_path") or []
+        records = []
+        for prefix in data_paths:
+            if os.path.exists(meta_path(prefix)):
+                with open(meta_path(prefix), encoding="utf-8") as f:
+                    records.append(json.load(f).get("generation"))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    flops = [r["teacher_forward_flops"] for r in records if isinstance(r, dict) and "teacher_forward_flops" in r]
+    return sum(flops) if flops else None
 
 
 def train_flops(checkpoint: str):

@@ -8,7 +8,8 @@ from megatron_miniplm.evaluation.report import supports_claim
 def format_table(results: dict) -> str:
     """Per model: LM loss (mean over instances of the per-instance mean NLL; mean ± spread
     over seeds), token-weighted loss, perplexity, counts and training FLOPs (where the
-    checkpoint records them: compute including a Vanilla KD teacher's forward passes);
+    checkpoint records them: compute including a Vanilla KD teacher's forward passes) and, for a
+    SeqKD student, the teacher's forward FLOPs that generated its corpus (``gen FLOPs``);
     the LM loss per domain; the first model minus each other one with its interval;
     zero-shot metrics; the sentences the numbers support."""
     models = results["models"]
@@ -16,11 +17,13 @@ def format_table(results: dict) -> str:
     width = max([24] + [len(name) + 2 for name, _ in rows])
     lines = []
     flops = any(r.get("train_flops") for _, r in rows)
+    generation = any(r.get("generation_flops") for _, r in rows)
     seeds = any(r.get("seeds", 1) > 1 for _, r in rows)
     if any("lm_loss" in r for _, r in rows):
         loss_w = 19 if seeds else 10
         lines.append(f"{'model':<{width}}{'LM loss':>{loss_w}}{'token loss':>12}{'ppl':>10}{'instances':>11}"
-                     f"{'tokens':>10}" + (f"{'seeds':>7}" if seeds else "") + (f"{'train FLOPs':>13}" if flops else ""))
+                     f"{'tokens':>10}" + (f"{'seeds':>7}" if seeds else "") + (f"{'train FLOPs':>13}" if flops else "")
+                     + (f"{'gen FLOPs':>11}" if generation else ""))
         for name, r in rows:
             if "lm_loss" not in r:
                 continue
@@ -29,7 +32,8 @@ def format_table(results: dict) -> str:
             lines.append(f"{name:<{width}}{loss:>{loss_w}}{r['token_weighted_loss']:>12.4f}"
                          f"{r['perplexity']:>10.2f}{r['instances']:>11}{r['tokens']:>10}"
                          + (f"{r.get('seeds', 1):>7}" if seeds else "")
-                         + (f"{r['train_flops']:>13.3g}" if r.get("train_flops") else ""))
+                         + (f"{r['train_flops']:>13.3g}" if r.get("train_flops") else (" " * 13 if flops else ""))
+                         + (f"{r['generation_flops']:>11.3g}" if r.get("generation_flops") else ""))
     domains = []
     for _, r in rows:
         domains += [d for d in r.get("domains", {}) if d not in domains]

@@ -33,6 +33,7 @@ import yaml
 
 from megatron_miniplm.data.config import PreprocessConfig, SplitConfig
 from megatron_miniplm.evaluation.config import EvalConfig
+from megatron_miniplm.generation.config import GenerateConfig
 from megatron_miniplm.scoring.config import ScoreConfig
 from megatron_miniplm.selection.config import SelectionConfig
 from megatron_miniplm.settings import Section, from_mapping, section_of, setting
@@ -70,6 +71,11 @@ VanillaKDSection = section_of(
                                        "that its training FLOPs, its teacher's forward pass counted, equal a "
                                        "plain student's: the paper's comparison and the official scripts') or "
                                        "steps (the same steps: more compute than the others)"))])
+SeqKDSection = section_of(
+    GenerateConfig, name="SeqKDSection",
+    sets=("data_path", "load", "output_prefix", "tensor_model_parallel_size", "bf16", "seed", "progress"),
+    extra=[("enabled", bool, setting(False, help="train a SeqKD student: on the teacher's continuations of "
+                                                 "prompts cut from the students' corpus (the split's rest)"))])
 EvaluationSection = section_of(
     EvalConfig, name="EvaluationSection",
     sets=("load", "name", "json", "data_path", "output_dir", "report_dir", "metrics_file", "bootstrap_seed",
@@ -180,6 +186,11 @@ class PipelineConfig:
                                     "teacher, trained on the uniform sample with the same seed and, by "
                                     "default, the same training FLOPs): enabled, match, and kd_ratio / "
                                     "kd_temperature of tools/pretrain_gpt.py")
+    seqkd: SeqKDSection = setting(default_factory=SeqKDSection,
+                                  help="a SeqKD student beside the others (the teacher samples a corpus from "
+                                       "prompts of the students' corpus: tools/generate_corpus.py; the student "
+                                       "trains on it at the others' token budget and steps): enabled, and "
+                                       "GenerateConfig settings (prompt_length, temperature, top_p, ...)")
     student_runs: int = setting(3, help="train every student this many times, with seeds seed, seed + 1, ... "
                                         "(the table shows the mean and spread across them, and the paired "
                                         "differences' intervals cover training seeds only from 2 runs on); "
@@ -206,6 +217,7 @@ ENV_KEYS = {
     "GBS": ("reference.train.global_batch_size", "student.train.global_batch_size"),
     "REF_LR": "reference.train.lr", "STUDENT_LR": "student.train.lr",
     "SCORE_MBS": "scoring.micro_batch_size", "ALPHA": "selection.alpha", "VANILLA_KD": "vanilla_kd.enabled",
+    "SEQKD": "seqkd.enabled",
     "TP": "parallel.tensor_model_parallel_size", "PP": "parallel.pipeline_model_parallel_size",
     "NNODES": "parallel.nnodes", "NODE_RANK": "parallel.node_rank", "NPROC_PER_NODE": "parallel.nproc_per_node",
     "MASTER_ADDR": "parallel.master_addr", "MASTER_PORT": "parallel.master_port", "LAUNCHER": "parallel.launcher",

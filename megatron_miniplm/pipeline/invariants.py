@@ -100,6 +100,9 @@ def _tokenizers(cfg, teacher_tokenizer: Optional[str]) -> list[str]:
         if cfg.vanilla_kd.enabled:
             problems.append("vanilla_kd.enabled with student_tokenizer: Vanilla KD needs the teacher's vocabulary "
                             "(token-level distillation); leave student_tokenizer unset or disable vanilla_kd")
+        if cfg.seqkd.enabled:
+            problems.append("seqkd.enabled with student_tokenizer: the SeqKD corpus is in the teacher's tokens; "
+                            "leave student_tokenizer unset or disable seqkd")
     return problems
 
 
@@ -139,6 +142,16 @@ def _students(cfg) -> list[str]:
             kd.stage_config(kd_teacher_load="teacher")
         except (TypeError, ValueError) as e:
             problems.append(f"vanilla_kd: {e}")
+    if cfg.seqkd.enabled:
+        try:
+            cfg.seqkd.stage_config(data_path="rest", load="teacher", output_prefix="seqkd",
+                                   tensor_model_parallel_size=par.tensor_model_parallel_size, bf16=False,
+                                   seed=cfg.seed, progress=False)
+        except (TypeError, ValueError) as e:
+            problems.append(f"seqkd: {e}")
+        if cfg.seqkd.max_length is None and cfg.seqkd.prompt_length >= cfg.seq_length + 1:
+            problems.append(f"seqkd.prompt_length {cfg.seqkd.prompt_length} leaves nothing to generate in "
+                            f"sequences of seq_length + 1 = {cfg.seq_length + 1} tokens")
     return problems
 
 

@@ -8,6 +8,7 @@ outputs; stages that read a changed stage get new fingerprints too.
 
     corpus -> teacher -> data -> split -> reference -> score-teacher, score-reference
            -> select -> student-miniplm, student-<baseline>... -> evaluate
+    (seqkd.enabled: teacher, split -> generate-seqkd -> student-seqkd -> evaluate)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 from megatron_miniplm.models.config import ModelConfig, model_from_spec
+from megatron_miniplm.generation import GENERATION_VERSION
 from megatron_miniplm.pipeline.config import PipelineConfig
 from megatron_miniplm.scoring import SCORES_VERSION
 from megatron_miniplm.selection.config import SelectionConfig
@@ -187,11 +189,17 @@ class Graph:
         self._select()
         if cfg.student_tokenizer:
             self._retokenize()
+        if cfg.seqkd.enabled:
+            self._generate()
         for stage, label, seed in self.students:
             if label == "student-vanilla-kd":
                 # online distillation on the uniform sample, with the students' steps and seeds
                 self._train(stage, cfg.student, data_stage=self.student_data, data_name="uniform", seed=seed,
                             kd=cfg.vanilla_kd)
+            elif label == "student-seqkd":
+                # the teacher's samples, at the students' token budget (MiniPLM's selection's)
+                self._train(stage, cfg.student, data_stage="generate-seqkd", data_name="seqkd", seed=seed,
+                            budget_stage="select")
             else:
                 self._train(stage, cfg.student, data_stage=self.student_data, data_name=label[len("student-"):],
                             seed=seed)
@@ -218,6 +226,7 @@ class Graph:
         Vanilla KD one, once per seed (the first seed's stage is named after the model)."""
         labels = [f"student-{n}" for n in self.student_names]
         labels += ["student-vanilla-kd"] if self.cfg.vanilla_kd.enabled else []
+        labels += ["student-seqkd"] if self.cfg.seqkd.enabled else []
         return [(label if k == 0 else f"{label}-seed{seed}", label, seed)
                 for label in labels for k, seed in enumerate(self.student_seeds)]
 
@@ -351,18 +360,19 @@ class Graph:
             wandb_exp_name=stage if wandb.project else None)
 
     def _train(self, name: str, model, *, data_stage: str, data_name: str, kd=None,
-               seed: Optional[int] = None) -> None:
+               seed: Optional[int] = None, budget_stage: Optional[str] = None) -> None:
 
         cfg = self.cfg
         # Epochs over D_ref for the reference; for every student over the MiniPLM selection's
         # tokens, so that all students take the same steps (or fixed steps: train_iters). The
         # Vanilla KD student takes fewer where it matches their FLOPs (vanilla_kd.match).
+        budget_stage = budget_stage or data_stage
         budget, key = {"split": ("ref", "num_tokens"), "select": ("miniplm", "tokens_kept"),
-                       "retokenize": ("miniplm", "num_tokens")}[data_stage]
+                       "retokenize": ("miniplm", "num_tokens")}[budget_stage]
         valid_stage = "retokenize" if data_stage == "retokenize" else "data"
 
         def iterations(dirs) -> int:
-            tokens = _read_meta(os.path.join(dirs[data_stage], budget + ".meta.json"))[key]
+            tokens = _read_meta(os.path.join(dirs[budget_stage], budget + ".meta.json"))[key]
             steps = model.train_iters or _iterations(model.epochs, tokens, model.train.global_batch_size,
                                                      cfg.seq_length)
             return self.kd_iterations(model, steps, dirs) if kd is not None and kd.match == "flops" else steps
@@ -381,7 +391,7 @@ class Graph:
         budget_settings = {"train_iters": model.train_iters} if model.train_iters else {"epochs": model.epochs}
         settings = {"model": model.model, **budget_settings, "train": model.train.given(), "seq_length": cfg.seq_length,
                     "seed": cfg.seed if seed is None else seed, "bf16": self.bf16, "data": data_name, "layout": _layout(cfg)}
-        deps = [data_stage, "data"]
+        deps = list(dict.fromkeys([data_stage, budget_stage, "data"]))
         if kd is not None:
             # the teacher's logits, and the rule its steps follow (stated: a changed default must
             # not leave a KD student of the other rule looking finished)
@@ -425,6 +435,27 @@ class Graph:
                                   "scores_version": SCORES_VERSION},
                                  deps=[model, "split"], commands=commands, missing=missing,
                                  progress=lambda out, dirs: scoring_progress(os.path.join(out, "scores"))))
+
+    def _generate(self) -> None:
+        """SeqKD's corpus: the teacher's continuations of prompts cut from the students' corpus
+        (the split's rest, which the selections sample), as the official SeqKD generates from
+        its pre-training corpus."""
+        cfg, par = self.cfg, self.cfg.parallel
+
+        def commands(out, dirs):
+            generation = cfg.seqkd.stage_config(
+                data_path=os.path.join(dirs["split"], "rest"), load=self.teacher_checkpoint(dirs),
+                output_prefix=os.path.join(out, "seqkd"), tensor_model_parallel_size=par.tensor_model_parallel_size,
+                bf16=self.bf16, seed=cfg.seed, progress=False)
+            return [[self.python, tool("generate_corpus.py"), *to_argv(generation)]]
+
+        def missing(out, dirs):
+            return None if os.path.exists(os.path.join(out, "seqkd.meta.json")) else "no generated corpus yet"
+
+        self.stages.append(Stage("generate-seqkd", DISTRIBUTED,
+                                 {"seqkd": cfg.seqkd.given(), "bf16": self.bf16, "seed": cfg.seed, "layout": _layout(cfg),
+                                  "generation_version": GENERATION_VERSION},
+                                 deps=["teacher", "split"], commands=commands, missing=missing))
 
     def _select(self) -> None:
         from megatron_miniplm.selection.sample import SampleRequest

@@ -1,0 +1,52 @@
+"""Choosing the next token: temperature and nucleus (top-p) sampling from one uniform per row.
+
+Each instance has its own random stream, seeded from (seed, instance id): the k-th token
+generated for an instance is drawn from the k-th number of its stream, whichever batch,
+replica or session decodes it. A token is the inverse of the (cut, renormalised) cumulative
+distribution at that number, in float64, so that the same logits give the same token on
+every rank of a tensor-parallel group.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def instance_seed(seed: int, instance_id: int) -> int:
+    """The seed of an instance's stream: SeedSequence mixes (seed, id) so that neighbouring
+    ids get unrelated streams."""
+    return int(np.random.SeedSequence([seed, instance_id]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def instance_generators(seed: int, instance_ids) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(instance_seed(seed, int(i))) for i in instance_ids]
+
+
+def next_uniforms(generators: list[torch.Generator]) -> torch.Tensor:
+    """float64 [rows]: the next number of each row's stream (drawn at every step, so that a
+    row's k-th token always uses its k-th number)."""
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+
+
+def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """int64 [rows]: one token per row of ``logits`` [rows, V].
+
+    Temperature 0 is greedy: the first most likely token (as torch and transformers take it).
+    Otherwise softmax(logits / temperature); with ``top_p`` < 1 only the most likely tokens
+    are kept, in decreasing probability, while the mass of the tokens before them is below
+    ``top_p`` (the first is always kept), as transformers' TopPLogitsWarper keeps them.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    order = None
+    if top_p < 1:
+        probs, order = probs.sort(dim=-1, descending=True, stable=True)
+        before = probs.cumsum(dim=-1) - probs
+        probs = probs * (before < top_p)
+    cdf = probs.cumsum(dim=-1)
+    target = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(1)
+    index = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1)
+    # the first token whose cumulative mass exceeds the target: never one of zero probability
+    return index.squeeze(1) if order is None else order.gather(1, index).squeeze(1)
