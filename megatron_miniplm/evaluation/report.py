@@ -179,6 +179,12 @@ def markdown(results: dict, *, curves: Optional[str] = None) -> str:
             lines.append(f"| {name} | {task} | {result} |")
     if curves:
         lines += ["", "## Curves", "", f"![validation loss against tokens and FLOPs]({curves})"]
+    if results.get("scaling"):
+        from megatron_miniplm.evaluation.sweep import lines as sweep_lines
+
+        lines += ["", "## Loss against training compute", ""] + [f"- {s.strip()}" for s in sweep_lines(results["scaling"])]
+        if results["scaling"].get("plot"):
+            lines += ["", f"![points, fitted curves and bands]({os.path.basename(results['scaling']['plot'])})"]
     return "\n".join(lines) + "\n"
 
 

@@ -65,9 +65,22 @@ class Curve:
             return math.inf
         return float(self.c0 * ((loss - self.l_inf) / self.a) ** (-1.0 / self.alpha))
 
+    @property
+    def caveats(self) -> list[str]:
+        """What makes the curve a poor basis for extrapolation, in words (none: [])."""
+        out = []
+        if self.alpha <= _ALPHAS[0] * 1.01 or self.alpha >= _ALPHAS[-1] / 1.01:
+            out.append(f"alpha at the search's bound ({self.alpha:.3g}): the points do not bend like the form, "
+                       f"and the curve is a trend in log compute")
+        if self.l_inf < 0:
+            out.append("a floor l_inf below zero, which no loss reaches")
+        if self.a <= 0:
+            out.append("a loss that does not fall with compute")
+        return out
+
     def as_dict(self) -> dict:
         return {"form": "L(C) = l_inf + a * (C / c0) ** -alpha", "a": self.a, "alpha": self.alpha,
-                "l_inf": self.l_inf, "c0": self.c0, "rmse": self.rmse}
+                "l_inf": self.l_inf, "c0": self.c0, "rmse": self.rmse, "caveats": self.caveats}
 
 
 def _linear_part(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
@@ -137,19 +150,19 @@ def saving(baseline: Curve, flops: float, loss: float) -> float:
 def within_run_saving(baseline_curve: Sequence[tuple[float, float]], flops: float, loss: float) -> dict:
     """The saving read from the baseline's validation curve during training (points of FLOPs
     and loss): the first compute at which its running best loss reaches ``loss``, interpolated
-    linearly in log FLOPs between its two points; where its curve ends above ``loss``, the curve
-    fitted to its points (``fit_curve``) is extrapolated, and the result says so."""
+    linearly in log FLOPs between its two points (``at_most`` where its first point already
+    does: the saving is a bound); where its curve ends above ``loss``, the curve fitted to its
+    points (``fit_curve``) is extrapolated, and the result says so."""
     points = sorted((float(c), float(l)) for c, l in baseline_curve if c and c > 0 and np.isfinite(l))
     best = np.minimum.accumulate([l for _, l in points]) if points else np.zeros(0)
     reached = np.flatnonzero(best <= loss)
+    if reached.size and reached[0] == 0:  # its first point reaches it: the compute needed is at most that
+        return {"saving": points[0][0] / flops, "baseline_flops": points[0][0], "extrapolated": False,
+                "at_most": True}
     if reached.size:
         k = int(reached[0])
-        if k == 0:
-            needed = points[0][0]
-        else:
-            (c1, _), (c2, l2), l1 = points[k - 1], points[k], best[k - 1]
-            t = (l1 - loss) / (l1 - l2)
-            needed = math.exp(math.log(c1) + t * (math.log(c2) - math.log(c1)))
+        (c1, _), (c2, l2), l1 = points[k - 1], points[k], best[k - 1]
+        needed = math.exp(math.log(c1) + (l1 - loss) / (l1 - l2) * (math.log(c2) - math.log(c1)))
         return {"saving": needed / flops, "baseline_flops": needed, "extrapolated": False}
     curve = fit_curve([c for c, _ in points], [l for _, l in points])
     needed = curve.flops_for(loss)

@@ -63,4 +63,8 @@ def format_table(results: dict) -> str:
                     f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in metrics.items()))
     if results.get("verdicts"):
         lines += [""] + results["verdicts"]
+    if results.get("scaling"):
+        from megatron_miniplm.evaluation.sweep import lines as sweep_lines
+
+        lines += [""] + sweep_lines(results["scaling"])
     return "\n".join(lines)

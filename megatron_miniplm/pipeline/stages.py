@@ -12,6 +12,7 @@ outputs; stages that read a changed stage get new fingerprints too.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 from megatron_miniplm.models.config import ModelConfig, model_from_spec
-from megatron_miniplm.pipeline.config import PipelineConfig
+from megatron_miniplm.pipeline.config import PipelineConfig, size_label, size_spec
 from megatron_miniplm.scoring import SCORES_VERSION
 from megatron_miniplm.selection.config import SelectionConfig
 from megatron_miniplm.settings import cli_fields, flag_of, to_argv
@@ -29,6 +30,9 @@ from megatron_miniplm.training.flops import flops_matched_kd_iterations
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SINGLE, DISTRIBUTED = "single", "distributed"
+# The data-limited setting's baseline (selection.baselines): all of the corpus D (the split's
+# rest), repeated to the students' token budget, against MiniPLM's selection repeated to it.
+ALL = "all"
 
 
 def tool(name: str) -> str:
@@ -188,19 +192,36 @@ class Graph:
         if cfg.student_tokenizer:
             self._retokenize()
         for stage, label, seed in self.students:
-            if label == "student-vanilla-kd":
+            method, _, size = label.partition("@")
+            model = self.student_model(size)
+            if method == "student-vanilla-kd":
                 # online distillation on the uniform sample, with the students' steps and seeds
-                self._train(stage, cfg.student, data_stage=self.student_data, data_name="uniform", seed=seed,
+                self._train(stage, model, data_stage=self.student_data, data_name="uniform", seed=seed,
                             kd=cfg.vanilla_kd)
+            elif method == f"student-{ALL}":
+                # the data-limited baseline: all of D (the split's rest), repeated to the students' tokens
+                self._train(stage, model, data_stage="split", data_name="rest", seed=seed, budget_stage="select")
             else:
-                self._train(stage, cfg.student, data_stage=self.student_data, data_name=label[len("student-"):],
+                self._train(stage, model, data_stage=self.student_data, data_name=method[len("student-"):],
                             seed=seed)
         self._evaluate()
 
     @property
     def student_names(self) -> list[str]:
         """The students trained on a selection: MiniPLM's and each baseline's."""
-        return ["miniplm", *self.cfg.selection.baselines]
+        return ["miniplm", *(b for b in self.cfg.selection.baselines if b != ALL)]
+
+    @property
+    def sizes(self) -> list[str]:
+        """The students' sizes by name (``student.sizes``); [""]: the one ``student.model``."""
+        return [size_label(s) for s in self.cfg.student.sizes] if self.cfg.student.sizes else [""]
+
+    def student_model(self, size: str):
+        """The students' section at one of their sizes ("": as configured)."""
+        if not size:
+            return self.cfg.student
+        spec = next(size_spec(s) for s in self.cfg.student.sizes if size_label(s) == size)
+        return dataclasses.replace(self.cfg.student, model=dict(spec), sizes=None)
 
     @property
     def student_data(self) -> str:
@@ -215,9 +236,12 @@ class Graph:
     @property
     def students(self) -> list[tuple[str, str, int]]:
         """(stage, model label, seed) of every student stage: MiniPLM's, each baseline's and the
-        Vanilla KD one, once per seed (the first seed's stage is named after the model)."""
+        Vanilla KD one, once per seed (the first seed's stage is named after the model), and once
+        per size (labels METHOD@SIZE, as the evaluation reads them) with ``student.sizes``."""
         labels = [f"student-{n}" for n in self.student_names]
+        labels += [f"student-{ALL}"] if ALL in self.cfg.selection.baselines else []
         labels += ["student-vanilla-kd"] if self.cfg.vanilla_kd.enabled else []
+        labels = [f"{label}@{size}" if size else label for size in self.sizes for label in labels]
         return [(label if k == 0 else f"{label}-seed{seed}", label, seed)
                 for label in labels for k, seed in enumerate(self.student_seeds)]
 
@@ -351,18 +375,19 @@ class Graph:
             wandb_exp_name=stage if wandb.project else None)
 
     def _train(self, name: str, model, *, data_stage: str, data_name: str, kd=None,
-               seed: Optional[int] = None) -> None:
+               seed: Optional[int] = None, budget_stage: Optional[str] = None) -> None:
 
         cfg = self.cfg
         # Epochs over D_ref for the reference; for every student over the MiniPLM selection's
         # tokens, so that all students take the same steps (or fixed steps: train_iters). The
         # Vanilla KD student takes fewer where it matches their FLOPs (vanilla_kd.match).
+        budget_stage = budget_stage or data_stage
         budget, key = {"split": ("ref", "num_tokens"), "select": ("miniplm", "tokens_kept"),
-                       "retokenize": ("miniplm", "num_tokens")}[data_stage]
+                       "retokenize": ("miniplm", "num_tokens")}[budget_stage]
         valid_stage = "retokenize" if data_stage == "retokenize" else "data"
 
         def iterations(dirs) -> int:
-            tokens = _read_meta(os.path.join(dirs[data_stage], budget + ".meta.json"))[key]
+            tokens = _read_meta(os.path.join(dirs[budget_stage], budget + ".meta.json"))[key]
             steps = model.train_iters or _iterations(model.epochs, tokens, model.train.global_batch_size,
                                                      cfg.seq_length)
             return self.kd_iterations(model, steps, dirs) if kd is not None and kd.match == "flops" else steps
@@ -381,7 +406,7 @@ class Graph:
         budget_settings = {"train_iters": model.train_iters} if model.train_iters else {"epochs": model.epochs}
         settings = {"model": model.model, **budget_settings, "train": model.train.given(), "seq_length": cfg.seq_length,
                     "seed": cfg.seed if seed is None else seed, "bf16": self.bf16, "data": data_name, "layout": _layout(cfg)}
-        deps = [data_stage, "data"]
+        deps = list(dict.fromkeys([data_stage, budget_stage, "data"]))
         if kd is not None:
             # the teacher's logits, and the rule its steps follow (stated: a changed default must
             # not leave a KD student of the other rule looking finished)
@@ -437,7 +462,7 @@ class Graph:
                                  config=cfg.selection.stage_config(method="difference", seed=cfg.seed),
                                  report_dir=os.path.join(out, "report"), **scores)
             argv = [[self.python, tool("difference_sample.py"), *to_argv(main)]]
-            for baseline in cfg.selection.baselines:
+            for baseline in self.student_names[1:]:
                 # Same token budget as MiniPLM's selection: known once it is written.
                 argv.append(lambda baseline=baseline: [
                     self.python, tool("difference_sample.py"), *to_argv(SampleRequest(

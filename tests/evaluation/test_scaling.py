@@ -117,3 +117,15 @@ def test_the_sweep_refuses_to_extrapolate_from_two_sizes():
     assert len(out["points"]) == 5  # the points are still reported
     with pytest.raises(scaling.TooFewPoints, match="3 parameters"):
         scaling.fit_curve([1e14, 1e15], [3.0, 2.9])
+
+
+def test_a_baseline_reaching_the_loss_at_its_first_validation_gives_a_bound():
+    got = scaling.within_run_saving([(1e12, 3.0), (1e13, 2.5)], 2e12, 3.2)
+    assert got["at_most"] and got["saving"] == pytest.approx(0.5)
+
+
+def test_points_that_do_not_bend_like_the_form_are_flagged():
+    c = np.logspace(9, 11, 3)
+    curve = scaling.fit_curve(c, [5.6, 5.5, 5.2])  # falling faster with log compute: no floor fits
+    assert curve.caveats and "bound" in curve.caveats[0]
+    assert not scaling.fit_curve(c, _truth(c)).caveats
