@@ -129,3 +129,13 @@ def test_points_that_do_not_bend_like_the_form_are_flagged():
     curve = scaling.fit_curve(c, [5.6, 5.5, 5.2])  # falling faster with log compute: no floor fits
     assert curve.caveats and "bound" in curve.caveats[0]
     assert not scaling.fit_curve(c, _truth(c)).caveats
+
+
+def test_the_bootstrap_resamples_each_points_seeds():
+    # two seeds whose losses differ by a constant and no test-set variation: a draw's loss is
+    # one seed's, the other's, or their mean, each as often as drawing two seeds with replacement says
+    p = scaling.Point("m", "s", 1e12, [np.full(30, 3.0), np.full(30, 3.2)])
+    estimate, draws = scaling.point_losses([p], np.arange(30), samples=4000, seed=0)
+    assert estimate[0] == pytest.approx(3.1)
+    values, counts = np.unique(np.round(draws[:, 0], 9), return_counts=True)
+    assert np.allclose(values, [3.0, 3.1, 3.2]) and np.allclose(counts / 4000, [0.25, 0.5, 0.25], atol=0.03)

@@ -1,7 +1,13 @@
 """Student sizes and the data-limited setting, through the whole pipeline on the tiny setting:
 every method trained at three sizes, the evaluation's fitted curves, savings and
 extrapolation (and its plot); the 'all' baseline trains on the whole corpus D repeated to
-the students' tokens, MiniPLM on its selection repeated to the same tokens."""
+the students' tokens, MiniPLM on its selection repeated to the same tokens.
+
+Slow (7.5 min alone on 2 cores: six student trainings besides the pipeline's own stages);
+`bash examples/pretrain_miniplm.sh examples/configs/demo_sweep.yaml` and
+`.../data_limited.yaml` run the same paths on the demo, and tests/evaluation/test_scaling.py,
+tests/pipeline/test_pipeline_config.py (labels, models, the 'all' stage's data and budget)
+and test_example_configs.py (dry runs) are in the default run."""
 
 import json
 import os
@@ -12,6 +18,7 @@ from pipeline_helpers import TINY_MODEL, run_pipeline, tiny_config, write_config
 
 SIZES = [{**TINY_MODEL, "hidden_size": h, "ffn_hidden_size": 2 * h} for h in (16, 32, 64)]
 LABELS = ["L2-H16", "L2-H32", "L2-H64"]
+pytestmark = pytest.mark.slow
 
 
 def _record(work_dir, stage):
