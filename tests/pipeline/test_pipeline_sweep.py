@@ -3,7 +3,7 @@ every method trained at three sizes, the evaluation's fitted curves, savings and
 extrapolation (and its plot); the 'all' baseline trains on the whole corpus D repeated to
 the students' tokens, MiniPLM on its selection repeated to the same tokens.
 
-Slow (7.5 min alone on 2 cores: six student trainings besides the pipeline's own stages);
+Slow (4.5 to 12.5 min on a shared 2-core machine: six student trainings besides the pipeline's stages);
 `bash examples/pretrain_miniplm.sh examples/configs/demo_sweep.yaml` and
 `.../data_limited.yaml` run the same paths on the demo, and tests/evaluation/test_scaling.py,
 tests/pipeline/test_pipeline_config.py (labels, models, the 'all' stage's data and budget)
