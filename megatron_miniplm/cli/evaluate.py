@@ -18,6 +18,16 @@ loss is also given per domain. The first model is compared with each other one b
 the mean paired difference over test instances and its bootstrap interval (seeded);
 the table marks intervals that exclude zero, and one sentence per comparison says
 what the numbers support.
+
+A size sweep: label checkpoints METHOD@SIZE (student-miniplm@qwen-200M, ...). Per method
+the tool fits L(C) = l_inf + a * (C / c0)^-alpha to test loss against training FLOPs (the
+compute form of Kaplan et al. 2020's scaling law with Hoffmann et al. 2022's irreducible
+term; MiniPLM, Gu et al. ICLR 2025, fits such curves for its computation-saving and
+extrapolation claims), prints the computation saving against --saving-baseline (FLOPs it
+needs to reach a method's loss, over the method's) from the validation curves and from
+the fit, and the loss extrapolated to --extrapolate-flops, each with a bootstrap interval
+over test documents and seeds; with fewer than three sizes of a method it fits nothing
+and says why.
 """
 
 from __future__ import annotations
@@ -54,6 +64,8 @@ def main(argv=None) -> int:
         for key in ("report", "curves"):
             if results.get(key):
                 print(f"{key}: {results[key]}")
+        if results.get("scaling", {}).get("plot"):
+            print(f"scaling: {results['scaling']['plot']}")
     return 0
 
 

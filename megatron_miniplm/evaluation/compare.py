@@ -197,7 +197,8 @@ def spread(values: Sequence[float]) -> Optional[float]:
 def compare_models(losses: dict, domains: Optional[np.ndarray], domain_names: Sequence[str], *,
                    documents: Optional[np.ndarray] = None, samples: int = 10_000, seed: int = 0,
                    level: float = 0.95, seeds: Optional[dict] = None) -> dict:
-    """The first model against each other one: {other: {"overall": {...}, "domains": {...}}}.
+    """The first model against each other one: {other: {"overall": {...}, "domains": {...}}}
+    (in a size sweep, the first model's method at the other's size: its label in "base").
 
     ``losses``: {model: [per-instance losses of each of its seeds]}, insertion-ordered;
     ``documents``: the test document of each instance (None: instances taken as independent);
@@ -205,11 +206,11 @@ def compare_models(losses: dict, domains: Optional[np.ndarray], domain_names: Se
     have the same seeds are compared seed by seed (``paired_difference``'s ``same_seeds``).
     """
     names = list(losses)
-    base = losses[names[0]]
     out = {}
     for other in names[1:]:
-        theirs = losses[other]
-        same = _seed_order(seeds or {}, names[0], other)
+        first = base_of(names, other)
+        base, theirs = losses[first], losses[other]
+        same = _seed_order(seeds or {}, first, other)
         if same is not None:
             theirs = [theirs[k] for k in same]
         row = {"overall": paired_difference(base, theirs, documents=documents, samples=samples, seed=seed,
@@ -223,8 +224,22 @@ def compare_models(losses: dict, domains: Optional[np.ndarray], domain_names: Se
                         [r[sel] for r in base], [r[sel] for r in theirs],
                         documents=None if documents is None else documents[sel],
                         samples=samples, seed=seed, level=level, same_seeds=same is not None).as_dict()
+        if first != names[0]:
+            row["base"] = first
         out[other] = row
     return out
+
+
+def base_of(names: Sequence[str], other: str) -> str:
+    """What ``other`` is compared with: the first model, or, in a size sweep (labels
+    METHOD@SIZE), the first model's method at ``other``'s size where there is one."""
+    first = names[0]
+    method, at, _ = first.partition("@")
+    size = other.partition("@")[2]
+    same_size = f"{method}@{size}"
+    if at and size and same_size in names and same_size != other:
+        return same_size
+    return first
 
 
 def _seed_order(seeds: dict, a: str, b: str) -> Optional[list[int]]:

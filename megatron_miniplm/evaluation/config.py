@@ -38,6 +38,17 @@ class EvalConfig:
         None, group=LM_LOSS, metavar="FILE",
         help="the trainer's metrics file of each checkpoint, in --load order ('-' for none): "
              "validation loss against tokens and FLOPs in DIR/curves.png")
+    saving_baseline: Optional[str] = setting(
+        None, group=LM_LOSS, metavar="METHOD",
+        help="the method the computation saving is measured against (FLOPs it needs to reach a method's "
+             "loss, over the method's), from the validation curves (--metrics-file) and, with labels "
+             "METHOD@SIZE of three sizes or more per method, from curves L(C) = l_inf + a * C^-alpha fitted "
+             "to loss against training FLOPs, extrapolated to --extrapolate-flops, with bootstrap bands over "
+             "test documents and seeds (DIR/scaling.png with --report-dir); default: the second method, "
+             "where labels carry sizes")
+    extrapolate_flops: Optional[float] = setting(
+        None, group=LM_LOSS, metavar="FLOPS",
+        help="the training compute the fitted curves are extrapolated to (default: 10x the sweep's largest)")
     tasks: Optional[str] = setting(
         None, group=TASKS,
         help="comma-separated lm-eval task names; 'miniplm': the paper's nine (acc_norm where the task "

@@ -92,7 +92,7 @@ def summarize(runs: dict, domains: Optional[np.ndarray], domain_names: Sequence[
     comparisons = compare_models(losses, domains, domain_names, documents=documents, samples=bootstrap_samples,
                                  seed=seed, level=level, seeds=training_seeds) if len(runs) > 1 else {}
     first = next(iter(runs))
-    verdicts = [_difference(c["overall"]).verdict(first, other) for other, c in comparisons.items()]
+    verdicts = [_difference(c["overall"]).verdict(c.get("base", first), other) for other, c in comparisons.items()]
     return {"models": models, "baseline_of_comparison": first, "comparisons": comparisons,
             "bootstrap": {"samples": bootstrap_samples, "seed": seed, "level": level}, "verdicts": verdicts}
 
@@ -102,12 +102,13 @@ def with_compute(results: dict) -> None:
     difference means little without it (the paper compares methods at equal training FLOPs)."""
     models, first = results["models"], results.get("baseline_of_comparison")
     verdicts = []
-    for verdict, other in zip(results.get("verdicts", []), results.get("comparisons", {})):
-        fa, fb = models.get(first, {}).get("train_flops"), models.get(other, {}).get("train_flops")
+    for verdict, (other, c) in zip(results.get("verdicts", []), results.get("comparisons", {}).items()):
+        base = c.get("base", first)
+        fa, fb = models.get(base, {}).get("train_flops"), models.get(other, {}).get("train_flops")
         if fa and fb:
             ratio = fb / fa
             verdict += (f"; at equal training FLOPs ({fa:.3g})" if abs(ratio - 1) < 0.005
-                        else f"; {other} trained with {ratio:.3g}x the FLOPs of {first}")
+                        else f"; {other} trained with {ratio:.3g}x the FLOPs of {base}")
         verdicts.append(verdict)
     results["verdicts"] = verdicts
 
@@ -169,7 +170,7 @@ def markdown(results: dict, *, curves: Optional[str] = None) -> str:
                   "| against | overall | " + " | ".join(domains) + " |", "|---|---:|" + "---:|" * len(domains)]
         for other, c in comparisons.items():
             cells = [_ci(c["domains"][d]) if d in c["domains"] else "" for d in domains]
-            lines.append(f"| {other} | {_ci(c['overall'])} | " + " | ".join(cells) + " |")
+            lines.append(f"| {against(other, c)} | {_ci(c['overall'])} | " + " | ".join(cells) + " |")
     tasks = [(name, task, m) for name, r in models.items() for task, m in r.get("tasks", {}).items()]
     if tasks:
         lines += ["", "## Zero-shot tasks", "", "| model | task | result |", "|---|---|---|"]
@@ -179,7 +180,19 @@ def markdown(results: dict, *, curves: Optional[str] = None) -> str:
             lines.append(f"| {name} | {task} | {result} |")
     if curves:
         lines += ["", "## Curves", "", f"![validation loss against tokens and FLOPs]({curves})"]
+    if results.get("scaling"):
+        from megatron_miniplm.evaluation.sweep import lines as sweep_lines
+
+        lines += ["", "## Loss against training compute", ""] + [f"- {s.strip()}" for s in sweep_lines(results["scaling"])]
+        if results["scaling"].get("plot"):
+            lines += ["", f"![points, fitted curves and bands]({os.path.basename(results['scaling']['plot'])})"]
     return "\n".join(lines) + "\n"
+
+
+def against(other: str, comparison: dict) -> str:
+    """A comparison's row label: the other model, and the model it is compared with where that
+    is not the first (a size sweep's comparisons within each size)."""
+    return f"{other} (from {comparison['base']})" if comparison.get("base") else other
 
 
 def _domain_names(models: dict) -> list[str]:

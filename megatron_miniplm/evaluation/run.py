@@ -18,7 +18,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     return ``{}`` at once. None waits for rank 0's tasks: the job's process group is gone after
     the LM loss, and the launcher (torchrun, srun) waits for every process to end."""
     rank0 = is_job_rank0()
-    results = lm_loss_results(cfg) if cfg.data_path else {"models": {}}
+    results, losses, documents = lm_loss_results(cfg) if cfg.data_path else ({"models": {}}, {}, None)
     if not rank0:
         return {}
     names = cfg.labels
@@ -34,6 +34,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     from megatron_miniplm.evaluation.report import with_compute
 
     with_compute(results)
+    from megatron_miniplm.evaluation import sweep
+
+    if losses and sweep.asked(cfg.labels, cfg.saving_baseline):
+        results["scaling"] = sweep_results(cfg, results["models"], losses, documents)
     if cfg.tasks:
         add_task_results(cfg, models)
     write_outputs(cfg, results)
@@ -50,6 +54,25 @@ def is_job_rank0() -> bool:
     return launch_env().rank == 0
 
 
+def sweep_results(cfg: EvalConfig, models: dict, losses: dict, documents) -> dict:
+    """The size sweep's fits, savings and extrapolation (evaluation/sweep.py); its bootstrap refits
+    every curve per draw, so it takes at most 1,000 draws."""
+    from megatron_miniplm.evaluation import sweep
+
+    return sweep.analyze(cfg.labels, models, losses, documents, metrics_by_label(cfg),
+                         baseline=cfg.saving_baseline, target_flops=cfg.extrapolate_flops,
+                         samples=min(cfg.bootstrap_samples, 1000), seed=cfg.bootstrap_seed, level=cfg.confidence)
+
+
+def metrics_by_label(cfg: EvalConfig) -> dict:
+    """{label: [the metrics files of its seeds]} ('-' left out)."""
+    runs: dict = {}
+    for name, path in zip(cfg.labels, cfg.metrics_file or []):
+        if path != "-":
+            runs.setdefault(name, []).append(path)
+    return runs
+
+
 def add_task_results(cfg: EvalConfig, models: dict) -> None:
     """Each model's zero-shot tasks, on its first seed's checkpoint (exported to HF and run by
     lm-eval in this process alone)."""
@@ -63,9 +86,12 @@ def add_task_results(cfg: EvalConfig, models: dict) -> None:
             )
 
 
-def lm_loss_results(cfg: EvalConfig) -> dict:
-    """Every checkpoint scored on the test set (collective), summarized on rank 0."""
+def lm_loss_results(cfg: EvalConfig) -> tuple[dict, dict, object]:
+    """Every checkpoint scored on the test set (collective), summarized on rank 0; with each
+    model's per-instance losses per seed and the test document of each instance (a size
+    sweep's resampling units)."""
     from megatron_miniplm import parallel
+    from megatron_miniplm.evaluation.compare import instance_losses
     from megatron_miniplm.evaluation.lm_loss import score_test_set
     from megatron_miniplm.evaluation.report import summarize, test_documents, test_domains
 
@@ -86,12 +112,13 @@ def lm_loss_results(cfg: EvalConfig) -> dict:
     finally:
         parallel.destroy()
     if not runs:  # not rank 0
-        return {"models": {}}
+        return {"models": {}}, {}, None
     domains, domain_names = test_domains(cfg.data_path)
+    documents = test_documents(cfg.data_path, domains)
     seeds = {name: [training_seed(ckpt) for ckpt, _ in model_runs] for name, model_runs in runs.items()}
-    return summarize(runs, domains, domain_names, documents=test_documents(cfg.data_path, domains),
-                     bootstrap_samples=cfg.bootstrap_samples, seed=cfg.bootstrap_seed, level=cfg.confidence,
-                     training_seeds=seeds)
+    losses = {name: [instance_losses(scores) for _, scores in model_runs] for name, model_runs in runs.items()}
+    return summarize(runs, domains, domain_names, documents=documents, bootstrap_samples=cfg.bootstrap_samples,
+                     seed=cfg.bootstrap_seed, level=cfg.confidence, training_seeds=seeds), losses, documents
 
 
 def write_outputs(cfg: EvalConfig, results: dict) -> None:
@@ -100,16 +127,16 @@ def write_outputs(cfg: EvalConfig, results: dict) -> None:
         from megatron_miniplm.evaluation.report import write_report
 
         curves = None
-        if cfg.metrics_file:
+        runs = metrics_by_label(cfg)
+        if runs:
             from megatron_miniplm.evaluation.curves import plot_curves
 
-            runs: dict = {}
-            for name, path in zip(cfg.labels, cfg.metrics_file):
-                if path != "-":
-                    runs.setdefault(name, []).append(path)
-            if runs:
-                curves = plot_curves(runs, os.path.join(cfg.report_dir, "curves.png"))
-                results["curves"] = curves
+            curves = plot_curves(runs, os.path.join(cfg.report_dir, "curves.png"))
+            results["curves"] = curves
+        if results.get("scaling", {}).get("points"):
+            from megatron_miniplm.evaluation.sweep import plot
+
+            results["scaling"]["plot"] = plot(results["scaling"], os.path.join(cfg.report_dir, "scaling.png"))
         if results["models"] and "comparisons" in results:
             path = os.path.join(cfg.report_dir, "evaluation_report.md")
             write_report(path, results, curves=os.path.basename(curves) if curves else None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megatron_miniplm.evaluation.report import supports_claim
+from megatron_miniplm.evaluation.report import against, supports_claim
 
 
 def format_table(results: dict) -> str:
@@ -50,10 +50,11 @@ def format_table(results: dict) -> str:
     comparisons = results.get("comparisons") or {}
     if comparisons:
         level = 100 * results["bootstrap"]["level"]
-        w = max([len(results["baseline_of_comparison"]) + 10] + [len(o) + 2 for o in comparisons])
+        rows = [(against(o, c), c) for o, c in comparisons.items()]
+        w = max([len(results["baseline_of_comparison"]) + 10] + [len(o) + 2 for o, _ in rows])
         lines += ["", f"{results['baseline_of_comparison'] + ' minus':<{w}}{'domain':<16}"
                   f"difference [{level:g}% interval]  (* excludes 0, seeds covered)"]
-        for other, c in comparisons.items():
+        for other, c in rows:
             for dname, d in [("(all)", c["overall"]), *c["domains"].items()]:
                 mark = " *" if supports_claim(d) else ""
                 lines.append(f"{other:<{w}}{dname:<16}{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{mark}")
@@ -67,4 +68,8 @@ def format_table(results: dict) -> str:
                     f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in metrics.items()))
     if results.get("verdicts"):
         lines += [""] + results["verdicts"]
+    if results.get("scaling"):
+        from megatron_miniplm.evaluation.sweep import lines as sweep_lines
+
+        lines += [""] + sweep_lines(results["scaling"])
     return "\n".join(lines)

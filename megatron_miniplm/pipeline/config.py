@@ -108,6 +108,11 @@ class LanguageModel:
                                                     "MiniPLM runs train every student for 100K steps)")
     train: TrainSection = setting(default_factory=TrainSection,
                                   help="tools/pretrain_gpt.py settings (lr, batch sizes, ...)")
+    sizes: Optional[list] = setting(None, help="students only: train every student at each of these model "
+                                               "sizes instead of model (preset names or model mappings), "
+                                               "with the same data, steps and seeds; the evaluation fits "
+                                               "each method's test loss against training FLOPs over them "
+                                               "(three sizes or more) and reports the computation saving")
 
 
 @dataclass
@@ -385,6 +390,10 @@ def from_data(data: Mapping) -> PipelineConfig:
         raise ConfigError(str(e).removeprefix("pipeline config.")) from None
     for where, spec in (("reference", cfg.reference), ("student", cfg.student)):
         _check_model_spec(f"{where}.model", spec.model)
+    if cfg.reference.sizes is not None:
+        raise ConfigError("reference.sizes: only the students are trained at several sizes")
+    for k, size in enumerate(cfg.student.sizes or []):
+        _check_model_spec(f"student.sizes[{k}]", size_spec(size))
     if cfg.bf16 not in (True, False, "auto"):
         raise ConfigError(f"bf16: true, false or auto, got {cfg.bf16!r}")
     return cfg
@@ -413,6 +422,23 @@ def _refuse_pipeline_settings(data: Mapping, path: tuple = ()) -> None:
                                       f"{', '.join(sorted(known))}")
         elif dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
             _refuse_pipeline_settings(value, (*path, key))
+
+
+def size_spec(size: Any) -> Any:
+    """A ``student.sizes`` entry as a model mapping: a preset's name stands for {preset: NAME}."""
+    return {"preset": size} if isinstance(size, str) else size
+
+
+def size_label(size: Any) -> str:
+    """A size's name in stage names and the results: its preset, else its shape."""
+    spec = size_spec(size)
+    if isinstance(spec, Mapping):
+        shape = "-".join(f"{letter}{spec[key]}" for key, letter in (("num_layers", "L"), ("hidden_size", "H"))
+                         if key in spec)
+        parts = [p for p in (spec.get("preset"), shape) if p]
+        if parts:
+            return "+".join(parts)
+    return str(size)
 
 
 def _check_model_spec(where: str, spec: Any) -> None:

@@ -17,9 +17,10 @@ from typing import Optional
 
 from megatron_miniplm.models.config import model_from_spec
 from megatron_miniplm.pipeline.config import ConfigError
-from megatron_miniplm.pipeline.stages import Graph, expand
+from megatron_miniplm.pipeline.config import size_label
+from megatron_miniplm.pipeline.stages import ALL, Graph, expand
 
-BASELINES = ("uniform", "teacher", "reference")
+BASELINES = ("uniform", "teacher", "reference", ALL)
 
 
 def _sha256(path: str) -> Optional[str]:
@@ -117,6 +118,9 @@ def _selection(cfg) -> list[str]:
     bad = [b for b in baselines if b not in BASELINES]
     if bad or len(set(baselines)) != len(baselines):
         problems.append(f"selection.baselines {baselines}: each of {', '.join(BASELINES)} at most once")
+    if ALL in baselines and cfg.student_tokenizer:
+        problems.append(f"selection.baselines {ALL} with student_tokenizer: the whole corpus is not re-tokenized "
+                        f"for the students; leave one of them out")
     return problems
 
 
@@ -130,6 +134,11 @@ def _students(cfg) -> list[str]:
         problems.append(f"student_seeds {seeds!r}: a non-empty list of distinct integers")
     if cfg.student_runs < 1:
         problems.append(f"student_runs {cfg.student_runs}: at least 1")
+    sizes = cfg.student.sizes
+    if sizes is not None:
+        labels = [size_label(s) for s in sizes]
+        if not sizes or len(set(labels)) != len(labels):
+            problems.append(f"student.sizes {labels}: a non-empty list of distinct sizes")
     kd, par = cfg.vanilla_kd, cfg.parallel
     if kd.enabled:
         if "uniform" not in cfg.selection.baselines:
@@ -168,7 +177,10 @@ def _layout(graph: Graph, teacher_shape: Optional[dict]) -> list[str]:
     if par.launcher == "srun" and "SLURM_JOB_ID" not in os.environ:
         problems.append("parallel.launcher srun: not inside a Slurm job (no SLURM_JOB_ID)")
     dp = max(1, world // (tp * pp))
-    for where, spec in (("reference", cfg.reference), ("student", cfg.student)):
+    models = [("reference", cfg.reference)]
+    models += ([(f"student.sizes[{k}]", graph.student_model(size_label(s))) for k, s in enumerate(cfg.student.sizes)]
+               if cfg.student.sizes else [("student", cfg.student)])
+    for where, spec in models:
         problems += _model(graph, where, spec, tp, pp, dp)
     if teacher_shape and "num_attention_heads" in teacher_shape:
         heads = teacher_shape["num_attention_heads"]

@@ -13,6 +13,7 @@ outputs; stages that read a changed stage get new fingerprints too.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -23,7 +24,7 @@ from typing import Callable, Optional, Union
 
 from megatron_miniplm.models.config import ModelConfig, model_from_spec
 from megatron_miniplm.generation import GENERATION_VERSION
-from megatron_miniplm.pipeline.config import PipelineConfig
+from megatron_miniplm.pipeline.config import PipelineConfig, size_label, size_spec
 from megatron_miniplm.scoring import SCORES_VERSION
 from megatron_miniplm.selection.config import SelectionConfig
 from megatron_miniplm.settings import cli_fields, flag_of, to_argv
@@ -31,6 +32,9 @@ from megatron_miniplm.training.flops import flops_matched_kd_iterations
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SINGLE, DISTRIBUTED = "single", "distributed"
+# The data-limited setting's baseline (selection.baselines): all of the corpus D (the split's
+# rest), repeated to the students' token budget, against MiniPLM's selection repeated to it.
+ALL = "all"
 
 
 def tool(name: str) -> str:
@@ -192,23 +196,40 @@ class Graph:
         if cfg.seqkd.enabled:
             self._generate()
         for stage, label, seed in self.students:
-            if label == "student-vanilla-kd":
+            method, _, size = label.partition("@")
+            model = self.student_model(size)
+            if method == "student-vanilla-kd":
                 # online distillation on the uniform sample, with the students' steps and seeds
-                self._train(stage, cfg.student, data_stage=self.student_data, data_name="uniform", seed=seed,
+                self._train(stage, model, data_stage=self.student_data, data_name="uniform", seed=seed,
                             kd=cfg.vanilla_kd)
-            elif label == "student-seqkd":
+            elif method == "student-seqkd":
                 # the teacher's samples, at the students' token budget (MiniPLM's selection's)
-                self._train(stage, cfg.student, data_stage="generate-seqkd", data_name="seqkd", seed=seed,
+                self._train(stage, model, data_stage="generate-seqkd", data_name="seqkd", seed=seed,
                             budget_stage="select")
+            elif method == f"student-{ALL}":
+                # the data-limited baseline: all of D (the split's rest), repeated to the students' tokens
+                self._train(stage, model, data_stage="split", data_name="rest", seed=seed, budget_stage="select")
             else:
-                self._train(stage, cfg.student, data_stage=self.student_data, data_name=label[len("student-"):],
+                self._train(stage, model, data_stage=self.student_data, data_name=method[len("student-"):],
                             seed=seed)
         self._evaluate()
 
     @property
     def student_names(self) -> list[str]:
         """The students trained on a selection: MiniPLM's and each baseline's."""
-        return ["miniplm", *self.cfg.selection.baselines]
+        return ["miniplm", *(b for b in self.cfg.selection.baselines if b != ALL)]
+
+    @property
+    def sizes(self) -> list[str]:
+        """The students' sizes by name (``student.sizes``); [""]: the one ``student.model``."""
+        return [size_label(s) for s in self.cfg.student.sizes] if self.cfg.student.sizes else [""]
+
+    def student_model(self, size: str):
+        """The students' section at one of their sizes ("": as configured)."""
+        if not size:
+            return self.cfg.student
+        spec = next(size_spec(s) for s in self.cfg.student.sizes if size_label(s) == size)
+        return dataclasses.replace(self.cfg.student, model=dict(spec), sizes=None)
 
     @property
     def student_data(self) -> str:
@@ -223,10 +244,13 @@ class Graph:
     @property
     def students(self) -> list[tuple[str, str, int]]:
         """(stage, model label, seed) of every student stage: MiniPLM's, each baseline's and the
-        Vanilla KD one, once per seed (the first seed's stage is named after the model)."""
+        Vanilla KD one, once per seed (the first seed's stage is named after the model), and once
+        per size (labels METHOD@SIZE, as the evaluation reads them) with ``student.sizes``."""
         labels = [f"student-{n}" for n in self.student_names]
+        labels += [f"student-{ALL}"] if ALL in self.cfg.selection.baselines else []
         labels += ["student-vanilla-kd"] if self.cfg.vanilla_kd.enabled else []
         labels += ["student-seqkd"] if self.cfg.seqkd.enabled else []
+        labels = [f"{label}@{size}" if size else label for size in self.sizes for label in labels]
         return [(label if k == 0 else f"{label}-seed{seed}", label, seed)
                 for label in labels for k, seed in enumerate(self.student_seeds)]
 
@@ -469,7 +493,7 @@ class Graph:
                                  config=cfg.selection.stage_config(method="difference", seed=cfg.seed),
                                  report_dir=os.path.join(out, "report"), **scores)
             argv = [[self.python, tool("difference_sample.py"), *to_argv(main)]]
-            for baseline in cfg.selection.baselines:
+            for baseline in self.student_names[1:]:
                 # Same token budget as MiniPLM's selection: known once it is written.
                 argv.append(lambda baseline=baseline: [
                     self.python, tool("difference_sample.py"), *to_argv(SampleRequest(

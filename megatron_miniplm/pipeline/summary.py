@@ -22,6 +22,8 @@ def print_summary(graph: Graph, *, table: bool = True) -> None:
     for key, what in (("report", "Evaluation report"), ("curves", "Validation loss curves")):
         if results.get(key):
             print(f"{what}: {results[key]}")
+    if results.get("scaling", {}).get("plot"):
+        print(f"Loss against training FLOPs (points, fits, bands): {results['scaling']['plot']}")
     if os.path.exists(report):
         print(f"\nSelection: kept fraction per domain ({report})")
         with open(report, encoding="utf-8") as f:

@@ -119,6 +119,23 @@ def test_seeds_are_pooled_and_their_spread_reported():
     assert "| uniform |" in report and "![validation loss" in report and res["verdicts"][1] in report
 
 
+def test_a_size_sweep_is_compared_within_each_size():
+    rng = np.random.default_rng(6)
+    n = 200
+    base = _scores(rng, n)
+    shifted = lambda shift: np.stack([base[:, 0] + shift * base[:, 1], base[:, 1]], 1)
+    runs = {"a@s": [("c1", shifted(0.0))], "b@s": [("c2", shifted(0.1))],
+            "a@l": [("c3", shifted(-0.5))], "b@l": [("c4", shifted(-0.2))], "teacher": [("t", shifted(-1.0))]}
+    res = summarize(runs, None, [], bootstrap_samples=200, seed=0)
+    # each method against the first method at its own size; the first's other sizes and the
+    # models without a size against the first model
+    assert res["comparisons"]["b@l"]["base"] == "a@l" and "base" not in res["comparisons"]["b@s"]
+    assert "base" not in res["comparisons"]["a@l"] and "base" not in res["comparisons"]["teacher"]
+    assert res["comparisons"]["b@l"]["overall"]["mean"] == pytest.approx(-0.3)
+    assert res["verdicts"][2].startswith("a@l − b@l = -0.3000")
+    assert "b@l (from a@l)" in format_table(res) and "| b@l (from a@l) |" in markdown(res)
+
+
 @pytest.mark.parametrize("mode", ["miniplm", "packed"])
 def test_test_documents_are_the_documents_instances_start_in(tmp_path, mode):
     """Instances cut by preprocessing's builder from documents of two domains, interleaved in

@@ -93,6 +93,9 @@ def test_the_launchers_environment_variables_still_work():
     ("evaluation.bootstrap_seed=3", "evaluation.bootstrap_seed: set by the pipeline itself"),
     ("evaluation.bf16=true", "evaluation.bf16: set bf16 once, at the top"),
     ("alpha", "expected key=value"),
+    ("reference.sizes=[qwen-104M]", "reference.sizes: only the students"),
+    ("student.sizes=[{num_layers: two}]", "student.sizes[0].num_layers: expected an integer, got 'two'"),
+    ("student.sizes=[{depth: 2}]", "student.sizes[0]: unknown model setting(s) depth"),
 ])
 def test_refusals_name_the_setting(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
@@ -180,3 +183,21 @@ def test_every_training_stage_logs_to_one_wandb_group(tmp_path):
     assert not any(a.startswith("--wandb") for a in to_argv(plain.train_config(cfg.student, "o", {"data": "d"}, "x", 5)))
     with pytest.raises(ConfigError, match="student.train.wandb_project: set by the pipeline itself"):
         config.load(None, ["student.train.wandb_project=p"], environ={})
+
+
+def test_student_sizes_name_the_students_of_every_method():
+    from megatron_miniplm.pipeline.stages import Graph
+
+    cfg, _ = config.load(None, ["student.sizes=[qwen-104M, {num_layers: 2, hidden_size: 64, ffn_hidden_size: 128, "
+                                "num_attention_heads: 2}]", "student_runs=2", "selection.baselines=[uniform, all]"],
+                         environ={})
+    graph = Graph(cfg)
+    assert [label for _, label, _ in graph.students[::2]] == [
+        "student-miniplm@qwen-104M", "student-uniform@qwen-104M", "student-all@qwen-104M",
+        "student-miniplm@L2-H64", "student-uniform@L2-H64", "student-all@L2-H64"]
+    assert graph.students[1][0] == "student-miniplm@qwen-104M-seed1235"
+    assert graph.student_model("qwen-104M").model == {"preset": "qwen-104M"}
+    assert graph.student_model("L2-H64").model["hidden_size"] == 64 and graph.student_model("").model == cfg.student.model
+    # the 'all' baseline trains on the split's rest (all of D), its budget read from MiniPLM's selection
+    stage = graph["student-all@L2-H64"]
+    assert stage.settings["data"] == "rest" and {"split", "select", "data"} == set(stage.deps)

@@ -1,0 +1,141 @@
+"""The scaling fit (evaluation/scaling.py): recovers the parameters of known curves (checked
+against scipy's least squares), the computation saving equals hand computation, the sweep
+refuses to extrapolate from fewer than three sizes, and its intervals cover a known truth."""
+
+import math
+
+import numpy as np
+import pytest
+
+from megatron_miniplm.evaluation import scaling
+
+TRUE = dict(l_inf=1.8, a=2.5, alpha=0.35, c0=1e15)
+
+
+def _truth(c):
+    return TRUE["l_inf"] + TRUE["a"] * (np.asarray(c) / TRUE["c0"]) ** -TRUE["alpha"]
+
+
+def _in_c0_of(curve, c0):
+    """(l_inf, a, alpha) of a fitted curve restated with normalisation c0."""
+    return curve.l_inf, curve.a * (c0 / curve.c0) ** -curve.alpha, curve.alpha
+
+
+def test_the_fit_recovers_a_known_curve():
+    c = np.logspace(13, 17, 6)
+    curve = scaling.fit_curve(c, _truth(c))
+    l_inf, a, alpha = _in_c0_of(curve, TRUE["c0"])
+    # exact points: to 1e-4 relative
+    assert l_inf == pytest.approx(TRUE["l_inf"], rel=1e-4) and a == pytest.approx(TRUE["a"], rel=1e-4)
+    assert alpha == pytest.approx(TRUE["alpha"], rel=1e-4) and curve.rmse < 1e-6
+
+
+def test_the_fit_on_noisy_points_matches_scipy_and_the_truth():
+    from scipy.optimize import curve_fit
+
+    rng = np.random.default_rng(3)
+    c = np.logspace(13, 17, 9)
+    y = _truth(c) + rng.normal(0, 0.003, c.size)
+    curve = scaling.fit_curve(c, y)
+    ref, _ = curve_fit(lambda x, l, a, al: l + a * (x / 1e15) ** -al, c, y, p0=(1.0, 1.0, 0.5), maxfev=20000)
+    ours = _in_c0_of(curve, 1e15)
+    # the same least-squares optimum as scipy's (to 1e-3), and the truth within 10% (noise 0.003 nats)
+    assert np.allclose(ours, ref, rtol=1e-3)
+    assert np.allclose(ours, (TRUE["l_inf"], TRUE["a"], TRUE["alpha"]), rtol=0.10)
+
+
+def test_flops_for_inverts_the_curve():
+    curve = scaling.Curve(a=2.5, alpha=0.35, l_inf=1.8, c0=1e15)
+    assert curve.flops_for(float(curve.loss(3e16))) == pytest.approx(3e16, rel=1e-9)
+    assert curve.flops_for(1.8) == math.inf and curve.flops_for(1.0) == math.inf
+
+
+def test_the_saving_equals_the_hand_computed_one():
+    baseline = scaling.Curve(a=10.0, alpha=0.5, l_inf=2.0, c0=1e12)
+    # the method reaches loss 3.0 with 1e13 FLOPs; the baseline needs (10 / 1) ** 2 * 1e12 = 1e14
+    assert scaling.saving(baseline, 1e13, 3.0) == pytest.approx(10.0, rel=1e-12)
+    # loss 4.5: (10 / 2.5) ** 2 * 1e12 = 1.6e13 against 4e12: 4.0
+    assert scaling.saving(baseline, 4e12, 4.5) == pytest.approx(4.0, rel=1e-12)
+
+
+def test_the_within_run_saving_interpolates_in_log_flops():
+    curve = [(1e11, 5.0), (1e12, 4.0), (1e13, 3.0), (1e14, 2.9)]
+    # 3.5 is halfway from 4.0 to 3.0: halfway in log FLOPs, sqrt(1e12 * 1e13) = 3.1623e12
+    got = scaling.within_run_saving(curve, 2e12, 3.5)
+    assert got["saving"] == pytest.approx(math.sqrt(1e25) / 2e12, rel=1e-9) and not got["extrapolated"]
+    # below the curve's end: its fitted curve is extrapolated, and it says so
+    curve = [(c, float(_truth(c))) for c in np.logspace(13, 16, 8)]
+    target = float(_truth(1e17))
+    got = scaling.within_run_saving(curve, 2e16, target)
+    assert got["extrapolated"] and got["saving"] == pytest.approx(1e17 / 2e16, rel=1e-3)
+
+
+def _points(method, flops, shift, rng, documents, seeds=3):
+    """Per-instance losses whose mean is the true curve (+ shift), with document and seed noise."""
+    out = []
+    doc_effect = rng.normal(0, 0.3, documents.max() + 1)[documents]
+    for c in flops:
+        runs = [_truth(c) + shift + doc_effect + rng.normal(0, 0.01) + rng.normal(0, 0.05, documents.size)
+                for _ in range(seeds)]
+        out.append(scaling.Point(method, f"{c:.0e}", float(c), runs))
+    return out
+
+
+def test_the_sweep_fits_saves_and_extrapolates_with_intervals():
+    rng = np.random.default_rng(0)
+    documents = np.repeat(np.arange(60), 4)
+    flops = np.logspace(14, 16, 4)
+    points = _points("base", flops, 0.0, rng, documents) + _points("better", flops, -0.1, rng, documents)
+    out = scaling.sweep(points, documents, baseline="base", target_flops=1e18, samples=300, seed=1)
+    assert out["refused"] is None and set(out["fits"]) == {"base", "better"}
+    ext = out["extrapolation"]["base"]
+    assert ext["low"] <= ext["loss"] <= ext["high"] and ext["flops"] == 1e18
+    band = out["fits"]["base"]["band"]
+    assert all(lo <= f <= hi + 1e-12 for lo, f, hi in zip(band["low"], band["loss"], band["high"]))
+    assert band["flops"][-1] == pytest.approx(1e18)
+    # "better" is the true curve lowered by 0.1 nats: the compute the baseline needs for its loss,
+    # over its own, by hand from the true curve, lies in the interval of each size
+    for c in flops:
+        got = out["saving"]["better"][f"{c:.0e}"]
+        assert got["low"] <= got["saving"] <= got["high"] and got["saving"] > 1
+        assert got["low"] <= _true_saving(c) <= got["high"]
+
+
+def _true_saving(c):
+    loss = float(_truth(c)) - 0.1
+    return TRUE["c0"] * ((loss - TRUE["l_inf"]) / TRUE["a"]) ** (-1 / TRUE["alpha"]) / c
+
+
+def test_the_sweep_refuses_to_extrapolate_from_two_sizes():
+    rng = np.random.default_rng(0)
+    documents = np.repeat(np.arange(20), 3)
+    points = _points("base", [1e14, 1e15], 0.0, rng, documents) + _points("better", [1e14, 1e15, 1e16], -0.1, rng,
+                                                                          documents)
+    out = scaling.sweep(points, documents, baseline="base", target_flops=None, samples=50)
+    assert "fits" not in out and "extrapolation" not in out and "saving" not in out
+    assert "base (2)" in out["refused"] and "3 sizes or more" in out["refused"] and "undetermined" in out["refused"]
+    assert len(out["points"]) == 5  # the points are still reported
+    with pytest.raises(scaling.TooFewPoints, match="3 parameters"):
+        scaling.fit_curve([1e14, 1e15], [3.0, 2.9])
+
+
+def test_a_baseline_reaching_the_loss_at_its_first_validation_gives_a_bound():
+    got = scaling.within_run_saving([(1e12, 3.0), (1e13, 2.5)], 2e12, 3.2)
+    assert got["at_most"] and got["saving"] == pytest.approx(0.5)
+
+
+def test_points_that_do_not_bend_like_the_form_are_flagged():
+    c = np.logspace(9, 11, 3)
+    curve = scaling.fit_curve(c, [5.6, 5.5, 5.2])  # falling faster with log compute: no floor fits
+    assert curve.caveats and "bound" in curve.caveats[0]
+    assert not scaling.fit_curve(c, _truth(c)).caveats
+
+
+def test_the_bootstrap_resamples_each_points_seeds():
+    # two seeds whose losses differ by a constant and no test-set variation: a draw's loss is
+    # one seed's, the other's, or their mean, each as often as drawing two seeds with replacement says
+    p = scaling.Point("m", "s", 1e12, [np.full(30, 3.0), np.full(30, 3.2)])
+    estimate, draws = scaling.point_losses([p], np.arange(30), samples=4000, seed=0)
+    assert estimate[0] == pytest.approx(3.1)
+    values, counts = np.unique(np.round(draws[:, 0], 9), return_counts=True)
+    assert np.allclose(values, [3.0, 3.1, 3.2]) and np.allclose(counts / 4000, [0.25, 0.5, 0.25], atol=0.03)
