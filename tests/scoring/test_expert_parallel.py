@@ -1,8 +1,9 @@
 """Scoring a mixture-of-experts teacher with its experts split over expert-parallel ranks:
 EP=2 (two gloo CPU ranks, 2 of the 4 experts each, tokens sent to their experts by
 megatron-core's all-to-all dispatcher) gives the scores of one process holding every expert
-and of a direct per-instance computation; the replicas step together although the plan gives
-one of them a batch more; the layouts that cannot be split are refused.
+and of a direct per-instance computation, and so does EP=2 beside TP=2 or PP=2 (four ranks);
+the replicas step together although the plan gives one of them a batch more; the layouts
+that cannot be split are refused.
 
 Within fp32 tolerance, not bit for bit: under EP an expert's GEMM runs over the tokens of both
 replicas at once, and its rows are summed in another blocking. Routing ties (two experts with
@@ -92,11 +93,21 @@ def _world2(root: str) -> None:
             f.write("\n".join(f"{k}: {v}" for k, v in sorted(refusals.items())))
 
 
+def _world4(root: str) -> None:
+    """EP=2 beside TP=2 (the experts' tokens also gathered over TP), and beside PP=2 (several
+    micro-batches per schedule call, the dummy among them)."""
+    from megatron_miniplm.scoring.scorer import score
+
+    score(_config(root, "ep2-tp2", expert_model_parallel_size=2, tensor_model_parallel_size=2))
+    score(_config(root, "ep2-pp2", expert_model_parallel_size=2, pipeline_model_parallel_size=2))
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("expert_parallel"))
     run_distributed(_world1, 1, root)
     run_distributed(_world2, 2, root)
+    run_distributed(_world4, 4, root)
     return root
 
 
@@ -124,6 +135,15 @@ def test_ep2_scores_equal_one_process_and_the_direct_computation(root):
     np.testing.assert_allclose(ep2[:, 0], ref[:, 0], rtol=1e-4, atol=1e-6)
     assert meta["parallel"]["expert_model_parallel_size"] == 2 and meta["parallel"]["data_parallel_size"] == 2
     assert meta["settings"]["expert_model_parallel_size"] == 2
+
+
+@pytest.mark.parametrize("name", ["ep2-tp2", "ep2-pp2"])
+def test_ep2_beside_tp2_and_pp2_equals_one_process(root, name):
+    ep1, _ = _load(os.path.join(root, "ep1"))
+    got, meta = _load(os.path.join(root, name))
+    np.testing.assert_array_equal(got[:, 1], ep1[:, 1])
+    np.testing.assert_allclose(got[:, 0], ep1[:, 0], rtol=RTOL, atol=1e-6)
+    assert meta["parallel"]["expert_model_parallel_size"] == 2 and meta["parallel"]["data_parallel_size"] == 2
 
 
 def test_startup_says_how_the_experts_are_placed(root):
