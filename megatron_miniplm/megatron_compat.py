@@ -26,7 +26,11 @@ GPU run is never touched. What it patches, checked against megatron-core 0.16.1:
 - ``Float16OptimizerWithFloat16Params.__init__`` and ``DistributedOptimizer.__init__``: run
   with ``Tensor.type()`` naming tensors of this process's device as CUDA ones, which is what
   their constructors sort parameters by; so ``--bf16`` builds the same bf16 parameters, fp32
-  main parameters and (distributed) optimizer as on a GPU.
+  main parameters and (distributed) optimizer as on a GPU;
+- ``megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu``: the token
+  counts that the all-to-all dispatcher moves to the host as NumPy split sizes come out as
+  NumPy where they are host tensors already (megatron-core converts only CUDA tensors, and
+  ``all_to_all_single`` refuses a tensor of split sizes): expert parallelism on the host.
 
 On every machine (``use_in_process_write_results``, ``moe_router_without_te``):
 
@@ -239,8 +243,24 @@ def apply() -> bool:
     _cpu_rng_tracker_functions()
     _cpu_grad_clipping()
     _cpu_mixed_precision_optimizers()
+    _cpu_all_to_all_split_sizes()
     _applied = True
     return True
+
+
+def _cpu_all_to_all_split_sizes() -> None:
+    """The dispatcher's host copies of its split sizes as NumPy, as on a GPU (see the docstring)."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    original = token_dispatcher.maybe_move_tensor_to_cpu
+
+    @functools.wraps(original)
+    def to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = to_host
 
 
 def moe_router_without_te() -> None:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1  # Megatron-LM's: experts split over the data-parallel ranks
     seed: int = 1234
     timeout_minutes: int = 30
 
@@ -59,6 +60,8 @@ class ParallelInfo:
     pp_size: int
     dp_rank: int
     dp_size: int
+    ep_rank: int
+    ep_size: int
     device: torch.device
     backend: str
 
@@ -198,7 +201,9 @@ def set_random_seed(seed: int) -> None:
 
 
 def initialize(config: ParallelConfig = ParallelConfig()) -> ParallelInfo:
-    """Start the process group (NCCL on GPU, gloo on CPU) and megatron's TP/PP/DP groups."""
+    """Start the process group (NCCL on GPU, gloo on CPU) and megatron's TP/PP/DP groups, and
+    its expert groups: the EP ranks of a mixture-of-experts layer are data-parallel ranks of
+    the other layers (Megatron-LM's layout), each holding 1/EP of every layer's experts."""
     global _launch
     env = launch_env()
     order_cuda_connections(config.tensor_model_parallel_size, env)  # before any call below creates the CUDA context
@@ -206,10 +211,17 @@ def initialize(config: ParallelConfig = ParallelConfig()) -> ParallelInfo:
     from megatron.core import parallel_state
 
     tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+    ep = config.expert_model_parallel_size
     if env.world_size % (tp * pp) != 0:
         raise ValueError(
             f"world size {env.world_size} is not divisible by tensor-model-parallel-size {tp} "
             f"x pipeline-model-parallel-size {pp}"
+        )
+    if (env.world_size // (tp * pp)) % ep != 0:
+        raise ValueError(
+            f"expert-model-parallel-size {ep} does not divide the {env.world_size // (tp * pp)} data-parallel "
+            f"ranks (world size {env.world_size} / (tensor-model-parallel-size {tp} x "
+            f"pipeline-model-parallel-size {pp})): the expert-parallel ranks are data-parallel ones"
         )
     backend = platform.distributed_backend()
     device_id = platform.bind_local_device(env.local_rank)
@@ -236,24 +248,25 @@ def initialize(config: ParallelConfig = ParallelConfig()) -> ParallelInfo:
     # The groups of the same layout are kept: an evaluation scores checkpoint after checkpoint,
     # and every new group would open NCCL communicators that destroy_model_parallel, which
     # forgets megatron-core's groups without destroying them, never closes.
-    if _model_parallel_layout() != (tp, pp):
+    if _model_parallel_layout() != (tp, pp, ep):
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
             distributed_timeout_minutes=config.timeout_minutes,
         )
     set_random_seed(config.seed)
     return info()
 
 
-def _model_parallel_layout() -> Optional[tuple[int, int]]:
-    """(TP, PP) of megatron-core's current groups; None before they exist."""
+def _model_parallel_layout() -> Optional[tuple[int, int, int]]:
+    """(TP, PP, EP) of megatron-core's current groups; None before they exist."""
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
         return None
-    return ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    return (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+            ps.get_expert_model_parallel_world_size())
 
 
 def info() -> ParallelInfo:
@@ -269,6 +282,8 @@ def info() -> ParallelInfo:
         pp_size=ps.get_pipeline_model_parallel_world_size(),
         dp_rank=ps.get_data_parallel_rank(),
         dp_size=ps.get_data_parallel_world_size(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        ep_size=ps.get_expert_model_parallel_world_size(),
         device=platform.device(),
         backend=dist.get_backend(),
     )

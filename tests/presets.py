@@ -13,6 +13,10 @@ TEST_PRESETS = {
     "tiny-untied": ModelConfig(name="tiny-untied", num_layers=4, hidden_size=64, ffn_hidden_size=176,
                                num_attention_heads=4, vocab_size=512, tie_embeddings=False,
                                max_position_embeddings=512),
+    # a mixture of 4 experts of inner size 48, top 2, in both layers
+    "tiny-moe": ModelConfig(name="tiny-moe", num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4,
+                            vocab_size=512, max_position_embeddings=512, num_experts=4, moe_router_topk=2,
+                            moe_ffn_hidden_size=48),
 }
 
 

@@ -2,15 +2,17 @@
 
     torchrun --nproc-per-node N tools/score_docs.py --data-path PREFIX --load CKPT \\
         --output-prefix SCORES_PREFIX [--micro-batch-size B] [--tensor-model-parallel-size T] \\
-        [--pipeline-model-parallel-size P] [--bf16]
+        [--pipeline-model-parallel-size P] [--expert-model-parallel-size E] [--bf16]
 
 Writes SCORES_PREFIX.npy (float64 [N, 2]: NLL sum, counted tokens; dataset order)
 and SCORES_PREFIX.meta.json; a sharded dataset gets SCORES_PREFIX_00000.* ... one
 pair per shard. A prediction counts unless its input token is the pad token
 (MiniPLM: pad = EOD). Instances are sharded across data-parallel replicas
-(world size / (T x P)). Progress is kept in SCORES_PREFIX.progress/: after a kill,
-rerun the same command to continue; the result is bit-identical to an
-uninterrupted run. The score files appear only when every instance is scored.
+(world size / (T x P)). A mixture-of-experts teacher's experts may be split over E of
+those replicas (E divides them and the experts); the replicas then step together, and
+the start-up line says how the experts are placed. Progress is kept in
+SCORES_PREFIX.progress/: after a kill, rerun the same command to continue; the result
+is bit-identical to an uninterrupted run. The score files appear only when every instance is scored.
 
 Without --micro-batch-size / --logits-chunk-mb the batch (--target-tokens-per-batch,
 65,536 tokens) and the logits chunk are sized from the memory free once the model is

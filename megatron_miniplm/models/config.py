@@ -128,6 +128,23 @@ class ModelConfig:
                     f"{count} {what} of model '{self.name}'"
                 )
 
+    def check_expert_parallel(self, expert_parallel_size: int) -> None:
+        """Refuses an expert-model-parallel-size that does not divide the experts (or a model
+        without experts to split)."""
+        if expert_parallel_size == 1:
+            return
+        if not self.num_experts:
+            raise ValueError(f"expert-model-parallel-size {expert_parallel_size}: model '{self.name}' has no "
+                             f"experts to split (a dense MLP)")
+        if self.num_experts % expert_parallel_size:
+            raise ValueError(f"expert-model-parallel-size {expert_parallel_size} does not divide the "
+                             f"{self.num_experts} experts of model '{self.name}'")
+
+    def describe_experts(self, expert_parallel_size: int) -> str:
+        """How the experts are placed: 'experts: 8 over EP 2 (4 per rank), top 2'."""
+        n = self.num_experts
+        return f"experts: {n} over EP {expert_parallel_size} ({n // expert_parallel_size} per rank), top {self.moe_router_topk}"
+
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 

@@ -139,6 +139,7 @@ def transformer_config(
     *,
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
+    expert_parallel_size: int = 1,
     params_dtype: torch.dtype = torch.float32,
     bf16: bool = False,
     recompute: RecomputeSettings = RecomputeSettings(),
@@ -152,11 +153,12 @@ def transformer_config(
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     impl = impl or resolve_implementation()
-    _check_layout(config, tensor_parallel_size, pipeline_parallel_size)
+    _check_layout(config, tensor_parallel_size, pipeline_parallel_size, expert_parallel_size)
     if allocate_on_device is None:
         allocate_on_device = platform.device().type != "cpu"
     return TransformerConfig(
         **_architecture(config),
+        **_experts(config, expert_parallel_size),
         **_layout(tensor_parallel_size, pipeline_parallel_size, sequence_parallel),
         **_precision(params_dtype, bf16, allocate_on_device),
         **_kernels(impl),
@@ -166,9 +168,11 @@ def transformer_config(
     )
 
 
-def _check_layout(config: ModelConfig, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
-    """Refuses a layout the model cannot be split into: heads over TP, layers over PP."""
+def _check_layout(config: ModelConfig, tensor_parallel_size: int, pipeline_parallel_size: int,
+                  expert_parallel_size: int = 1) -> None:
+    """Refuses a layout the model cannot be split into: heads over TP, layers over PP, experts over EP."""
     config.check_tensor_parallel(tensor_parallel_size)
+    config.check_expert_parallel(expert_parallel_size)
     if config.num_layers % pipeline_parallel_size != 0:
         raise ValueError(
             f"pipeline-model-parallel-size {pipeline_parallel_size} does not divide the "
@@ -187,7 +191,6 @@ def _architecture(config: ModelConfig) -> dict:
         num_query_groups=config.kv_heads,
         kv_channels=config.head_dim,
         qk_layernorm=config.qk_layernorm,
-        **_experts(config),
         normalization="RMSNorm",
         layernorm_epsilon=config.norm_epsilon,
         gated_linear_unit=True,
@@ -201,16 +204,20 @@ def _architecture(config: ModelConfig) -> dict:
     )
 
 
-def _experts(config: ModelConfig) -> dict:
+def _experts(config: ModelConfig, expert_parallel_size: int = 1) -> dict:
     """A mixture-of-experts MLP: megatron-core's router, top-k and experts one after another
-    (SequentialMLP), tokens gathered to every expert rank (allgather dispatcher). No
-    load-balancing loss: the routing of a converted teacher is its own, and the loss only
-    trains a router."""
+    (SequentialMLP), 1/EP of them on each expert-parallel rank. Without EP the tokens are
+    gathered to the TP ranks (allgather dispatcher); with EP each rank sends each token to
+    the ranks of its experts (alltoall dispatcher), which, unlike the all-gather, lets the
+    EP ranks hold batches of different shapes (data-parallel replicas scoring their own
+    batches). No load-balancing loss: the routing of a converted teacher is its own, and the
+    loss only trains a router."""
     if not config.num_experts:
         return {}
     return dict(num_moe_experts=config.num_experts, moe_router_topk=config.moe_router_topk,
                 moe_ffn_hidden_size=config.expert_ffn_hidden_size, moe_router_pre_softmax=config.moe_router_pre_softmax,
-                moe_grouped_gemm=False, moe_token_dispatcher_type="allgather",
+                moe_grouped_gemm=False, expert_model_parallel_size=expert_parallel_size,
+                moe_token_dispatcher_type="alltoall" if expert_parallel_size > 1 else "allgather",
                 moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
 
 
@@ -338,10 +345,11 @@ def build_model(
     impl = impl or resolve_implementation()
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
+    ep = ps.get_expert_model_parallel_world_size()
     device = platform.device() if device is None else torch.device(device)
     on_device = device == platform.device() and device.type != "cpu"
     tcfg = transformer_config(
-        config, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+        config, tensor_parallel_size=tp, pipeline_parallel_size=pp, expert_parallel_size=ep,
         params_dtype=params_dtype, bf16=bf16, recompute=recompute, impl=impl, sequence_parallel=sequence_parallel,
         allocate_on_device=on_device,
     )

@@ -47,10 +47,12 @@ PreprocessSection = section_of(
     PreprocessConfig, name="PreprocessSection",
     sets=("inputs", "output_prefix", "tokenizer", "seq_length", "progress"))
 SplitSection = section_of(SplitConfig, name="SplitSection", sets=("input_prefix", "ref_prefix", "rest_prefix", "seed"))
+# Expert parallelism stays at its default (1) in both: the one scoring section serves the
+# teacher and the reference, and a dense reference has no experts to split; training refuses it.
 ScoringSection = section_of(
     ScoreConfig, name="ScoringSection",
     sets=("data_path", "load", "output_prefix", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-          "bf16", "seed", "progress"))
+          "expert_model_parallel_size", "bf16", "seed", "progress"))
 SelectionSection = section_of(
     SelectionConfig, name="SelectionSection", sets=("method", "seed"),
     extra=[("baselines", list[str], setting(default_factory=list, help="baselines of the MiniPLM selection's "
@@ -59,9 +61,9 @@ SelectionSection = section_of(
 TrainSection = section_of(
     TrainConfig, name="TrainSection",
     sets=("data_path", "valid_data_path", "seq_length", "seed", "bf16", "tensor_model_parallel_size",
-          "pipeline_model_parallel_size", "save", "load", "train_iters", "train_tokens", "metrics_file",
-          "exit_signal_handler", "kd_teacher_load", "kd_ratio", "kd_temperature", "wandb_project", "wandb_exp_name",
-          "wandb_save_dir", "wandb_entity", "wandb_group", "wandb_mode"))
+          "pipeline_model_parallel_size", "expert_model_parallel_size", "save", "load", "train_iters", "train_tokens",
+          "metrics_file", "exit_signal_handler", "kd_teacher_load", "kd_ratio", "kd_temperature", "wandb_project",
+          "wandb_exp_name", "wandb_save_dir", "wandb_entity", "wandb_group", "wandb_mode"))
 KD_MATCHING = ("flops", "steps")
 VanillaKDSection = section_of(
     KDSettings, name="VanillaKDSection", sets=("kd_teacher_load",),

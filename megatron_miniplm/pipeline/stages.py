@@ -374,7 +374,7 @@ class Graph:
             model=None, data_path=[data_path], valid_data_path=[os.path.join(dirs[valid_stage], "test")],
             seq_length=cfg.seq_length, seed=cfg.seed if seed is None else seed, bf16=self.bf16,
             tensor_model_parallel_size=par.tensor_model_parallel_size,
-            pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+            pipeline_model_parallel_size=par.pipeline_model_parallel_size, expert_model_parallel_size=1,
             save=os.path.join(out, "ckpt"), load=os.path.join(out, "ckpt"), train_iters=iters, train_tokens=None,
             metrics_file=os.path.join(out, "metrics.jsonl"), exit_signal_handler=True,
             kd_teacher_load=self.teacher_checkpoint(dirs) if kd is not None else None,
@@ -448,7 +448,8 @@ class Graph:
             score = cfg.scoring.stage_config(
                 data_path=os.path.join(dirs["split"], "rest"), load=load, output_prefix=os.path.join(out, "scores"),
                 seed=cfg.seed, bf16=self.bf16, tensor_model_parallel_size=par.tensor_model_parallel_size,
-                pipeline_model_parallel_size=par.pipeline_model_parallel_size, progress=False)
+                pipeline_model_parallel_size=par.pipeline_model_parallel_size, expert_model_parallel_size=1,
+                progress=False)  # EP 1: see pipeline/config.py
             return [[self.python, tool("score_docs.py"), *to_argv(score)]]
 
         def missing(out, dirs):

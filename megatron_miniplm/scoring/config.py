@@ -33,6 +33,11 @@ class ScoreConfig:
              "(default: micro-batch-size x longest instance)")
     tensor_model_parallel_size: int = setting(1, group="parallelism and batching", help="tensor-parallel ranks")
     pipeline_model_parallel_size: int = setting(1, group="parallelism and batching", help="pipeline stages")
+    expert_model_parallel_size: int = setting(
+        1, group="parallelism and batching",
+        help="ranks the experts of a mixture-of-experts teacher are split over, as in Megatron-LM: data-parallel "
+             "ranks, each holding 1/EP of every layer's experts and scoring its own batches; the ranks of an "
+             "expert-parallel group step together (a replica short of batches runs a dummy one)")
     bf16: bool = setting(False, group="numerics and speed", help="bf16 weights and activations (fp32 softmax)")
     layers: LayerImpl = field(default_factory=LayerImpl)  # --transformer-impl, --attention-backend, ...
     logits_chunk_mb: Optional[float] = setting(

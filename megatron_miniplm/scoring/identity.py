@@ -45,6 +45,7 @@ def run_identity(cfg, dataset: ScoringDataset, source: ModelSource, plan: BatchP
             "dtype": cfg.dtype_name,
             "tensor_model_parallel_size": cfg.tensor_model_parallel_size,
             "pipeline_model_parallel_size": cfg.pipeline_model_parallel_size,
+            "expert_model_parallel_size": cfg.expert_model_parallel_size,
             "micro_batch_size": sizes.micro_batch_size,
             "max_tokens_per_batch": cfg.max_tokens_per_batch,
             "attention_backend": attention_backend,

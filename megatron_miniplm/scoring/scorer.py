@@ -1,7 +1,9 @@
 """The scoring run behind tools/score_docs.py: every instance's masked NLL sum and token count.
 
 One model replica is TP x PP ranks; replicas (DP) take batches of a fixed,
-length-bucketed plan round robin. Each replica drives megatron's pipeline
+length-bucketed plan round robin. Under expert parallelism EP replicas share each
+layer's experts and exchange tokens in every expert layer, so all replicas run as
+many batches as the busiest one, padding with dummy batches whose scores are dropped. Each replica drives megatron's pipeline
 schedule forward-only (``get_forward_backward_func``), a few micro-batches per
 call; its last stage turns final hidden states into NLLs in vocab-parallel
 chunks and appends each finished batch to the replica's progress shard. When
@@ -37,7 +39,7 @@ from megatron_miniplm.models.gpt import resolve_implementation
 from megatron_miniplm.models.config import LayerImpl
 from megatron_miniplm.scoring import resume
 from megatron_miniplm.signals import SignalFlag
-from megatron_miniplm.scoring.bucketing import plan_batches, replica_batches, steps
+from megatron_miniplm.scoring.bucketing import Batch, plan_batches, replica_batches, steps
 from megatron_miniplm.scoring.dataset import ScoringError, open_dataset
 from megatron_miniplm.scoring.identity import (
     check_final, check_progress, output_prefixes, recorded_sizes, run_identity,
@@ -159,8 +161,12 @@ class Scorer:
         from megatron_miniplm import parallel
 
         cfg = self.cfg
-        info = parallel.initialize(parallel.ParallelConfig(
-            cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed))
+        try:
+            info = parallel.initialize(parallel.ParallelConfig(
+                cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
+                expert_model_parallel_size=cfg.expert_model_parallel_size, seed=cfg.seed))
+        except ValueError as e:  # a layout the world cannot be split into
+            raise ScoringError(str(e)) from None
         if cfg.keep_freed_memory and info.device.type == "cpu":
             # The activations live in the host heap only when the host computes; on a GPU the
             # host allocates little and glibc's defaults are the right ones.
@@ -184,6 +190,7 @@ class Scorer:
         check_tokenizer(source, dataset.tokenizer, cfg.data_path)
         try:
             source.config.check_tensor_parallel(cfg.tensor_model_parallel_size)
+            source.config.check_expert_parallel(cfg.expert_model_parallel_size)
             # the model's input: the longest instance less its last token
             source.config.check_attention_window(int(dataset.lengths.max(initial=1)) - 1)
         except ValueError as e:
@@ -236,13 +243,32 @@ class Scorer:
                                         self.sizes.logits_chunk_tokens)
         self.per_step = cfg.microbatches_per_step or (1 if info.pp_size == 1 else 4 * info.pp_size)
         mine = replica_batches(self.plan, info.dp_rank, info.dp_size)
-        self.mine = mine[~self.done[mine]]
+        mine = mine[~self.done[mine]]
+        # a replica short of batches under expert parallelism runs dummies (-1): see _batches_to_run
+        self.mine = np.concatenate([mine, np.full(self._batches_to_run()[info.dp_rank] - len(mine), -1, np.int64)])
         self.recorder = None
         if info.is_last_stage and info.tp_rank == 0:
             self.recorder = DeferredRecorder(resume.ShardWriter(
                 resume.shard_path(self.progress_dir, info.dp_rank), fsync=cfg.fsync,
                 sync_interval_s=cfg.fsync_interval_s))
         self.todo_tokens = int(self.plan.batch_tokens[~self.done].sum())
+
+    def _batches_to_run(self) -> list[int]:
+        """Batches each replica runs this session: its own not yet recorded, or under expert
+        parallelism the most that any replica has. Every forward of an expert-parallel rank
+        exchanges tokens with the other ranks of its group inside each expert layer, so those
+        ranks must run the same number of batches in the same steps; a replica with fewer
+        runs dummy batches, whose scores are dropped."""
+        dp = self.info.dp_size
+        todo = [int((~self.done[replica_batches(self.plan, r, dp)]).sum()) for r in range(dp)]
+        return [max(todo)] * dp if self.info.ep_size > 1 else todo
+
+    def _batch(self, k: int) -> Batch:
+        """Batch ``k`` of the plan; a dummy (-1) is the plan's shortest instance alone."""
+        if k >= 0:
+            return self.plan.batch(k)
+        ids = self.plan.order[-1:]
+        return Batch(index=-1, ids=ids, seq_length=int(self.dataset.lengths[ids[0]]) - 1, tokens=0)
 
     # ---- loop --------------------------------------------------------------------------------
     def run(self) -> RunSummary:
@@ -280,9 +306,7 @@ class Scorer:
 
     def _common_steps(self) -> int:
         """Steps that every replica takes: where the ranks can agree to stop on a signal."""
-        dp = self.info.dp_size
-        todo = [int((~self.done[replica_batches(self.plan, r, dp)]).sum()) for r in range(dp)]
-        return min(-(-n // self.per_step) for n in todo)
+        return min(-(-n // self.per_step) for n in self._batches_to_run())
 
     def _run_steps(self, sigterm: SignalFlag, common_steps: int, bar: "_Progress") -> bool:
         """One step per group of ``per_step`` batches; True when the ranks agreed to stop. The
@@ -299,22 +323,25 @@ class Scorer:
         scores are recorded during the next step, while the device runs it."""
         from megatron_miniplm.data.samples import collate_instances
 
-        batches = [self.plan.batch(int(k)) for k in group]
+        batches = [self._batch(int(k)) for k in group]
         inputs = [with_rows(collate_instances(self.dataset.instances(b.ids), self.dataset.pad_id))
                   for b in batches]
         results = run_step(self.model, self.batch_scorer, inputs)
+        real = [i for i, b in enumerate(batches) if b.index >= 0]
         if self.recorder is not None:
-            self.recorder.submit([b.index for b in batches], results)
-        return batches
+            self.recorder.submit([batches[i].index for i in real], [results[i] for i in real])
+        return [batches[i] for i in real]
 
     def _log_startup(self) -> None:
         """The run's extent and layout, the sizes and why, the layers."""
         if self.info.rank != 0:
             return
         info, todo = self.info, int((~self.done).sum())
-        log.info("%d instances in %d batches; %d batches to do%s; TP=%d PP=%d DP=%d, %s",
+        log.info("%d instances in %d batches; %d batches to do%s; TP=%d PP=%d DP=%d EP=%d, %s",
                  self.dataset.num_instances, len(self.plan), todo, " (resuming)" if self.resumed else "",
-                 info.tp_size, info.pp_size, info.dp_size, self.cfg.dtype_name)
+                 info.tp_size, info.pp_size, info.dp_size, info.ep_size, self.cfg.dtype_name)
+        if self.source.config.num_experts:
+            log.info("%s", self.source.config.describe_experts(info.ep_size))
         log.info("sizes: %s", self.sizes.why)
         log.info("%s", self.impl.describe())
 
@@ -378,6 +405,7 @@ class Scorer:
             "dtype": cfg.dtype_name,
             "parallel": {"tensor_model_parallel_size": info.tp_size,
                          "pipeline_model_parallel_size": info.pp_size,
+                         "expert_model_parallel_size": info.ep_size,
                          "data_parallel_size": info.dp_size, "backend": info.backend},
             "batching": {"micro_batch_size": identity["settings"]["micro_batch_size"],
                          "max_tokens_per_batch": cfg.max_tokens_per_batch,

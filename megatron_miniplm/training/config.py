@@ -130,6 +130,10 @@ class TrainConfig:
     seed: int = setting(1234, group=TRAINING, help="Megatron-LM's seeding: + 100 x pipeline rank")
     tensor_model_parallel_size: int = setting(1, group=PARALLEL, help="tensor-parallel ranks per model replica")
     pipeline_model_parallel_size: int = setting(1, group=PARALLEL, help="pipeline stages per model replica")
+    expert_model_parallel_size: int = setting(
+        1, group=PARALLEL,
+        help="Megatron-LM's expert parallelism; training here keeps every expert on each rank, and only 1 is "
+             "accepted (tools/score_docs.py scores a mixture-of-experts teacher with it)")
     sequence_parallel: bool = setting(
         False, group=PARALLEL,
         help="Megatron-LM's sequence parallelism: norms and the embedding output split over the sequence across "
@@ -201,12 +205,27 @@ class TrainConfig:
             raise ValueError("cross_entropy_loss_fusion (--cross-entropy-loss-fusion) with the native implementation "
                              "needs --bf16: megatron-core's fused cross entropy rounds the logits' gradient to bf16")
         tp = self.tensor_model_parallel_size
+        self._check_experts(tp)
         if self.sequence_parallel and tp > 1 and self.seq_length % tp:
             raise ValueError(f"sequence_parallel (--sequence-parallel) splits the sequence over the {tp} TP ranks: "
                              f"--seq-length {self.seq_length} is not divisible by {tp}")
         if self.lr_warmup_fraction is not None and self.lr_warmup_iters:
             raise ValueError("give lr_warmup_iters (--lr-warmup-iters) or lr_warmup_fraction "
                              "(--lr-warmup-fraction), not both")
+
+    def _check_experts(self, tp: int) -> None:
+        """Refuses the mixture-of-experts layouts the trainer cannot run."""
+        if self.expert_model_parallel_size != 1:
+            raise ValueError(
+                f"expert_model_parallel_size (--expert-model-parallel-size) {self.expert_model_parallel_size}: "
+                f"training keeps every expert on each rank (the expert-data-parallel gradient reduction is not "
+                f"set up here); train at 1, and score a mixture-of-experts teacher with tools/score_docs.py "
+                f"--expert-model-parallel-size")
+        if self.model is not None and self.model.num_experts and tp > 1 and not self.sequence_parallel:
+            raise ValueError(
+                f"a mixture-of-experts model (--num-experts {self.model.num_experts}) at --tensor-model-parallel-size "
+                f"{tp} needs --sequence-parallel: megatron-core's expert layers refuse tensor parallelism without "
+                f"it in training")
 
     @property
     def decay_iters(self) -> int:

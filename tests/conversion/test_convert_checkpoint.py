@@ -1,8 +1,9 @@
 """tools/convert_checkpoint.py on tiny random models of every supported family made with transformers
-(Qwen1.5/2, Llama, Qwen3, Llama 3.1/3.2, Mistral: tiny_hf_models.MODELS).
+(Qwen1.5/2, Llama, Qwen3, Llama 3.1/3.2, Mistral, Qwen3-MoE, Mixtral: tiny_hf_models.MODELS).
 
 - the megatron model's logits equal HF's (fp32, 1e-4) at TP=1 and TP=2, its per-token
-  NLLs within 1e-5, and its per-token losses at PP=2;
+  NLLs within 1e-5 (the mixtures of experts' also at EP=2, each rank with its own
+  sequence), and its per-token losses at PP=2;
 - HF -> megatron -> HF gives identical tensors, also from a checkpoint re-saved at TP=2;
 - the checkpoint directory carries model_config.json, tokenizer/ and checkpoint_info.json;
 - unsupported architectures, missing files and bad parallel sizes are clear errors.
@@ -82,10 +83,22 @@ def _parallel_worker(root: str, names: list):
         if ps.is_pipeline_last_stage():
             torch.save(losses[0], os.path.join(root, f"{name}-pp2-losses.pt"))
 
+    # EP=2: each rank holds half of every layer's experts and runs its own sequence, of its own
+    # length, through them (megatron-core's all-to-all dispatcher exchanges the tokens)
+    parallel.initialize(parallel.ParallelConfig(expert_model_parallel_size=2))
+    row, length = EP2_INPUTS[rank]
+    mine = tokens[row: row + 1, :length]
+    for name in MOE_NAMES:
+        model, _ = load_megatron(os.path.join(root, f"{name}-meg"))
+        assert len(model.decoder.layers[0].mlp.experts.local_experts) == 2  # of the 4
+        torch.save(megatron_logits(model, mine), os.path.join(root, f"{name}-ep2-logits-{rank}.pt"))
+
 
 # --- fixtures ------------------------------------------------------------------
 
 NAMES = list(tiny.MODELS)
+MOE_NAMES = ["qwen3-moe", "mixtral"]
+EP2_INPUTS = [(0, 96), (1, 72)]  # (row of tokens.pt, length) each EP rank scores
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +200,19 @@ def test_per_token_nll_matches_at_tp1_and_tp2(converted, parallel_runs, world_of
     torch.testing.assert_close(token_nll(megatron_logits(model, tokens), tokens), ref, rtol=0, atol=NLL_ATOL)
     tp2 = torch.load(parallel_runs / f"{name}-tp2-logits.pt")
     torch.testing.assert_close(token_nll(tp2, tokens), ref, rtol=0, atol=NLL_ATOL)
+
+
+@pytest.mark.parametrize("name", MOE_NAMES)
+def test_per_token_nll_matches_at_ep2(converted, parallel_runs, name):
+    """The experts split over 2 ranks (loaded from the TP=2 checkpoint), each rank with its own
+    sequence: every rank's NLLs equal transformers' on that sequence."""
+    root, models = converted
+    tokens = torch.load(root / "tokens.pt")
+    for rank, (row, length) in enumerate(EP2_INPUTS):
+        mine = tokens[row: row + 1, :length]
+        got = torch.load(parallel_runs / f"{name}-ep2-logits-{rank}.pt")
+        torch.testing.assert_close(token_nll(got, mine), token_nll(hf_logits(models[name], mine), mine),
+                                   rtol=0, atol=NLL_ATOL)
 
 
 def test_a_wrong_mapping_would_be_caught(converted, world_of_one):

@@ -146,7 +146,8 @@ def test_a_section_is_its_stage_config_less_the_pipelines_settings():
         assert fields | section.pipeline_sets == flags and not fields & section.pipeline_sets, f.name
     cfg, _ = config.load(None, ["scoring.micro_batch_size=3", "scoring.transformer_impl=local"], environ={})
     score = cfg.scoring.stage_config(data_path="d", load="l", output_prefix="o", tensor_model_parallel_size=1,
-                                     pipeline_model_parallel_size=1, bf16=False, seed=1, progress=False)
+                                     pipeline_model_parallel_size=1, expert_model_parallel_size=1, bf16=False, seed=1,
+                                     progress=False)
     assert (score.micro_batch_size, score.layers.transformer_impl) == (3, "local")
     with pytest.raises(TypeError, match="missing \\['seed'\\]"):
         cfg.split.stage_config(input_prefix="i", ref_prefix="r", rest_prefix="s")

@@ -137,7 +137,7 @@ def test_meta_records_identity_layout_and_speed(layouts):
     assert meta["tokenizer"]["sha256"] == TOKENIZER["sha256"]
     assert meta["dtype"] == "fp32"
     assert meta["parallel"] == {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2,
-                                "data_parallel_size": 1, "backend": "gloo"}
+                                "expert_model_parallel_size": 1, "data_parallel_size": 1, "backend": "gloo"}
     assert meta["elapsed_s"] > 0 and meta["tokens_per_s"] > 0
     assert meta["num_tokens_counted"] == int(np.load(os.path.join(layouts, "reference.npy"))[:, 1].sum())
     _, dp = _load(os.path.join(layouts, "dp2"))

@@ -46,3 +46,31 @@ def test_sequence_length_must_split_over_tp(corpus):
     argv[argv.index("--seq-length") + 1] = "31"
     out = subprocess.run([sys.executable, TOOL, *argv], capture_output=True, text=True)
     assert out.returncode != 0 and "not divisible by 2" in out.stderr, out.stderr[-2000:]
+
+
+def _train_config(*extra, model="tiny-moe"):
+    """The trainer's config from tools/pretrain_gpt.py's flags (no data read)."""
+    from presets import get_preset, model_flags
+
+    from megatron_miniplm.cli.pretrain_gpt import build_parser
+    from megatron_miniplm.settings import from_args
+    from megatron_miniplm.training.config import TrainConfig
+
+    argv = [*model_flags("tiny"), "--data-path", "unread", "--seq-length", "32", "--micro-batch-size", "2",
+            "--global-batch-size", "8", "--train-iters", "1", "--lr", "1e-3", *extra]
+    return from_args(TrainConfig, build_parser().parse_args(argv), model=get_preset(model))
+
+
+def test_experts_at_tp_need_sequence_parallelism():
+    with pytest.raises(ValueError, match=r"a mixture-of-experts model \(--num-experts 4\) at "
+                                         r"--tensor-model-parallel-size 2 needs --sequence-parallel"):
+        _train_config(*TP2)
+    assert _train_config(*TP2, "--sequence-parallel").sequence_parallel
+    assert _train_config(*TP2, model="tiny").tensor_model_parallel_size == 2  # a dense model needs no SP
+
+
+def test_expert_parallel_training_is_refused():
+    with pytest.raises(ValueError, match=r"expert_model_parallel_size \(--expert-model-parallel-size\) 2: training "
+                                         r"keeps every expert on each rank"):
+        _train_config("--expert-model-parallel-size", "2")
+    assert _train_config("--expert-model-parallel-size", "1").expert_model_parallel_size == 1
