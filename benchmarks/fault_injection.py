@@ -97,9 +97,10 @@ def stage_durations(work: str) -> dict:
         return {name: entry.get("seconds", 1.0) for name, entry in json.load(f)["stages"].items()}
 
 
-def session_processes(sid: int) -> dict:
-    """pid -> (parent pid, command line) of every process in session ``sid``."""
-    found = {}
+def descendants(root: int) -> dict:
+    """pid -> (parent pid, command line) of every live process below ``root`` (torchrun starts
+    its ranks in sessions of their own: they are found by parent, not by session)."""
+    table = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
@@ -108,18 +109,25 @@ def session_processes(sid: int) -> dict:
                 cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            found[int(pid)] = (int(fields[1]), cmdline)
+        if fields[0] != "Z":
+            table[int(pid)] = (int(fields[1]), cmdline)
+    found, frontier = {}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, cmd) in table.items():
+            if ppid == parent and pid not in found:
+                found[pid] = (ppid, cmd)
+                frontier.append(pid)
     return found
 
 
-def pick_rank(sid: int, rng: random.Random) -> int:
+def pick_rank(launcher: int, rng: random.Random) -> int:
     """One rank of the distributed stage running (a child of torchrun), else the tool running."""
-    procs = session_processes(sid)
+    procs = descendants(launcher)
     torchruns = [pid for pid, (_, cmd) in procs.items() if "torchrun" in cmd]
     ranks = sorted(pid for pid, (parent, _) in procs.items() if parent in torchruns)
-    tools = sorted(pid for pid, (parent, cmd) in procs.items() if parent == sid and "tools/" in cmd)
-    return rng.choice(ranks or tools or [sid])
+    tools = sorted(pid for pid, (parent, cmd) in procs.items() if parent == launcher and "tools/" in cmd)
+    return rng.choice(ranks or tools or [launcher])
 
 
 def inject(proc: subprocess.Popen, rng: random.Random) -> tuple[str, str]:
