@@ -206,6 +206,10 @@ NONDETERMINISTIC = {
     "metrics.jsonl": "the loss of each iteration (timings, and the lines a resumed run repeats, aside)",
     ".meta.json": "every field but those describing the run rather than its result: when it was made, "
                   "how fast it went, the memory it saw",
+    ".metadata": "torch.distributed.checkpoint's index: its tensors' layout and storage (each save draws a "
+                 "random save id)",
+    ".pt": "the loaded contents, work directory paths read as the reference's (a torch.save zip checksums "
+           "the paths it holds)",
 }
 RUN_FACTS = ("created", "elapsed_s", "tokens_per_s", "rank0_cpu_s", "why")
 
@@ -233,9 +237,37 @@ def _result(path: str, root: str):
         return strip(json.load(f))
 
 
+def _loaded(path: str, root: str):
+    """A torch.save file's contents, tensors as lists and paths with 'WORK' for ``root``."""
+    import torch
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, torch.Tensor):
+            return (str(value.dtype), value.tolist())
+        return value.replace(root, "WORK") if isinstance(value, str) else repr(value).replace(root, "WORK")
+
+    return plain(torch.load(path, map_location="cpu", weights_only=False))
+
+
+def _index(path: str):
+    import pickle
+
+    with open(path, "rb") as f:
+        meta = pickle.load(f)
+    return meta.state_dict_metadata, meta.storage_data, meta.planner_data
+
+
 def same_meaning(a: str, b: str, a_root: str, b_root: str) -> bool:
     if a.endswith("metrics.jsonl"):
         return _losses(a) == _losses(b)
+    if a.endswith(".metadata"):
+        return _index(a) == _index(b)
+    if a.endswith(".pt"):
+        return _loaded(a, a_root) == _loaded(b, b_root)
     return _result(a, a_root) == _result(b, b_root)
 
 
