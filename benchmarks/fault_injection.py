@@ -144,29 +144,31 @@ def inject(proc: subprocess.Popen, rng: random.Random) -> tuple[str, str]:
     return signal.Signals(sig).name, target
 
 
-def wait_for_stage(proc: subprocess.Popen, work: str, deadline: float) -> str:
-    """The first stage seen running (None once the launch has ended)."""
+def wait_for_stage(proc: subprocess.Popen, work: str, order: list, target: str, deadline: float) -> str:
+    """The first stage seen running at or after ``target`` in the plan's ``order`` (None once the
+    launch has ended: a stage shorter than the polling interval may pass unseen)."""
     while proc.poll() is None and time.time() < deadline:
         stage = running_stage(work)
-        if stage:
+        if stage and order.index(stage) >= order.index(target):
             return stage
         time.sleep(0.05)
     return None
 
 
-def one_launch(config: str, work: str, log: str, rng: random.Random, durations: dict, fault: bool) -> dict:
-    """Launch once, hit it with a fault if ``fault``; what happened: exit status, the fault's
-    stage, signal and target, whether it was refused (work directory in use) or hung."""
+def one_launch(config: str, work: str, log: str, rng: random.Random, durations: dict, target=None) -> dict:
+    """Launch once, hit with a fault at a random moment of stage ``target`` (None: no fault); what
+    happened: exit status, the fault's stage, signal and target, whether it was refused (work
+    directory in use) or hung."""
     proc = launch(config, work, log)
     event = {"fault": None}
-    if fault:
-        stage = wait_for_stage(proc, work, time.time() + HANG_S)
+    if target:
+        stage = wait_for_stage(proc, work, list(durations), target, time.time() + HANG_S)
         if stage:
             time.sleep(rng.uniform(0, 1.2 * durations.get(stage, 1.0) + 0.5))
             if proc.poll() is None:
                 now = running_stage(work) or f"after {stage}"
-                sig, target = inject(proc, rng)
-                event["fault"] = {"stage": now, "signal": sig, "target": target}
+                sig, whom = inject(proc, rng)
+                event["fault"] = {"stage": now, "signal": sig, "target": whom}
     try:
         event["code"] = proc.wait(timeout=HANG_S)
     except subprocess.TimeoutExpired:
@@ -177,16 +179,27 @@ def one_launch(config: str, work: str, log: str, rng: random.Random, durations: 
     return event
 
 
-def faulted_run(config: str, work: str, logs: str, rng: random.Random, durations: dict, budget: int) -> list:
-    """Launch on ``work`` until a launch completes, each hit by a fault while ``budget`` lasts;
-    the faults, each with the launches after it and whether they went as allowed."""
+def next_target(work: str, durations: dict, hits: dict, rng: random.Random) -> str:
+    """The stage the next fault aims at: one not done yet, among those hit least so far (so that
+    the faults spread over every stage instead of piling on one that keeps restarting)."""
+    left = [s for s in durations if not os.path.exists(os.path.join(work, "records", f"{s}.json"))]
+    fewest = min(hits.get(s, 0) for s in left) if left else 0
+    return rng.choice([s for s in left if hits.get(s, 0) == fewest]) if left else None
+
+
+def faulted_run(config: str, work: str, logs: str, rng: random.Random, durations: dict, budget: int,
+                hits: dict) -> list:
+    """Launch on ``work`` until a launch completes, each hit by a fault while ``budget`` lasts
+    (``hits``: the faults per stage so far, updated); the faults, each with the launches after
+    it and whether they went as allowed."""
     faults, launches, refusals = [], 0, 0
     while True:
         launches += 1
-        event = one_launch(config, work, os.path.join(logs, f"launch{launches:03d}.log"), rng, durations,
-                           fault=len(faults) < budget)
+        target = next_target(work, durations, hits, rng) if len(faults) < budget else None
+        event = one_launch(config, work, os.path.join(logs, f"launch{launches:03d}.log"), rng, durations, target)
         if event["fault"]:
             faults.append({**event["fault"], "problems": []})
+            hits[event["fault"]["stage"]] = hits.get(event["fault"]["stage"], 0) + 1
         elif event.get("hung"):
             (faults[-1]["problems"] if faults else []).append(f"launch {launches} hung")
         elif event["refused"]:
@@ -332,17 +345,17 @@ def main(argv=None) -> int:
     config = build_setting(root)
     started = time.time()
     reference = os.path.join(root, "run00")  # the uninterrupted run; every run's path has one length
-    event = one_launch(config, reference, os.path.join(root, "logs", "uninterrupted.log"), rng, {}, fault=False)
+    event = one_launch(config, reference, os.path.join(root, "logs", "uninterrupted.log"), rng, {})
     if event["code"] != 0:
         sys.exit(f"the uninterrupted run failed: see {root}/logs/uninterrupted.log")
     durations = stage_durations(reference)
     print(f"uninterrupted run: {time.time() - started:.0f} s", flush=True)
-    faults, runs = [], 0
+    faults, runs, hits = [], 0, {}
     while len(faults) < args.faults:
         runs += 1
         work, logs = os.path.join(root, f"run{runs:02d}"), os.path.join(root, "logs", f"run{runs:02d}")
         os.makedirs(logs)
-        got = faulted_run(config, work, logs, rng, durations, args.faults - len(faults))
+        got = faulted_run(config, work, logs, rng, durations, args.faults - len(faults), hits)
         differences = compare(reference, work)
         for fault in got:
             fault["problems"] += differences
