@@ -77,6 +77,9 @@ def helpers_port() -> int:
 def launch(config: str, work: str, log: str) -> subprocess.Popen:
     """tools/pipeline.py on ``work`` in a session of its own (its process group is the launch)."""
     env = {k: v for k, v in os.environ.items() if k not in ("WORK_DIR", "NNODES", "NODE_RANK", "NPROC_PER_NODE")}
+    status = os.path.join(work, "status.json")
+    if os.path.exists(status):  # a killed launch's: its stage would read as running in this one
+        os.remove(status)
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, PIPELINE, config, f"work_dir={work}"], stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True, env={**env, "OMP_NUM_THREADS": "1"})
