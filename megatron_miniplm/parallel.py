@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_miniplm import megatron_compat, platform
+from megatron_miniplm import megatron_compat, platform, signals
 from megatron_miniplm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -206,6 +206,8 @@ def initialize(config: ParallelConfig = ParallelConfig()) -> ParallelInfo:
     the other layers (Megatron-LM's layout), each holding 1/EP of every layer's experts."""
     global _launch
     env = launch_env()
+    if env.launcher == "torchrun":
+        signals.stop_with_parent()  # a rank outlives no agent
     order_cuda_connections(config.tensor_model_parallel_size, env)  # before any call below creates the CUDA context
     megatron_compat.apply()
     from megatron.core import parallel_state

@@ -9,7 +9,9 @@ or flush and return. Megatron-LM's ``--exit-signal-handler`` works the same way.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from typing import Sequence
 
 import torch
@@ -49,3 +51,22 @@ def any_rank(flags: Sequence[bool]) -> list[bool]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return [bool(v) for v in values.tolist()]
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send ``sig`` to this process when its parent dies. torchrun starts each
+    worker in a session of its own, so a killed agent (or a signal to its process group) would
+    leave the ranks running without it, holding their outputs' locks and waiting on its store
+    until they time out; with SIGTERM they stop as on preemption (training saves, scoring
+    flushes). Linux only (elsewhere nothing changes)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if parent == 1 or os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), sig)

@@ -266,3 +266,47 @@ def test_the_same_layout_keeps_its_groups(tmp_path):
     gets new ones."""
     run_distributed(_groups_across_reinitialisation, 2, str(tmp_path))
     assert [open(tmp_path / f"rank{r}").read() for r in range(2)] == ["True True"] * 2
+
+
+RANK_WAITS = """
+import signal, sys, time
+from megatron_miniplm import parallel
+got = []
+signal.signal(signal.SIGTERM, lambda *a: got.append(1))
+parallel.initialize()
+print("started", flush=True)
+deadline = time.time() + 90
+while not got and time.time() < deadline:
+    time.sleep(0.1)
+print("SIGTERM" if got else "no signal", flush=True)
+"""
+
+
+def test_ranks_are_stopped_when_torchrun_is_killed(tmp_path):
+    """torchrun starts each rank in a session of its own: SIGKILL to it (or to its process
+    group) must not leave the ranks running without it. They get SIGTERM, as on preemption."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from distributed import free_port
+
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_WAITS)
+    log = tmp_path / "log"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    with open(log, "w") as out:
+        agent = subprocess.Popen([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), str(script)],
+                                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while open(log).read().count("started") < 2:
+        assert time.time() < deadline and agent.poll() is None, open(log).read()[-2000:]
+        time.sleep(0.1)
+    agent.send_signal(signal.SIGKILL)
+    agent.wait()
+    killed = time.time()
+    while open(log).read().count("SIGTERM") + open(log).read().count("no signal") < 2:
+        assert time.time() < deadline + 60, open(log).read()[-2000:]
+        time.sleep(0.1)
+    assert open(log).read().count("SIGTERM") == 2 and time.time() - killed < 60

@@ -13,7 +13,8 @@ Writes PREFIX.bin/.idx (megatron-core IndexedDataset), PREFIX.domains.npy and
 PREFIX.meta.json (or PREFIX_00000.* ... with --shard-size-tokens), all under temporary
 names renamed at the end: a failed run leaves nothing under PREFIX. Exit status 1 on bad
 input (with --on-error fail) or bad arguments, with the file, line (or row) and reason, and
-on a full disk, with the file and the space.
+on a full disk, with the file and the space. A second preprocess_data on the same
+--output-prefix is refused at once, naming the one running (PREFIX.lock).
 """
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ def main(argv=None) -> int:
     from megatron_miniplm.data.config import PreprocessConfig
     from megatron_miniplm.settings import from_args
 
+    from megatron_miniplm.locking import hold_output
+
+    hold_output(args.output_prefix, f"--output-prefix {args.output_prefix}")
     return run_stage(preprocess, from_args(PreprocessConfig, args))  # bad input: status 1
 
 

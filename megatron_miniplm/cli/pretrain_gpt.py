@@ -11,7 +11,9 @@ sampled blend written by tools/difference_sample.py.
 --bf16 means what it means in Megatron-LM, on a GPU and on the CPU alike: bf16
 parameters and activations, fp32 main parameters in the optimizer and fp32
 gradient reduction. Preemption: --exit-signal-handler saves a checkpoint and
-exits 0 on SIGTERM; rerun the same command (with --load = --save) to resume.
+exits 0 on SIGTERM; rerun the same command (with --load = --save) to resume. A second
+run saving to the same --save directory is refused at once, naming the one running (its
+rank 0 holds SAVE.lock; the other ranks of a job are the same run).
 
 Logging, from rank 0: the log line every --log-interval iterations, and the same
 numbers to --metrics-file (JSON lines), --tensorboard-dir and Weights & Biases
@@ -70,7 +72,12 @@ def model_config_from_args(args, data_vocab: int):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from megatron_miniplm import parallel
+    from megatron_miniplm.locking import hold_output
     from megatron_miniplm.settings import from_args
+
+    if args.save:
+        hold_output(args.save, f"--save {args.save}", rank=parallel.launch_env().rank)
     from megatron_miniplm.training.trainer import Trainer
     from megatron_miniplm.training.config import TrainConfig
 
@@ -83,8 +90,6 @@ def main(argv=None) -> int:
         parser.error(str(e))  # flags that do not make a run: a usage error, status 2
     trainer = Trainer(cfg)  # a refused run (checkpoint, teacher, layout): status 1
     trainer.train()
-    from megatron_miniplm import parallel
-
     parallel.destroy()
     return 0
 

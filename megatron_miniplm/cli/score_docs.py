@@ -23,7 +23,8 @@ not depend on the chunk size (the output head runs in fixed 256-row GEMM tiles).
 Refuses (exit 1) a model whose tokenizer or vocabulary differs from the
 dataset's, and an --output-prefix holding (partial) scores of another dataset,
 another model, or other settings. On SIGTERM it flushes its progress and exits 0
-without a score file: rerun the same command to continue.
+without a score file: rerun the same command to continue. A second score_docs on the
+same --output-prefix is refused at once, naming the one running (SCORES_PREFIX.lock).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def main(argv=None) -> int:
     from megatron_miniplm.scoring.config import ScoreConfig
     from megatron_miniplm.settings import from_args
 
+    from megatron_miniplm.locking import hold_output
+
+    hold_output(args.output_prefix, f"--output-prefix {args.output_prefix}", rank=parallel.launch_env().rank)
     try:
         score(from_args(ScoreConfig, args))  # a refused run (ScoringError): status 1
     finally:

@@ -1,38 +1,24 @@
-"""One launch per work directory: ``WORK_DIR/launch.lock``.
+"""One launch per work directory: ``WORK_DIR/launch.lock`` (``megatron_miniplm/locking.py``).
 
-The first node's launcher holds an exclusive ``flock`` on the file for as long as it runs, and
-the tools it starts inherit the locked descriptor: on a local filesystem the lock is held until
-the launcher and every process it started have exited, however they end (SIGKILL included: the
-kernel releases it), so a dead launch never leaves a lock behind and nothing needs cleaning up. A second launch is
-refused at once with the holder's host, pid and start time, which the holder writes into the
-file. The launchers of the other nodes of the same launch do not take it: they only read the
-first node's records.
-
-What it relies on: ``flock`` reaching every node that mounts the work directory. Linux's NFS
-client turns it into NFS byte-range locks (NFSv4, or NFSv3 with lockd), held by the launcher's
-process alone (a killed launcher's tools no longer hold it there) and released by the server
-when a crashed client's lease expires; Lustre needs the ``flock`` mount option
-(``localflock`` locks per node only); GPFS supports it. Where the filesystem refuses locks
-(ENOLCK, EOPNOTSUPP) the launch goes on unlocked and says so.
+The first node's launcher holds the lock for as long as it runs, and the tools it starts
+inherit the locked descriptor: the lock is held until the launcher and every process it
+started have exited, however they end, so a killed launcher's tools still hold the directory
+while they may write. On NFS the lock belongs to the launcher's process alone (a killed
+launcher's tools no longer hold it there). The launchers of the other nodes of the same launch
+do not take it: they only read the first node's records.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import json
 import os
-import socket
-import sys
-import time
 from typing import Callable, Optional
 
-from megatron_miniplm.errors import UserError
+from megatron_miniplm.locking import InUse, take
 
 LOCK_FILE = "launch.lock"
 
 
-class WorkDirInUse(UserError, RuntimeError):
+class WorkDirInUse(InUse):
     """Another launch holds the work directory."""
 
 
@@ -46,37 +32,11 @@ class LaunchLock:
         self.fd: Optional[int] = None
 
     def acquire(self, *, warn: Callable[[str], None] = print) -> "LaunchLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = _read_holder(fd)
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise WorkDirInUse(f"{os.path.dirname(self.path)}: in use by another launch ({holder}); wait for it "
-                                   f"to end or stop it, or give this one another work_dir") from None
-            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                warn(f"warning: {self.path}: the filesystem refuses locks ({os.strerror(e.errno)}): nothing stops "
-                     f"a second launch on this work directory")
-                return self
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                  "command": " ".join(sys.argv)}).encode(), 0)
-        os.fsync(fd)
-        self.fd = fd
+        self.fd = take(self.path, os.path.dirname(self.path), warn=warn, refused=WorkDirInUse,
+                       by="another launch", advice="wait for it to end or stop it, or give this one another work_dir")
         return self
 
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # the lock goes once the launched tools have closed their copies too
             self.fd = None
-
-
-def _read_holder(fd: int) -> str:
-    try:
-        holder = json.loads(os.pread(fd, 65536, 0) or b"{}")
-        return f"host {holder['host']}, pid {holder['pid']}, started {holder['started']}: {holder['command']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "holder unknown"

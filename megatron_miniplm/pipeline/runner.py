@@ -8,6 +8,14 @@ stage after it that reads it runs too, because their fingerprints include it. Ne
 outputs go to a new directory; the old one is removed only once the new record is
 written.
 
+The record also lists every file of the stage's output directory with its size and
+CRC-32 (``artifacts``): reading them back costs one sequential read, little next to
+the stage that wrote them. Each launch compares the sizes of every finished stage's
+files, and the CRC-32s of those a running stage is about to read, so that a file
+truncated, removed or altered after it was made is not used: its stage is made
+again from scratch, and so is every stage that reads it (they were made from the
+damaged bytes' predecessors, which the new ones need not equal).
+
 Several nodes (one launcher per node, NODE_RANK 0..NNODES-1): single-process stages
 run on node 0 while the others wait for their records; distributed stages run on
 every node under torchrun. The work directory must be shared: each node writes a
@@ -23,10 +31,12 @@ import shutil
 import socket
 import subprocess
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Optional
 
 from megatron_miniplm.atomic_io import write_json_atomic, write_text_atomic
+from megatron_miniplm.locking import LOCK_SUFFIX
 from megatron_miniplm.pipeline.config import to_yaml
 from megatron_miniplm.pipeline.lock import LaunchLock
 from megatron_miniplm.pipeline.status import StatusFile
@@ -46,6 +56,43 @@ class Decision:
     stage: Stage
     run: bool
     reason: str
+    fresh: bool = False  # run from scratch: its finished outputs (or those it reads) are damaged
+
+
+def file_crc32(path: str, chunk: int = 8 << 20) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+def artifacts(out: str) -> dict:
+    """relative path -> [size, CRC-32] of every file under a stage's output directory."""
+    found = {}
+    for folder, _, names in os.walk(out):
+        for name in names:
+            if name.endswith(LOCK_SUFFIX):  # who wrote it last, not data
+                continue
+            path = os.path.join(folder, name)
+            found[os.path.relpath(path, out)] = [os.path.getsize(path), file_crc32(path)]
+    return dict(sorted(found.items()))
+
+
+def damage(out: str, recorded: dict, *, contents: bool) -> Optional[str]:
+    """How a finished stage's outputs differ from its record: the first file gone or of another
+    size, or (``contents``: reading every file) of other bytes; None when they match."""
+    for rel, (size, crc) in recorded.items():
+        path = os.path.join(out, rel)
+        try:
+            now = os.path.getsize(path)
+        except OSError:
+            return f"{path} is missing"
+        if now != size:
+            return f"{path} has {now:,} bytes, {size:,} when it was made"
+        if contents and file_crc32(path) != crc:
+            return f"{path} changed since it was made (CRC-32 {file_crc32(path)}, {crc} when it was made)"
+    return None
 
 
 def _record_path(work_dir: str, name: str) -> str:
@@ -75,27 +122,68 @@ def _changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def plan(graph: Graph) -> list[Decision]:
-    """What a run would do now, and why, from the records alone (nothing is written)."""
+    """What a run would do now, and why, from the records and the outputs they list (nothing
+    is written). A finished stage whose files are damaged runs again from scratch; the files
+    of the finished stages that a running stage reads are checked byte for byte first."""
     work_dir = os.path.abspath(graph.cfg.work_dir)
-    decisions, reruns = [], set()
+    damaged: dict = {}  # stage -> how its files differ from its record
+    checked: set = set()  # stages whose files were read byte for byte
+    while True:
+        decisions = _decide(graph, work_dir, damaged)
+        found = _damaged_inputs(graph, work_dir, decisions, checked)
+        if not found:
+            return decisions
+        damaged.update(found)
+
+
+def _decide(graph: Graph, work_dir: str, damaged: dict) -> list[Decision]:
+    """One pass over the stages, given the stages found damaged so far (name -> how)."""
+    decisions, reruns, remade = [], set(), set()
     for stage in graph.stages:
         record = read_record(work_dir, stage.name)
         upstream = [d for d in stage.deps if d in reruns]
         if record is not None and record.get("fingerprint") == stage.fingerprint:
-            decisions.append(Decision(stage, False, f"done ({stage.fingerprint})"))
+            why = damaged.get(stage.name) or damage(graph.out_dir(stage), record.get("artifacts", {}), contents=False)
+            again = [d for d in stage.deps if d in remade]
+            if not why and not again:
+                decisions.append(Decision(stage, False, f"done ({stage.fingerprint})"))
+                continue
+            reruns.add(stage.name)
+            remade.add(stage.name)
+            reason = (f"its output is damaged: {why}; made again" if why else
+                      f"reads {', '.join(again)}, which {'is' if len(again) == 1 else 'are'} made again")
+            decisions.append(Decision(stage, True, reason, fresh=True))
             continue
         reruns.add(stage.name)
-        if record is None:
-            reason = "not done yet" if not os.path.isdir(graph.out_dir(stage)) else "started, not finished: resumes"
-        elif upstream:
-            reason = f"reads {', '.join(upstream)}, which {'runs' if len(upstream) == 1 else 'run'} again"
-        else:
-            changed = _changes(record.get("settings", {}), stage.settings)
-            if record.get("inputs") != stage.inputs:
-                changed.append("its input files changed")
-            reason = "made with other settings: " + "; ".join(changed or ["inputs of earlier stages changed"])
-        decisions.append(Decision(stage, True, reason))
+        decisions.append(Decision(stage, True, _why_run(graph, stage, record, upstream)))
     return decisions
+
+
+def _why_run(graph: Graph, stage: Stage, record: Optional[dict], upstream: list[str]) -> str:
+    if record is None:
+        return "not done yet" if not os.path.isdir(graph.out_dir(stage)) else "started, not finished: resumes"
+    if upstream:
+        return f"reads {', '.join(upstream)}, which {'runs' if len(upstream) == 1 else 'run'} again"
+    changed = _changes(record.get("settings", {}), stage.settings)
+    if record.get("inputs") != stage.inputs:
+        changed.append("its input files changed")
+    return "made with other settings: " + "; ".join(changed or ["inputs of earlier stages changed"])
+
+
+def _damaged_inputs(graph: Graph, work_dir: str, decisions: list[Decision], checked: set) -> dict:
+    """The finished stages read by a stage that runs whose files differ from their record,
+    byte for byte (name -> how); ``checked``: the stages read so far, each read once."""
+    skipped = {d.stage.name: d.stage for d in decisions if not d.run}
+    found = {}
+    for decision in decisions:
+        for dep in decision.stage.deps if decision.run else ():
+            if dep in skipped and dep not in checked:
+                checked.add(dep)
+                record = read_record(work_dir, dep) or {}
+                why = damage(graph.out_dir(skipped[dep]), record.get("artifacts", {}), contents=True)
+                if why:
+                    found[dep] = why
+    return found
 
 
 def describe(graph: Graph, decisions: list[Decision], sources: dict) -> str:
@@ -141,6 +229,8 @@ class Runner:
             dirs[stage.name] = self.graph.out_dir(stage)
             self.log(f"\n=== stage {i}/{len(decisions)}: {stage.name} — "
                      f"{'run: ' + decision.reason if decision.run else decision.reason}")
+            if decision.fresh and self.node0:
+                self._discard(stage, dirs[stage.name])
             if stage.kind == SINGLE and not self.node0:
                 self._wait_for(stage)
             elif decision.run and not self._done(stage):
@@ -152,6 +242,13 @@ class Runner:
         """A record of this fingerprint appeared since the plan (another launcher ran it)."""
         record = read_record(self.work_dir, stage.name)
         return record is not None and record.get("fingerprint") == stage.fingerprint
+
+    def _discard(self, stage: Stage, out: str) -> None:
+        """A stage made again from scratch: its record and outputs go before it starts."""
+        path = _record_path(self.work_dir, stage.name)
+        if os.path.exists(path):
+            os.remove(path)
+        shutil.rmtree(out, ignore_errors=True)
 
     def _run(self, stage: Stage, dirs: dict) -> None:
         out = dirs[stage.name]
@@ -209,7 +306,8 @@ class Runner:
     def _record(self, stage: Stage, out: str, seconds: float) -> None:
         write_json_atomic(_record_path(self.work_dir, stage.name), {
             "stage": stage.name, "fingerprint": stage.fingerprint, "settings": stage.settings,
-            "inputs": stage.inputs, "deps": stage.deps, "output": out, "seconds": round(seconds, 1),
+            "inputs": stage.inputs, "deps": stage.deps, "output": out, "artifacts": artifacts(out),
+            "seconds": round(seconds, 1),
             "completed": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname()})
         failed = _record_path(self.work_dir, stage.name) + ".failed"
         if os.path.exists(failed):

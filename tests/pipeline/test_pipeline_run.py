@@ -149,6 +149,52 @@ def test_a_changed_alpha_reruns_exactly_what_reads_it(one_node):
     assert after["student-miniplm"]["lm_loss"] != before["student-miniplm"]["lm_loss"]
 
 
+def _truncate(path):
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _flip_last_byte(path):
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+
+
+STUDENTS = ["student-miniplm", "student-uniform", "student-vanilla-kd"]
+
+
+@pytest.mark.parametrize("pattern,damage,override,why,reruns", [
+    # a truncated dataset: its size no longer matches the record, whatever runs
+    ("data/*/train.bin", _truncate, None, "bytes, ", ["data", "split", "reference", "score-teacher",
+                                                      "score-reference", "select", *STUDENTS, "evaluate"]),
+    # flipped bytes in a score file: found before the selection that reads it runs
+    ("score-teacher/*/scores.npy", _flip_last_byte, "selection.alpha=0.3", "changed since it was made",
+     ["score-teacher", "select", *STUDENTS, "evaluate"]),
+    # a checkpoint shard gone
+    ("reference/*/ckpt/iter_*/__0_1.distcp", os.remove, None, "is missing",
+     ["reference", "score-reference", "select", *STUDENTS, "evaluate"]),
+    # an altered blend: found before the students that train on it run
+    ("select/*/miniplm.npy", _flip_last_byte, "student.train.lr=0.002", "changed since it was made",
+     ["select", *STUDENTS, "evaluate"]),
+])
+def test_a_damaged_artifact_is_made_again_before_use(one_node, pattern, damage, override, why, reruns):
+    """An artifact damaged after its stage finished is not used: the stage that made it runs
+    again from scratch, and every stage reading it, naming the file and what is wrong."""
+    import glob
+
+    root, config, _ = one_node
+    copy, config2 = _copy_of_the_run(root, config, "damaged-" + pattern.split("/")[0])
+    path, = glob.glob(str(copy / pattern))
+    damage(path)
+    out = run_pipeline(config2, *([override] if override else []), "parallel.nproc_per_node=2", "--dry-run",
+                       timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:]
+    stages = out.stdout.split("# stages", 1)[1].splitlines()
+    assert [line.split()[1] for line in stages if " RUN " in line] == reruns
+    assert any(f"its output is damaged: {path}" in line and why in line for line in stages), stages
+
+
 def test_students_with_another_tokenizer(setting, one_node):
     """KD across model families: the selections exported as text and re-tokenized with the
     students' own tokenizer (a byte-level BPE; the teacher's is word-level)."""

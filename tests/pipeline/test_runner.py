@@ -82,6 +82,34 @@ def test_a_stage_killed_half_way_reruns(tmp_path):
     assert ran(log) == ["a", "b", "b", "c"]
 
 
+def test_damaged_outputs_are_made_again_with_what_reads_them(tmp_path):
+    """A finished stage's output truncated: that stage reruns from scratch, and so does every
+    stage reading it. Altered bytes of the same size: caught once a stage reading them runs,
+    before it does."""
+    log, work = tmp_path / "log", tmp_path / "w"
+    graph = toy_graph(work, log)
+    assert runner.execute(graph, runner.plan(graph), log=lambda *a: None) == 0
+    b_out = os.path.join(graph.out_dir(graph.stages[1]), "done")
+    open(b_out, "w").write("b"[:0])  # truncated: 0 bytes
+    decisions = {d.stage.name: d for d in runner.plan(graph)}
+    assert not decisions["a"].run
+    assert decisions["b"].run and f"{b_out} has 0 bytes, 1 when it was made" in decisions["b"].reason
+    assert decisions["c"].run and "reads b, which is made again" in decisions["c"].reason
+    assert runner.execute(graph, runner.plan(graph), log=lambda *a: None) == 0
+    assert ran(log) == ["a", "b", "c", "b", "c"] and open(b_out).read() == "b"
+
+    open(b_out, "w").write("B")  # the same size, other bytes: nothing reads it, nothing runs
+    assert not any(d.run for d in runner.plan(graph))
+    graph.stages[2].settings["x"] = 2  # now c runs and reads b
+    prints = {}
+    for s in graph.stages:
+        prints[s.name] = s.compute_fingerprint(prints)
+    decisions = {d.stage.name: d for d in runner.plan(graph)}
+    assert decisions["b"].run and f"{b_out} changed since it was made" in decisions["b"].reason
+    assert runner.execute(graph, runner.plan(graph), log=lambda *a: None) == 0
+    assert ran(log)[-2:] == ["b", "c"] and open(b_out).read() == "b"
+
+
 def test_a_stage_that_stops_early_ends_the_run_with_3(tmp_path):
     graph = toy_graph(tmp_path / "w", tmp_path / "log")
     graph.stages[1].missing = lambda out, dirs: "checkpoint at iteration 4, 10 wanted"
@@ -220,6 +248,10 @@ def test_status_of_a_running_and_of_a_stopped_launch(tmp_path):
     assert states["c"] == "pending"
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
+    deadline = time.time() + 10  # stage b's process, not a child of this one, exits on its own time
+    while status.launch_alive(str(work)):
+        assert time.time() < deadline
+        time.sleep(0.05)
     text = status.report(graph, lambda stage: {})
     assert ": not running;" in text.splitlines()[0]
     assert "b" in text and "stopped (started" in text and "rerun the command to resume" in text

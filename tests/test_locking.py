@@ -1,0 +1,46 @@
+"""One writer per output: a tool writing an output that another process is writing is refused
+at once, naming the holder; once the holder is gone (SIGKILL included), the next one goes on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOLD = ("import sys, time; from megatron_miniplm.locking import hold_output; "
+        "hold_output(sys.argv[1], 'x'); print('held', flush=True); time.sleep(120)")
+
+
+def _tool(tmp_path, argv):
+    return subprocess.run([sys.executable, os.path.join(REPO, "tools", argv[0]), *argv[1:]], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("flag,argv", [
+    ("--output-prefix", ["preprocess_data.py", "--input", "IN.jsonl", "--tokenizer", "TOK", "--output-prefix"]),
+    ("--output-prefix", ["score_docs.py", "--data-path", "DATA", "--load", "CKPT", "--output-prefix"]),
+    ("--save", ["pretrain_gpt.py", "--data-path", "DATA", "--seq-length", "32", "--micro-batch-size", "1",
+                "--global-batch-size", "1", "--train-iters", "1", "--lr", "0.001", "--save"]),
+])
+def test_a_second_writer_of_an_output_is_refused_naming_the_holder(tmp_path, flag, argv):
+    output = str(tmp_path / "out" / "x")
+    argv = [str(tmp_path / a) if a.isupper() or a.endswith(".jsonl") else a for a in argv] + [output]
+    argv[0] = os.path.basename(argv[0])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, output], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        refused = _tool(tmp_path, argv)
+        assert refused.returncode == 1, refused.stderr[-2000:]
+        line = refused.stderr.strip().splitlines()[-1]
+        assert f"error: {flag} {output}: in use by another tool (host {socket.gethostname()}, pid {holder.pid}, " \
+               f"started 20" in line, line
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    after = _tool(tmp_path, argv)  # the holder's lock went with it: the tool goes on, to its next refusal
+    assert after.returncode in (1, 2) and "in use" not in after.stderr and "not found" in after.stderr, after.stderr[-2000:]
