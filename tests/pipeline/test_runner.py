@@ -61,6 +61,23 @@ def test_records_skip_and_downstream_reruns(tmp_path):
     assert not os.path.exists(old_b)  # the old output went once the new one was recorded
 
 
+def _wait_for_lock_release(work_dir, timeout_s: float = 60) -> None:
+    """Until the launch lock is free: a killed process closes its files only when the kernel
+    has run it to its end, which a loaded machine can delay past its parent's wait."""
+    import fcntl
+
+    deadline = time.time() + timeout_s
+    with open(os.path.join(work_dir, "launch.lock"), "a") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                assert time.time() < deadline, "the killed launch's lock is still held"
+                time.sleep(0.05)
+
+
 def test_a_stage_killed_half_way_reruns(tmp_path):
     log, work = tmp_path / "log", tmp_path / "w"
     code = ("import runpy, sys; t = runpy.run_path(sys.argv[1]); "
@@ -74,6 +91,7 @@ def test_a_stage_killed_half_way_reruns(tmp_path):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    _wait_for_lock_release(work)
     graph = toy_graph(work, log)
     decisions = {d.stage.name: d for d in runner.plan(graph)}
     assert not decisions["a"].run
