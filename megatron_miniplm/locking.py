@@ -39,25 +39,48 @@ def take(path: str, what: str, *, warn: Callable[[str], None] = print,
     """Take the exclusive lock of ``path`` (created if need be) for ``what`` (as messages name it):
     the locked descriptor, which the caller keeps open for as long as it writes; None where the
     filesystem refuses locks. Raises ``refused`` naming the holder when another process holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        holder = read_holder(fd)
-        os.close(fd)
-        if e.errno in (errno.EAGAIN, errno.EACCES):
-            raise refused(f"{what}: in use by {by} ({holder}); {advice}") from None
-        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-            warn(f"warning: {path}: the filesystem refuses locks ({os.strerror(e.errno)}): nothing stops "
-                 f"a second process writing {what}")
-            return None
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                              "command": " ".join(sys.argv)}).encode(), 0)
-    os.fsync(fd)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = read_holder(fd)
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise refused(f"{what}: in use by {by} ({holder}); {advice}") from None
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                warn(f"warning: {path}: the filesystem refuses locks ({os.strerror(e.errno)}): nothing stops "
+                     f"a second process writing {what}")
+                return None
+            raise
+        if _is_current(fd, path):
+            break
+        os.close(fd)  # a holder releasing removed this file after we opened it: take the new one
+    _write_holder(fd)
     return fd
+
+
+def _is_current(fd: int, path: str) -> bool:
+    """The locked file is the one ``path`` names (``release_outputs`` removes lock files)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _write_holder(fd: int) -> None:
+    """Who holds the lock, for the message of a refused second process. On a full disk the lock
+    is held without it (the refusal then says the record is unreadable): the writes that
+    follow report the full disk with their own files."""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                  "command": " ".join(sys.argv)}).encode(), 0)
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
 
 
 def read_holder(fd: int) -> str:
@@ -68,7 +91,7 @@ def read_holder(fd: int) -> str:
         return "a process whose record is unreadable"
 
 
-_held: list[int] = []  # the outputs' locks a tool holds until it exits
+_held: list[tuple[int, str]] = []  # the outputs' locks a tool holds until it ends
 
 
 def hold_output(output: str, what: str, *, rank: int = 0) -> None:
@@ -80,7 +103,23 @@ def hold_output(output: str, what: str, *, rank: int = 0) -> None:
         return
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
-    fd = take(os.path.abspath(output).rstrip(os.sep) + LOCK_SUFFIX, what, warn=lambda m: print(m, file=sys.stderr),
+    path = os.path.abspath(output).rstrip(os.sep) + LOCK_SUFFIX
+    fd = take(path, what, warn=lambda m: print(m, file=sys.stderr),
               by="another tool", advice="wait for it to end or stop it, or write elsewhere")
     if fd is not None:
-        _held.append(fd)
+        _held.append((fd, path))
+
+
+def release_outputs() -> None:
+    """Remove the lock files of the outputs this process holds, then let go of them (the tool
+    runner's last act, whatever the tool's end): nothing is left beside an output. Removed
+    while still locked, so a process that opened the old file finds it is no longer the
+    current one (``take``) instead of sharing the lock with the next holder. A killed tool
+    leaves its lock file; the next one takes it over."""
+    while _held:
+        fd, path = _held.pop()
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        os.close(fd)

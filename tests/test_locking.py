@@ -44,3 +44,31 @@ def test_a_second_writer_of_an_output_is_refused_naming_the_holder(tmp_path, fla
         holder.wait()
     after = _tool(tmp_path, argv)  # the holder's lock went with it: the tool goes on, to its next refusal
     assert after.returncode in (1, 2) and "in use" not in after.stderr and "not found" in after.stderr, after.stderr[-2000:]
+
+
+def test_a_tool_leaves_no_lock_file_and_a_removed_lock_file_is_not_shared(tmp_path):
+    """The runner removes an output's lock file when the tool ends, however it ends (here a
+    refusal after the lock is taken); a process that opened the removed file takes the new one
+    instead, so it never shares the lock with the next holder."""
+    import fcntl
+
+    from megatron_miniplm import locking
+
+    output = str(tmp_path / "out" / "x")
+    done = _tool(tmp_path, ["preprocess_data.py", "--input", str(tmp_path / "missing.jsonl"), "--tokenizer",
+                            str(tmp_path / "TOK"), "--output-prefix", output])
+    assert done.returncode in (1, 2) and "in use" not in done.stderr, done.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "out")) == [], os.listdir(tmp_path / "out")
+
+    path = output + locking.LOCK_SUFFIX
+    stale = os.open(path, os.O_RDWR | os.O_CREAT)  # opened before its holder removed it
+    os.unlink(path)
+    fd = locking.take(path, "x")
+    try:
+        assert os.fstat(fd).st_ino == os.stat(path).st_ino != os.fstat(stale).st_ino
+        fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the removed file locks nothing that counts
+        with pytest.raises(locking.InUse):
+            locking.take(path, "x")
+    finally:
+        os.close(stale)
+        os.close(fd)

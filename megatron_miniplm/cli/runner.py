@@ -45,6 +45,8 @@ def prog() -> str:
 
 def run(body: Main, argv: Optional[Sequence[str]] = None) -> int:
     """`body(argv)`'s exit status, with refusals and Ctrl-C reported as the module says."""
+    from megatron_miniplm.locking import release_outputs
+
     try:
         return body(argv)
     except REFUSALS as e:
@@ -53,6 +55,8 @@ def run(body: Main, argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog()}: interrupted", file=sys.stderr)
         return INTERRUPTED
+    finally:
+        release_outputs()  # the outputs' lock files (locking.hold_output)
 
 
 def _origin(e: BaseException) -> str:
