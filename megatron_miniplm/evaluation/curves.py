@@ -33,8 +33,6 @@ def plot_curves(runs: dict, png: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from megatron_miniplm.atomic_io import publish, temp_name
-
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, (name, files) in enumerate(runs.items()):
@@ -52,6 +50,15 @@ def plot_curves(runs: dict, png: str) -> str:
         ax.set_ylabel("validation loss (nats/token)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    return save_figure(fig, png)
+
+
+def save_figure(fig, png: str) -> str:
+    """A matplotlib figure written to ``png`` under a temporary name, then published; closed."""
+    import matplotlib.pyplot as plt
+
+    from megatron_miniplm.atomic_io import publish, temp_name
+
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
     tmp = temp_name(png)

@@ -11,7 +11,6 @@ baseline's curve at the same size, seeds averaged).
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -135,7 +134,7 @@ def plot(sweep: dict, png: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from megatron_miniplm.atomic_io import publish, temp_name
+    from megatron_miniplm.evaluation.curves import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -159,10 +158,4 @@ def plot(sweep: dict, png: str) -> str:
     ax.set_title(sweep.get("form") or "", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    tmp = temp_name(png)
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    publish(tmp, png)
-    return png
+    return save_figure(fig, png)
