@@ -102,7 +102,7 @@ def convert_hf_to_megatron(
                     raise ConversionError(
                         f"the tokenizer has {tokenizer['vocab_size']} tokens, the model's embedding only "
                         f"{config.vocab_size} rows")
-            state = source.load_state_dict(params_dtype)
+            state = source.load_state_dict(params_dtype, hf_config)
             with single_process():
                 # whole tensors on the host, where any model fits (a GPU need not hold it)
                 model = build_model(config, params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,

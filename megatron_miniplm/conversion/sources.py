@@ -41,19 +41,40 @@ class HFSource:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
     def load_config(self):
+        """transformers' config of the model; for a GGUF file with the widths the file states
+        (gguf.STATED_WIDTHS), after refusing what transformers would not read."""
         from transformers import AutoConfig
 
+        if self.gguf_file:
+            metadata, tensor_names = gguf.read_metadata(self.path)
+            gguf.check_readable(self.path, metadata, tensor_names)
         try:
-            return AutoConfig.from_pretrained(self.directory, **self._kwargs())
+            config = AutoConfig.from_pretrained(self.directory, **self._kwargs())
         except (ValueError, KeyError, OSError) as e:
             # transformers names an unknown model_type / GGUF architecture here.
             raise ConversionError(f"{self.path}: cannot read the model config ({e})") from e
+        if self.gguf_file:
+            for attr, value in gguf.stated_widths(metadata).items():
+                setattr(config, attr, value)
+        return config
 
-    def load_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """All weights as a plain dict (the model object itself is dropped)."""
+    def load_state_dict(self, dtype: torch.dtype, config=None) -> dict[str, torch.Tensor]:
+        """All weights as a plain dict (the model object itself is dropped); ``config``: the one
+        load_config gave. Weights transformers cannot place, or leaves to random initialisation,
+        are refused."""
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(self.directory, dtype=dtype, **self._kwargs())
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                self.directory, dtype=dtype, config=config or self.load_config(), output_loading_info=True,
+                **self._kwargs())
+        except (RuntimeError, NotImplementedError, ValueError) as e:
+            # a tensor of another shape than the config's, an architecture gguf-py cannot name
+            raise ConversionError(f"{self.path}: transformers cannot load its weights ({e})") from e
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:
+            raise ConversionError(f"{self.path}: weights missing from the file (transformers would "
+                                  f"initialise them at random): {', '.join(missing[:6])}")
         state = dict(model.state_dict())
         del model
         return state
