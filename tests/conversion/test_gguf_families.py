@@ -71,7 +71,8 @@ def test_gguf_conversion_equals_the_hf_model(tmp_path, name):
 
 
 @pytest.mark.parametrize("name,gguf_name,message", [
-    ("mixtral", "Mixtral Tiny", "a llama-architecture GGUF with 4 experts \\(Mixtral\\): transformers reads no experts"),
+    ("mixtral", "Mixtral Tiny",
+     "a llama-architecture GGUF with 4 experts \\(Mixtral\\): transformers reads no experts"),
     ("llama3.1", "Llama 3.1 Tiny", "RoPE frequency factors \\(rope_freqs.weight, how llama.cpp writes Llama 3.1's"),
 ])
 def test_what_transformers_would_not_read_is_refused_by_name(tmp_path, capsys, name, gguf_name, message):
