@@ -78,3 +78,72 @@ def save_checkpoint(directory: str, preset: str = "tiny", vocab: int = VOCAB, to
     if tokenizer is not None:
         with open(os.path.join(directory, "checkpoint_info.json"), "w") as f:
             json.dump({"format_version": 1, "tokenizer": dict(tokenizer)}, f)
+
+
+# --- torchrun runs of tools/score_docs.py, SIGKILLed mid-run --------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def records(progress_dir: str) -> int:
+    """Batch records in a run's progress shards (0 before the run has made them)."""
+    from megatron_miniplm.scoring import resume
+
+    try:
+        return sum(1 for _ in resume.iter_records(progress_dir))
+    except FileNotFoundError:
+        return 0
+
+
+def torchrun_score_docs(args: list, nproc: int = 2):
+    """tools/score_docs.py under torchrun, in a session of its own (see kill_tree)."""
+    import subprocess
+    import sys
+
+    # --standalone: torchrun binds a free rendezvous port itself (no port picked here and
+    # then raced for by other processes on a shared machine).
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc-per-node", str(nproc),
+           os.path.join(REPO, "tools", "score_docs.py"), *map(str, args), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=env)
+
+
+def kill_tree(proc) -> None:
+    """SIGKILL torchrun's process group and each worker's: torchrun starts every worker
+    in a session of its own, so killing torchrun's group alone would orphan them."""
+    import signal
+
+    import psutil
+
+    groups = {os.getpgid(proc.pid)}
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            groups.add(os.getpgid(child.pid))
+        except ProcessLookupError:
+            pass
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
+def run_until_records(args: list, output: str, at_least: int, nproc: int = 2) -> int:
+    """Start score_docs.py writing ``output``, SIGKILL everything once its progress holds
+    ``at_least`` records; the records it left."""
+    import time
+
+    from megatron_miniplm.scoring import resume
+
+    pdir = resume.progress_dir(output)
+    proc = torchrun_score_docs([*args, "--output-prefix", output], nproc)
+    deadline = time.monotonic() + 240
+    while records(pdir) < at_least:
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.002)
+    kill_tree(proc)
+    assert not os.path.exists(output + ".npy") and not os.path.exists(output + ".meta.json")
+    return records(pdir)

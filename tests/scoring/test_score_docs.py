@@ -18,7 +18,8 @@ import pytest
 
 from distributed import run_distributed
 from megatron_miniplm.scoring import SCORES_VERSION
-from helpers import EOD, TOKENIZER, make_instances, save_checkpoint, write_dataset, write_sharded
+from helpers import (EOD, TOKENIZER, make_instances, records, run_until_records, save_checkpoint, torchrun_score_docs,
+                     write_dataset, write_sharded)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 N_INSTANCES = 40
@@ -329,63 +330,12 @@ def test_cli_refusal_exits_1_with_the_reason(root):
 
 # --- SIGKILL and resume ----------------------------------------------------------
 
-def _records(progress_dir: str) -> int:
-    from megatron_miniplm.scoring import resume
-
-    try:
-        return sum(1 for _ in resume.iter_records(progress_dir))
-    except FileNotFoundError:
-        return 0
+def _args(root: str) -> list:
+    return ["--data-path", os.path.join(root, "big"), "--load", os.path.join(root, "ckpt"), "--micro-batch-size", "1"]
 
 
-def _torchrun(root: str, output: str) -> subprocess.Popen:
-    # --standalone: torchrun binds a free rendezvous port itself (no port picked here and
-    # then raced for by other processes on a shared machine).
-    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc-per-node", "2",
-           os.path.join(REPO, "tools", "score_docs.py"), "--data-path", os.path.join(root, "big"),
-           "--load", os.path.join(root, "ckpt"), "--output-prefix", output, "--micro-batch-size", "1",
-           "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=env)
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL torchrun's process group and each worker's: torchrun starts every worker
-    in a session of its own, so killing torchrun's group alone would orphan them."""
-    import signal
-
-    import psutil
-
-    groups = {os.getpgid(proc.pid)}
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        try:
-            groups.add(os.getpgid(child.pid))
-        except ProcessLookupError:
-            pass
-    for group in groups:
-        try:
-            os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
-
-
-def _run_until_records(root, output, at_least):
-    from megatron_miniplm.scoring import resume
-
-    pdir = resume.progress_dir(output)
-    proc = _torchrun(root, output)
-    import time
-
-    deadline = time.monotonic() + 240
-    while _records(pdir) < at_least:
-        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-3000:]}"
-        assert time.monotonic() < deadline, "no progress"
-        time.sleep(0.002)
-    _kill_tree(proc)
-    assert not os.path.exists(output + ".npy") and not os.path.exists(output + ".meta.json")
-    return _records(pdir)
+def _torchrun(root: str, output: str):
+    return torchrun_score_docs([*_args(root), "--output-prefix", output])
 
 
 def test_sigkill_mid_run_then_rerun_is_bit_identical(layouts):
@@ -393,8 +343,8 @@ def test_sigkill_mid_run_then_rerun_is_bit_identical(layouts):
     in the rerun, then rerun to the end: the same bytes as an uninterrupted run."""
     root = layouts
     output = os.path.join(root, "big_killed")
-    first = _run_until_records(root, output, 3)
-    second = _run_until_records(root, output, first + 20)
+    first = run_until_records(_args(root), output, 3)
+    second = run_until_records(_args(root), output, first + 20)
     assert second > first
     proc = _torchrun(root, output)
     _, err = proc.communicate(timeout=300)
@@ -437,7 +387,7 @@ def test_sigterm_flushes_progress_and_exits_cleanly(layouts):
     pdir = resume.progress_dir(output)
     proc = _torchrun(root, output)
     deadline = time.monotonic() + 240
-    while _records(pdir) < 3:
+    while records(pdir) < 3:
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "no progress"
         time.sleep(0.002)
@@ -446,7 +396,7 @@ def test_sigterm_flushes_progress_and_exits_cleanly(layouts):
     assert proc.returncode == 0, err[-3000:]
     assert "stopped by SIGTERM" in err and "rerun the same command" in err
     assert not os.path.exists(output + ".npy")
-    recorded = _records(pdir)
+    recorded = records(pdir)
     assert recorded >= 3
     status = resume.read_status(pdir)  # what the pipeline's --status shows of a stopped scorer
     assert status is not None and 0 < status["instances_done"] < status["instances"], status
