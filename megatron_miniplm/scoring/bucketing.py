@@ -9,7 +9,8 @@ inefficient batches.
 The plan depends only on the instance lengths and the two sizes. Every rank
 computes the same plan, a killed run recomputes it identically on restart, and
 each batch always holds the same instances with the same padding: that is what
-makes a resumed run's output bit-identical to an uninterrupted one.
+makes a resumed run's output bit-identical to an uninterrupted one (under expert
+parallelism with the same batches beside it as well: replica_runs).
 """
 
 from __future__ import annotations
@@ -99,6 +100,30 @@ def replica_batches(plan: BatchPlan, dp_rank: int, dp_size: int) -> np.ndarray:
     """Batch indices of one data-parallel replica: round robin, so replicas get
     batches of alternating, nearly equal lengths and finish at about the same time."""
     return np.arange(dp_rank, len(plan), dp_size, dtype=np.int64)
+
+
+def replica_runs(plan: BatchPlan, done: np.ndarray, dp_size: int, lockstep: bool) -> list[np.ndarray]:
+    """The batches each replica runs this session (-1: a dummy, whose scores are dropped).
+
+    A replica alone runs its batches not yet recorded (``done``). In ``lockstep`` (expert
+    parallelism: the replicas exchange tokens inside every expert layer and an expert's GEMM
+    runs over the tokens of all of them, so a batch's scores may depend, in the last bits, on
+    the batches run beside it) position p of every replica's list runs in the same step as
+    in an uninterrupted run: the replicas resume together at the first position that some
+    replica has not recorded (a batch recorded after it is run again, beside the same
+    batches, and recorded again with the same scores), and a replica with fewer batches
+    ends with dummies, as many as the busiest replica has batches more."""
+    lists = [replica_batches(plan, r, dp_size) for r in range(dp_size)]
+    if not lockstep:
+        return [b[~done[b]] for b in lists]
+    start = min(_recorded_prefix(done[b]) for b in lists)
+    longest = max(len(b) for b in lists)
+    return [np.concatenate([b[start:], np.full(longest - len(b), -1, np.int64)]) for b in lists]
+
+
+def _recorded_prefix(recorded: np.ndarray) -> int:
+    """How many leading entries are True."""
+    return len(recorded) if recorded.all() else int(np.argmin(recorded))
 
 
 def steps(batches: np.ndarray, per_step: int) -> Iterator[np.ndarray]:

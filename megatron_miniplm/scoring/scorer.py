@@ -9,8 +9,10 @@ call; its last stage turns final hidden states into NLLs in vocab-parallel
 chunks and appends each finished batch to the replica's progress shard. When
 every batch is recorded, rank 0 assembles the score file(s) atomically and
 removes the progress. Rerunning the same command after a kill redoes only the
-unrecorded batches; since a batch's instances, padding and kernels do not
-depend on the run, the result is bit-identical. Batch and logits-chunk sizes are
+unrecorded batches (under expert parallelism from the first step some replica has
+not recorded, so that every batch runs beside the same batches: replica_runs);
+since a batch's instances, padding and kernels do not depend on the run, the
+result is bit-identical. Batch and logits-chunk sizes are
 chosen from free memory unless given (sizing.py) and recorded, so a resumed run
 uses the same ones; a batch's scores reach the host while the next batch runs
 (step.py), and are recorded then. On SIGTERM (what clusters send
@@ -39,7 +41,7 @@ from megatron_miniplm.models.gpt import resolve_implementation
 from megatron_miniplm.models.config import LayerImpl
 from megatron_miniplm.scoring import resume
 from megatron_miniplm.signals import SignalFlag
-from megatron_miniplm.scoring.bucketing import Batch, plan_batches, replica_batches, steps
+from megatron_miniplm.scoring.bucketing import Batch, plan_batches, replica_batches, replica_runs, steps
 from megatron_miniplm.scoring.dataset import ScoringError, open_dataset
 from megatron_miniplm.scoring.identity import (
     check_final, check_progress, output_prefixes, recorded_sizes, run_identity,
@@ -242,26 +244,15 @@ class Scorer:
         self.batch_scorer = BatchScorer(self.model, self.source.config.vocab_size,
                                         self.sizes.logits_chunk_tokens)
         self.per_step = cfg.microbatches_per_step or (1 if info.pp_size == 1 else 4 * info.pp_size)
-        mine = replica_batches(self.plan, info.dp_rank, info.dp_size)
-        mine = mine[~self.done[mine]]
-        # a replica short of batches under expert parallelism runs dummies (-1): see _batches_to_run
-        self.mine = np.concatenate([mine, np.full(self._batches_to_run()[info.dp_rank] - len(mine), -1, np.int64)])
+        runs = replica_runs(self.plan, self.done, info.dp_size, lockstep=info.ep_size > 1)
+        self.mine, self.run_lengths = runs[info.dp_rank], [len(r) for r in runs]
         self.recorder = None
         if info.is_last_stage and info.tp_rank == 0:
             self.recorder = DeferredRecorder(resume.ShardWriter(
                 resume.shard_path(self.progress_dir, info.dp_rank), fsync=cfg.fsync,
                 sync_interval_s=cfg.fsync_interval_s))
-        self.todo_tokens = int(self.plan.batch_tokens[~self.done].sum())
-
-    def _batches_to_run(self) -> list[int]:
-        """Batches each replica runs this session: its own not yet recorded, or under expert
-        parallelism the most that any replica has. Every forward of an expert-parallel rank
-        exchanges tokens with the other ranks of its group inside each expert layer, so those
-        ranks must run the same number of batches in the same steps; a replica with fewer
-        runs dummy batches, whose scores are dropped."""
-        dp = self.info.dp_size
-        todo = [int((~self.done[replica_batches(self.plan, r, dp)]).sum()) for r in range(dp)]
-        return [max(todo)] * dp if self.info.ep_size > 1 else todo
+        scored = np.concatenate(runs)
+        self.todo_tokens = int(self.plan.batch_tokens[scored[scored >= 0]].sum())
 
     def _batch(self, k: int) -> Batch:
         """Batch ``k`` of the plan; a dummy (-1) is the plan's shortest instance alone."""
@@ -299,14 +290,14 @@ class Scorer:
         return (sigterm.name if stopped else None), session
 
     def _replica_instances(self) -> tuple[int, int]:
-        """This replica's instances recorded before this session, and all of them."""
+        """This replica's instances that this session does not score, and all of them."""
         sizes = self.plan.batch_sizes()
-        replica = replica_batches(self.plan, self.info.dp_rank, self.info.dp_size)
-        return int(sizes[replica[self.done[replica]]].sum()), int(sizes[replica].sum())
+        total = int(sizes[replica_batches(self.plan, self.info.dp_rank, self.info.dp_size)].sum())
+        return total - int(sizes[self.mine[self.mine >= 0]].sum()), total
 
     def _common_steps(self) -> int:
         """Steps that every replica takes: where the ranks can agree to stop on a signal."""
-        return min(-(-n // self.per_step) for n in self._batches_to_run())
+        return min(-(-n // self.per_step) for n in self.run_lengths)
 
     def _run_steps(self, sigterm: SignalFlag, common_steps: int, bar: "_Progress") -> bool:
         """One step per group of ``per_step`` batches; True when the ranks agreed to stop. The

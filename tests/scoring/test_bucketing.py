@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from megatron_miniplm.scoring.bucketing import plan_batches, replica_batches, steps
+from megatron_miniplm.scoring.bucketing import plan_batches, replica_batches, replica_runs, steps
 
 
 def lengths(n=200, seed=0):
@@ -75,3 +75,22 @@ def test_empty_and_invalid():
     assert len(plan) == 0
     with pytest.raises(ValueError):
         plan_batches(np.array([5]), 0)
+
+
+def test_resumed_replicas_in_lockstep_run_each_batch_beside_the_same_batches():
+    """7 batches over 2 replicas: replica 0 runs 0 2 4 6, replica 1 runs 1 3 5 and a dummy, in
+    steps (0,1) (2,3) (4,5) (6,-). Replica 0 recorded 0 2 4, replica 1 only 1: alone, each
+    runs what it has not recorded; in lockstep both resume at step 1 (replica 0 runs 2 and 4
+    again) so that every step pairs the batches of the uninterrupted run."""
+    plan = plan_batches(np.full(7, 5), micro_batch_size=1)
+    done = np.zeros(7, bool)
+    done[[0, 2, 4, 1]] = True
+    alone = replica_runs(plan, done, 2, lockstep=False)
+    assert [r.tolist() for r in alone] == [[6], [3, 5]]
+    together = replica_runs(plan, done, 2, lockstep=True)
+    assert [r.tolist() for r in together] == [[2, 4, 6], [3, 5, -1]]
+    fresh = replica_runs(plan, np.zeros(7, bool), 2, lockstep=True)
+    assert [r.tolist() for r in fresh] == [[0, 2, 4, 6], [1, 3, 5, -1]]
+    # the short replica done, the other not: the dummy still comes last, beside batch 6
+    done[[3, 5, 6]] = [True, True, False]
+    assert [r.tolist() for r in replica_runs(plan, done, 2, lockstep=True)] == [[6], [-1]]

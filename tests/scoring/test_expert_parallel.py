@@ -17,19 +17,21 @@ import numpy as np
 import pytest
 
 from distributed import run_distributed
-from helpers import EOD, make_instances, save_checkpoint, write_dataset
+from helpers import EOD, make_instances, run_until_records, save_checkpoint, torchrun_score_docs, write_dataset
 
 N_INSTANCES = 17
 MICRO_BATCH = 2
 RTOL = 1e-5
+KILL_INSTANCES = 241  # an odd number of batches of one: replica 1 runs a dummy at the end
 
 
 def _config(root, name, **kw):
     from megatron_miniplm.scoring.config import ScoreConfig
 
-    return ScoreConfig(data_path=os.path.join(root, "data"), load=os.path.join(root, kw.pop("ckpt", "moe")),
-                       output_prefix=os.path.join(root, name), micro_batch_size=MICRO_BATCH, progress=False,
-                       fsync=False, **kw)
+    kw.setdefault("data_path", os.path.join(root, "data"))
+    return ScoreConfig(load=os.path.join(root, kw.pop("ckpt", "moe")),
+                       output_prefix=os.path.join(root, name), micro_batch_size=kw.pop("micro_batch_size", MICRO_BATCH),
+                       progress=False, fsync=False, **kw)
 
 
 def _world1(root: str) -> None:
@@ -38,6 +40,7 @@ def _world1(root: str) -> None:
 
     instances = make_instances(N_INSTANCES, seed=5)
     write_dataset(os.path.join(root, "data"), instances)
+    write_dataset(os.path.join(root, "big"), make_instances(KILL_INSTANCES, seed=4))
     save_checkpoint(os.path.join(root, "moe"), preset="tiny-moe")
     save_checkpoint(os.path.join(root, "dense"))
     _reference(root, instances)
@@ -81,6 +84,8 @@ def _world2(root: str) -> None:
     logging.getLogger("score_docs").setLevel(logging.INFO)
     score(_config(root, "ep2", expert_model_parallel_size=2))
     logging.getLogger("score_docs").removeHandler(handler)
+    score(_config(root, "big-uninterrupted", data_path=os.path.join(root, "big"), expert_model_parallel_size=2,
+                  micro_batch_size=1))
     refusals = {}
     for name, kw in (("dense", dict(ckpt="dense")), ("ep4", dict(expert_model_parallel_size=4)),
                      ("tp2", dict(tensor_model_parallel_size=2))):
@@ -144,6 +149,45 @@ def test_ep2_beside_tp2_and_pp2_equals_one_process(root, name):
     np.testing.assert_array_equal(got[:, 1], ep1[:, 1])
     np.testing.assert_allclose(got[:, 0], ep1[:, 0], rtol=RTOL, atol=1e-6)
     assert meta["parallel"]["expert_model_parallel_size"] == 2 and meta["parallel"]["data_parallel_size"] == 2
+
+
+def _fewer_records_on_replica_1(output: str) -> None:
+    """Cut replica 1's progress shard two records shorter than replica 0's: a kill can land
+    between the replicas' appends of the same step (or the replicas' shards reach the disk
+    unequally), and the rerun must then pair the batches as the uninterrupted run did."""
+    from megatron_miniplm.scoring import resume
+
+    pdir = resume.progress_dir(output)
+    kept = len(resume.read_shard(resume.shard_path(pdir, 0))[0]) - 2
+    path = resume.shard_path(pdir, 1)
+    shard, _ = resume.read_shard(path)
+    assert len(shard) >= kept
+    os.truncate(path, 0)
+    writer = resume.ShardWriter(path, fsync=False)
+    for record in shard[:kept]:
+        writer.append(record.batch_index, record.scores)
+    writer.close()
+
+
+def test_sigkill_mid_run_then_rerun_is_bit_identical_at_ep2(root):
+    """torchrun, EP=2: SIGKILL every process once a few batches are recorded, cut replica 1's
+    progress two records short of replica 0's, rerun: the bytes of the uninterrupted EP=2 run
+    (replica 0 scores two batches again, beside the batches it had beside it before, and their
+    second records must equal the first: the progress assembly checks)."""
+    args = ["--data-path", os.path.join(root, "big"), "--load", os.path.join(root, "moe"), "--micro-batch-size", "1",
+            "--expert-model-parallel-size", "2"]
+    output = os.path.join(root, "big-killed")
+    assert run_until_records(args, output, 5) >= 5
+    _fewer_records_on_replica_1(output)
+    proc = torchrun_score_docs([*args, "--output-prefix", output])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "(resuming)" in err
+    want, want_meta = _load(os.path.join(root, "big-uninterrupted"))
+    got, meta = _load(output)
+    assert got.tobytes() == want.tobytes() and meta["sha256"] == want_meta["sha256"]
+    assert meta["resumed"] is True and not want_meta["resumed"]
+    assert not os.path.exists(output + ".progress")
 
 
 def test_startup_says_how_the_experts_are_placed(root):
