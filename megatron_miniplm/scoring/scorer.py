@@ -208,7 +208,7 @@ class Scorer:
     def _sizes_from_free_memory(self) -> Sizes:
         """Sizes chosen anew, from the least free memory over the ranks (collective)."""
         free, free_why = least_free_memory()
-        return choose_sizes(self.cfg, self.source.config, tp=self.info.tp_size,
+        return choose_sizes(self.cfg, self.source.config, tp=self.info.tp_size, ep=self.info.ep_size,
                             longest=longest_predictions(self.dataset.lengths),
                             attention_scores=self.impl.attention == "local",
                             free_bytes=free, free_why=free_why)

@@ -16,7 +16,10 @@ Usable memory is ``USABLE_FRACTION`` of ``free_memory()``, measured after the mo
 is loaded and taken as the least over all ranks, so that every rank chooses the same sizes
 (TP ranks must agree on the chunks, all ranks on the batches). The per-token estimates
 bound one layer's transients (forward-only: nothing is kept across layers), doubled for the
-allocator's slack.
+allocator's slack; a mixture of experts' count the rows its experts can be sent on this rank
+(top-k copies, gathered over TP and, under expert parallelism, from the other ranks), not the
+dense FFN width. The weights (a rank's share of the experts: E / EP) are in the free memory,
+measured once the model is loaded.
 
 The micro-batch size changes the batches, hence the numbers. The chunk size does not on the
 CPU (nll.py, tested) but may on a GPU, whose reductions are tuned to the shape. Both are
@@ -77,15 +80,43 @@ def longest_predictions(lengths: np.ndarray) -> int:
     return max(1, int(np.max(lengths, initial=0)) - 1)
 
 
-def activation_bytes_per_token(config, tp: int, dtype_bytes: int, seq: int, attention_scores: bool) -> int:
+def activation_bytes_per_token(config, tp: int, dtype_bytes: int, seq: int, attention_scores: bool,
+                               ep: int = 1) -> int:
     """Upper bound of one layer's forward transients per token on one rank: residual stream,
-    norm output and gathered rows (4h), QKV, attention output, SwiGLU's fc1 and product
-    (split by TP); with an attention that materialises scores, fp32 [heads, s] per token."""
-    h, ffn, kv = config.hidden_size, config.ffn_hidden_size, config.kv_heads * config.head_dim
-    per = dtype_bytes * (4 * h + (2 * h + 2 * kv + 3 * ffn) // tp)
+    norm output and gathered rows (4h), QKV and attention output (split by TP), the MLP's
+    (mlp_elements_per_token); with an attention that materialises scores, fp32 [heads, s]
+    per token."""
+    h, kv = config.hidden_size, config.kv_heads * config.head_dim
+    per = dtype_bytes * (4 * h + (2 * h + 2 * kv) // tp) + mlp_bytes_per_token(config, tp, ep, dtype_bytes)
     if attention_scores:
         per += config.num_attention_heads // tp * seq * (4 + 2 * dtype_bytes)
     return SLACK * per
+
+
+def routed_copies_per_token(config, tp: int, ep: int) -> int:
+    """Most rows an expert layer of this rank computes per token of its own sequence.
+
+    megatron-core's dispatchers gather the tokens of the TP ranks (the same tokens: TP copies)
+    and, under expert parallelism, bring each rank the tokens of the EP ranks that chose its
+    experts. A token goes to k distinct experts, of which a rank holds E / EP, so at most
+    min(k, E / EP) copies of each token of the TP x EP ranks reach it: k x TP at EP 1, and
+    at EP > 1 the bound when every rank's tokens choose this rank's experts (routing drops
+    none, so nothing less is sure)."""
+    return tp * ep * min(config.moe_router_topk, config.num_experts // ep)
+
+
+def mlp_bytes_per_token(config, tp: int, ep: int, dtype_bytes: int) -> int:
+    """A dense SwiGLU: its fc1 output and product (3 ffn, split by TP). A mixture of experts:
+    the gathered input and the combined output (TP rows of h each), the router's fp32 logits
+    and probabilities and the probabilities gathered over TP (E each), and per routed copy
+    (routed_copies_per_token) the permuted row and the expert's output row (2h) and its fc1
+    output and product (3 moe_ffn, split by TP)."""
+    if not config.num_experts:
+        return dtype_bytes * 3 * config.ffn_hidden_size // tp
+    h, m = config.hidden_size, config.expert_ffn_hidden_size
+    copies = routed_copies_per_token(config, tp, ep)
+    return (dtype_bytes * (2 * tp * h + copies * (2 * h + 3 * m // tp))
+            + 4 * config.num_experts * (2 + tp))
 
 
 def logit_bytes_per_row(vocab_local: int, dtype_bytes: int) -> int:
@@ -149,12 +180,13 @@ def least_free_memory() -> tuple[int, str]:
 
 
 def choose_sizes(cfg, config, *, tp: int, longest: int, attention_scores: bool,
-                 free_bytes: int, free_why: str) -> Sizes:
+                 free_bytes: int, free_why: str, ep: int = 1) -> Sizes:
     """The micro-batch size and logits chunk rows for ``cfg`` (a ScoreConfig) and the model
-    ``config`` at tensor parallelism ``tp``; explicit settings are kept as given."""
+    ``config`` at tensor parallelism ``tp`` and expert parallelism ``ep``; explicit settings
+    are kept as given."""
     dtype_bytes = 2 if cfg.bf16 else 4
     usable = int(free_bytes * USABLE_FRACTION)
-    act = activation_bytes_per_token(config, tp, dtype_bytes, longest, attention_scores)
+    act = activation_bytes_per_token(config, tp, dtype_bytes, longest, attention_scores, ep)
     if cfg.micro_batch_size is not None:
         mbs, mbs_why = cfg.micro_batch_size, "--micro-batch-size"
     else:

@@ -81,3 +81,45 @@ def test_a_rerun_reuses_the_sizes_recorded_for_the_same_request(tmp_path):
     with open(prefix + ".meta.json", "w") as f:
         json.dump({"sizing": Sizes(12, 512, "x").record(request)}, f)
     assert recorded_sizes([prefix], prefix + ".progress", request).micro_batch_size == 12
+
+
+MIXTRAL = ModelConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+                      num_query_groups=8, vocab_size=32000, num_experts=8, moe_router_topk=2)
+
+
+def test_a_mixture_of_experts_counts_its_routed_rows_per_rank():
+    """Mixtral-8x7B in bf16, by hand: h 4096, K/V 8 x 128 = 1024, experts of inner size 14336,
+    top 2 of 8. Per token: 4h + (2h + 2kv) / TP of the layer around the MLP; the MoE's gathered
+    input and combined output (2 TP h), the router's fp32 logits, probabilities and gathered
+    probabilities (4 bytes x 8 x (2 + TP)), and per routed row 2h + 3 x 14336 / TP, for
+    TP x EP x min(2, 8 / EP) rows; doubled (SLACK)."""
+    from megatron_miniplm.scoring.sizing import activation_bytes_per_token
+
+    around = 2 * (4 * 4096 + 2 * 4096 + 2 * 1024)  # TP 1
+    moe = 2 * 2 * 4096 + 4 * 8 * 3 + 2 * (2 * 4096 + 3 * 14336) * 2  # 2 rows: the top 2, all experts here
+    assert activation_bytes_per_token(MIXTRAL, 1, 2, 4096, False) == 2 * (around + moe) == 549_056
+    # the dense count of the same width (3 x 14336 once) holds half of it: the top 2 rows each
+    dense = MIXTRAL.replace(num_experts=None)
+    assert activation_bytes_per_token(dense, 1, 2, 4096, False) == 2 * (around + 2 * 3 * 14336) == 278_528
+    # TP 2 and EP 2 (4 experts a rank): the TP ranks' tokens gathered (2 copies), and of both EP
+    # ranks' tokens up to min(2, 4) rows each reach this rank's experts: 8 rows, fc1 halved by TP
+    around = 2 * (4 * 4096 + (2 * 4096 + 2 * 1024) // 2)
+    moe = 2 * 2 * 2 * 4096 + 4 * 8 * 4 + 8 * (2 * 4096 + 3 * 14336 // 2) * 2
+    assert activation_bytes_per_token(MIXTRAL, 2, 2, 4096, False, ep=2) == 2 * (around + moe) == 1_102_080
+    # at EP 8 each rank holds one expert: a token sends it at most one row
+    from megatron_miniplm.scoring.sizing import routed_copies_per_token
+
+    assert [routed_copies_per_token(MIXTRAL, 1, ep) for ep in (1, 2, 4, 8)] == [2, 4, 8, 8]
+
+
+def test_choose_sizes_sizes_an_expert_parallel_batch_by_the_rank_s_rows():
+    """With memory the limit (80 GiB free, 80% usable, half of it for activations), the batch
+    of 4096-token rows is what the per-token bound allows: at EP 2 (TP 1) 4 routed rows per
+    token, 2 * (26624 + 2 * 4096 + 96 + 4 * 51200) = 958,656 bytes, against EP 1's 549,056."""
+    cfg = replace(CFG, target_tokens_per_batch=1 << 20)
+    half = int(80 * GiB * 0.8) // 2
+    for ep, per_token in ((1, 549_056), (2, 958_656)):
+        got = choose_sizes(cfg, MIXTRAL, tp=1, ep=ep, longest=4096, attention_scores=False, free_bytes=80 * GiB,
+                           free_why="test")
+        assert got.micro_batch_size == half // (per_token * 4096) == (15 if ep == 1 else 8)
+        assert f"activations (~{per_token} B/token)" in got.why
