@@ -27,6 +27,11 @@ class EvalConfig:
     output_dir: str = setting("eval_results", group=LM_LOSS, help="per-instance scores are kept here")
     tensor_model_parallel_size: int = setting(1, group=LM_LOSS, help="tensor-parallel ranks per model replica")
     pipeline_model_parallel_size: int = setting(1, group=LM_LOSS, help="pipeline stages per model replica")
+    expert_model_parallel_size: int = setting(
+        1, group=LM_LOSS,
+        help="ranks the experts of a mixture-of-experts checkpoint (a teacher) are split over, as in Megatron-LM "
+             "and tools/score_docs.py; unlike Megatron-LM's, it applies to the checkpoints with experts only: "
+             "dense ones are scored at 1")
     micro_batch_size: int = setting(8, group=LM_LOSS, help="test instances per forward pass and replica")
     bf16: bool = setting(False, group=LM_LOSS, help="bf16 parameters and activations")
     bootstrap_samples: int = setting(10_000, group=LM_LOSS, help="resamples of the test instances")

@@ -86,6 +86,15 @@ def add_task_results(cfg: EvalConfig, models: dict) -> None:
             )
 
 
+def expert_parallel_size(checkpoint: str, requested: int) -> int:
+    """``requested`` for a checkpoint with experts, 1 for a dense one (nothing to split)."""
+    if requested == 1:
+        return 1
+    from megatron_miniplm.scoring.model import resolve_checkpoint
+
+    return requested if resolve_checkpoint(checkpoint).config.num_experts else 1
+
+
 def lm_loss_results(cfg: EvalConfig) -> tuple[dict, dict, object]:
     """Every checkpoint scored on the test set (collective), summarized on rank 0; with each
     model's per-instance losses per seed and the test document of each instance (a size
@@ -105,7 +114,8 @@ def lm_loss_results(cfg: EvalConfig) -> tuple[dict, dict, object]:
                 ckpt, cfg.data_path, os.path.join(cfg.output_dir, f"{label}-{data_name}"),
                 micro_batch_size=cfg.micro_batch_size, bf16=cfg.bf16,
                 tensor_model_parallel_size=cfg.tensor_model_parallel_size,
-                pipeline_model_parallel_size=cfg.pipeline_model_parallel_size, progress=False,
+                pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+                expert_model_parallel_size=expert_parallel_size(ckpt, cfg.expert_model_parallel_size), progress=False,
             )
             if scores is not None:
                 runs.setdefault(name, []).append((ckpt, scores))

@@ -47,8 +47,9 @@ PreprocessSection = section_of(
     PreprocessConfig, name="PreprocessSection",
     sets=("inputs", "output_prefix", "tokenizer", "seq_length", "progress"))
 SplitSection = section_of(SplitConfig, name="SplitSection", sets=("input_prefix", "ref_prefix", "rest_prefix", "seed"))
-# Expert parallelism stays at its default (1) in both: the one scoring section serves the
-# teacher and the reference, and a dense reference has no experts to split; training refuses it.
+# Expert parallelism is parallel.expert_model_parallel_size where the teacher is scored (its
+# scoring and its test loss) and 1 elsewhere: the reference and the students are dense, and
+# training refuses it.
 ScoringSection = section_of(
     ScoreConfig, name="ScoringSection",
     sets=("data_path", "load", "output_prefix", "tensor_model_parallel_size", "pipeline_model_parallel_size",
@@ -81,7 +82,7 @@ SeqKDSection = section_of(
 EvaluationSection = section_of(
     EvalConfig, name="EvaluationSection",
     sets=("load", "name", "json", "data_path", "output_dir", "report_dir", "metrics_file", "bootstrap_seed",
-          "tensor_model_parallel_size", "pipeline_model_parallel_size", "bf16"))
+          "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size", "bf16"))
 
 
 @dataclass
@@ -140,6 +141,11 @@ class Parallel:
                             help="torchrun (one pipeline launcher per node) or srun (one per Slurm job)")
     tensor_model_parallel_size: int = setting(1, help="for training, scoring and evaluation")
     pipeline_model_parallel_size: int = setting(1, help="for training, scoring and evaluation")
+    expert_model_parallel_size: int = setting(
+        1, help="where the teacher is scored (score-teacher, and its test loss in evaluate), its experts split "
+                "over this many data-parallel ranks: tools/score_docs.py's and tools/evaluate.py's "
+                "--expert-model-parallel-size, for a mixture-of-experts teacher; the reference and the students "
+                "are dense and run at 1")
 
 
 def _demo_reference() -> LanguageModel:
@@ -378,8 +384,10 @@ def _flat_keys(data: Mapping, prefix: str = "") -> list[str]:
     return keys
 
 
-# Settings declared once at the top and given to every stage.
-TOP_LEVEL = {f.name for f in dataclasses.fields(PipelineConfig)} | {f.name for f in dataclasses.fields(Parallel)}
+# Settings declared once at the top and given to every stage, and the parallel layout (given to
+# the stages that use each setting).
+PARALLEL = {f.name for f in dataclasses.fields(Parallel)}
+TOP_LEVEL = {f.name for f in dataclasses.fields(PipelineConfig)} | PARALLEL
 
 
 def from_data(data: Mapping) -> PipelineConfig:
@@ -411,6 +419,8 @@ def _refuse_pipeline_settings(data: Mapping, path: tuple = ()) -> None:
                 raise ConfigError(f"{where}: expected a mapping of {tp.stage.__name__} settings")
             known = {f.name for f in dataclasses.fields(tp)}
             for name in set(value) - known:
+                if name in PARALLEL:
+                    raise ConfigError(f"{where}.{name}: set by the pipeline itself, from parallel.{name}")
                 if name in TOP_LEVEL:
                     raise ConfigError(f"{where}.{name}: set {name} once, at the top of the pipeline config "
                                       f"(every stage must use the same)")

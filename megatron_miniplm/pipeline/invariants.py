@@ -191,6 +191,24 @@ def _layout(graph: Graph, teacher_shape: Optional[dict]) -> list[str]:
                             f"attention heads / {kv} key-value heads (teacher.load)")
         if layers and layers % pp:
             problems.append(f"parallel.pipeline_model_parallel_size {pp} does not divide the teacher's {layers} layers")
+    return problems + _experts(par.expert_model_parallel_size, dp, teacher_shape)
+
+
+def _experts(ep: int, dp: int, teacher_shape: Optional[dict]) -> list[str]:
+    """Expert parallelism splits the teacher's experts over data-parallel ranks: both divide."""
+    if ep == 1:
+        return []
+    problems = []
+    if dp % ep:
+        problems.append(f"parallel.expert_model_parallel_size {ep} does not divide the {dp} data-parallel ranks "
+                        f"(nodes x processes / (tensor x pipeline parallel sizes))")
+    if teacher_shape:  # a megatron model_config.json or a transformers config.json
+        experts = teacher_shape.get("num_experts") or teacher_shape.get("num_local_experts")
+        if not experts:
+            problems.append(f"parallel.expert_model_parallel_size {ep}: the teacher (teacher.load) has no experts "
+                            f"to split")
+        elif experts % ep:
+            problems.append(f"parallel.expert_model_parallel_size {ep} does not divide the teacher's {experts} experts")
     return problems
 
 

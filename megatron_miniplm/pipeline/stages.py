@@ -442,22 +442,23 @@ class Graph:
     def _score(self, model: str) -> None:
 
         cfg, par = self.cfg, self.cfg.parallel
+        ep = par.expert_model_parallel_size if model == "teacher" else 1  # the reference is dense
 
         def commands(out, dirs):
             load = self.teacher_checkpoint(dirs) if model == "teacher" else os.path.join(dirs["reference"], "ckpt")
             score = cfg.scoring.stage_config(
                 data_path=os.path.join(dirs["split"], "rest"), load=load, output_prefix=os.path.join(out, "scores"),
                 seed=cfg.seed, bf16=self.bf16, tensor_model_parallel_size=par.tensor_model_parallel_size,
-                pipeline_model_parallel_size=par.pipeline_model_parallel_size, expert_model_parallel_size=1,
-                progress=False)  # EP 1: see pipeline/config.py
+                pipeline_model_parallel_size=par.pipeline_model_parallel_size, expert_model_parallel_size=ep,
+                progress=False)
             return [[self.python, tool("score_docs.py"), *to_argv(score)]]
 
         def missing(out, dirs):
             return None if _score_files(os.path.join(out, "scores")) else "no score file yet"
 
         self.stages.append(Stage(f"score-{model}", DISTRIBUTED,
-                                 {"scoring": cfg.scoring.given(), "bf16": self.bf16, "seed": cfg.seed, "layout": _layout(cfg),
-                                  "scores_version": SCORES_VERSION},
+                                 {"scoring": cfg.scoring.given(), "bf16": self.bf16, "seed": cfg.seed,
+                                  "layout": _layout(cfg, ep), "scores_version": SCORES_VERSION},
                                  deps=[model, "split"], commands=commands, missing=missing,
                                  progress=lambda out, dirs: scoring_progress(os.path.join(out, "scores"))))
 
@@ -529,15 +530,17 @@ class Graph:
                 output_dir=os.path.join(out, "eval"), json=os.path.join(out, "results.json"),
                 report_dir=os.path.join(out, "report"), metrics_file=metrics, bootstrap_seed=cfg.seed,
                 tensor_model_parallel_size=par.tensor_model_parallel_size,
-                pipeline_model_parallel_size=par.pipeline_model_parallel_size, bf16=self.bf16)
+                pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+                expert_model_parallel_size=par.expert_model_parallel_size, bf16=self.bf16)
             argv = [self.python, tool("evaluate.py"), *to_argv(evaluation)]
             return [argv]
 
         def missing(out, dirs):
             return None if os.path.exists(os.path.join(out, "results.json")) else "no results yet"
 
+        layout = _layout(cfg, par.expert_model_parallel_size)  # the teacher's test loss at its EP
         self.stages.append(Stage("evaluate", DISTRIBUTED, {"evaluation": cfg.evaluation.given(), "bf16": self.bf16, "seed": cfg.seed,
-                                                           "teacher": self.teacher_label(), "layout": _layout(cfg),
+                                                           "teacher": self.teacher_label(), "layout": layout,
                                                            "scores_version": SCORES_VERSION},
                                  deps=[*(stage for stage, _, _ in students), "reference", "teacher", "data"]
                                  + ([] if same_tokenizer else ["retokenize"]),
@@ -605,8 +608,10 @@ def scoring_progress(output_prefix: str) -> Optional[str]:
     return text
 
 
-def _layout(cfg: PipelineConfig) -> dict:
-    """The parallel layout, which changes numbers (reduction order): part of a fingerprint."""
+def _layout(cfg: PipelineConfig, ep: int = 1) -> dict:
+    """The parallel layout, which changes numbers (reduction order): part of a fingerprint;
+    ``ep``: the stage's expert parallelism, named only above 1 (the stages that run dense keep
+    the fingerprints they had)."""
     par = cfg.parallel
     return {"world": par.nnodes * par.nproc_per_node, "tp": par.tensor_model_parallel_size,
-            "pp": par.pipeline_model_parallel_size}
+            "pp": par.pipeline_model_parallel_size, **({"ep": ep} if ep > 1 else {})}

@@ -202,3 +202,40 @@ def test_student_sizes_name_the_students_of_every_method():
     # the 'all' baseline trains on the split's rest (all of D), its budget read from MiniPLM's selection
     stage = graph["student-all@L2-H64"]
     assert stage.settings["data"] == "rest" and {"split", "select", "data"} == set(stage.deps)
+
+
+def test_expert_parallelism_reaches_where_the_teacher_is_scored():
+    """parallel.expert_model_parallel_size goes to the teacher's scoring and to the evaluation (which
+    applies it to the checkpoints with experts); the reference's scoring and the trainings run at 1.
+    Only those two stages' fingerprints change with it."""
+    from megatron_miniplm.pipeline.stages import Graph
+
+    base = Graph(config.load(None, ["bf16=false", "parallel.nproc_per_node=2"], environ={})[0])
+    ep2 = Graph(config.load(None, ["bf16=false", "parallel.nproc_per_node=2", "parallel.expert_model_parallel_size=2"],
+                            environ={})[0])
+    dirs = {stage.name: f"/dirs/{stage.name}" for stage in ep2.stages}
+
+    def flag(stage):
+        argv = ep2[stage].commands("/out", dirs)[-1]
+        return argv[argv.index("--expert-model-parallel-size") + 1] if "--expert-model-parallel-size" in argv else None
+
+    assert [flag(s) for s in ("score-teacher", "evaluate", "score-reference")] == ["2", "2", None]
+    assert ep2.train_config(ep2.cfg.student, "out", {"data": "d"}, "x", 5).expert_model_parallel_size == 1
+    changed = {s.name for s in ep2.stages if s.fingerprint != base[s.name].fingerprint}
+    assert "score-teacher" in changed and "evaluate" in changed
+    assert not changed & {"data", "split", "reference", "score-reference", "teacher"}
+    with pytest.raises(ConfigError, match="scoring.expert_model_parallel_size: set by the pipeline itself, from "
+                                         "parallel.expert_model_parallel_size"):
+        config.load(None, ["scoring.expert_model_parallel_size=2"], environ={})
+
+
+def test_expert_parallelism_divides_the_ranks_and_the_teacher_s_experts():
+    from megatron_miniplm.pipeline.invariants import _experts
+
+    assert _experts(1, 3, {"num_attention_heads": 4}) == []  # EP 1: nothing is split
+    assert _experts(2, 4, {"num_experts": 8}) == [] and _experts(2, 2, None) == []
+    assert _experts(4, 4, {"num_local_experts": 6}) == [
+        "parallel.expert_model_parallel_size 4 does not divide the teacher's 6 experts"]
+    assert _experts(4, 6, {"num_experts": 8}) == [
+        "parallel.expert_model_parallel_size 4 does not divide the 6 data-parallel ranks (nodes x processes / "
+        "(tensor x pipeline parallel sizes))"]

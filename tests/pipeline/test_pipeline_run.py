@@ -257,6 +257,10 @@ def test_two_nodes_match_one_node(setting, one_node, tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("parallel.tensor_model_parallel_size=3", "does not divide the 2 attention heads"),
     ("parallel.pipeline_model_parallel_size=4", "does not divide the teacher's 2 layers"),
+    ("parallel.expert_model_parallel_size=2", "parallel.expert_model_parallel_size 2: the teacher (teacher.load) "
+                                              "has no experts to split"),
+    ("parallel.expert_model_parallel_size=2", "parallel.expert_model_parallel_size 2 does not divide the 1 "
+                                              "data-parallel ranks"),
     ("tokenizer=OTHER", "differs from the teacher's"),
     ("seq_length=1000", "exceeds the teacher's 256 positions"),
     ("selection.baselines=[uniform,random]", "selection.baselines"),

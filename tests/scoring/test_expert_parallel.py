@@ -96,6 +96,18 @@ def _world2(root: str) -> None:
     if dist.get_rank() == 0:
         with open(os.path.join(root, "refusals.txt"), "w") as f:
             f.write("\n".join(f"{k}: {v}" for k, v in sorted(refusals.items())))
+    _evaluate(root)
+
+
+def _evaluate(root: str) -> None:
+    """tools/evaluate.py's LM loss at --expert-model-parallel-size 2: the MoE checkpoint with its
+    experts split, the dense one (nothing to split) at EP 1."""
+    from megatron_miniplm.evaluation.config import EvalConfig
+    from megatron_miniplm.evaluation.run import lm_loss_results
+
+    lm_loss_results(EvalConfig(load=[os.path.join(root, "moe"), os.path.join(root, "dense")], name=["moe", "dense"],
+                               data_path=os.path.join(root, "data"), output_dir=os.path.join(root, "eval"),
+                               micro_batch_size=MICRO_BATCH, expert_model_parallel_size=2))
 
 
 def _world4(root: str) -> None:
@@ -188,6 +200,15 @@ def test_sigkill_mid_run_then_rerun_is_bit_identical_at_ep2(root):
     assert got.tobytes() == want.tobytes() and meta["sha256"] == want_meta["sha256"]
     assert meta["resumed"] is True and not want_meta["resumed"]
     assert not os.path.exists(output + ".progress")
+
+
+def test_evaluation_splits_the_experts_of_the_checkpoints_that_have_them(root):
+    ep1, _ = _load(os.path.join(root, "ep1"))
+    moe, meta = _load(os.path.join(root, "eval", "moe-data"))
+    assert meta["parallel"]["expert_model_parallel_size"] == 2
+    np.testing.assert_allclose(moe, ep1, rtol=RTOL, atol=1e-6)
+    _, dense = _load(os.path.join(root, "eval", "dense-data"))
+    assert dense["parallel"]["expert_model_parallel_size"] == 1
 
 
 def test_startup_says_how_the_experts_are_placed(root):
