@@ -19,8 +19,8 @@ pytest.importorskip("gguf")
 NLL_ATOL = 1e-5  # the mixtures of experts' too, as in test_convert_checkpoint (no routing ties here)
 TOOL = importlib.import_module("megatron_miniplm.cli.convert_checkpoint")
 # tiny model -> the name llama.cpp would give its GGUF (general.name); Mistral is written as the
-# llama architecture, under its own name
-READABLE = {"qwen3": "Qwen3 Tiny", "qwen3-moe": "Qwen3 MoE Tiny", "mistral": "Mistral Tiny"}
+# llama architecture, under its own name; the Llama (SmolLM2's layout) has tied embeddings
+READABLE = {"qwen3": "Qwen3 Tiny", "qwen3-moe": "Qwen3 MoE Tiny", "mistral": "Mistral Tiny", "llama": "SmolLM Tiny"}
 
 
 def convert(*args) -> int:
@@ -63,7 +63,8 @@ def test_gguf_conversion_equals_the_hf_model(tmp_path, name):
         ref = token_nll(hf(tokens).logits, tokens)
     config, got = _megatron_nll(tmp_path / "meg", tokens)
     # the widths the file states, which transformers' GGUF mapping leaves to the config's defaults
-    assert config.kv_channels == 24
+    assert config.head_dim == (16 if name == "llama" else 24)
+    assert config.tie_embeddings == (name == "llama")
     if name == "qwen3-moe":
         assert (config.num_experts, config.moe_ffn_hidden_size, config.moe_router_topk) == (4, 32, 2)
     torch.testing.assert_close(got, ref, rtol=0, atol=NLL_ATOL)

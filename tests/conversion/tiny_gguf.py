@@ -4,6 +4,7 @@ Written with the ``gguf`` package (the one transformers reads GGUF with), unquan
 conversion from it can be compared with the HF model at fp32 tolerance:
 - the metadata llama.cpp states (widths, heads, RoPE base, norm epsilon, experts);
 - tensor names from gguf's own name map; the experts stacked per layer (ffn_{gate,up,down}_exps);
+- no output matrix where the embeddings are tied;
 - the llama architecture's Q and K rows interleaved per head (llama.cpp's permute); Mistral and
   Mixtral are written as the llama architecture, as llama.cpp writes them;
 - Llama 3.1's RoPE scaling as the per-frequency divisors (rope_freqs) llama.cpp writes;
@@ -93,6 +94,8 @@ def _tensors(model, architecture: str):
     names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == architecture),
                                      config.num_hidden_layers)
     for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # llama.cpp writes no output matrix for tied embeddings
         array = tensor.detach().float().numpy()
         block = key.split(".")[2] if key.startswith("model.layers.") else None
         if key.endswith("mlp.experts.gate_up_proj"):  # (experts, gate rows then up rows, hidden)
