@@ -21,7 +21,7 @@ def _tool(tmp_path, argv):
                           text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-@pytest.mark.parametrize("flag,argv,held", [
+WRITERS = [  # (the output's flag, the command before it, what is locked: the output, a suffix it needs, a prefix in it)
     ("--output-prefix", ["preprocess_data.py", "--input", "IN.jsonl", "--tokenizer", "TOK", "--output-prefix"], ""),
     ("--output-prefix", ["score_docs.py", "--data-path", "DATA", "--load", "CKPT", "--output-prefix"], ""),
     ("--save", ["pretrain_gpt.py", "--data-path", "DATA", "--seq-length", "32", "--micro-batch-size", "1",
@@ -31,12 +31,20 @@ def _tool(tmp_path, argv):
                          "R", "--alpha", "0.5", "--output-prefix"], ""),
     ("--report", ["difference_sample.py", "--data-path", "DATA", "--teacher-scores", "T", "--reference-scores", "R",
                   "--alpha", "0.5", "--output-prefix", "BLEND", "--report"], ""),
+    ("--output-prefix", ["generate_corpus.py", "--data-path", "DATA", "--load", "CKPT", "--output-prefix"], ""),
+    ("--ref-prefix", ["split_dataset.py", "--input-prefix", "DATA", "--rest-prefix", "REST", "--ref-tokens", "10",
+                      "--ref-prefix"], ""),
+    ("--rest-prefix", ["split_dataset.py", "--input-prefix", "DATA", "--ref-prefix", "REF", "--ref-tokens", "10",
+                       "--rest-prefix"], ""),
     ("--output", ["export_selection.py", "--blend", "BLEND", "--output"], ".jsonl"),
     ("--json", ["evaluate.py", "--load", "CKPT", "--data-path", "DATA", "--json"], ".json"),
     ("--report-dir", ["evaluate.py", "--load", "CKPT", "--data-path", "DATA", "--report-dir"], ""),
     # the score files of each checkpoint: OUTPUT_DIR/LABEL-TEST (a label is the checkpoint's name)
     ("--output-dir", ["evaluate.py", "--load", "CKPT", "--data-path", "DATA", "--output-dir"], "/CKPT-DATA"),
-])
+]
+
+
+@pytest.mark.parametrize("flag,argv,held", WRITERS, ids=[f"{argv[0][:-3]}{flag}" for flag, argv, _ in WRITERS])
 def test_a_second_writer_of_an_output_is_refused_naming_the_holder(tmp_path, flag, argv, held):
     output = str(tmp_path / "out" / "x") + (held if held.startswith(".") else "")
     locked = output + (held if held.startswith("/") else "")
