@@ -92,7 +92,8 @@ class ShardWriter:
                                         clock=clock)
 
     def append(self, batch_index: int, scores: np.ndarray) -> None:
-        self._log.append(batch_index, len(scores), _payload(scores))
+        payload = _payload(scores)
+        self._log.append(batch_index, len(payload) // 16, payload)
 
     def close(self) -> None:
         self._log.close()

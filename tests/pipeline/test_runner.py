@@ -149,7 +149,8 @@ def test_a_launch_reads_each_file_once(tmp_path, monkeypatch):
 
     decisions = {d.stage.name: d for d in runner.plan(graph)}
     made, now = f"{zlib.crc32(b'b'):08x}", f"{zlib.crc32(b'B'):08x}"
-    assert decisions["b"].run and f"{b_out} changed since it was made (CRC-32 {now}, {made} when" in decisions["b"].reason
+    assert decisions["b"].run
+    assert f"{b_out} changed since it was made (CRC-32 {now}, {made} when it was made)" in decisions["b"].reason
     assert reads == {b_out: 1, a_out: 1}  # b, read by c; then a, read by b (made again)
     reads.clear()
     assert runner.execute(graph, list(decisions.values()), log=lambda *a: None) == 0
