@@ -21,29 +21,50 @@ def _tool(tmp_path, argv):
                           text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-@pytest.mark.parametrize("flag,argv", [
-    ("--output-prefix", ["preprocess_data.py", "--input", "IN.jsonl", "--tokenizer", "TOK", "--output-prefix"]),
-    ("--output-prefix", ["score_docs.py", "--data-path", "DATA", "--load", "CKPT", "--output-prefix"]),
+WRITERS = [  # (the output's flag, the command before it, what is locked: the output, a suffix it needs, a prefix in it)
+    ("--output-prefix", ["preprocess_data.py", "--input", "IN.jsonl", "--tokenizer", "TOK", "--output-prefix"], ""),
+    ("--output-prefix", ["score_docs.py", "--data-path", "DATA", "--load", "CKPT", "--output-prefix"], ""),
     ("--save", ["pretrain_gpt.py", "--data-path", "DATA", "--seq-length", "32", "--micro-batch-size", "1",
-                "--global-batch-size", "1", "--train-iters", "1", "--lr", "0.001", "--save"]),
-])
-def test_a_second_writer_of_an_output_is_refused_naming_the_holder(tmp_path, flag, argv):
-    output = str(tmp_path / "out" / "x")
+                "--global-batch-size", "1", "--train-iters", "1", "--lr", "0.001", "--save"], ""),
+    ("--save", ["convert_checkpoint.py", "--direction", "hf-to-megatron", "--load", "CKPT", "--save"], ""),
+    ("--output-prefix", ["difference_sample.py", "--data-path", "DATA", "--teacher-scores", "T", "--reference-scores",
+                         "R", "--alpha", "0.5", "--output-prefix"], ""),
+    ("--report", ["difference_sample.py", "--data-path", "DATA", "--teacher-scores", "T", "--reference-scores", "R",
+                  "--alpha", "0.5", "--output-prefix", "BLEND", "--report"], ""),
+    ("--output-prefix", ["generate_corpus.py", "--data-path", "DATA", "--load", "CKPT", "--output-prefix"], ""),
+    ("--ref-prefix", ["split_dataset.py", "--input-prefix", "DATA", "--rest-prefix", "REST", "--ref-tokens", "10",
+                      "--ref-prefix"], ""),
+    ("--rest-prefix", ["split_dataset.py", "--input-prefix", "DATA", "--ref-prefix", "REF", "--ref-tokens", "10",
+                       "--rest-prefix"], ""),
+    ("--output", ["export_selection.py", "--blend", "BLEND", "--output"], ".jsonl"),
+    ("--json", ["evaluate.py", "--load", "CKPT", "--data-path", "DATA", "--json"], ".json"),
+    ("--report-dir", ["evaluate.py", "--load", "CKPT", "--data-path", "DATA", "--report-dir"], ""),
+    # the score files of each checkpoint: OUTPUT_DIR/LABEL-TEST (a label is the checkpoint's name)
+    ("--output-dir", ["evaluate.py", "--load", "CKPT", "--data-path", "DATA", "--output-dir"], "/CKPT-DATA"),
+]
+
+
+@pytest.mark.parametrize("flag,argv,held", WRITERS, ids=[f"{argv[0][:-3]}{flag}" for flag, argv, _ in WRITERS])
+def test_a_second_writer_of_an_output_is_refused_naming_the_holder(tmp_path, flag, argv, held):
+    output = str(tmp_path / "out" / "x") + (held if held.startswith(".") else "")
+    locked = output + (held if held.startswith("/") else "")
+    shown = f"{output} ({os.path.basename(locked)})" if locked != output else output
     argv = [str(tmp_path / a) if a.isupper() or a.endswith(".jsonl") else a for a in argv] + [output]
     argv[0] = os.path.basename(argv[0])
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, output], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, locked], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         refused = _tool(tmp_path, argv)
         assert refused.returncode == 1, refused.stderr[-2000:]
         line = refused.stderr.strip().splitlines()[-1]
-        assert f"error: {flag} {output}: in use by another tool (host {socket.gethostname()}, pid {holder.pid}, " \
+        assert f"error: {flag} {shown}: in use by another tool (host {socket.gethostname()}, pid {holder.pid}, " \
                f"started 20" in line, line
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     after = _tool(tmp_path, argv)  # the holder's lock went with it: the tool goes on, to its next refusal
-    assert after.returncode in (1, 2) and "in use" not in after.stderr and "not found" in after.stderr, after.stderr[-2000:]
+    assert after.returncode in (1, 2) and "in use" not in after.stderr, after.stderr[-2000:]
+    assert "not found" in after.stderr or "no such file" in after.stderr, after.stderr[-2000:]
 
 
 def test_a_tool_leaves_no_lock_file_and_a_removed_lock_file_is_not_shared(tmp_path):

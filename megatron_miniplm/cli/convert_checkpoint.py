@@ -82,7 +82,9 @@ def main(argv=None) -> int:
     check_card_flags(parser, args)
     from megatron_miniplm.conversion.hf_to_megatron import convert_hf_to_megatron
     from megatron_miniplm.conversion.megatron_to_hf import convert_megatron_to_hf
+    from megatron_miniplm.locking import hold_output
 
+    hold_output(args.save, f"--save {args.save}")
     start = time.time()
     if args.direction == "hf-to-megatron":
         r = convert_hf_to_megatron(

@@ -36,7 +36,12 @@ def main(argv=None) -> int:
     from megatron_miniplm.selection.sample import SampleRequest, run
     from megatron_miniplm.settings import from_args
 
+    from megatron_miniplm.locking import hold_output
+
     request = from_args(SampleRequest, args)
+    hold_output(request.output, f"--output-prefix {request.output}")
+    if request.report_dir:
+        hold_output(request.report_dir, f"--report {request.report_dir}")
     result = run(request)
     m = result.meta
     sel = m.get("selection", m)

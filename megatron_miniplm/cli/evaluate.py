@@ -55,9 +55,14 @@ def main(argv=None) -> int:
         cfg = from_args(EvalConfig, parser.parse_args(argv))
     except ValueError as e:
         parser.error(str(e))
-    from megatron_miniplm.evaluation.run import evaluate
+    from megatron_miniplm.evaluation.run import evaluate, outputs
     from megatron_miniplm.evaluation.table import format_table
+    from megatron_miniplm.locking import hold_output
+    from megatron_miniplm.parallel import launch_env
 
+    rank = launch_env().rank
+    for path, what in outputs(cfg):
+        hold_output(path, what, rank=rank)
     results = evaluate(cfg)
     if results:  # rank 0
         print("\n" + format_table(results))

@@ -31,7 +31,11 @@ def main(argv=None) -> int:
     from megatron_miniplm.selection.export import ExportConfig, export_selection
     from megatron_miniplm.settings import from_args
 
-    summary = export_selection(from_args(ExportConfig, args))
+    from megatron_miniplm.locking import hold_output
+
+    cfg = from_args(ExportConfig, args)
+    hold_output(cfg.output, f"--output {cfg.output}")
+    summary = export_selection(cfg)
     print(summary.describe())
     for path in summary.files:
         print(f"  {path}")

@@ -46,8 +46,10 @@ def main(argv=None) -> int:
     from megatron_miniplm import parallel
     from megatron_miniplm.generation.config import GenerateConfig
     from megatron_miniplm.generation.generator import generate
+    from megatron_miniplm.locking import hold_output
     from megatron_miniplm.settings import from_args
 
+    hold_output(args.output_prefix, f"--output-prefix {args.output_prefix}", rank=parallel.launch_env().rank)
     try:
         generate(from_args(GenerateConfig, args))
     finally:

@@ -30,9 +30,13 @@ def main(argv=None) -> int:
     setup_logging()
     from megatron_miniplm.data.split import split_dataset
     from megatron_miniplm.data.config import SplitConfig
+    from megatron_miniplm.locking import hold_output
     from megatron_miniplm.settings import from_args
 
-    return run_stage(split_dataset, from_args(SplitConfig, args))
+    config = from_args(SplitConfig, args)
+    for flag, prefix in (("--ref-prefix", config.ref_prefix), ("--rest-prefix", config.rest_prefix)):
+        hold_output(prefix, f"{flag} {prefix}")
+    return run_stage(split_dataset, config)
 
 
 if __name__ == "__main__":

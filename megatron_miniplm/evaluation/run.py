@@ -104,14 +104,12 @@ def lm_loss_results(cfg: EvalConfig) -> tuple[dict, dict, object]:
     from megatron_miniplm.evaluation.lm_loss import score_test_set
     from megatron_miniplm.evaluation.report import summarize, test_documents, test_domains
 
-    names, data_name = cfg.labels, os.path.basename(cfg.data_path)
+    names = cfg.labels
     runs: dict = {}
     try:
-        for k, (name, ckpt) in enumerate(zip(names, cfg.load)):
-            seed = sum(1 for n in names[:k] if n == name)
-            label = name if seed == 0 else f"{name}-seed{seed + 1}"
+        for name, ckpt, prefix in zip(names, cfg.load, score_prefixes(cfg)):
             scores = score_test_set(
-                ckpt, cfg.data_path, os.path.join(cfg.output_dir, f"{label}-{data_name}"),
+                ckpt, cfg.data_path, prefix,
                 micro_batch_size=cfg.micro_batch_size, bf16=cfg.bf16,
                 tensor_model_parallel_size=cfg.tensor_model_parallel_size,
                 pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
@@ -129,6 +127,28 @@ def lm_loss_results(cfg: EvalConfig) -> tuple[dict, dict, object]:
     losses = {name: [instance_losses(scores) for _, scores in model_runs] for name, model_runs in runs.items()}
     return summarize(runs, domains, domain_names, documents=documents, bootstrap_samples=cfg.bootstrap_samples,
                      seed=cfg.bootstrap_seed, level=cfg.confidence, training_seeds=seeds), losses, documents
+
+
+def score_prefixes(cfg: EvalConfig) -> list[str]:
+    """Where each checkpoint's per-instance scores go, in ``--load`` order: OUTPUT_DIR/LABEL-TEST,
+    the seeds after a label's first as LABEL-seedK."""
+    names, data_name = cfg.labels, os.path.basename(cfg.data_path)
+    prefixes = []
+    for k, name in enumerate(names):
+        seed = sum(1 for n in names[:k] if n == name)
+        label = name if seed == 0 else f"{name}-seed{seed + 1}"
+        prefixes.append(os.path.join(cfg.output_dir, f"{label}-{data_name}"))
+    return prefixes
+
+
+def outputs(cfg: EvalConfig) -> list[tuple[str, str]]:
+    """What an evaluation writes, as (path, how messages name it): the score files of each
+    checkpoint, the report directory and the JSON, where asked."""
+    found = [(p, f"--output-dir {cfg.output_dir} ({os.path.basename(p)})")
+             for p in (score_prefixes(cfg) if cfg.data_path else [])]
+    found += [(path, f"{flag} {path}") for flag, path in (("--report-dir", cfg.report_dir), ("--json", cfg.json))
+              if path]
+    return found
 
 
 def write_outputs(cfg: EvalConfig, results: dict) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from megatron_miniplm.generation.sampling import next_uniforms, sample_tokens
+from megatron_miniplm.generation.sampling import sample_tokens, stream_uniforms
 
 
 def allocate_kv_cache(model, context, batch: int, max_length: int) -> None:
@@ -40,26 +40,46 @@ def _last_logits(model, tokens: torch.Tensor, start: int, context, vocab: int) -
     return logits[:, -1, :vocab].float()
 
 
+CHECK_EVERY = 16  # decoding steps between two looks (host syncs) at whether every row has stopped
+
+
 @torch.no_grad()
 def generate_batch(model, prompts: np.ndarray, generators: list, *, max_length: int, eod: int, vocab: int,
                    temperature: float, top_p: float) -> list[np.ndarray]:
     """Each row of ``prompts`` [rows, n] followed by its sampled continuation: up to and
-    including the first EOD sampled, else to ``max_length`` tokens in all."""
+    including the first EOD sampled, else to ``max_length`` tokens in all.
+
+    The tokens stay on the model's device, each fed back as it is sampled; the host looks at
+    them every ``CHECK_EVERY`` steps, to stop once every row has sampled EOD, and at the end.
+    The steps after a row's EOD change nothing of it: its tokens are cut there, and each
+    step's numbers were drawn before the first (``stream_uniforms``)."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
     rows, n = prompts.shape
     device = next(model.parameters()).device
     context = StaticInferenceContext(rows, max_length)
     allocate_kv_cache(model, context, rows, max_length)
-    out = torch.empty(rows, max_length, dtype=torch.int64)
-    out[:, :n] = torch.from_numpy(prompts)
-    ends = torch.full((rows,), max_length, dtype=torch.int64)  # each row's length
-    logits = _last_logits(model, out[:, :n].to(device), 0, context, vocab)
+    out = torch.empty(rows, max_length, dtype=torch.int64, device=device)
+    out[:, :n] = torch.from_numpy(prompts).to(device)
+    uniforms = stream_uniforms(generators, max_length - n).to(device)
+    logits = _last_logits(model, out[:, :n], 0, context, vocab)
     for t in range(n, max_length):
-        token = sample_tokens(logits, next_uniforms(generators), temperature, top_p).cpu()
-        out[:, t] = token
-        ends = torch.where((token == eod) & (ends == max_length), torch.full_like(ends, t + 1), ends)
-        if t + 1 == max_length or bool((ends < max_length).all()):
+        out[:, t] = sample_tokens(logits, uniforms[:, t - n], temperature, top_p)
+        if t + 1 == max_length or ((t + 1 - n) % CHECK_EVERY == 0 and _all_stopped(out[:, n:t + 1], eod)):
             break
-        logits = _last_logits(model, token[:, None].to(device), t, context, vocab)
-    return [out[i, : int(ends[i])].numpy() for i in range(rows)]
+        logits = _last_logits(model, out[:, t:t + 1], t, context, vocab)
+    return _cut_at_eod(out[:, :t + 1].cpu(), n, eod)
+
+
+def _all_stopped(sampled: torch.Tensor, eod: int) -> bool:
+    """Every row has sampled EOD (a host sync)."""
+    return bool((sampled == eod).any(dim=1).all())
+
+
+def _cut_at_eod(tokens: torch.Tensor, n: int, eod: int) -> list[np.ndarray]:
+    """Each row up to and including its first EOD after the prompt's ``n`` tokens, else whole."""
+    cut = []
+    for row in tokens.numpy():
+        hits = np.flatnonzero(row[n:] == eod)
+        cut.append(row[: n + int(hits[0]) + 1] if len(hits) else row)
+    return cut

@@ -23,10 +23,17 @@ def instance_generators(seed: int, instance_ids) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(instance_seed(seed, int(i))) for i in instance_ids]
 
 
+def stream_uniforms(generators: list[torch.Generator], steps: int) -> torch.Tensor:
+    """float64 [rows, steps]: the next ``steps`` numbers of each row's stream, one draw per
+    row (a CPU generator fills a tensor in order, so the k-th number is the one the k-th of
+    single draws would give). A row's k-th token uses its k-th number, whether the row has
+    stopped before or not."""
+    return torch.stack([torch.rand(steps, generator=g, dtype=torch.float64) for g in generators])
+
+
 def next_uniforms(generators: list[torch.Generator]) -> torch.Tensor:
-    """float64 [rows]: the next number of each row's stream (drawn at every step, so that a
-    row's k-th token always uses its k-th number)."""
-    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+    """float64 [rows]: the next number of each row's stream."""
+    return stream_uniforms(generators, 1)[:, 0]
 
 
 def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

@@ -90,8 +90,8 @@ def damage(out: str, recorded: dict, *, contents: bool) -> Optional[str]:
             return f"{path} is missing"
         if now != size:
             return f"{path} has {now:,} bytes, {size:,} when it was made"
-        if contents and file_crc32(path) != crc:
-            return f"{path} changed since it was made (CRC-32 {file_crc32(path)}, {crc} when it was made)"
+        if contents and (now_crc := file_crc32(path)) != crc:
+            return f"{path} changed since it was made (CRC-32 {now_crc}, {crc} when it was made)"
     return None
 
 

@@ -8,15 +8,11 @@
                                             atomically every few seconds, for the pipeline's
                                             --status; never read to resume
 
-A shard is a sequence of records, one per finished batch:
-
-    magic b"SCR1" | batch index u64 | rows u32 | float64 [rows, 2] | crc32 u32
-
-A SIGKILL can leave at most one torn record at the end of a shard; readers stop
-at the first record that is short or fails its checksum, and the owner
-truncates it before appending. A batch is recorded only after its scores are
-complete, so a rerun redoes exactly the batches that have no valid record. The
-final score file is assembled from the shards once every batch is recorded.
+A shard is an append-only log (``megatron_miniplm/progress_log.py``: a torn tail is ignored,
+then truncated) of one record per finished batch: magic b"SCR1", the batch index, its rows,
+their scores as float64 [rows, 2]. A batch is recorded only after its scores are complete, so
+a rerun redoes exactly the batches that have no valid record. The final score file is
+assembled from the shards once every batch is recorded.
 """
 
 from __future__ import annotations
@@ -24,21 +20,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import numpy as np
 
-from megatron_miniplm.atomic_io import close_quietly, disk_space, write_json_atomic
+from megatron_miniplm import progress_log
+from megatron_miniplm.atomic_io import write_json_atomic
 
-MAGIC = b"SCR1"
-_HEAD = struct.Struct("<4sQI")
-_CRC = struct.Struct("<I")
 RUN_FILE = "run.json"
 STATUS_FILE = "status.json"
+SCORES = progress_log.Format(b"SCR1", lambda rows, _: 16 * rows)  # float64 [rows, 2]
 
 
 def progress_dir(output_prefix: str) -> str:
@@ -49,12 +42,11 @@ def shard_path(directory: str, dp_rank: int) -> str:
     return os.path.join(directory, f"shard-{dp_rank:05d}.bin")
 
 
-def encode_record(batch_index: int, scores: np.ndarray) -> bytes:
+def _payload(scores: np.ndarray) -> bytes:
     scores = np.ascontiguousarray(scores, dtype=np.float64)
     if scores.ndim != 2 or scores.shape[1] != 2:
         raise ValueError(f"scores must be [rows, 2], got {scores.shape}")
-    body = _HEAD.pack(MAGIC, batch_index, scores.shape[0]) + scores.tobytes()
-    return body + _CRC.pack(zlib.crc32(body))  # crc of header + payload
+    return scores.tobytes()
 
 
 @dataclass(frozen=True)
@@ -63,33 +55,16 @@ class Record:
     scores: np.ndarray  # float64 [rows, 2]
 
 
-def _records(f) -> Iterator[tuple[Record, int]]:
-    """(record, end offset) for each valid record of an open shard, stopping at a torn one."""
-    pos = 0
-    while True:
-        head = f.read(_HEAD.size)
-        if len(head) < _HEAD.size:
-            return
-        magic, batch_index, rows = _HEAD.unpack(head)
-        if magic != MAGIC:
-            return
-        payload = f.read(16 * rows + _CRC.size)
-        if len(payload) < 16 * rows + _CRC.size:
-            return
-        (crc,) = _CRC.unpack(payload[-_CRC.size:])
-        if crc != zlib.crc32(payload[:-_CRC.size], zlib.crc32(head)):
-            return
-        pos += len(head) + len(payload)
-        scores = np.frombuffer(payload, dtype=np.float64, count=2 * rows).reshape(rows, 2)
-        yield Record(int(batch_index), scores), pos
+def _record(r: progress_log.Record) -> Record:
+    return Record(r.key, np.frombuffer(r.payload, dtype=np.float64).reshape(r.count, 2))
 
 
 def read_shard(path: str) -> tuple[list[Record], int]:
     """The valid records of a shard and the byte length they span (a torn tail is ignored)."""
     records, end = [], 0
-    with open(path, "rb") as f:
-        for record, end in _records(f):
-            records.append(record)
+    for r in progress_log.records(path, SCORES):
+        records.append(_record(r))
+        end = r.end
     return records, end
 
 
@@ -103,60 +78,25 @@ def shard_files(directory: str) -> list[str]:
 def iter_records(directory: str) -> Iterator[Record]:
     """Every valid record of every shard, streamed (shards can hold 10^8 rows)."""
     for path in shard_files(directory):
-        with open(path, "rb") as f:
-            for record, _ in _records(f):
-                yield record
-
-
-def _valid_length(path: str) -> int:
-    end = 0
-    with open(path, "rb") as f:
-        for _, end in _records(f):
-            pass
-    return end
+        yield from map(_record, progress_log.records(path, SCORES))
 
 
 class ShardWriter:
-    """Appends records to this replica's shard; truncates a torn tail first.
-
-    Each record reaches the file (the kernel's page cache) as it is appended, which is
-    what a killed process leaves behind; ``fsync`` makes it durable against a crash of
-    the machine too, at most every ``sync_interval_s`` seconds and at close, instead of
-    after every batch (a GPU scores a batch in milliseconds; an fsync can take longer)."""
+    """Appends records to this replica's shard (``progress_log.Writer``), fsynced at most every
+    ``sync_interval_s`` seconds and at close instead of after every batch: a GPU scores a
+    batch in milliseconds, an fsync can take longer."""
 
     def __init__(self, path: str, fsync: bool = True, sync_interval_s: float = 5.0, clock=time.monotonic):
         self.path = path
-        self.fsync = fsync
-        self.sync_interval_s = sync_interval_s
-        self._clock = clock
-        self._synced_at = clock()
-        valid = _valid_length(path) if os.path.exists(path) else 0
-        self._file = open(path, "ab")
-        if self._file.tell() != valid:
-            self._file.truncate(valid)
-            self._file.seek(valid)
+        self._log = progress_log.Writer(open(path, "ab"), SCORES, fsync=fsync, sync_interval_s=sync_interval_s,
+                                        clock=clock)
 
     def append(self, batch_index: int, scores: np.ndarray) -> None:
-        # One write call per record: a kill, or a full disk, leaves either the whole record or
-        # a torn tail, which the next run truncates.
-        with disk_space(self.path):
-            self._file.write(encode_record(batch_index, scores))
-            self._file.flush()
-            if self.fsync and self._clock() - self._synced_at >= self.sync_interval_s:
-                self._sync()
-
-    def _sync(self) -> None:
-        os.fsync(self._file.fileno())
-        self._synced_at = self._clock()
+        payload = _payload(scores)
+        self._log.append(batch_index, len(payload) // 16, payload)
 
     def close(self) -> None:
-        try:
-            with disk_space(self.path):
-                self._file.flush()
-                if self.fsync:
-                    self._sync()
-        finally:
-            close_quietly(self._file)
+        self._log.close()
 
 
 def read_run(directory: str) -> Optional[dict]:

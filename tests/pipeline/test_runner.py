@@ -1,11 +1,13 @@
 """The runner on toy stages: records, skips, reruns after a change or a kill, failures,
 the shared-directory check."""
 
+import collections
 import os
 import signal
 import subprocess
 import sys
 import time
+import zlib
 from types import SimpleNamespace
 
 import pytest
@@ -126,6 +128,33 @@ def test_damaged_outputs_are_made_again_with_what_reads_them(tmp_path):
     assert decisions["b"].run and f"{b_out} changed since it was made" in decisions["b"].reason
     assert runner.execute(graph, runner.plan(graph), log=lambda *a: None) == 0
     assert ran(log)[-2:] == ["b", "c"] and open(b_out).read() == "b"
+
+
+def test_a_launch_reads_each_file_once(tmp_path, monkeypatch):
+    """The CRC-32 of a file is computed once per check, a damaged one included (its message
+    shows the value it was compared with); a launch reads the finished inputs of the stages it
+    runs before it runs them, and what a stage makes once, for its record."""
+    log, work = tmp_path / "log", tmp_path / "w"
+    graph = toy_graph(work, log)
+    assert runner.execute(graph, runner.plan(graph), log=lambda *a: None) == 0
+    a_out, b_out = (os.path.join(graph.out_dir(s), "done") for s in graph.stages[:2])
+    open(b_out, "w").write("B")  # the same size, other bytes
+    graph.stages[2].settings["x"] = 2  # c runs and reads b
+    prints = {}
+    for s in graph.stages:
+        prints[s.name] = s.compute_fingerprint(prints)
+    reads = collections.Counter()
+    crc32 = runner.file_crc32
+    monkeypatch.setattr(runner, "file_crc32", lambda path, *a: reads.update([path]) or crc32(path, *a))
+
+    decisions = {d.stage.name: d for d in runner.plan(graph)}
+    made, now = f"{zlib.crc32(b'b'):08x}", f"{zlib.crc32(b'B'):08x}"
+    assert decisions["b"].run
+    assert f"{b_out} changed since it was made (CRC-32 {now}, {made} when it was made)" in decisions["b"].reason
+    assert reads == {b_out: 1, a_out: 1}  # b, read by c; then a, read by b (made again)
+    reads.clear()
+    assert runner.execute(graph, list(decisions.values()), log=lambda *a: None) == 0
+    assert reads == {b_out: 1, os.path.join(graph.out_dir(graph.stages[2]), "done"): 1}  # the records of b and c
 
 
 def test_a_stage_that_stops_early_ends_the_run_with_3(tmp_path):
