@@ -9,7 +9,8 @@ the compute form of the scaling laws of Kaplan et al. (2020, L(C) = (C_c / C) **
 here with an irreducible term as in Hoffmann et al., 2022). MiniPLM (Gu et al., ICLR 2025)
 fits scaling curves of test loss against training FLOPs to support its two compute claims:
 the computation saving (the same loss with less compute) and the extrapolation of the
-benefit to larger budgets. ``C0`` is the geometric mean of the points' FLOPs, fixed before
+benefit to larger budgets; the form it fits could not be confirmed from the sources read
+(the official code holds no fitting script), so this one is ours, stated with each result. ``C0`` is the geometric mean of the points' FLOPs, fixed before
 the fit, so that ``A`` is a loss and the problem is well scaled; it changes nothing else.
 
 The fit is variable projection: for a given alpha the curve is linear in (L_inf, A) and

@@ -1,5 +1,5 @@
 """Student sizes and the data-limited setting, through the whole pipeline on the tiny setting:
-every method trained at three sizes, the evaluation's fitted curves, savings and
+every method (SeqKD's student included) trained at three sizes, the evaluation's fitted curves, savings and
 extrapolation (and its plot); the 'all' baseline trains on the whole corpus D repeated to
 the students' tokens, MiniPLM on its selection repeated to the same tokens.
 
@@ -30,7 +30,8 @@ def _record(work_dir, stage):
 def sweep(setting, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     data = tiny_config(setting, root / "work", vanilla_kd={"enabled": False},
-                       selection={"alpha": 0.5, "baselines": ["all"]})
+                       selection={"alpha": 0.5, "baselines": ["all"]},
+                       seqkd={"enabled": True, "prompt_length": 8, "micro_batch_size": 16})
     # 3 passes over MiniPLM's selection (half of D): 1.5 passes over D, more tokens than D holds
     # validations every 8 steps: the within-run curves the saving is read from
     data["student"] = {**data["student"], "sizes": SIZES, "epochs": 3,
@@ -43,18 +44,21 @@ def sweep(setting, tmp_path_factory):
 def test_every_method_is_trained_at_every_size_and_fitted(sweep):
     work, output = sweep
     results = json.load(open(os.path.join(_record(work, "evaluate"), "results.json")))
-    students = {f"student-{m}@{s}" for m in ("miniplm", "all") for s in LABELS}
+    students = {f"student-{m}@{s}" for m in ("miniplm", "all", "seqkd") for s in LABELS}
     assert students <= set(results["models"])
     scaling = results["scaling"]
     assert scaling["refused"] is None and scaling["baseline"] == "student-all"
-    assert set(scaling["fits"]) == {"student-miniplm", "student-all"}
+    assert set(scaling["fits"]) == {"student-miniplm", "student-all", "student-seqkd"}
+    # one generated corpus, whose teacher FLOPs every SeqKD student's row carries
+    gen = {results["models"][f"student-seqkd@{s}"]["generation_flops"] for s in LABELS}
+    assert len(gen) == 1 and gen.pop() > 0
     flops = [results["models"][f"student-miniplm@{s}"]["train_flops"] for s in LABELS]
     assert flops == sorted(flops) and flops[0] < flops[-1]  # larger students, more compute
     for e in scaling["extrapolation"].values():  # by default to 10x the sweep's largest compute
         assert e["low"] <= e["loss"] <= e["high"] and e["flops"] == pytest.approx(10 * flops[-1], rel=1e-6)
-    assert set(scaling["saving"]) == {"student-miniplm"}
+    assert set(scaling["saving"]) == {"student-miniplm", "student-seqkd"}
     assert set(scaling["within_run"]["student-miniplm"]) == set(LABELS)
-    assert {p["method"] for p in scaling["points"]} == {"student-miniplm", "student-all"}  # not the reference
+    assert {p["method"] for p in scaling["points"]} == {"student-miniplm", "student-all", "student-seqkd"}  # not the reference
     assert "fitted per method, loss against training FLOPs: L(C) = l_inf + a * (C / c0) ** -alpha" in output
     assert "computation saving of student-miniplm at L2-H32 from the sweep's fit of student-all" in output
     assert open(scaling["plot"], "rb").read(4) == b"\x89PNG"
