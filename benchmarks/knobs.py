@@ -35,6 +35,7 @@ SETTINGS = {
     "alpha-0.3": ("keep 30% of the corpus (students see 0.6x the tokens)", ["selection.alpha=0.3"]),
     "reference-epochs-6": ("a reference trained 3x longer", ["reference.epochs=6"]),
     "student-lr-0.001": ("half the students' learning rate (recipe noise)", ["student.train.lr=0.001"]),
+    "student-warmup-0.2": ("a 4x longer student warm-up (recipe noise)", ["student.train.lr_warmup_fraction=0.2"]),
 }
 
 
