@@ -161,7 +161,7 @@ def test_how_a_run_is_watched_is_not_what_it_makes():
     base = Graph(config.load(None, ["bf16=false"], environ={})[0])
     watched = Graph(config.load(None, ["bf16=false", "wandb.project=p", "wandb.mode=offline",
                                        "student.train.tensorboard_dir=/tb"], environ={})[0])
-    changed = Graph(config.load(None, ["bf16=false", "student.train.lr=0.001"], environ={})[0])
+    changed = Graph(config.load(None, ["bf16=false", "student.train.lr=0.0005"], environ={})[0])
     prints = lambda g: {s.name: s.fingerprint for s in g.stages}  # noqa: E731
     assert prints(watched) == prints(base)
     assert prints(changed)["student-miniplm"] != prints(base)["student-miniplm"]
