@@ -3,7 +3,7 @@
 that decide its outcome, each with the demo's three seeds per student, and the paired
 difference MiniPLM - uniform that tools/evaluate.py prints for each.
 
-    python benchmarks/knobs.py                          # every setting, about an hour on 2 cores
+    python benchmarks/knobs.py                          # every setting (each reruns the stages it changes)
     python benchmarks/knobs.py --base-from demo_runs    # reuse a finished `make demo` as the base
     python benchmarks/knobs.py --only base,alpha-0.3    # some settings
 
@@ -34,8 +34,8 @@ SETTINGS = {
     "student-epochs-1": ("half the student tokens", ["student.epochs=1"]),
     "alpha-0.3": ("keep 30% of the corpus (students see 0.6x the tokens)", ["selection.alpha=0.3"]),
     "reference-epochs-6": ("a reference trained 3x longer", ["reference.epochs=6"]),
-    "student-lr-0.001": ("half the students' learning rate (recipe noise)", ["student.train.lr=0.001"]),
-    "student-warmup-0.2": ("a 4x longer student warm-up (recipe noise)", ["student.train.lr_warmup_fraction=0.2"]),
+    "student-lr-0.002": ("twice the students' learning rate (the recipe's noise)", ["student.train.lr=0.002"]),
+    "student-warmup-0.2": ("a 4x longer student warm-up (the recipe's noise)", ["student.train.lr_warmup_fraction=0.2"]),
 }
 
 
