@@ -19,11 +19,13 @@ def print_summary(graph: Graph, *, table: bool = True) -> None:
     print(f"\nHeld-out LM loss (teacher: {graph.teacher_label()}): {results_path}")
     if table:
         print(format_table(results))
-    for key, what in (("report", "Evaluation report"), ("curves", "Validation loss curves")):
-        if results.get(key):
-            print(f"{what}: {results[key]}")
-    if results.get("scaling", {}).get("plot"):
-        print(f"Loss against training FLOPs (points, fits, bands): {results['scaling']['plot']}")
+    # The figures' paths from this work directory's layout, not from results.json: a work
+    # directory copied or moved names its own files.
+    figures = os.path.join(graph.out_dir(evaluate), "report")
+    for path, what in ((results.get("report"), "Evaluation report"), (results.get("curves"), "Validation loss curves"),
+                       (results.get("scaling", {}).get("plot"), "Loss against training FLOPs (points, fits, bands)")):
+        if path:
+            print(f"{what}: {os.path.join(figures, os.path.basename(path))}")
     if os.path.exists(report):
         print(f"\nSelection: kept fraction per domain ({report})")
         with open(report, encoding="utf-8") as f:

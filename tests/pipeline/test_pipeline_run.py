@@ -86,7 +86,7 @@ def test_an_unchanged_rerun_skips_everything(one_node):
     root, config, _ = one_node
     out = run_pipeline(config, "parallel.nproc_per_node=2")
     assert out.returncode == 0, out.stdout[-3000:]
-    assert _stages(out.stdout, "RUN") == []
+    assert _stages(out.stdout, "RUN") == [], out.stdout.split("\n=== stage", 1)[0][-3000:]
     assert len(_stages(out.stdout, "skip")) == 11
     assert "student-miniplm" in out.stdout  # the table is printed again
 
@@ -147,6 +147,24 @@ def test_a_changed_alpha_reruns_exactly_what_reads_it(one_node):
     after = _results(copy)
     assert after["reference"]["lm_loss"] == before["reference"]["lm_loss"]  # the same reference model
     assert after["student-miniplm"]["lm_loss"] != before["student-miniplm"]["lm_loss"]
+
+
+def test_a_moved_work_directory_names_its_own_files(one_node):
+    """A finished work directory copied elsewhere skips every stage and its summary names the
+    copy's files, none of the original's."""
+    root, config, _ = one_node
+    moved = root / "moved"
+    subprocess.run(["cp", "-a", str(root / "work"), str(moved)], check=True)
+    import yaml
+
+    data = yaml.safe_load(open(config))
+    data["work_dir"] = str(moved)
+    out = run_pipeline(write_config(root / "moved.yaml", data), "parallel.nproc_per_node=2",
+                       f"parallel.master_port={free_port()}")
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert _stages(out.stdout, "RUN") == [], out.stdout.split("\n=== stage", 1)[0][-3000:]
+    assert "Evaluation report: " + str(moved) in out.stdout
+    assert str(root / "work") + os.sep not in out.stdout
 
 
 def _truncate(path):
