@@ -7,8 +7,8 @@
 #   bash examples/pretrain_miniplm.sh [CONFIG.yaml] [key=value ...] [--dry-run]
 #
 # Without a config it runs the small CPU demo (`make demo`); examples/configs/ has the demo's
-# config written out and the paper's 50B-token setting. The environment variables this script
-# has always read (WORK_DIR, ALPHA, TEACHER, CORPUS_TRAIN, SEQ_LENGTH, REF_MODEL, NNODES,
+# config written out and the paper's 50B-token setting. The environment variables it reads
+# (WORK_DIR, ALPHA, TEACHER, CORPUS_TRAIN, SEQ_LENGTH, REF_MODEL, NNODES,
 # NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, TP, ...) override the config; key=value overrides them.
 # A finished stage is skipped unless what it is made with changed; a changed stage reruns with
 # every stage after it. Several nodes: run this on each node with NNODES, NODE_RANK, MASTER_ADDR,
