@@ -10,8 +10,9 @@ here with an irreducible term as in Hoffmann et al., 2022). MiniPLM (Gu et al., 
 fits scaling curves of test loss against training FLOPs to support its two compute claims:
 the computation saving (the same loss with less compute) and the extrapolation of the
 benefit to larger budgets; the form it fits could not be confirmed from the sources read
-(the official code holds no fitting script), so this one is ours, stated with each result. ``C0`` is the geometric mean of the points' FLOPs, fixed before
-the fit, so that ``A`` is a loss and the problem is well scaled; it changes nothing else.
+(the official code holds no fitting script), so this one is ours, stated with each result.
+``C0`` is the geometric mean of the points' FLOPs, fixed before the fit, so that ``A`` is a
+loss and the problem is well scaled; it changes nothing else.
 
 The fit is variable projection: for a given alpha the curve is linear in (L_inf, A) and
 solved by least squares, which leaves a one-dimensional search over alpha (a grid on

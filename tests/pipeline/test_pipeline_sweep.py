@@ -1,6 +1,6 @@
 """Student sizes and the data-limited setting, through the whole pipeline on the tiny setting:
-every method (SeqKD's student included) trained at three sizes, the evaluation's fitted curves, savings and
-extrapolation (and its plot); the 'all' baseline trains on the whole corpus D repeated to
+every method (SeqKD's student included) trained at three sizes, the evaluation's fitted
+curves, savings and extrapolation (and its plot); the 'all' baseline trains on the whole corpus D repeated to
 the students' tokens, MiniPLM on its selection repeated to the same tokens.
 
 Slow (4.5 to 12.5 min on a shared 2-core machine: six student trainings besides the pipeline's stages);
@@ -58,7 +58,8 @@ def test_every_method_is_trained_at_every_size_and_fitted(sweep):
         assert e["low"] <= e["loss"] <= e["high"] and e["flops"] == pytest.approx(10 * flops[-1], rel=1e-6)
     assert set(scaling["saving"]) == {"student-miniplm", "student-seqkd"}
     assert set(scaling["within_run"]["student-miniplm"]) == set(LABELS)
-    assert {p["method"] for p in scaling["points"]} == {"student-miniplm", "student-all", "student-seqkd"}  # not the reference
+    methods = {"student-miniplm", "student-all", "student-seqkd"}
+    assert {p["method"] for p in scaling["points"]} == methods  # not the reference
     assert "fitted per method, loss against training FLOPs: L(C) = l_inf + a * (C / c0) ** -alpha" in output
     assert "computation saving of student-miniplm at L2-H32 from the sweep's fit of student-all" in output
     assert open(scaling["plot"], "rb").read(4) == b"\x89PNG"
