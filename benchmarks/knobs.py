@@ -79,22 +79,55 @@ def row(root: str, name: str) -> dict:
         "flops": models["student-miniplm"].get("train_flops"),
         "diff": diff["mean"], "low": diff["low"], "high": diff["high"], "diff_seed_std": diff.get("seed_std"),
         "seeds": diff["seeds"], "documents": diff["documents"], "covers": diff["covers"],
+        **stability(os.path.join(root, name)),
     }
+
+
+# A loss spike is one step's training loss above the mean of the steps before it; the mean,
+# not the previous step, because one batch's loss differs from the next by the domains it
+# happens to hold.
+SPIKE_WINDOW = 5
+
+
+def stability(work: str) -> dict:
+    """The worst training instability among a work directory's student runs: the largest loss
+    spike (one step's loss above the mean of the SPIKE_WINDOW steps before it) and the largest
+    gradient norm after warm-up. The runs are the ones the stage records name (a copied work directory still holds
+    the base's older runs)."""
+    spike, grad = 0.0, 0.0
+    for record in glob.glob(os.path.join(work, "records", "student-*.json")):
+        with open(record) as f:
+            out = json.load(f)["output"]
+        steps = {}
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            for line in f:
+                entry = json.loads(line)
+                if "loss" in entry:
+                    steps[entry["iteration"]] = entry  # a resumed run logs its replayed steps again
+        peak_lr = max(e["lr"] for e in steps.values())
+        warmup_end = min(i for i, e in steps.items() if e["lr"] == peak_lr)
+        losses = [steps[i]["loss"] for i in sorted(steps)]
+        for k in range(SPIKE_WINDOW, len(losses)):
+            spike = max(spike, losses[k] - sum(losses[k - SPIKE_WINDOW:k]) / SPIKE_WINDOW)
+        grad = max([grad] + [e["grad_norm"] for i, e in steps.items() if i >= warmup_end])
+    return {"loss_spike": spike, "max_grad_norm": grad}
 
 
 def table(rows: list[dict]) -> str:
     out = ["| setting | varies | reference loss | uniform (seed sd) | MiniPLM (seed sd) | "
-           "MiniPLM − uniform [95%] | per-seed differences | student FLOPs |",
-           "|---|---|---|---|---|---|---|---|"]
+           "MiniPLM − uniform [95%] | per-seed differences | loss spike / grad norm | student FLOPs |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         per_seed = ", ".join(f"{a - b:+.3f}" for a, b in zip(r["miniplm_runs"], r["uniform_runs"]))
         out.append(
             f"| {r['setting']} | {r['varies']} | {r['reference']:.3f} | {r['uniform']:.3f} ({r['uniform_std']:.3f}) | "
             f"{r['miniplm']:.3f} ({r['miniplm_std']:.3f}) | {r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] | "
-            f"{per_seed} | {r['flops']:.2e} |")
+            f"{per_seed} | {r['loss_spike']:.2f} / {r['max_grad_norm']:.1f} | {r['flops']:.2e} |")
     first = rows[0]
     out.append(f"\nIntervals: 95% over {first['covers']}, {first['seeds'][0]} seeds per student, "
-               f"{first['documents']} test documents.")
+               f"{first['documents']} test documents. Loss spike: the largest rise of one step's "
+               f"training loss above the mean of the {SPIKE_WINDOW} steps before it; grad norm: the "
+               "largest after warm-up (each the worst of the setting's student runs).")
     return "\n".join(out)
 
 
