@@ -55,7 +55,7 @@ class ScoreConfig:
                                "record is written to its file at once, which is what survives a killed process")
     progress: bool = setting(True, group="run", flag="--no-progress", help="no tqdm progress bar")
     keep_freed_memory: bool = setting(
-        True, group="run", flag="--no-keep-freed-memory",
+        True, group="run", flag="--no-keep-freed-memory", fingerprinted=False,
         help="CPU: leave glibc's mmap/trim thresholds as they are (by default raised, so that big "
              "activations are not page-faulted in at every layer)")
     seed: int = setting(1234, group="run", help="Megatron-LM's seeding (no randomness in scoring itself)")

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_miniplm import platform
 from megatron_miniplm.models.gpt import resolve_implementation
 from megatron_miniplm.models.config import LayerImpl
 from megatron_miniplm.scoring import resume
@@ -170,11 +171,7 @@ class Scorer:
         except ValueError as e:  # a layout the world cannot be split into
             raise ScoringError(str(e)) from None
         if cfg.keep_freed_memory and info.device.type == "cpu":
-            # The activations live in the host heap only when the host computes; on a GPU the
-            # host allocates little and glibc's defaults are the right ones.
-            from megatron_miniplm.scoring.memory import keep_freed_memory
-
-            keep_freed_memory()
+            platform.keep_freed_host_memory()
         return info
 
     def _check_output_dir(self) -> None:
@@ -335,6 +332,8 @@ class Scorer:
             log.info("%s", self.source.config.describe_experts(info.ep_size))
         log.info("sizes: %s", self.sizes.why)
         log.info("%s", self.impl.describe())
+        if self.cfg.keep_freed_memory and info.device.type == "cpu":
+            log.info("host memory: %s", platform.keep_freed_host_memory()[1])
 
     # ---- finalisation ------------------------------------------------------------------------
     def _already_complete(self) -> RunSummary:

@@ -61,7 +61,13 @@ class Trainer:
         self.info = parallel.initialize(parallel.ParallelConfig(
             cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed,
         ))
+        if self._keeps_freed_memory():
+            platform.keep_freed_host_memory()
         self._check_batch_layout()
+
+    def _keeps_freed_memory(self) -> bool:
+        """Whether this run asks glibc to keep freed host memory: its tensors live there."""
+        return self.cfg.keep_freed_memory and self.info.device.type == "cpu"
 
     def _set_up_data(self) -> None:
         """The training samples (and validation ones, if any), checked against the model."""
@@ -412,6 +418,7 @@ class Trainer:
             + f"seq {cfg.seq_length}, micro batch {cfg.micro_batch_size}, "
             f"global batch {cfg.global_batch_size} ({self.num_microbatches} micro-batches per DP rank) | "
             f"iterations {self.iteration} -> {cfg.iterations}"
+            + (f" | host memory: {platform.keep_freed_host_memory()[1]}" if self._keeps_freed_memory() else "")
         )
 
     def _report(self, m: dict, tokens_per_s: float, counted_per_s: float, s_per_iter: float,

@@ -23,6 +23,7 @@ def plain_run(corpus, initial_checkpoint, tmp_path_factory):
     ["--manual-gc", "--manual-gc-interval", "2"],
     ["--num-workers", "0"],  # the default builds the next batch ahead, in a thread
     ["--log-interval", "4"],  # losses read on the host every 4 steps (and at the end), not every step
+    ["--no-keep-freed-memory"],  # glibc's own heap thresholds
 ])
 def test_same_losses_and_gradients(corpus, initial_checkpoint, plain_run, tmp_path, flags):
     other = tmp_path / "other.jsonl"
@@ -70,6 +71,31 @@ def test_losses_are_read_at_the_logging_interval_only(corpus, tmp_path):
     out = tmp_path / "reads.json"
     run_distributed(_count_host_reads, 1, args(corpus, "--log-interval", "4", iters=12), str(out))
     assert json.load(open(out)) == 3
+
+
+def _train_recording_host_memory(argv, out):
+    """Train, recording whether the trainer asked glibc to keep freed memory."""
+    import json
+
+    from megatron_miniplm import platform
+
+    original, calls = platform.keep_freed_host_memory, []
+    platform.keep_freed_host_memory = lambda: calls.append(1) or original()
+    try:
+        train(argv)
+    finally:
+        platform.keep_freed_host_memory = original
+    with open(out, "w") as f:
+        json.dump(bool(calls), f)
+
+
+@pytest.mark.parametrize("flags,kept", [([], True), (["--no-keep-freed-memory"], False)])
+def test_a_cpu_run_keeps_freed_host_memory_unless_told_not_to(corpus, tmp_path, flags, kept):
+    import json
+
+    out = tmp_path / "kept.json"
+    run_distributed(_train_recording_host_memory, 1, args(corpus, *flags, iters=1), str(out))
+    assert json.load(open(out)) is kept
 
 
 def _train_with_manual_gc(argv, out):
