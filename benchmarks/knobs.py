@@ -31,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name -> (what it varies, overrides of the demo's config)
 SETTINGS = {
     "base": ("the demo as it ships", []),
-    "student-epochs-1": ("half the student tokens", ["student.epochs=1"]),
+    "student-epochs-2": ("twice the student tokens (two passes over the selection)", ["student.epochs=2"]),
     "alpha-0.3": ("keep 30% of the corpus (students see 0.6x the tokens)", ["selection.alpha=0.3"]),
     "reference-epochs-6": ("a reference trained 3x longer", ["reference.epochs=6"]),
     "student-lr-0.002": ("twice the students' learning rate (the recipe's noise)", ["student.train.lr=0.002"]),
