@@ -12,7 +12,8 @@ work directory under --root. The base setting runs first; every other setting st
 hard-linked copy of the base's work directory, so only the stages its overrides change rerun
 (the pipeline's fingerprints decide). Prints a Markdown table (one row per setting: each
 student's held-out loss over its seeds, the seed-to-seed spread, the difference and its 95%
-interval over test documents and training seeds) and writes a plot beside it (--plot).
+interval over test documents and training seeds, the worst loss spike and gradient norm of
+its student runs) and writes a plot beside it (--plot).
 """
 
 from __future__ import annotations
