@@ -3,8 +3,10 @@
 # platform.keep_freed_host_memory) and left alone (--no-keep-freed-memory), interleaved.
 #   bash benchmarks/bench_host_memory.sh [DATA_PREFIX] [ROUNDS]
 # DATA_PREFIX: a tokenized dataset of the teacher's vocabulary (default: a finished demo's
-# MiniPLM selection). Prints each run's ms per iteration (iterations 9-16), loss and peak RSS.
+# MiniPLM selection). Prints each run's ms per iteration (iterations 9-16), loss and peak RSS,
+# then the ratio of the mean times. glibc settings from the environment are dropped for both.
 set -euo pipefail
+unset MALLOC_MMAP_THRESHOLD_ MALLOC_TRIM_THRESHOLD_ MALLOC_MMAP_MAX_ MALLOC_TOP_PAD_ GLIBC_TUNABLES
 cd "$(dirname "$0")/.."
 DATA=${1:-$(ls -d demo_runs/select/*/ | head -1)miniplm}
 ROUNDS=${2:-3}
@@ -16,4 +18,6 @@ run() {
     grep -E "iteration +16/|peak RSS" | sed -E 's/.*(loss [0-9.]+).*(grad norm [0-9.]+).*\| ([0-9]+ ms\/iter).*/\3, \1, \2/' |
     sed "s/^/[${1:-kept}] /"
 }
-for _ in $(seq "$ROUNDS"); do run; run --no-keep-freed-memory; done
+for _ in $(seq "$ROUNDS"); do run; run --no-keep-freed-memory; done | tee /dev/stderr |
+  awk '/ms\/iter/ {t = $2 + 0; if ($1 == "[kept]") {k += t; nk++} else {d += t; nd++}}
+       END {printf "glibc defaults / kept: %.2fx (mean ms per iteration %.0f / %.0f)\n", (d/nd)/(k/nk), d/nd, k/nk}'

@@ -93,8 +93,8 @@ SPIKE_WINDOW = 5
 def stability(work: str) -> dict:
     """The worst training instability among a work directory's student runs: the largest loss
     spike (one step's loss above the mean of the SPIKE_WINDOW steps before it) and the largest
-    gradient norm after warm-up. The runs are the ones the stage records name (a copied work directory still holds
-    the base's older runs)."""
+    gradient norm after warm-up. The runs are the ones the stage records name (a copied work
+    directory still holds the base's older runs)."""
     spike, grad = 0.0, 0.0
     for record in glob.glob(os.path.join(work, "records", "student-*.json")):
         with open(record) as f:
