@@ -1,6 +1,6 @@
 #!/bin/bash
 # The demo student's training step on a CPU with glibc's heap thresholds raised (the default,
-# platform.keep_freed_host_memory) and left alone (--no-keep-freed-memory), interleaved.
+# host_memory.keep_freed) and left alone (--no-keep-freed-memory), interleaved.
 #   bash benchmarks/bench_host_memory.sh [DATA_PREFIX] [ROUNDS]
 # DATA_PREFIX: a tokenized dataset of the teacher's vocabulary (default: a finished demo's
 # MiniPLM selection). Prints each run's ms per iteration (iterations 9-16), loss and peak RSS,

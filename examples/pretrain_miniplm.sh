@@ -17,6 +17,4 @@
 # after saving; run the same command again to resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Keep freed large blocks (full-vocabulary logits) instead of returning them to the kernel each step.
-export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-17179869184} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-17179869184}
 exec "${PYTHON:-python}" tools/pipeline.py "$@"

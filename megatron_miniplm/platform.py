@@ -6,8 +6,6 @@ fast path, and host copies. Facts only: what makes megatron-core run without CUD
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 import importlib
 import importlib.util
@@ -104,7 +102,6 @@ def kernel_compiler() -> tuple[bool, str]:
     Its Triton backend compiles a small C launcher at a kernel's first use, which needs a host
     C compiler (``CC``, else cc, gcc or clang on PATH) and Python's headers; an image without
     them fails at the first forward that reaches a compiled function."""
-    import os
     import shutil
     import sysconfig
 
@@ -170,43 +167,6 @@ def _bf16_matmul_speedup(rows: int = 1024, hidden: int = 576, ffn: int = 1536, r
             times.append(time.perf_counter() - start)
         best[dtype] = min(times)
     return best[torch.float32] / best[torch.bfloat16]
-
-
-# glibc serves allocations above its mmap threshold (at most 32 MiB by default) with fresh
-# mmaps and returns them to the kernel when they are freed. A CPU forward and backward pass
-# allocates and frees such blocks in every layer and for the logits (the demo student's are
-# hundreds of MB), and each one is page-faulted in again, 4 KiB at a time, at every step.
-# Raising the mmap and trim thresholds keeps those pages in the heap for reuse; the process
-# then holds its peak memory, which a long run reaches anyway. MALLOC_MMAP_THRESHOLD_ and
-# MALLOC_TRIM_THRESHOLD_ do the same when set before start-up; mallopt does it from inside.
-# Measured gains are in benchmarks/RESULTS.md ("Keeping freed host memory").
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-HOST_HEAP_THRESHOLD = 1 << 30
-# The settings of glibc's heap a user may have chosen: environment variables and tunables.
-_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_")
-_MALLOC_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold", "glibc.malloc.mmap_max",
-                    "glibc.malloc.top_pad")
-
-
-@functools.lru_cache(maxsize=None)
-def keep_freed_host_memory() -> tuple[bool, str]:
-    """Raise glibc's mmap and trim thresholds to HOST_HEAP_THRESHOLD (see above), once per
-    process; whether it did, and why. A user's own malloc settings in the environment
-    (GLIBC_TUNABLES, MALLOC_*_) are kept; other C libraries are left alone. For runs whose
-    device is the CPU: on a GPU the host allocates little and glibc's defaults are right."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if any(k in os.environ for k in _MALLOC_ENV) or any(t in tunables for t in _MALLOC_TUNABLES):
-        return False, "glibc's heap settings from the environment kept"
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    except OSError:
-        libc = None
-    if not hasattr(libc, "gnu_get_libc_version"):
-        return False, "not glibc: its allocator left as it is"
-    if not (libc.mallopt(_M_MMAP_THRESHOLD, HOST_HEAP_THRESHOLD) and
-            libc.mallopt(_M_TRIM_THRESHOLD, HOST_HEAP_THRESHOLD)):
-        return False, "glibc refused the thresholds: its allocator left as it is"
-    return True, f"freed memory kept for reuse (glibc mmap and trim thresholds {HOST_HEAP_THRESHOLD >> 20} MiB)"
 
 
 def pin(batch: dict) -> dict:

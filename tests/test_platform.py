@@ -1,9 +1,7 @@
 """megatron-core without CUDA (megatron_compat): megatron sees CUDA as the CPU, user code keeps the
 real torch; and the platform's facts."""
 
-import os
 import sys
-from platform import libc_ver
 
 import pytest
 import torch
@@ -107,43 +105,3 @@ def test_bf16_auto_on_a_cpu_measures_where_the_flags_cannot_tell(monkeypatch, fl
     finally:
         platform.bf16_is_fast.cache_clear()
     assert got is fast and why in reason
-
-
-_FAULTS = """
-import resource, sys, torch
-from megatron_miniplm import platform
-if sys.argv[1] == "keep":
-    assert platform.keep_freed_host_memory()[0]
-def faults():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):  # kept, the heap grows until freed blocks fit the next (aligned) request
-    torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
-before = faults()
-for _ in range(10):
-    torch.empty(64 << 20, dtype=torch.uint8).fill_(1)  # freed at once
-print(faults() - before)
-"""
-
-
-@pytest.mark.skipif(libc_ver()[0] != "glibc", reason="glibc's allocator")
-def test_kept_host_memory_is_not_faulted_in_again():
-    """64 MiB tensors allocated and freed one after another: glibc's defaults map and unmap each
-    one (16,384 page faults apiece, counted by the kernel); kept, once the heap has grown to
-    hold them, they reuse its blocks."""
-    import subprocess
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
-    counts = {how: int(subprocess.run([sys.executable, "-c", _FAULTS, how], env=env, capture_output=True,
-                                      text=True, check=True).stdout.split()[-1])
-              for how in ("default", "keep")}
-    pages = 10 * (64 << 20) // os.sysconf("SC_PAGE_SIZE")
-    assert counts["default"] >= pages // 2, counts
-    assert counts["keep"] < pages // 20, counts
-
-
-def test_heap_settings_from_the_environment_are_kept(monkeypatch):
-    for name, value in (("MALLOC_TRIM_THRESHOLD_", "0"), ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=4096")):
-        with monkeypatch.context() as m:
-            m.setenv(name, value)
-            assert platform.keep_freed_host_memory.__wrapped__() == (
-                False, "glibc's heap settings from the environment kept")

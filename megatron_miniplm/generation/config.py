@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_miniplm import host_memory
 from megatron_miniplm.models.config import LayerImpl
 from megatron_miniplm.settings import setting
 
@@ -55,6 +56,7 @@ class GenerateConfig:
     layers: LayerImpl = field(default_factory=LayerImpl)  # --transformer-impl, --attention-backend, ...
     fsync: bool = setting(True, group="run", flag="--no-fsync", help="do not fsync progress records")
     progress: bool = setting(True, group="run", flag="--no-progress", help="no tqdm progress bar")
+    keep_freed_memory: bool = host_memory.keep_freed_memory_setting("run")
 
     @property
     def dtype_name(self) -> str:

@@ -30,6 +30,7 @@ from typing import Optional
 import numpy as np
 import torch.distributed as dist
 
+from megatron_miniplm import host_memory
 from megatron_miniplm.data.dataset_writer import DatasetWriter
 from megatron_miniplm.data.instances import Instances
 from megatron_miniplm.data.meta import meta_path, read_dataset_meta
@@ -118,6 +119,7 @@ class Generator:
 
         self.cfg = cfg
         self.info = parallel.initialize(parallel.ParallelConfig(cfg.tensor_model_parallel_size, 1, seed=cfg.seed))
+        self.host_memory = host_memory.apply(cfg.keep_freed_memory, self.info.device.type)
         self.dataset, self.source = self._open_inputs()
         self.impl = scoring_implementation(cfg.layers)
         self.max_length = cfg.max_length or int(self.dataset.meta["seq_length"]) + 1
@@ -236,6 +238,8 @@ class Generator:
                  "temperature %g, top-p %g, seed %d; TP=%d DP=%d, %s", len(self.plan.order), cfg.prompt_length,
                  len(self.plan), int((~self.done).sum()), ", resuming" if self.done.any() else "", self.max_length,
                  cfg.temperature, cfg.top_p, cfg.seed, info.tp_size, info.dp_size, cfg.dtype_name)
+        if self.host_memory:
+            log.info("host memory: %s", self.host_memory)
 
     # ---- finalisation ------------------------------------------------------------------------
     def _write_output(self, elapsed_s: float) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_miniplm import host_memory
 from megatron_miniplm.models.config import LayerImpl
 from megatron_miniplm.settings import setting
 
@@ -54,10 +55,7 @@ class ScoreConfig:
         5.0, group="run", help="fsync progress records at most every this many seconds (and at the end); each "
                                "record is written to its file at once, which is what survives a killed process")
     progress: bool = setting(True, group="run", flag="--no-progress", help="no tqdm progress bar")
-    keep_freed_memory: bool = setting(
-        True, group="run", flag="--no-keep-freed-memory", fingerprinted=False,
-        help="CPU: leave glibc's mmap/trim thresholds as they are (by default raised, so that big "
-             "activations are not page-faulted in at every layer)")
+    keep_freed_memory: bool = host_memory.keep_freed_memory_setting("run")
     seed: int = setting(1234, group="run", help="Megatron-LM's seeding (no randomness in scoring itself)")
 
     @property

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_miniplm import platform
+from megatron_miniplm import host_memory
 from megatron_miniplm.models.gpt import resolve_implementation
 from megatron_miniplm.models.config import LayerImpl
 from megatron_miniplm.scoring import resume
@@ -140,6 +140,7 @@ class Scorer:
         check_request(cfg)
         self.cfg = cfg
         self.info = self._initialize()
+        self.host_memory = host_memory.apply(cfg.keep_freed_memory, self.info.device.type)
         self._check_output_dir()
         self.dataset, self.source = self._open_inputs()
         self.impl = scoring_implementation(cfg.layers)
@@ -170,8 +171,6 @@ class Scorer:
                 expert_model_parallel_size=cfg.expert_model_parallel_size, seed=cfg.seed))
         except ValueError as e:  # a layout the world cannot be split into
             raise ScoringError(str(e)) from None
-        if cfg.keep_freed_memory and info.device.type == "cpu":
-            platform.keep_freed_host_memory()
         return info
 
     def _check_output_dir(self) -> None:
@@ -332,8 +331,8 @@ class Scorer:
             log.info("%s", self.source.config.describe_experts(info.ep_size))
         log.info("sizes: %s", self.sizes.why)
         log.info("%s", self.impl.describe())
-        if self.cfg.keep_freed_memory and info.device.type == "cpu":
-            log.info("host memory: %s", platform.keep_freed_host_memory()[1])
+        if self.host_memory:
+            log.info("host memory: %s", self.host_memory)
 
     # ---- finalisation ------------------------------------------------------------------------
     def _already_complete(self) -> RunSummary:

@@ -139,7 +139,7 @@ def free_memory() -> tuple[int, str]:
     memory is not the limit but the caches are: once the matmuls run at full speed, bigger
     buffers only add memory traffic (the logits-chunk sweep in benchmarks/RESULTS.md,
     "Scoring"). The RAM is also shared by every rank of the machine and the page cache, and a
-    buffer past glibc's 1 GiB kept-heap threshold (platform.keep_freed_host_memory) would be
+    buffer past glibc's 1 GiB kept-heap threshold (host_memory.THRESHOLD) would be
     page-faulted in again on every use.
     """
     import os

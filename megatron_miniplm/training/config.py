@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_miniplm import host_memory
 from megatron_miniplm.models.config import LayerImpl, ModelConfig, RecomputeSettings, TrainingFusions
 from megatron_miniplm.settings import setting
 
@@ -170,11 +171,7 @@ class TrainConfig:
                                    "iterations instead (the same on every rank: no straggler from a collection)")
     manual_gc_interval: int = setting(0, group=TRAINING, help="iterations between collections with --manual-gc "
                                                               "(0: only at start)")
-    keep_freed_memory: bool = setting(
-        True, group=TRAINING, flag="--no-keep-freed-memory", fingerprinted=False,
-        help="CPU: leave glibc's mmap/trim thresholds as they are (by default raised, so that the "
-             "activations and logits are not page-faulted in again at every step; not in Megatron-LM, "
-             "whose tensors live on the GPU)")
+    keep_freed_memory: bool = host_memory.keep_freed_memory_setting(TRAINING)
     eval_interval: int = setting(0, group=LOGGING, help="validate every this many iterations (and at the end)")
     eval_iters: int = setting(10, group=LOGGING, help="validation global batches")
     log_interval: int = setting(10, group=LOGGING, help="iterations per log line")

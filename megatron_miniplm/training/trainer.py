@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_miniplm import parallel, platform
+from megatron_miniplm import host_memory, parallel, platform
 from megatron_miniplm.data.samples import collate_instances
 from megatron_miniplm.settings import to_mapping
 from megatron_miniplm.signals import SignalFlag, any_rank
@@ -61,13 +61,8 @@ class Trainer:
         self.info = parallel.initialize(parallel.ParallelConfig(
             cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed,
         ))
-        if self._keeps_freed_memory():
-            platform.keep_freed_host_memory()
+        self.host_memory = host_memory.apply(cfg.keep_freed_memory, self.info.device.type)
         self._check_batch_layout()
-
-    def _keeps_freed_memory(self) -> bool:
-        """Whether this run asks glibc to keep freed host memory: its tensors live there."""
-        return self.cfg.keep_freed_memory and self.info.device.type == "cpu"
 
     def _set_up_data(self) -> None:
         """The training samples (and validation ones, if any), checked against the model."""
@@ -418,7 +413,7 @@ class Trainer:
             + f"seq {cfg.seq_length}, micro batch {cfg.micro_batch_size}, "
             f"global batch {cfg.global_batch_size} ({self.num_microbatches} micro-batches per DP rank) | "
             f"iterations {self.iteration} -> {cfg.iterations}"
-            + (f" | host memory: {platform.keep_freed_host_memory()[1]}" if self._keeps_freed_memory() else "")
+            + (f" | host memory: {self.host_memory}" if self.host_memory else "")
         )
 
     def _report(self, m: dict, tokens_per_s: float, counted_per_s: float, s_per_iter: float,

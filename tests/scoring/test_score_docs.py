@@ -350,6 +350,7 @@ def test_sigkill_mid_run_then_rerun_is_bit_identical(layouts):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert "(resuming)" in err
+    assert "host memory: " in err  # a CPU run says what the heap does with freed memory
 
     want, want_meta = _load(os.path.join(root, "big_uninterrupted"))
     got, meta = _load(output)

@@ -77,14 +77,14 @@ def _train_recording_host_memory(argv, out):
     """Train, recording whether the trainer asked glibc to keep freed memory."""
     import json
 
-    from megatron_miniplm import platform
+    from megatron_miniplm import host_memory
 
-    original, calls = platform.keep_freed_host_memory, []
-    platform.keep_freed_host_memory = lambda: calls.append(1) or original()
+    original, calls = host_memory.keep_freed, []
+    host_memory.keep_freed = lambda: calls.append(1) or original()
     try:
         train(argv)
     finally:
-        platform.keep_freed_host_memory = original
+        host_memory.keep_freed = original
     with open(out, "w") as f:
         json.dump(bool(calls), f)
 
