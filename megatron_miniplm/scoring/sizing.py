@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_miniplm import host_memory
 from megatron_miniplm.scoring.dataset import ScoringError
 from megatron_miniplm.scoring.nll import padded_rows, tile_rows
 
@@ -125,7 +126,9 @@ def logit_bytes_per_row(vocab_local: int, dtype_bytes: int) -> int:
     return vocab_local * (8 + (dtype_bytes if dtype_bytes != 4 else 0))
 
 
-CPU_WORKING_BUDGET = 1 << 30
+# No working buffer may outgrow the heap glibc is told to keep (host_memory): past it, a freed
+# buffer is unmapped and page-faulted in again at its next use.
+CPU_WORKING_BUDGET = host_memory.THRESHOLD
 
 
 def free_memory() -> tuple[int, str]:
@@ -134,13 +137,13 @@ def free_memory() -> tuple[int, str]:
 
     GPU: what the driver reports free on this process's device (``torch.cuda.mem_get_info``),
     i.e. after the weights and the caching allocator's reserve: that is the real limit.
-    CPU: a fixed budget of 1 GiB per process, never more than this machine's available RAM
-    divided among its local ranks; deliberately not the available RAM itself. On a CPU the
+    CPU: a fixed budget per process (CPU_WORKING_BUDGET), never more than the available RAM
+    divided among the machine's local ranks; deliberately not the available RAM itself. On a CPU the
     memory is not the limit but the caches are: once the matmuls run at full speed, bigger
     buffers only add memory traffic (the logits-chunk sweep in benchmarks/RESULTS.md,
     "Scoring"). The RAM is also shared by every rank of the machine and the page cache, and a
-    buffer past glibc's 1 GiB kept-heap threshold (host_memory.THRESHOLD) would be
-    page-faulted in again on every use.
+    buffer past the kept heap (CPU_WORKING_BUDGET's comment) would be page-faulted in again
+    on every use.
     """
     import os
 
