@@ -50,11 +50,11 @@ def format_table(results: dict) -> str:
     comparisons = results.get("comparisons") or {}
     if comparisons:
         level = 100 * results["bootstrap"]["level"]
-        rows = [(against(o, c), c) for o, c in comparisons.items()]
-        w = max([len(results["baseline_of_comparison"]) + 10] + [len(o) + 2 for o, _ in rows])
+        against_rows = [(against(o, c), c) for o, c in comparisons.items()]
+        w = max([len(results["baseline_of_comparison"]) + 10] + [len(o) + 2 for o, _ in against_rows])
         lines += ["", f"{results['baseline_of_comparison'] + ' minus':<{w}}{'domain':<16}"
                   f"difference [{level:g}% interval]  (* excludes 0, seeds covered)"]
-        for other, c in rows:
+        for other, c in against_rows:
             for dname, d in [("(all)", c["overall"]), *c["domains"].items()]:
                 mark = " *" if supports_claim(d) else ""
                 lines.append(f"{other:<{w}}{dname:<16}{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{mark}")

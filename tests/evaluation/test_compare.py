@@ -194,3 +194,15 @@ def test_each_verdict_ends_with_the_training_compute():
     with_compute(results)
     assert results["verdicts"] == ["a − b ...; at equal training FLOPs (4e+13)",
                                    "a − c ...; c trained with 4x the FLOPs of a", "a − t ..."]
+
+
+def test_the_table_shows_zero_shot_tasks_beside_the_comparisons():
+    """Every model's task metrics are printed, with or without a paired comparison above them."""
+    rng = np.random.default_rng(8)
+    base = _scores(rng, 60)
+    res = summarize({"a": [("c1", base)], "b": [("c2", base * [1.01, 1])]}, None, [], bootstrap_samples=50)
+    res["models"]["a"]["tasks"] = {"piqa": {"acc_norm": 0.6125}}
+    res["models"]["b"]["tasks"] = {"piqa": {"missing": "no data"}}
+    table = format_table(res)
+    assert "(all)" in table
+    assert "piqa: acc_norm 0.6125" in table and "piqa: missing (no data)" in table
