@@ -526,15 +526,25 @@ def evaluation_section(ev: Evaluation) -> str:
 
 
 def comparison_text(ev: Evaluation) -> str:
-    """The paired difference against the evaluation's baseline (baseline's loss minus this
-    model's, over the test instances), where the results hold it."""
-    baseline = ev.results.get("baseline_of_comparison")
-    overall = ((ev.results.get("comparisons") or {}).get(ev.model) or {}).get("overall") or {}
-    if not baseline or baseline == ev.model or not all(_is_number(overall.get(k)) for k in ("mean", "low", "high")):
+    """The paired difference against the model the evaluation compared this one with (the
+    first model, or in a size sweep the first method at this model's size: the comparison's
+    ``base``), that model's loss minus this one's over the test instances, where the results
+    hold it; with what its interval covers, as the evaluation's verdict says it: an interval of
+    a model with one training seed covers the test set only, not seed-to-seed variation."""
+    comparison = (ev.results.get("comparisons") or {}).get(ev.model) or {}
+    base = comparison.get("base") or ev.results.get("baseline_of_comparison")
+    overall = comparison.get("overall") or {}
+    if not base or base == ev.model or not all(_is_number(overall.get(k)) for k in ("mean", "low", "high")):
         return ""
     level = f"{overall['level']:.0%} " if _is_number(overall.get("level")) else ""
-    return (f"\nPaired difference in LM loss, {baseline} minus {ev.model}: {overall['mean']:+.4f} "
-            f"({level}interval [{overall['low']:+.4f}, {overall['high']:+.4f}]).\n")
+    text = (f"\nPaired difference in LM loss, {base} minus {ev.model}: {overall['mean']:+.4f} "
+            f"({level}interval [{overall['low']:+.4f}, {overall['high']:+.4f}])")
+    seeds = overall.get("seeds")
+    if isinstance(overall.get("covers"), str):
+        text += f"; the interval covers {overall['covers']}"
+    if isinstance(seeds, list) and seeds and min(seeds) < 2:
+        text += ": with one training seed it cannot tell a method effect from seed noise"
+    return text + ".\n"
 
 
 def render_card(facts: CardFacts, *, layout: str, dtype: str, name: Optional[str] = None,

@@ -289,3 +289,27 @@ def test_card_of_a_vanilla_kd_student(student, tmp_path):
     assert f"checkpoint `{teacher}`" in section and f"Loaded from: `{student[2]}`" in section
     assert "KD ratio r: 0.7" in section and "Temperature T: 2.0" in section
     assert "the KD teacher's forward passes included" in card
+
+
+def test_card_states_the_comparison_the_evaluation_made_and_what_its_interval_covers():
+    """From results as tools/evaluate.py summarizes them: in a size sweep a model is compared with
+    the first method at its own size, and the card names that model; an interval of a model with
+    one training seed covers the test set only, and the card says so as the verdict does."""
+    from megatron_miniplm.evaluation.model_card import Evaluation, comparison_text
+    from megatron_miniplm.evaluation.report import summarize
+
+    rng = np.random.default_rng(1)
+    count = rng.integers(5, 30, 80).astype(np.float64)
+    loss = rng.gamma(4.0, 1.0, 80)
+    scores = lambda shift: np.stack([(loss + shift + rng.normal(0, 0.01, 80)) * count, count], axis=1)
+    runs = {"a@s": [("c1", scores(0.0))], "b@s": [("c2", scores(0.1))],
+            "a@l": [("c3", scores(-0.5)), ("c4", scores(-0.5))], "b@l": [("c5", scores(-0.2)), ("c6", scores(-0.2))]}
+    results = summarize(runs, None, [], bootstrap_samples=200, seed=0)
+    large = comparison_text(Evaluation(results=results, model="b@l"))
+    d = results["comparisons"]["b@l"]["overall"]
+    assert f"a@l minus b@l: {d['mean']:+.4f} (95% interval [{d['low']:+.4f}, {d['high']:+.4f}])" in large
+    assert d["mean"] == pytest.approx(-0.3, abs=0.01)
+    assert "covers test instances and training seeds" in large and "seed noise" not in large
+    small = comparison_text(Evaluation(results=results, model="b@s"))
+    assert "a@s minus b@s: -0.1" in small
+    assert "covers test instances only: with one training seed it cannot tell a method effect from seed noise" in small
