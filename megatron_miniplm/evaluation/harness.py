@@ -2,7 +2,10 @@
 
 The student leaves megatron through tools/convert_checkpoint.py's export (the
 same path users take to serve it), and lm-eval's own HF model evaluates it:
-what we report is what anyone re-running lm-eval on the export would get.
+what we report is what anyone re-running lm-eval on the export gets with its
+tokenizer.json loaded as it is (``exact_tokenizer``; the model card's usage).
+Left to lm-eval's default (``AutoTokenizer``), a qwen2-shaped export with
+another family's tokenizer is tokenized otherwise, and its numbers differ.
 Local tasks (YAML + JSONL, ``--include-path``) need no hub download.
 """
 

@@ -34,6 +34,13 @@ TAGS = ("megatron-core",)
 MAX_LISTED = 8
 EVAL_RECORD = os.path.join("records", "evaluate.json")
 RESULTS_FILE = "results.json"
+# Why the card's usage loads tokenizer.json as it is (a qwen2-shaped student may carry SmolLM2's
+# or Llama 3's tokenizer, which AutoTokenizer would replace by a rebuilt Qwen2Tokenizer).
+USAGE_NOTE = ("Load the tokenizer as above, not with `AutoTokenizer`: for some model types (qwen2 among "
+              "them) transformers rebuilds that family's tokenizer from the vocabulary and merges, which "
+              "tokenizes text otherwise than the tokenizer.json this model was trained with unless it is "
+              "the family's own. lm-evaluation-harness takes the tokenizer the same way "
+              "(`HFLM(pretrained=path, tokenizer=tokenizer)`), as tools/evaluate.py's zero-shot tasks do.\n")
 NO_EVALUATION = ("No held-out evaluation of this checkpoint was found. Pass the results.json of "
                  "tools/evaluate.py to tools/convert_checkpoint.py with `--results PATH` to include one.")
 
@@ -557,9 +564,9 @@ def render_card(facts: CardFacts, *, layout: str, dtype: str, name: Optional[str
     intro = ("A language model pre-trained with megatron-miniplm (MiniPLM: knowledge distillation for "
              "pre-training) and exported to Hugging Face format by tools/convert_checkpoint.py."
              if trained else "A model exported to Hugging Face format by tools/convert_checkpoint.py.")
-    usage = ("## Usage\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+    usage = ("## Usage\n\n```python\nfrom transformers import AutoModelForCausalLM, PreTrainedTokenizerFast\n\n"
              "path = \"PATH/TO/THIS/DIRECTORY\"\nmodel = AutoModelForCausalLM.from_pretrained(path)\n"
-             "tokenizer = AutoTokenizer.from_pretrained(path)\n```\n")
+             "tokenizer = PreTrainedTokenizerFast.from_pretrained(path)\n```\n\n" + USAGE_NOTE)
     sha = file_sha256(shipped_tokenizer) if shipped_tokenizer else None
     sections = [metadata(facts), f"# {title}\n\n{intro}\n", model_section(facts, layout, dtype),
                 tokenizer_section(facts, sha), training_section(facts), data_section(facts),

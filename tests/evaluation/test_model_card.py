@@ -313,3 +313,21 @@ def test_card_states_the_comparison_the_evaluation_made_and_what_its_interval_co
     small = comparison_text(Evaluation(results=results, model="b@s"))
     assert "a@s minus b@s: -0.1" in small
     assert "covers test instances only: with one training seed it cannot tell a method effect from seed noise" in small
+
+
+def test_card_usage_loads_the_tokenizer_the_model_was_trained_with(exported):
+    """The card's usage code, run on the export (a qwen2 layout with a tokenizer of no model
+    family), tokenizes as the shipped tokenizer.json does: AutoTokenizer would rebuild a
+    Qwen2Tokenizer from its vocabulary and split the text otherwise."""
+    from tokenizers import Tokenizer
+
+    card, out = exported
+    assert json.load(open(out / "config.json"))["model_type"] == "qwen2"
+    code = re.search(r"## Usage\n\n```python\n(.*?)```", card, re.S).group(1)
+    scope: dict = {}
+    exec(code.replace("PATH/TO/THIS/DIRECTORY", str(out)), scope)
+    text = "w3 w17 w5 <|endoftext|>"
+    want = Tokenizer.from_file(str(out / "tokenizer.json")).encode(text).ids
+    assert want == [3, 17, 5, EOD]
+    assert scope["tokenizer"](text)["input_ids"] == want
+    assert scope["tokenizer"].eos_token == "<|endoftext|>"
