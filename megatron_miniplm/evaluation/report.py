@@ -160,9 +160,12 @@ def markdown(results: dict, *, curves: Optional[str] = None) -> str:
         counts = [str(next(iter(models.values()))["domains"].get(d, {}).get("instances", "")) for d in domains]
         lines.append("| (instances) | " + " | ".join(counts) + " |")
     if comparisons:
+        # what the bootstrap resampled: documents where the test set's are known, else instances
+        unit = ("documents" if all(c["overall"].get("documents") for c in comparisons.values())
+                else "instances (its documents are not known, so instances are taken as independent)")
         lines += ["", f"## {first} minus each other model", "",
                   f"Mean paired difference over test instances (seeds pooled) with its {100 * level:g}% interval: "
-                  f"a bootstrap over the test set's documents ({results['bootstrap']['samples']} resamples, seed "
+                  f"a bootstrap over the test set's {unit} ({results['bootstrap']['samples']} resamples, seed "
                   f"{results['bootstrap']['seed']}) and, where both models have two seeds or more, the seeds' "
                   "variance (compare.py); negative: lower loss than the other model; * the interval excludes "
                   "zero and covers training seeds. An interval of a model with one seed covers the test set "

@@ -206,3 +206,14 @@ def test_the_table_shows_zero_shot_tasks_beside_the_comparisons():
     table = format_table(res)
     assert "(all)" in table
     assert "piqa: acc_norm 0.6125" in table and "piqa: missing (no data)" in table
+
+
+def test_the_report_names_what_the_bootstrap_resampled():
+    """Documents where the test set's documents are known; instances, said as such, where not."""
+    rng = np.random.default_rng(9)
+    base = _scores(rng, 60)
+    runs = {"a": [("c1", base)], "b": [("c2", base * [1.01, 1])]}
+    by_document = markdown(summarize(runs, None, [], documents=np.arange(60) // 3, bootstrap_samples=50))
+    assert "a bootstrap over the test set's documents (50 resamples" in by_document
+    by_instance = markdown(summarize(runs, None, [], bootstrap_samples=50))
+    assert "a bootstrap over the test set's instances (its documents are not known" in by_instance
