@@ -130,24 +130,39 @@ def test_trained_untied_student_exported_to_hf_scores_as_in_the_evaluator(tmp_pa
     instances = pattern_instances(16, VOCAB, SEQ + 1, seed=2)
     for x in instances[::2]:  # documents joined inside an instance: EOD mid-sequence, its prediction not counted
         x[len(x) // 2] = 0
+    instances[1][0] = 0  # an instance that starts with the EOD of the document before it
+    instances[3][2:4] = 0  # two EODs in a row
+    # a full-length instance; one token (nothing to predict); EOD then a token, and EODs only (nothing
+    # counts); a token then EOD (one prediction: of EOD)
+    instances += [np.arange(1, SEQ + 2, dtype=np.int64), np.array([5]), np.array([0, 7]), np.zeros(3, np.int64),
+                  np.array([7, 0])]
     test = write_dataset(str(tmp_path / "test"), instances, VOCAB, SEQ)
     ckpt, hf = str(tmp_path / "ckpt"), str(tmp_path / "hf")
     run_distributed(_train, 1, [*model_flags("tiny-untied"), "--data-path", train, "--seq-length", str(SEQ),
                                 "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "12",
                                 "--lr", "5e-3", "--save", ckpt])
     assert convert_checkpoint.main(["--direction", "megatron-to-hf", "--load", ckpt, "--save", hf]) == 0
-    run_distributed(_evaluate, 1, ["--load", ckpt, "--name", "student", "--data-path", test,
-                                   "--output-dir", str(tmp_path / "ev"), "--bootstrap-samples", "10"])
+    # micro-batches of 3: instances of different lengths padded together
+    run_distributed(_evaluate, 1, ["--load", ckpt, "--name", "student", "--data-path", test, "--micro-batch-size", "3",
+                                   "--output-dir", str(tmp_path / "ev"), "--bootstrap-samples", "10",
+                                   "--json", str(tmp_path / "eval.json")])
     scores = np.asarray(load_scores(str(tmp_path / "ev" / "student-test"))[0])
+    reported = json.load(open(tmp_path / "eval.json"))["models"]["student"]
 
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     assert not model.config.tie_word_embeddings
     assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    means = []
     for x, (nll_sum, count) in zip(instances, scores):
-        x = torch.from_numpy(x)
+        x = torch.from_numpy(np.asarray(x, dtype=np.int64))
+        counted = x[:-1] != 0
+        assert count == counted.sum()
+        if not counted.any():
+            continue
         with torch.no_grad():
             logp = torch.log_softmax(model(x[None, :-1]).logits[0].float(), dim=-1)
         nll = -logp.gather(1, x[1:, None]).squeeze(1).double()
-        counted = x[:-1] != 0
-        assert count == counted.sum()
-        assert nll_sum / count == pytest.approx(float(nll[counted].mean()), abs=1e-5)
+        means.append(float(nll[counted].mean()))
+        assert nll_sum / count == pytest.approx(means[-1], abs=1e-5)
+    assert reported["instances"] == len(means) == len(instances) - 3
+    assert reported["lm_loss"] == pytest.approx(np.mean(means), abs=1e-6)
