@@ -87,6 +87,17 @@ def test_rope_scaling_counts_beyond_the_original_context(world_of_one):
     assert (unscaled - ref)[:, 64:].abs().max() > 1e-2
 
 
+def test_a_rope_base_that_is_not_a_whole_number_is_kept(world_of_one):
+    """The RoPE base is a real number in transformers' configs: a fractional one is not truncated."""
+    config = tiny.variant_config("llama", num_key_value_heads=2, tie_word_embeddings=False,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 1234.5})
+    hf = tiny.make_model(config)
+    tokens = tiny.random_tokens()
+    ours = model_config_from_hf(hf.config, "t")
+    assert ours.rotary_base == 1234.5
+    torch.testing.assert_close(megatron_nll(converted(hf, ours), tokens), hf_nll(hf, tokens), rtol=0, atol=1e-5)
+
+
 def test_megatron_fixed_parameters_would_differ():
     """megatron-core's own scaling fixes the original context at 8192: it is not used."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
