@@ -101,6 +101,9 @@ def unsupported_features(c, layout: str) -> list[str]:
         problems.append(f"layer types {odd}")
     if layout == QWEN3_MOE and (getattr(c, "mlp_only_layers", None) or getattr(c, "decoder_sparse_step", 1) != 1):
         problems.append("dense MLP layers among the expert layers (mlp_only_layers, decoder_sparse_step)")
+    if layout in MOE and c.num_experts_per_tok == 1 and (layout == MIXTRAL or c.norm_topk_prob):
+        problems.append("top-1 routing with the chosen expert's weight renormalised to 1 (megatron-core's router "
+                        "takes top-1 only weighted by the softmax over all experts)")
     for name in ("final_logit_softcapping", "attn_logit_softcapping"):
         if getattr(c, name, None):
             problems.append(f"logit soft-capping ({name})")

@@ -197,6 +197,8 @@ def test_unsupported_architectures_are_refused_with_the_reason(config_class, arc
     ("LlamaConfig", dict(final_logit_softcapping=30.0), "logit soft-capping"),
     ("Qwen3MoeConfig", dict(mlp_only_layers=[1]), "dense MLP layers among the expert layers"),
     ("Qwen3MoeConfig", dict(decoder_sparse_step=2), "dense MLP layers among the expert layers"),
+    ("MixtralConfig", dict(num_experts_per_tok=1), "top-1 routing with the chosen expert's weight renormalised"),
+    ("Qwen3MoeConfig", dict(num_experts_per_tok=1, norm_topk_prob=True), "top-1 routing with the chosen expert's"),
 ])
 def test_unsupported_features_are_refused_by_name(config_class, settings, message):
     import transformers
@@ -267,6 +269,18 @@ def test_qwen3_moe_router_weights_over_all_experts(world_of_one):
     torch.testing.assert_close(megatron_nll(converted(hf, ours), tokens), ref, rtol=0, atol=1e-5)
     other = megatron_nll(converted(hf, ours.replace(moe_router_pre_softmax=False)), tokens)
     assert (other - ref).abs().max() > 1e-3
+
+
+def test_qwen3_moe_top_1_with_the_softmax_over_all_experts(world_of_one):
+    """Top-1 routing weighted by the softmax over all experts (norm_topk_prob false) is megatron-core's
+    pre-softmax router: converted, not refused (renormalised top-1 is refused, above)."""
+    config = tiny.hf_config("qwen3-moe")
+    config.num_experts_per_tok, config.norm_topk_prob = 1, False
+    hf = tiny.make_model(config)
+    ours = model_config_from_hf(hf.config, "t")
+    assert ours.moe_router_topk == 1 and ours.moe_router_pre_softmax
+    tokens = tiny.random_tokens()
+    torch.testing.assert_close(megatron_nll(converted(hf, ours), tokens), hf_nll(hf, tokens), rtol=0, atol=1e-5)
 
 
 def test_flops_count_the_active_experts():
