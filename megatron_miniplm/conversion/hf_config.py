@@ -15,7 +15,9 @@ ARCHITECTURES = {"Qwen2ForCausalLM": QWEN2, "LlamaForCausalLM": LLAMA, "Qwen3For
                  "MistralForCausalLM": MISTRAL, "Qwen3MoeForCausalLM": QWEN3_MOE, "MixtralForCausalLM": MIXTRAL}
 MODEL_TYPES = {"qwen2": QWEN2, "llama": LLAMA, "qwen3": QWEN3, "mistral": MISTRAL, "qwen3_moe": QWEN3_MOE,
                "mixtral": MIXTRAL}
-WINDOWED = (MISTRAL, MIXTRAL)  # every layer slides where the config has a window
+# Every layer slides where the config has a window (Qwen3-MoE's config keeps one only with
+# use_sliding_window); Qwen2 and Qwen3 slide the layers their layer_types name.
+WINDOWED = (MISTRAL, MIXTRAL, QWEN3_MOE)
 QK_NORM = (QWEN3, QWEN3_MOE)
 MOE = (QWEN3_MOE, MIXTRAL)
 CLASS_OF_LAYOUT = {layout: cls for cls, layout in ARCHITECTURES.items()}
@@ -168,8 +170,8 @@ def layout_problems(config: ModelConfig, layout: str) -> list[str]:
     if config.qk_layernorm != (layout in QK_NORM):
         problems.append("QK-norm (qwen3, qwen3_moe)" if config.qk_layernorm else "lack of QK-norm")
     if config.sliding_window is not None and layout not in WINDOWED:
-        problems.append("sliding attention window (mistral, mixtral)")
-    if config.qkv_bias and layout in WINDOWED:
+        problems.append("sliding attention window (mistral, mixtral, qwen3_moe)")
+    if config.qkv_bias and layout in (MISTRAL, MIXTRAL):
         problems.append("QKV bias (not in mistral, mixtral)")
     if bool(config.num_experts) != (layout in MOE):
         problems.append("experts (qwen3_moe, mixtral)" if config.num_experts else "dense MLP")
@@ -221,7 +223,8 @@ def hf_config_from_model_config(
         return MistralConfig(sliding_window=config.sliding_window, head_dim=config.head_dim, **common)
     experts = dict(num_experts_per_tok=config.moe_router_topk, head_dim=config.head_dim)
     if layout == QWEN3_MOE:
-        return Qwen3MoeConfig(attention_bias=config.qkv_bias, use_sliding_window=False, num_experts=config.num_experts,
+        return Qwen3MoeConfig(attention_bias=config.qkv_bias, use_sliding_window=config.sliding_window is not None,
+                              sliding_window=config.sliding_window, num_experts=config.num_experts,
                               moe_intermediate_size=config.expert_ffn_hidden_size, decoder_sparse_step=1,
                               mlp_only_layers=[], norm_topk_prob=not config.moe_router_pre_softmax, **experts, **common)
     common["intermediate_size"] = config.expert_ffn_hidden_size

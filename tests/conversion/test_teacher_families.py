@@ -283,6 +283,24 @@ def test_qwen3_moe_top_1_with_the_softmax_over_all_experts(world_of_one):
     torch.testing.assert_close(megatron_nll(converted(hf, ours), tokens), hf_nll(hf, tokens), rtol=0, atol=1e-5)
 
 
+def test_qwen3_moe_window_is_carried(world_of_one):
+    """Qwen3-MoE with use_sliding_window slides every layer (transformers reads config.sliding_window
+    in each): the window is taken, refused past, exact within, and exported again."""
+    spec = dict(tiny.MODELS["qwen3-moe"])
+    hf = tiny.make_model(tiny.variant_config(spec.pop("arch"), use_sliding_window=True, sliding_window=16, **spec))
+    ours = model_config_from_hf(hf.config, "t")
+    assert ours.sliding_window == 16
+    with pytest.raises(ValueError, match="sequence length 96 exceeds the 16-token sliding attention window"):
+        ours.check_attention_window(96)
+    model = converted(hf, ours)
+    fits, longer = tiny.random_tokens(seq=16), tiny.random_tokens()
+    torch.testing.assert_close(megatron_nll(model, fits), hf_nll(hf, fits), rtol=0, atol=1e-5)
+    assert (megatron_nll(model, longer) - hf_nll(hf, longer)).abs().max() > 1e-3  # the window counts past it
+    exported = hf_config_from_model_config(ours, "qwen3_moe")
+    assert exported.sliding_window == 16 and exported.use_sliding_window
+    assert model_config_from_hf(exported, "t").sliding_window == 16
+
+
 def test_flops_count_the_active_experts():
     from megatron_miniplm.training.flops import training_flops_per_token
 
