@@ -88,7 +88,7 @@ def sliding_window_of(hf_config, layout: str) -> Optional[int]:
 def unsupported_features(c, layout: str) -> list[str]:
     """What the HF config has that the GPT built here does not compute exactly, each by name."""
     problems = []
-    if getattr(c, "hidden_act", "silu") != "silu":
+    if getattr(c, "hidden_act", "silu") not in ("silu", "swish"):  # transformers' swish is SiLU
         problems.append(f"activation '{c.hidden_act}' (SwiGLU with silu only)")
     if getattr(c, "mlp_bias", False):
         problems.append("bias on the MLP")

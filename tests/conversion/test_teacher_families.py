@@ -210,6 +210,14 @@ def test_unsupported_features_are_refused_by_name(config_class, settings, messag
         model_config_from_hf(config, "x")
 
 
+def test_swish_is_silu(world_of_one):
+    """transformers' 'swish' is SiLU itself: a model that names it converts, exactly."""
+    hf = tiny.make_model(tiny.variant_config("llama", num_key_value_heads=2, tie_word_embeddings=True,
+                                             hidden_act="swish"))
+    tokens = tiny.random_tokens()
+    torch.testing.assert_close(megatron_nll(converted(hf), tokens), hf_nll(hf, tokens), rtol=0, atol=1e-5)
+
+
 def test_export_refuses_a_layout_without_the_model_features():
     config = model_config_from_hf(tiny.hf_config("qwen3"), "t")
     with pytest.raises(ConversionError, match="--hf-architecture llama cannot hold the model's QK-norm"):
