@@ -15,8 +15,8 @@ ARCHITECTURES = {"Qwen2ForCausalLM": QWEN2, "LlamaForCausalLM": LLAMA, "Qwen3For
                  "MistralForCausalLM": MISTRAL, "Qwen3MoeForCausalLM": QWEN3_MOE, "MixtralForCausalLM": MIXTRAL}
 MODEL_TYPES = {"qwen2": QWEN2, "llama": LLAMA, "qwen3": QWEN3, "mistral": MISTRAL, "qwen3_moe": QWEN3_MOE,
                "mixtral": MIXTRAL}
-# Every layer slides where the config has a window (Qwen3-MoE's config keeps one only with
-# use_sliding_window); Qwen2 and Qwen3 slide the layers their layer_types name.
+# Imported: every layer slides where the config has a window (Qwen3-MoE's config keeps one only
+# with use_sliding_window); Qwen2 and Qwen3 slide the layers their layer_types name.
 WINDOWED = (MISTRAL, MIXTRAL, QWEN3_MOE)
 QK_NORM = (QWEN3, QWEN3_MOE)
 MOE = (QWEN3_MOE, MIXTRAL)
@@ -169,8 +169,8 @@ def layout_problems(config: ModelConfig, layout: str) -> list[str]:
     problems = []
     if config.qk_layernorm != (layout in QK_NORM):
         problems.append("QK-norm (qwen3, qwen3_moe)" if config.qk_layernorm else "lack of QK-norm")
-    if config.sliding_window is not None and layout not in WINDOWED:
-        problems.append("sliding attention window (mistral, mixtral, qwen3_moe)")
+    if config.sliding_window is not None and layout == LLAMA:
+        problems.append("sliding attention window (not in llama)")
     if config.qkv_bias and layout in (MISTRAL, MIXTRAL):
         problems.append("QKV bias (not in mistral, mixtral)")
     if bool(config.num_experts) != (layout in MOE):
@@ -212,13 +212,15 @@ def hf_config_from_model_config(
         eos_token_id=eod_id,
         dtype=dtype,
     )
+    # Qwen2 and Qwen3 slide the layers from max_window_layers on: all of them, as the model here
+    window = (dict(use_sliding_window=False) if config.sliding_window is None else
+              dict(use_sliding_window=True, sliding_window=config.sliding_window, max_window_layers=0))
     if layout == QWEN2:
-        return Qwen2Config(use_sliding_window=False, head_dim=config.head_dim, **common)
+        return Qwen2Config(head_dim=config.head_dim, **window, **common)
     if layout == LLAMA:
         return LlamaConfig(attention_bias=config.qkv_bias, mlp_bias=False, head_dim=config.head_dim, **common)
     if layout == QWEN3:
-        return Qwen3Config(attention_bias=config.qkv_bias, use_sliding_window=False, head_dim=config.head_dim,
-                           **common)
+        return Qwen3Config(attention_bias=config.qkv_bias, head_dim=config.head_dim, **window, **common)
     if layout == MISTRAL:
         return MistralConfig(sliding_window=config.sliding_window, head_dim=config.head_dim, **common)
     experts = dict(num_experts_per_tok=config.moe_router_topk, head_dim=config.head_dim)

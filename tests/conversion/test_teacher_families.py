@@ -142,6 +142,31 @@ def test_qwen_sliding_layers_carry_the_window():
     assert model_config_from_hf(some, "x").sliding_window == 64
 
 
+@pytest.mark.parametrize("arch,layout", [("qwen2", "qwen2"), ("qwen3", "qwen3")])
+def test_qwen_layouts_export_a_window(world_of_one, arch, layout):
+    """A model with a window exports to Qwen2 / Qwen3 with every layer sliding: transformers computes
+    the megatron model's NLLs from it, and it reads back as the same model. A Qwen2-style model with
+    a window (QKV bias) exports to Qwen2 by default (Mistral has no bias)."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_miniplm.conversion.megatron_to_hf import choose_layout
+
+    spec = dict(tiny.MODELS[arch])
+    hf = tiny.make_model(tiny.variant_config(spec.pop("arch"), use_sliding_window=True, sliding_window=96,
+                                             max_window_layers=1, **spec))
+    ours = model_config_from_hf(hf.config, "t")
+    assert ours.sliding_window == 96 and choose_layout("auto", ours, None) == layout
+    model = converted(hf, ours)
+    exported = hf_config_from_model_config(ours, layout)
+    assert exported.layer_types == ["sliding_attention"] * 2 and exported.sliding_window == 96
+    back = AutoModelForCausalLM.from_config(exported, dtype=torch.float32, attn_implementation="eager").eval()
+    state = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    back.load_state_dict(mapping.megatron_to_hf(state, ours, layout), strict=not ours.tie_embeddings)
+    tokens = tiny.random_tokens()
+    torch.testing.assert_close(hf_nll(back, tokens), megatron_nll(model, tokens), rtol=0, atol=1e-5)
+    assert model_config_from_hf(exported, "t") == ours
+
+
 # --- Qwen3 -------------------------------------------------------------------------------
 
 def test_qwen3_qk_norm_and_head_width_are_mapped(world_of_one):
@@ -224,7 +249,7 @@ def test_export_refuses_a_layout_without_the_model_features():
         hf_config_from_model_config(config, "llama")
     mistral = model_config_from_hf(tiny.hf_config("mistral"), "t")
     with pytest.raises(ConversionError, match="sliding attention window"):
-        hf_config_from_model_config(mistral, "qwen2")
+        hf_config_from_model_config(mistral, "llama")
 
 
 # --- the paper's cross-family student ---------------------------------------------------------
