@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-architecture", default="auto",
                    choices=["auto", "qwen2", "llama", "qwen3", "mistral", "qwen3_moe", "mixtral"],
                    help="megatron-to-hf: output layout (auto: the imported architecture, else with experts "
-                        "qwen3_moe or mixtral; qwen3 with QK-norm, mistral with an attention window, qwen2 with "
-                        "QKV bias, llama otherwise)")
+                        "qwen3_moe or mixtral; qwen3 with QK-norm, qwen2 with QKV bias, mistral with an attention "
+                        "window, llama otherwise)")
     p.add_argument("--tokenizer", default=None,
                    help="megatron-to-hf: tokenizer.json or tokenizer directory to copy "
                         "(default: the checkpoint's tokenizer/)")

@@ -15,7 +15,9 @@ ARCHITECTURES = {"Qwen2ForCausalLM": QWEN2, "LlamaForCausalLM": LLAMA, "Qwen3For
                  "MistralForCausalLM": MISTRAL, "Qwen3MoeForCausalLM": QWEN3_MOE, "MixtralForCausalLM": MIXTRAL}
 MODEL_TYPES = {"qwen2": QWEN2, "llama": LLAMA, "qwen3": QWEN3, "mistral": MISTRAL, "qwen3_moe": QWEN3_MOE,
                "mixtral": MIXTRAL}
-WINDOWED = (MISTRAL, MIXTRAL)  # every layer slides where the config has a window
+# Imported: every layer slides where the config has a window (Qwen3-MoE's config keeps one only
+# with use_sliding_window); Qwen2 and Qwen3 slide the layers their layer_types name.
+WINDOWED = (MISTRAL, MIXTRAL, QWEN3_MOE)
 QK_NORM = (QWEN3, QWEN3_MOE)
 MOE = (QWEN3_MOE, MIXTRAL)
 CLASS_OF_LAYOUT = {layout: cls for cls, layout in ARCHITECTURES.items()}
@@ -86,7 +88,7 @@ def sliding_window_of(hf_config, layout: str) -> Optional[int]:
 def unsupported_features(c, layout: str) -> list[str]:
     """What the HF config has that the GPT built here does not compute exactly, each by name."""
     problems = []
-    if getattr(c, "hidden_act", "silu") != "silu":
+    if getattr(c, "hidden_act", "silu") not in ("silu", "swish"):  # transformers' swish is SiLU
         problems.append(f"activation '{c.hidden_act}' (SwiGLU with silu only)")
     if getattr(c, "mlp_bias", False):
         problems.append("bias on the MLP")
@@ -101,6 +103,9 @@ def unsupported_features(c, layout: str) -> list[str]:
         problems.append(f"layer types {odd}")
     if layout == QWEN3_MOE and (getattr(c, "mlp_only_layers", None) or getattr(c, "decoder_sparse_step", 1) != 1):
         problems.append("dense MLP layers among the expert layers (mlp_only_layers, decoder_sparse_step)")
+    if layout in MOE and c.num_experts_per_tok == 1 and (layout == MIXTRAL or c.norm_topk_prob):
+        problems.append("top-1 routing with the chosen expert's weight renormalised to 1 (megatron-core's router "
+                        "takes top-1 only weighted by the softmax over all experts)")
     for name in ("final_logit_softcapping", "attn_logit_softcapping"):
         if getattr(c, name, None):
             problems.append(f"logit soft-capping ({name})")
@@ -164,9 +169,9 @@ def layout_problems(config: ModelConfig, layout: str) -> list[str]:
     problems = []
     if config.qk_layernorm != (layout in QK_NORM):
         problems.append("QK-norm (qwen3, qwen3_moe)" if config.qk_layernorm else "lack of QK-norm")
-    if config.sliding_window is not None and layout not in WINDOWED:
-        problems.append("sliding attention window (mistral, mixtral)")
-    if config.qkv_bias and layout in WINDOWED:
+    if config.sliding_window is not None and layout == LLAMA:
+        problems.append("sliding attention window (not in llama)")
+    if config.qkv_bias and layout in (MISTRAL, MIXTRAL):
         problems.append("QKV bias (not in mistral, mixtral)")
     if bool(config.num_experts) != (layout in MOE):
         problems.append("experts (qwen3_moe, mixtral)" if config.num_experts else "dense MLP")
@@ -207,18 +212,21 @@ def hf_config_from_model_config(
         eos_token_id=eod_id,
         dtype=dtype,
     )
+    # Qwen2 and Qwen3 slide the layers from max_window_layers on: all of them, as the model here
+    window = (dict(use_sliding_window=False) if config.sliding_window is None else
+              dict(use_sliding_window=True, sliding_window=config.sliding_window, max_window_layers=0))
     if layout == QWEN2:
-        return Qwen2Config(use_sliding_window=False, head_dim=config.head_dim, **common)
+        return Qwen2Config(head_dim=config.head_dim, **window, **common)
     if layout == LLAMA:
         return LlamaConfig(attention_bias=config.qkv_bias, mlp_bias=False, head_dim=config.head_dim, **common)
     if layout == QWEN3:
-        return Qwen3Config(attention_bias=config.qkv_bias, use_sliding_window=False, head_dim=config.head_dim,
-                           **common)
+        return Qwen3Config(attention_bias=config.qkv_bias, head_dim=config.head_dim, **window, **common)
     if layout == MISTRAL:
         return MistralConfig(sliding_window=config.sliding_window, head_dim=config.head_dim, **common)
     experts = dict(num_experts_per_tok=config.moe_router_topk, head_dim=config.head_dim)
     if layout == QWEN3_MOE:
-        return Qwen3MoeConfig(attention_bias=config.qkv_bias, use_sliding_window=False, num_experts=config.num_experts,
+        return Qwen3MoeConfig(attention_bias=config.qkv_bias, use_sliding_window=config.sliding_window is not None,
+                              sliding_window=config.sliding_window, num_experts=config.num_experts,
                               moe_intermediate_size=config.expert_ffn_hidden_size, decoder_sparse_step=1,
                               mlp_only_layers=[], norm_topk_prob=not config.moe_router_pre_softmax, **experts, **common)
     common["intermediate_size"] = config.expert_ffn_hidden_size

@@ -40,8 +40,8 @@ class ExportResult:
 
 def choose_layout(requested: str, config: ModelConfig, info: Optional[dict]) -> str:
     """``auto``: the architecture the checkpoint was imported from, else the layout of the model's
-    features: with experts Qwen3-MoE (QK-norm) or Mixtral; Qwen3 with QK-norm, Mistral with an
-    attention window, Qwen2 with QKV bias (MiniPLM's students), Llama otherwise."""
+    features: with experts Qwen3-MoE (QK-norm) or Mixtral; Qwen3 with QK-norm, Qwen2 with QKV bias
+    (MiniPLM's students), Mistral with an attention window, Llama otherwise."""
     if requested not in LAYOUTS:
         raise ConversionError(f"--hf-architecture {requested}: choose from {', '.join(LAYOUTS)}")
     if requested != "auto":
@@ -52,9 +52,9 @@ def choose_layout(requested: str, config: ModelConfig, info: Optional[dict]) -> 
         return mapping.QWEN3_MOE if config.qk_layernorm else mapping.MIXTRAL
     if config.qk_layernorm:
         return mapping.QWEN3
-    if config.sliding_window is not None:
-        return mapping.MISTRAL
-    return mapping.QWEN2 if config.qkv_bias else mapping.LLAMA
+    if config.qkv_bias:
+        return mapping.QWEN2
+    return mapping.LLAMA if config.sliding_window is None else mapping.MISTRAL
 
 
 def find_tokenizer(load: str, resolved: str, tokenizer: Optional[str]) -> Optional[str]:

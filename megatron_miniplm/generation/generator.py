@@ -126,6 +126,10 @@ class Generator:
         if self.max_length <= cfg.prompt_length and cfg.max_length is None:
             raise ScoringError(f"--prompt-length {cfg.prompt_length} leaves nothing to generate in the dataset's "
                                f"instances of {self.max_length} tokens: give --max-length")
+        try:  # the last token is predicted from the max_length - 1 before it, attended causally
+            self.source.config.check_attention_window(self.max_length - 1)
+        except ValueError as e:
+            raise ScoringError(f"--max-length {self.max_length}: {e}") from None
         count = min(cfg.max_instances or self.dataset.num_instances, self.dataset.num_instances)
         self.plan = plan_batches(self.dataset.lengths[:count], cfg.prompt_length, cfg.micro_batch_size)
         self.progress_dir = resume.progress_dir(cfg.output_prefix)

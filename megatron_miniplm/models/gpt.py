@@ -382,7 +382,9 @@ def _gpt_model(config: ModelConfig, tcfg, impl: Implementation, tp: int, pre_pro
         parallel_output=True,
         share_embeddings_and_output_weights=config.tie_embeddings,
         position_embedding_type="rope",
-        rotary_base=int(config.rotary_base),
+        # a real number, as in transformers' configs (megatron-core's annotation says int, its
+        # RotaryEmbedding raises whatever base it is given to the powers)
+        rotary_base=config.rotary_base,
     )
     if config.use_rope_scaling and hasattr(model, "rotary_pos_emb"):
         model.rotary_pos_emb.inv_freq = rope_inverse_frequencies(config, model.rotary_pos_emb.inv_freq.device)

@@ -87,6 +87,17 @@ def test_rope_scaling_counts_beyond_the_original_context(world_of_one):
     assert (unscaled - ref)[:, 64:].abs().max() > 1e-2
 
 
+def test_a_rope_base_that_is_not_a_whole_number_is_kept(world_of_one):
+    """The RoPE base is a real number in transformers' configs: a fractional one is not truncated."""
+    config = tiny.variant_config("llama", num_key_value_heads=2, tie_word_embeddings=False,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 1234.5})
+    hf = tiny.make_model(config)
+    tokens = tiny.random_tokens()
+    ours = model_config_from_hf(hf.config, "t")
+    assert ours.rotary_base == 1234.5
+    torch.testing.assert_close(megatron_nll(converted(hf, ours), tokens), hf_nll(hf, tokens), rtol=0, atol=1e-5)
+
+
 def test_megatron_fixed_parameters_would_differ():
     """megatron-core's own scaling fixes the original context at 8192: it is not used."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -129,6 +140,31 @@ def test_qwen_sliding_layers_carry_the_window():
     assert model_config_from_hf(none, "x").sliding_window is None
     some = Qwen3Config(use_sliding_window=True, sliding_window=64, max_window_layers=1, **SMALL)
     assert model_config_from_hf(some, "x").sliding_window == 64
+
+
+@pytest.mark.parametrize("arch,layout", [("qwen2", "qwen2"), ("qwen3", "qwen3")])
+def test_qwen_layouts_export_a_window(world_of_one, arch, layout):
+    """A model with a window exports to Qwen2 / Qwen3 with every layer sliding: transformers computes
+    the megatron model's NLLs from it, and it reads back as the same model. A Qwen2-style model with
+    a window (QKV bias) exports to Qwen2 by default (Mistral has no bias)."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_miniplm.conversion.megatron_to_hf import choose_layout
+
+    spec = dict(tiny.MODELS[arch])
+    hf = tiny.make_model(tiny.variant_config(spec.pop("arch"), use_sliding_window=True, sliding_window=96,
+                                             max_window_layers=1, **spec))
+    ours = model_config_from_hf(hf.config, "t")
+    assert ours.sliding_window == 96 and choose_layout("auto", ours, None) == layout
+    model = converted(hf, ours)
+    exported = hf_config_from_model_config(ours, layout)
+    assert exported.layer_types == ["sliding_attention"] * 2 and exported.sliding_window == 96
+    back = AutoModelForCausalLM.from_config(exported, dtype=torch.float32, attn_implementation="eager").eval()
+    state = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    back.load_state_dict(mapping.megatron_to_hf(state, ours, layout), strict=not ours.tie_embeddings)
+    tokens = tiny.random_tokens()
+    torch.testing.assert_close(hf_nll(back, tokens), megatron_nll(model, tokens), rtol=0, atol=1e-5)
+    assert model_config_from_hf(exported, "t") == ours
 
 
 # --- Qwen3 -------------------------------------------------------------------------------
@@ -186,6 +222,8 @@ def test_unsupported_architectures_are_refused_with_the_reason(config_class, arc
     ("LlamaConfig", dict(final_logit_softcapping=30.0), "logit soft-capping"),
     ("Qwen3MoeConfig", dict(mlp_only_layers=[1]), "dense MLP layers among the expert layers"),
     ("Qwen3MoeConfig", dict(decoder_sparse_step=2), "dense MLP layers among the expert layers"),
+    ("MixtralConfig", dict(num_experts_per_tok=1), "top-1 routing with the chosen expert's weight renormalised"),
+    ("Qwen3MoeConfig", dict(num_experts_per_tok=1, norm_topk_prob=True), "top-1 routing with the chosen expert's"),
 ])
 def test_unsupported_features_are_refused_by_name(config_class, settings, message):
     import transformers
@@ -197,13 +235,21 @@ def test_unsupported_features_are_refused_by_name(config_class, settings, messag
         model_config_from_hf(config, "x")
 
 
+def test_swish_is_silu(world_of_one):
+    """transformers' 'swish' is SiLU itself: a model that names it converts, exactly."""
+    hf = tiny.make_model(tiny.variant_config("llama", num_key_value_heads=2, tie_word_embeddings=True,
+                                             hidden_act="swish"))
+    tokens = tiny.random_tokens()
+    torch.testing.assert_close(megatron_nll(converted(hf), tokens), hf_nll(hf, tokens), rtol=0, atol=1e-5)
+
+
 def test_export_refuses_a_layout_without_the_model_features():
     config = model_config_from_hf(tiny.hf_config("qwen3"), "t")
     with pytest.raises(ConversionError, match="--hf-architecture llama cannot hold the model's QK-norm"):
         hf_config_from_model_config(config, "llama")
     mistral = model_config_from_hf(tiny.hf_config("mistral"), "t")
     with pytest.raises(ConversionError, match="sliding attention window"):
-        hf_config_from_model_config(mistral, "qwen2")
+        hf_config_from_model_config(mistral, "llama")
 
 
 # --- the paper's cross-family student ---------------------------------------------------------
@@ -256,6 +302,36 @@ def test_qwen3_moe_router_weights_over_all_experts(world_of_one):
     torch.testing.assert_close(megatron_nll(converted(hf, ours), tokens), ref, rtol=0, atol=1e-5)
     other = megatron_nll(converted(hf, ours.replace(moe_router_pre_softmax=False)), tokens)
     assert (other - ref).abs().max() > 1e-3
+
+
+def test_qwen3_moe_top_1_with_the_softmax_over_all_experts(world_of_one):
+    """Top-1 routing weighted by the softmax over all experts (norm_topk_prob false) is megatron-core's
+    pre-softmax router: converted, not refused (renormalised top-1 is refused, above)."""
+    config = tiny.hf_config("qwen3-moe")
+    config.num_experts_per_tok, config.norm_topk_prob = 1, False
+    hf = tiny.make_model(config)
+    ours = model_config_from_hf(hf.config, "t")
+    assert ours.moe_router_topk == 1 and ours.moe_router_pre_softmax
+    tokens = tiny.random_tokens()
+    torch.testing.assert_close(megatron_nll(converted(hf, ours), tokens), hf_nll(hf, tokens), rtol=0, atol=1e-5)
+
+
+def test_qwen3_moe_window_is_carried(world_of_one):
+    """Qwen3-MoE with use_sliding_window slides every layer (transformers reads config.sliding_window
+    in each): the window is taken, refused past, exact within, and exported again."""
+    spec = dict(tiny.MODELS["qwen3-moe"])
+    hf = tiny.make_model(tiny.variant_config(spec.pop("arch"), use_sliding_window=True, sliding_window=16, **spec))
+    ours = model_config_from_hf(hf.config, "t")
+    assert ours.sliding_window == 16
+    with pytest.raises(ValueError, match="sequence length 96 exceeds the 16-token sliding attention window"):
+        ours.check_attention_window(96)
+    model = converted(hf, ours)
+    fits, longer = tiny.random_tokens(seq=16), tiny.random_tokens()
+    torch.testing.assert_close(megatron_nll(model, fits), hf_nll(hf, fits), rtol=0, atol=1e-5)
+    assert (megatron_nll(model, longer) - hf_nll(hf, longer)).abs().max() > 1e-3  # the window counts past it
+    exported = hf_config_from_model_config(ours, "qwen3_moe")
+    assert exported.sliding_window == 16 and exported.use_sliding_window
+    assert model_config_from_hf(exported, "t").sliding_window == 16
 
 
 def test_flops_count_the_active_experts():

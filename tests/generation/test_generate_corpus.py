@@ -289,3 +289,29 @@ def test_a_torn_record_is_ignored_and_truncated_before_appending(tmp_path, cut):
     assert [s.tolist() for s in records[0][1]] == [[1, 2, 3], [4]] and records[1][1][0].tolist() == [12, 13]
     where = progress.record_offsets([path])
     assert progress.read_record(*where[2])[0].tolist() == [12, 13]
+
+
+def _window_worker(root: str) -> None:
+    from megatron_miniplm.scoring.dataset import ScoringError
+
+    with pytest.raises(ScoringError, match=f"--max-length {MAX_LEN}: sequence length {MAX_LEN - 1} exceeds the "
+                                           f"16-token sliding attention window"):
+        _generate(_argv(root, "mistral", "too-long", "--temperature", "0"))
+    _generate(_argv(root, "mistral", "fits", "--temperature", "0", "--max-length", "17"))
+
+
+def test_refuses_contexts_longer_than_the_attention_window(tmp_path):
+    """The decoder computes plain causal attention: a teacher's window must hold every context it
+    decodes from (the last token of --max-length tokens is predicted from the ones before it)."""
+    from megatron_miniplm.cli import convert_checkpoint
+
+    root = str(tmp_path)
+    hf = os.path.join(root, "mistral-hf")
+    _save_hf(tiny.variant_config("mistral", num_key_value_heads=2, tie_word_embeddings=False, sliding_window=16),
+             hf, 0, 1.0)
+    assert convert_checkpoint.main(["--direction", "hf-to-megatron", "--load", hf,
+                                    "--save", os.path.join(root, "mistral-meg")]) == 0
+    info = json.load(open(os.path.join(root, "mistral-meg", "checkpoint_info.json")))["tokenizer"]
+    write_dataset(os.path.join(root, "data"), make_instances(4), tiny.VOCAB, 40,
+                  tokenizer={"name": "tiny", "pad_id": EOD, **info})
+    run_distributed(_window_worker, 1, root)
