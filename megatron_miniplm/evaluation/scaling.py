@@ -61,9 +61,13 @@ class Curve:
         return self.l_inf + self.a * (np.asarray(flops, dtype=np.float64) / self.c0) ** -self.alpha
 
     def flops_for(self, loss: float) -> float:
-        """The compute at which the curve reaches ``loss``; inf where it never does (at or below
-        its floor, or a curve that does not fall)."""
-        if self.a <= 0 or self.alpha <= 0 or loss <= self.l_inf:
+        """The compute at which the curve reaches ``loss``: inf where it never does (at or below
+        its floor); NaN on a curve that does not fall with compute (``a <= 0``), where no compute
+        is "needed" for a loss: it would reach a higher loss with less compute, or never leave its
+        level, and inf would read as a method infinitely better than a baseline it trails."""
+        if self.a <= 0 or self.alpha <= 0:
+            return math.nan
+        if loss <= self.l_inf:
             return math.inf
         return float(self.c0 * ((loss - self.l_inf) / self.a) ** (-1.0 / self.alpha))
 
@@ -145,7 +149,8 @@ def _golden_section(f, lo: float, hi: float, iterations: int = 60) -> float:
 
 def saving(baseline: Curve, flops: float, loss: float) -> float:
     """The computation saving of a method that reached ``loss`` with ``flops``: the compute the
-    baseline's curve needs to reach that loss, over the method's (inf where it never does)."""
+    baseline's curve needs to reach that loss, over the method's (inf where it never does; NaN,
+    undefined, where the baseline's curve does not fall with compute)."""
     return baseline.flops_for(loss) / flops
 
 
@@ -261,12 +266,19 @@ def sweep(points: Sequence[Point], documents: Optional[np.ndarray], *, baseline:
 
 
 def _savings(points, where: list, estimate, draws, baseline: Curve, boot: list, level: float) -> dict:
-    """{size: the saving of the point against the baseline's curve, with its interval}."""
+    """{size: the saving of the point against the baseline's curve, with its interval}. Draws
+    whose refitted baseline does not fall (an undefined saving) are counted at either end: the
+    low bound as if they were 0, the high one as if infinite, so that the interval holds
+    whatever they stand for; ``undefined`` says how many there were."""
     out = {}
     for j in where:
         flops = points[j].flops
-        low, high = _interval([saving(b, flops, draws[k, j]) for k, b in enumerate(boot)], level)
-        out[points[j].size] = {"flops": flops, "saving": saving(baseline, flops, estimate[j]), "low": low, "high": high}
+        values = np.array([saving(b, flops, draws[k, j]) for k, b in enumerate(boot)])
+        undefined = np.isnan(values)
+        low = _interval(np.where(undefined, 0.0, values), level)[0]
+        high = _interval(np.where(undefined, math.inf, values), level)[1]
+        out[points[j].size] = {"flops": flops, "saving": saving(baseline, flops, estimate[j]), "low": low, "high": high,
+                               "undefined": int(undefined.sum())}
     return out
 
 

@@ -88,7 +88,16 @@ def within_run(metrics_files: dict, baseline: str) -> dict:
 
 
 def _ratio(x: float) -> str:
+    """A saving in words: inf, the baseline's curve never reaches the loss; NaN, its curve does not
+    fall with compute, so no compute is needed for a loss and no saving is defined."""
+    if math.isnan(x):
+        return "undefined (the baseline's fitted loss does not fall with compute)"
     return "never (below the baseline's fitted floor)" if math.isinf(x) else f"{x:.3g}x"
+
+
+def _bound(x: float) -> str:
+    """An interval's end: inf where the draws run to it (never, or counted so)."""
+    return "inf" if math.isinf(x) else f"{x:.3g}x"
 
 
 def lines(sweep: dict) -> list[str]:
@@ -105,9 +114,10 @@ def lines(sweep: dict) -> list[str]:
             how = ", the baseline's curve extrapolated by its fit" if s["extrapolated"] else ""
             how += ", at its first validation: less compute may do" if s.get("at_most") else ""
             bound = "at most " if s.get("at_most") else ""
+            needs = (f"needs {s['baseline_flops']:.3g} FLOPs to reach" if math.isfinite(s["baseline_flops"])
+                     else "does not reach")
             out.append(f"computation saving of {method}{at} from the validation curves: {bound}{_ratio(s['saving'])} "
-                       f"({base} needs {s['baseline_flops']:.3g} FLOPs to reach its {s['loss']:.4f} at "
-                       f"{s['flops']:.3g}{how})")
+                       f"({base} {needs} its {s['loss']:.4f} at {s['flops']:.3g}{how})")
     if sweep.get("refused"):
         return out + [sweep["refused"]]
     if not sweep.get("fits"):
@@ -122,8 +132,11 @@ def lines(sweep: dict) -> list[str]:
                    + (f"; caution: {'; '.join(f['caveats'])}" if f.get("caveats") else ""))
     for method, by_size in sweep.get("saving", {}).items():
         for size, s in by_size.items():
+            undefined = (f"; in {s['undefined']} of {sweep['samples']} refits {base}'s curve does not fall "
+                         f"(counted at either end)" if s.get("undefined") else "")
             out.append(f"computation saving of {method} at {size} from the sweep's fit of {base}: "
-                       f"{_ratio(s['saving'])} [{_ratio(s['low'])}, {_ratio(s['high'])}] at {s['flops']:.3g} FLOPs")
+                       f"{_ratio(s['saving'])} [{_bound(s['low'])}, {_bound(s['high'])}] at {s['flops']:.3g} FLOPs"
+                       + undefined)
     return out
 
 

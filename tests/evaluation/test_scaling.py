@@ -139,3 +139,37 @@ def test_the_bootstrap_resamples_each_points_seeds():
     assert estimate[0] == pytest.approx(3.1)
     values, counts = np.unique(np.round(draws[:, 0], 9), return_counts=True)
     assert np.allclose(values, [3.0, 3.1, 3.2]) and np.allclose(counts / 4000, [0.25, 0.5, 0.25], atol=0.03)
+
+
+@pytest.mark.parametrize("base_losses", [[3.0, 3.0, 3.0], [3.0, 3.1, 3.2], [3.0, 3.3, 2.95]],
+                         ids=["flat", "rising", "not monotone"])
+def test_a_method_worse_than_a_baseline_that_does_not_fall_shows_no_saving(base_losses):
+    """A baseline whose fitted loss does not fall with compute needs no compute for any loss: a
+    method 0.3-0.5 nats worse at every size must not read as saving compute (before: inf, printed
+    'never (below the baseline's fitted floor)', though its loss is above the baseline's)."""
+    from megatron_miniplm.evaluation import sweep
+
+    flops = [1e12, 1e13, 1e14]
+    points = [scaling.Point(m, f"s{k}", c, [np.full(10, y), np.full(10, y)])
+              for m, ys in (("base", base_losses), ("worse", [3.6, 3.55, 3.5])) for k, (c, y) in
+              enumerate(zip(flops, ys))]
+    out = scaling.sweep(points, np.arange(10), baseline="base", target_flops=None, samples=20)
+    assert out["fits"]["base"]["a"] <= 0  # the fit's curve does not fall
+    for s in out["saving"]["worse"].values():
+        assert not s["saving"] > 1 and math.isnan(s["saving"]) and s["undefined"] == 20
+        assert s["low"] == 0 and s["high"] == math.inf  # undefined draws counted at either end
+    text = "\n".join(sweep.lines({**out, "baseline": "base"}))
+    assert "never" not in text and text.count("undefined (the baseline's fitted loss does not fall") == 3
+    assert math.isnan(scaling.Curve(a=-1.0, alpha=0.5, l_inf=4.0, c0=1.0).flops_for(3.5))
+
+
+def test_a_within_run_baseline_that_does_not_fall_is_extrapolated_to_no_saving():
+    # the baseline's validation curve ends above the method's 2.9 and its fit does not fall: no
+    # compute of the baseline's is defined for 2.9, so neither is a saving (before: 'never (below
+    # the baseline's fitted floor)', with a floor of 3.04 above nothing it was compared with)
+    from megatron_miniplm.evaluation import sweep
+
+    got = scaling.within_run_saving([(1e12, 3.0), (2e12, 3.1), (4e12, 3.0), (8e12, 3.05)], 8e12, 2.9)
+    assert got["extrapolated"] and math.isnan(got["saving"])
+    [line] = sweep.lines({"baseline": "b", "within_run": {"m": {"x": {"flops": 8e12, "loss": 2.9, **got}}}})
+    assert "undefined" in line and "never" not in line and "b does not reach its 2.9000" in line
