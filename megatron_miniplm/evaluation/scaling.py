@@ -28,7 +28,8 @@ by every point: the points are paired on the test set) and the training seeds of
 point (resampled per point). Each draw refits every curve; the band and the intervals
 are percentiles over the draws. With two or three seeds, the seed part is a crude
 estimate of the seed-to-seed variance (compare.py's note), and an interval may be
-narrower than the truth.
+narrower than the truth; with one seed there is no seed part at all, and ``covers``
+says so.
 """
 
 from __future__ import annotations
@@ -219,6 +220,19 @@ def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def covers(points: Sequence[Point], documents: Optional[np.ndarray]) -> str:
+    """What the bootstrap resamples, in words: the test documents (instances where their
+    documents are unknown) and, at points with two seeds or more, the training seeds; a point
+    of one seed has no seed variation to resample, so its interval covers the test set alone."""
+    test = "test documents" if documents is not None else "test instances"
+    seeds = [len(p.losses) for p in points]
+    if min(seeds) >= 2:
+        return f"{test} and training seeds"
+    if max(seeds) < 2:
+        return f"{test} only (one training seed per point: they cannot tell a method effect from seed noise)"
+    return f"{test}, and training seeds only at the points with two or more"
+
+
 def refusal(sizes: dict) -> Optional[str]:
     """Why the sweep cannot be fitted (None where every method has enough sizes)."""
     short = {m: len(s) for m, s in sizes.items() if len(s) < MIN_POINTS}
@@ -240,6 +254,7 @@ def sweep(points: Sequence[Point], documents: Optional[np.ndarray], *, baseline:
     methods = list(dict.fromkeys(p.method for p in points))
     sizes = {m: [p.size for p in points if p.method == m] for m in methods}
     out = {"form": Curve(1, 1, 0, 1).as_dict()["form"], "level": level, "samples": samples,
+           "covers": covers(points, documents),
            "points": [{"method": p.method, "size": p.size, "flops": p.flops, "loss": float(estimate[j]),
                        **dict(zip(("low", "high"), _interval(draws[:, j], level)))} for j, p in enumerate(points)],
            "sizes": sizes, "refused": refusal(sizes)}

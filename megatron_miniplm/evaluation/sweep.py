@@ -123,7 +123,7 @@ def lines(sweep: dict) -> list[str]:
     if not sweep.get("fits"):
         return out
     out.append(f"fitted per method, loss against training FLOPs: {sweep['form']} ({level} bands: bootstrap over "
-               f"test documents and seeds, {sweep['samples']} refits)")
+               f"{sweep['covers']}, {sweep['samples']} refits)")
     for method, f in sweep["fits"].items():
         e = sweep["extrapolation"][method]
         out.append(f"  {method}: {f['sizes']} sizes, l_inf {f['l_inf']:.4f}, a {f['a']:.4f}, alpha {f['alpha']:.4f}, "

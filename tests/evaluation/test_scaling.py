@@ -173,3 +173,20 @@ def test_a_within_run_baseline_that_does_not_fall_is_extrapolated_to_no_saving()
     assert got["extrapolated"] and math.isnan(got["saving"])
     [line] = sweep.lines({"baseline": "b", "within_run": {"m": {"x": {"flops": 8e12, "loss": 2.9, **got}}}})
     assert "undefined" in line and "never" not in line and "b does not reach its 2.9000" in line
+
+
+@pytest.mark.parametrize("seeds,documents,says", [
+    ((2, 2), True, "bootstrap over test documents and training seeds,"),
+    ((1, 1), True, "bootstrap over test documents only (one training seed per point"),
+    ((1, 3), False, "bootstrap over test instances, and training seeds only at the points with two or more"),
+])
+def test_the_sweep_says_what_its_bootstrap_resampled(seeds, documents, says):
+    # a point of one seed has no seed variation to resample: its interval covers the test set
+    # alone (before: 'bootstrap over test documents and seeds' whatever the seeds and documents)
+    from megatron_miniplm.evaluation import sweep
+
+    rng = np.random.default_rng(0)
+    points = [scaling.Point(m, f"s{k}", 10.0 ** (12 + k), [3 - 0.1 * k + rng.normal(0, 0.05, 12) for _ in range(n)])
+              for m, n in zip(("a", "b"), seeds) for k in range(3)]
+    out = scaling.sweep(points, np.arange(12) // 2 if documents else None, baseline="a", target_flops=None, samples=20)
+    assert says in "\n".join(sweep.lines(out))
