@@ -54,8 +54,22 @@ def analyze(labels: Sequence[str], models: dict, losses: dict, documents: Option
     out = scaling.sweep(points, documents, baseline=baseline, target_flops=target_flops, samples=samples,
                         seed=seed, level=level) if points else {"points": [], "refused": "no model with training FLOPs"}
     out["baseline"] = baseline
+    out["generation_flops"] = generation(labels, models)
     if metrics_files and baseline:
         out["within_run"] = within_run(metrics_files, baseline)
+    return out
+
+
+def generation(labels: Sequence[str], models: dict) -> dict:
+    """{method: {size: the teacher's FLOPs that generated its corpus}} of the swept models that
+    record them (SeqKD's students): their points and savings count training FLOPs alone, as the
+    table's "train FLOPs" do, and the sentences say what was left out."""
+    out: dict = {}
+    for label in swept(labels):
+        g = models.get(label, {}).get("generation_flops")
+        if g:
+            method, size = method_and_size(label)
+            out.setdefault(method, {})[size] = g
     return out
 
 
@@ -100,6 +114,11 @@ def _bound(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.3g}x"
 
 
+def _uncounted(sweep: dict, method: str, size: str) -> str:
+    g = sweep.get("generation_flops", {}).get(method, {}).get(size)
+    return f"; training FLOPs only: the teacher's {g:.3g} FLOPs generating its corpus are not counted" if g else ""
+
+
 def lines(sweep: dict) -> list[str]:
     """The sweep's sentences: the form, the fits, the savings, the extrapolation, or the refusal."""
     out = []
@@ -117,7 +136,7 @@ def lines(sweep: dict) -> list[str]:
             needs = (f"needs {s['baseline_flops']:.3g} FLOPs to reach" if math.isfinite(s["baseline_flops"])
                      else "does not reach")
             out.append(f"computation saving of {method}{at} from the validation curves: {bound}{_ratio(s['saving'])} "
-                       f"({base} {needs} its {s['loss']:.4f} at {s['flops']:.3g}{how})")
+                       f"({base} {needs} its {s['loss']:.4f} at {s['flops']:.3g}{how})" + _uncounted(sweep, method, size))
     if sweep.get("refused"):
         return out + [sweep["refused"]]
     if not sweep.get("fits"):
@@ -136,7 +155,7 @@ def lines(sweep: dict) -> list[str]:
                          f"(counted at either end)" if s.get("undefined") else "")
             out.append(f"computation saving of {method} at {size} from the sweep's fit of {base}: "
                        f"{_ratio(s['saving'])} [{_bound(s['low'])}, {_bound(s['high'])}] at {s['flops']:.3g} FLOPs"
-                       + undefined)
+                       + undefined + _uncounted(sweep, method, size))
     return out
 
 

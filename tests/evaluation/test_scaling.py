@@ -190,3 +190,20 @@ def test_the_sweep_says_what_its_bootstrap_resampled(seeds, documents, says):
               for m, n in zip(("a", "b"), seeds) for k in range(3)]
     out = scaling.sweep(points, np.arange(12) // 2 if documents else None, baseline="a", target_flops=None, samples=20)
     assert says in "\n".join(sweep.lines(out))
+
+
+def test_a_seqkd_students_saving_says_its_corpus_generation_is_not_counted():
+    # SeqKD's points stand at their training FLOPs, as the table's "train FLOPs"; the teacher's
+    # generation of their corpus (the table's "gen FLOPs") is compute they cost too, and the
+    # saving's sentence must not read as if it were counted (before: it was not mentioned)
+    from megatron_miniplm.evaluation import sweep
+
+    labels = [f"{m}@s{k}" for m in ("student-uniform", "student-seqkd") for k in range(3)]
+    models = {label: {"train_flops": 10.0 ** (12 + int(label[-1]))} for label in labels}
+    for k in range(3):
+        models[f"student-seqkd@s{k}"]["generation_flops"] = 4e13
+    losses = {label: [np.full(8, 3.0 - 0.2 * int(label[-1]) - 0.05 * ("seqkd" in label))] for label in labels}
+    out = sweep.analyze(labels, models, losses, None, None, baseline="student-uniform", target_flops=None,
+                        samples=20, seed=0, level=0.95)
+    said = [line for line in sweep.lines(out) if line.startswith("computation saving of student-seqkd")]
+    assert len(said) == 3 and all("the teacher's 4e+13 FLOPs generating its corpus are not counted" in s for s in said)
