@@ -233,14 +233,16 @@ def covers(points: Sequence[Point], documents: Optional[np.ndarray]) -> str:
     return f"{test}, and training seeds only at the points with two or more"
 
 
-def refusal(sizes: dict) -> Optional[str]:
-    """Why the sweep cannot be fitted (None where every method has enough sizes)."""
-    short = {m: len(s) for m, s in sizes.items() if len(s) < MIN_POINTS}
+def refusal(flops: dict) -> Optional[str]:
+    """Why the sweep cannot be fitted (None where every method has enough sizes): ``flops``,
+    {method: the training FLOPs of each of its sizes}; sizes of equal FLOPs are one point of
+    the curve (``fit_curve`` counts distinct compute)."""
+    short = {m: len(set(f)) for m, f in flops.items() if len(set(f)) < MIN_POINTS}
     if not short:
         return None
     which = ", ".join(f"{m} ({n})" for m, n in short.items())
     return (f"no fit, saving or extrapolation from the sweep: each method needs {MIN_POINTS} sizes or more, "
-            f"and {which} has fewer. The curve L(C) = l_inf + a * C^-alpha has {MIN_POINTS} parameters: fewer "
+            f"of distinct training FLOPs, and {which} has fewer. The curve L(C) = l_inf + a * C^-alpha has {MIN_POINTS} parameters: fewer "
             f"points leave it undetermined (any floor l_inf fits them), so its extrapolation would be a guess")
 
 
@@ -257,7 +259,7 @@ def sweep(points: Sequence[Point], documents: Optional[np.ndarray], *, baseline:
            "covers": covers(points, documents),
            "points": [{"method": p.method, "size": p.size, "flops": p.flops, "loss": float(estimate[j]),
                        **dict(zip(("low", "high"), _interval(draws[:, j], level)))} for j, p in enumerate(points)],
-           "sizes": sizes, "refused": refusal(sizes)}
+           "sizes": sizes, "refused": refusal({m: [p.flops for p in points if p.method == m] for m in methods})}
     if out["refused"]:
         return out
     target = float(target_flops or 10 * max(p.flops for p in points))

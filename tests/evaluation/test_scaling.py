@@ -119,6 +119,18 @@ def test_the_sweep_refuses_to_extrapolate_from_two_sizes():
         scaling.fit_curve([1e14, 1e15], [3.0, 2.9])
 
 
+def test_three_sizes_of_two_computes_are_refused_not_fitted():
+    # two sizes of equal training FLOPs are one point of the curve: refused with the reason
+    # (before: fit_curve's TooFewPoints escaped the sweep, and the evaluation ended without output)
+    rng = np.random.default_rng(0)
+    documents = np.repeat(np.arange(20), 3)
+    points = _points("base", [1e14, 1e15, 1e15], 0.0, rng, documents)
+    points[2].size = "another"
+    points += _points("better", [1e14, 1e15, 1e16], -0.1, rng, documents)
+    out = scaling.sweep(points, documents, baseline="base", target_flops=None, samples=20)
+    assert "fits" not in out and "base (2)" in out["refused"] and "distinct training FLOPs" in out["refused"]
+
+
 def test_a_baseline_reaching_the_loss_at_its_first_validation_gives_a_bound():
     got = scaling.within_run_saving([(1e12, 3.0), (1e13, 2.5)], 2e12, 3.2)
     assert got["at_most"] and got["saving"] == pytest.approx(0.5)
