@@ -3,14 +3,17 @@
 The form fitted, per method, to (training FLOPs C, test loss L) points is the saturating
 power law
 
-    L(C) = L_inf + A * (C / C0) ** -alpha        (A > 0, alpha > 0)
+    L(C) = L_inf + A * (C / C0) ** -alpha        (alpha > 0)
 
 the compute form of the scaling laws of Kaplan et al. (2020, L(C) = (C_c / C) ** alpha_C,
-here with an irreducible term as in Hoffmann et al., 2022). MiniPLM (Gu et al., ICLR 2025)
-fits scaling curves of test loss against training FLOPs to support its two compute claims:
-the computation saving (the same loss with less compute) and the extrapolation of the
-benefit to larger budgets; the form it fits could not be confirmed from the sources read
-(the official code holds no fitting script), so this one is ours, stated with each result.
+here with an irreducible term as in Hoffmann et al., 2022): the form L_inf + (C_0 / C) ** alpha
+that Henighan et al. (2020) fit to loss against compute, reparametrized. The fit leaves A
+free: a curve with A <= 0 (a loss that does not fall) is printed with a caution and defines
+no saving. MiniPLM (Gu et al., ICLR 2025) fits scaling curves of test loss against
+training FLOPs to support its two compute claims: the computation saving (the same loss
+with less compute) and the extrapolation of the benefit to larger budgets; the form it
+fits could not be confirmed from the sources read (the official code holds no fitting
+script), so this one is ours, stated with each result.
 ``C0`` is the geometric mean of the points' FLOPs, fixed before the fit, so that ``A`` is a
 loss and the problem is well scaled; it changes nothing else.
 
