@@ -76,6 +76,11 @@ class EvalConfig:
             raise ValueError(f"confidence (--confidence) must be in (0, 1), got {self.confidence}")
         if self.bootstrap_samples < 1:
             raise ValueError(f"bootstrap_samples (--bootstrap-samples) must be >= 1, got {self.bootstrap_samples}")
+        methods = list(dict.fromkeys(label.partition("@")[0] for label in self.labels))
+        if self.saving_baseline is not None and self.saving_baseline not in methods:
+            # refused before the scoring: an unknown baseline would leave the saving out unsaid
+            raise ValueError(f"saving_baseline (--saving-baseline) {self.saving_baseline!r} is not the method of "
+                             f"any checkpoint's label (METHOD or METHOD@SIZE): {', '.join(methods)}")
 
     @property
     def labels(self) -> list[str]:
