@@ -21,9 +21,11 @@ The fit is variable projection: for a given alpha the curve is linear in (L_inf,
 solved by least squares, which leaves a one-dimensional search over alpha (a grid on
 log alpha, then a golden-section refinement). Three parameters need three points to be
 determined: ``fit_curve`` refuses fewer, and with exactly three the curve passes through
-them, so nothing is left over to check the form — an extrapolation from it is a
-statement of the form's assumption, which is why the sweep's outputs say how many sizes
-they rest on.
+them wherever the form can (points that fall and bend toward a floor), so nothing is left
+over to check the form — an extrapolation from it is a statement of the form's
+assumption, which is why the sweep's outputs say how many sizes they rest on. Three
+points the form cannot pass through (falling faster with log compute, or not falling)
+leave alpha at the search's bound, and the curve says so (``caveats``).
 
 Intervals come from a bootstrap over the two sources of chance the evaluation can see
 (compare.py's resampling units): the test documents (resampled once per draw and shared
