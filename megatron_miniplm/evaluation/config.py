@@ -49,8 +49,8 @@ class EvalConfig:
              "loss, over the method's), from the validation curves (--metrics-file) and, with labels "
              "METHOD@SIZE of three sizes or more per method, from curves L(C) = l_inf + a * C^-alpha fitted "
              "to loss against training FLOPs, extrapolated to --extrapolate-flops, with bootstrap bands over "
-             "test documents and, with two seeds or more, training seeds (DIR/scaling.png with --report-dir); default: the second method, "
-             "where labels carry sizes")
+             "test documents and, with two seeds or more, training seeds (DIR/scaling.png with "
+             "--report-dir); default: the second method, where labels carry sizes")
     extrapolate_flops: Optional[float] = setting(
         None, group=LM_LOSS, metavar="FLOPS",
         help="the training compute the fitted curves are extrapolated to (default: 10x the sweep's largest)")

@@ -247,8 +247,9 @@ def refusal(flops: dict) -> Optional[str]:
         return None
     which = ", ".join(f"{m} ({n})" for m, n in short.items())
     return (f"no fit, saving or extrapolation from the sweep: each method needs {MIN_POINTS} sizes or more, "
-            f"of distinct training FLOPs, and {which} has fewer. The curve L(C) = l_inf + a * C^-alpha has {MIN_POINTS} parameters: fewer "
-            f"points leave it undetermined (any floor l_inf fits them), so its extrapolation would be a guess")
+            f"of distinct training FLOPs, and {which} has fewer. The curve L(C) = l_inf + a * C^-alpha has "
+            f"{MIN_POINTS} parameters: fewer points leave it undetermined (any floor l_inf fits them), so its "
+            f"extrapolation would be a guess")
 
 
 def sweep(points: Sequence[Point], documents: Optional[np.ndarray], *, baseline: Optional[str],
