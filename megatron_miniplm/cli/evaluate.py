@@ -26,8 +26,8 @@ term; MiniPLM, Gu et al. ICLR 2025, fits such curves for its computation-saving 
 extrapolation claims), prints the computation saving against --saving-baseline (FLOPs it
 needs to reach a method's loss, over the method's) from the validation curves and from
 the fit, and the loss extrapolated to --extrapolate-flops, each with a bootstrap interval
-over test documents and seeds; with fewer than three sizes of a method it fits nothing
-and says why.
+over test documents and, with two seeds or more, training seeds; with fewer than three
+sizes of a method it fits nothing and says why.
 """
 
 from __future__ import annotations

@@ -49,8 +49,8 @@ class EvalConfig:
              "loss, over the method's), from the validation curves (--metrics-file) and, with labels "
              "METHOD@SIZE of three sizes or more per method, from curves L(C) = l_inf + a * C^-alpha fitted "
              "to loss against training FLOPs, extrapolated to --extrapolate-flops, with bootstrap bands over "
-             "test documents and seeds (DIR/scaling.png with --report-dir); default: the second method, "
-             "where labels carry sizes")
+             "test documents and, with two seeds or more, training seeds (DIR/scaling.png with "
+             "--report-dir); default: the second method, where labels carry sizes")
     extrapolate_flops: Optional[float] = setting(
         None, group=LM_LOSS, metavar="FLOPS",
         help="the training compute the fitted curves are extrapolated to (default: 10x the sweep's largest)")
@@ -76,6 +76,11 @@ class EvalConfig:
             raise ValueError(f"confidence (--confidence) must be in (0, 1), got {self.confidence}")
         if self.bootstrap_samples < 1:
             raise ValueError(f"bootstrap_samples (--bootstrap-samples) must be >= 1, got {self.bootstrap_samples}")
+        methods = list(dict.fromkeys(label.partition("@")[0] for label in self.labels))
+        if self.saving_baseline is not None and self.saving_baseline not in methods:
+            # refused before the scoring: an unknown baseline would leave the saving out unsaid
+            raise ValueError(f"saving_baseline (--saving-baseline) {self.saving_baseline!r} is not the method of "
+                             f"any checkpoint's label (METHOD or METHOD@SIZE): {', '.join(methods)}")
 
     @property
     def labels(self) -> list[str]:

@@ -3,14 +3,17 @@
 The form fitted, per method, to (training FLOPs C, test loss L) points is the saturating
 power law
 
-    L(C) = L_inf + A * (C / C0) ** -alpha        (A > 0, alpha > 0)
+    L(C) = L_inf + A * (C / C0) ** -alpha        (alpha > 0)
 
 the compute form of the scaling laws of Kaplan et al. (2020, L(C) = (C_c / C) ** alpha_C,
-here with an irreducible term as in Hoffmann et al., 2022). MiniPLM (Gu et al., ICLR 2025)
-fits scaling curves of test loss against training FLOPs to support its two compute claims:
-the computation saving (the same loss with less compute) and the extrapolation of the
-benefit to larger budgets; the form it fits could not be confirmed from the sources read
-(the official code holds no fitting script), so this one is ours, stated with each result.
+here with an irreducible term as in Hoffmann et al., 2022): the form L_inf + (C_0 / C) ** alpha
+that Henighan et al. (2020) fit to loss against compute, reparametrized. The fit leaves A
+free: a curve with A <= 0 (a loss that does not fall) is printed with a caution and defines
+no saving. MiniPLM (Gu et al., ICLR 2025) fits scaling curves of test loss against
+training FLOPs to support its two compute claims: the computation saving (the same loss
+with less compute) and the extrapolation of the benefit to larger budgets; the form it
+fits could not be confirmed from the sources read (the official code holds no fitting
+script), so this one is ours, stated with each result.
 ``C0`` is the geometric mean of the points' FLOPs, fixed before the fit, so that ``A`` is a
 loss and the problem is well scaled; it changes nothing else.
 
@@ -18,9 +21,11 @@ The fit is variable projection: for a given alpha the curve is linear in (L_inf,
 solved by least squares, which leaves a one-dimensional search over alpha (a grid on
 log alpha, then a golden-section refinement). Three parameters need three points to be
 determined: ``fit_curve`` refuses fewer, and with exactly three the curve passes through
-them, so nothing is left over to check the form — an extrapolation from it is a
-statement of the form's assumption, which is why the sweep's outputs say how many sizes
-they rest on.
+them wherever the form can (points that fall and bend toward a floor), so nothing is left
+over to check the form — an extrapolation from it is a statement of the form's
+assumption, which is why the sweep's outputs say how many sizes they rest on. Three
+points the form cannot pass through (falling faster with log compute, or not falling)
+leave alpha at the search's bound, and the curve says so (``caveats``).
 
 Intervals come from a bootstrap over the two sources of chance the evaluation can see
 (compare.py's resampling units): the test documents (resampled once per draw and shared
@@ -28,7 +33,8 @@ by every point: the points are paired on the test set) and the training seeds of
 point (resampled per point). Each draw refits every curve; the band and the intervals
 are percentiles over the draws. With two or three seeds, the seed part is a crude
 estimate of the seed-to-seed variance (compare.py's note), and an interval may be
-narrower than the truth.
+narrower than the truth; with one seed there is no seed part at all, and ``covers``
+says so.
 """
 
 from __future__ import annotations
@@ -61,9 +67,13 @@ class Curve:
         return self.l_inf + self.a * (np.asarray(flops, dtype=np.float64) / self.c0) ** -self.alpha
 
     def flops_for(self, loss: float) -> float:
-        """The compute at which the curve reaches ``loss``; inf where it never does (at or below
-        its floor, or a curve that does not fall)."""
-        if self.a <= 0 or self.alpha <= 0 or loss <= self.l_inf:
+        """The compute at which the curve reaches ``loss``: inf where it never does (at or below
+        its floor); NaN on a curve that does not fall with compute (``a <= 0``), where no compute
+        is "needed" for a loss: it would reach a higher loss with less compute, or never leave its
+        level, and inf would read as a method infinitely better than a baseline it trails."""
+        if self.a <= 0 or self.alpha <= 0:
+            return math.nan
+        if loss <= self.l_inf:
             return math.inf
         return float(self.c0 * ((loss - self.l_inf) / self.a) ** (-1.0 / self.alpha))
 
@@ -145,7 +155,8 @@ def _golden_section(f, lo: float, hi: float, iterations: int = 60) -> float:
 
 def saving(baseline: Curve, flops: float, loss: float) -> float:
     """The computation saving of a method that reached ``loss`` with ``flops``: the compute the
-    baseline's curve needs to reach that loss, over the method's (inf where it never does)."""
+    baseline's curve needs to reach that loss, over the method's (inf where it never does; NaN,
+    undefined, where the baseline's curve does not fall with compute)."""
     return baseline.flops_for(loss) / flops
 
 
@@ -214,15 +225,31 @@ def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def refusal(sizes: dict) -> Optional[str]:
-    """Why the sweep cannot be fitted (None where every method has enough sizes)."""
-    short = {m: len(s) for m, s in sizes.items() if len(s) < MIN_POINTS}
+def covers(points: Sequence[Point], documents: Optional[np.ndarray]) -> str:
+    """What the bootstrap resamples, in words: the test documents (instances where their
+    documents are unknown) and, at points with two seeds or more, the training seeds; a point
+    of one seed has no seed variation to resample, so its interval covers the test set alone."""
+    test = "test documents" if documents is not None else "test instances"
+    seeds = [len(p.losses) for p in points]
+    if min(seeds) >= 2:
+        return f"{test} and training seeds"
+    if max(seeds) < 2:
+        return f"{test} only (one training seed per point: they cannot tell a method effect from seed noise)"
+    return f"{test}, and training seeds only at the points with two or more"
+
+
+def refusal(flops: dict) -> Optional[str]:
+    """Why the sweep cannot be fitted (None where every method has enough sizes): ``flops``,
+    {method: the training FLOPs of each of its sizes}; sizes of equal FLOPs are one point of
+    the curve (``fit_curve`` counts distinct compute)."""
+    short = {m: len(set(f)) for m, f in flops.items() if len(set(f)) < MIN_POINTS}
     if not short:
         return None
     which = ", ".join(f"{m} ({n})" for m, n in short.items())
     return (f"no fit, saving or extrapolation from the sweep: each method needs {MIN_POINTS} sizes or more, "
-            f"and {which} has fewer. The curve L(C) = l_inf + a * C^-alpha has {MIN_POINTS} parameters: fewer "
-            f"points leave it undetermined (any floor l_inf fits them), so its extrapolation would be a guess")
+            f"of distinct training FLOPs, and {which} has fewer. The curve L(C) = l_inf + a * C^-alpha has "
+            f"{MIN_POINTS} parameters: fewer points leave it undetermined (any floor l_inf fits them), so its "
+            f"extrapolation would be a guess")
 
 
 def sweep(points: Sequence[Point], documents: Optional[np.ndarray], *, baseline: Optional[str],
@@ -235,9 +262,10 @@ def sweep(points: Sequence[Point], documents: Optional[np.ndarray], *, baseline:
     methods = list(dict.fromkeys(p.method for p in points))
     sizes = {m: [p.size for p in points if p.method == m] for m in methods}
     out = {"form": Curve(1, 1, 0, 1).as_dict()["form"], "level": level, "samples": samples,
+           "covers": covers(points, documents),
            "points": [{"method": p.method, "size": p.size, "flops": p.flops, "loss": float(estimate[j]),
                        **dict(zip(("low", "high"), _interval(draws[:, j], level)))} for j, p in enumerate(points)],
-           "sizes": sizes, "refused": refusal(sizes)}
+           "sizes": sizes, "refused": refusal({m: [p.flops for p in points if p.method == m] for m in methods})}
     if out["refused"]:
         return out
     target = float(target_flops or 10 * max(p.flops for p in points))
@@ -261,12 +289,19 @@ def sweep(points: Sequence[Point], documents: Optional[np.ndarray], *, baseline:
 
 
 def _savings(points, where: list, estimate, draws, baseline: Curve, boot: list, level: float) -> dict:
-    """{size: the saving of the point against the baseline's curve, with its interval}."""
+    """{size: the saving of the point against the baseline's curve, with its interval}. Draws
+    whose refitted baseline does not fall (an undefined saving) are counted at either end: the
+    low bound as if they were 0, the high one as if infinite, so that the interval holds
+    whatever they stand for; ``undefined`` says how many there were."""
     out = {}
     for j in where:
         flops = points[j].flops
-        low, high = _interval([saving(b, flops, draws[k, j]) for k, b in enumerate(boot)], level)
-        out[points[j].size] = {"flops": flops, "saving": saving(baseline, flops, estimate[j]), "low": low, "high": high}
+        values = np.array([saving(b, flops, draws[k, j]) for k, b in enumerate(boot)])
+        undefined = np.isnan(values)
+        low = _interval(np.where(undefined, 0.0, values), level)[0]
+        high = _interval(np.where(undefined, math.inf, values), level)[1]
+        out[points[j].size] = {"flops": flops, "saving": saving(baseline, flops, estimate[j]), "low": low, "high": high,
+                               "undefined": int(undefined.sum())}
     return out
 
 

@@ -54,8 +54,22 @@ def analyze(labels: Sequence[str], models: dict, losses: dict, documents: Option
     out = scaling.sweep(points, documents, baseline=baseline, target_flops=target_flops, samples=samples,
                         seed=seed, level=level) if points else {"points": [], "refused": "no model with training FLOPs"}
     out["baseline"] = baseline
+    out["generation_flops"] = generation(labels, models)
     if metrics_files and baseline:
         out["within_run"] = within_run(metrics_files, baseline)
+    return out
+
+
+def generation(labels: Sequence[str], models: dict) -> dict:
+    """{method: {size: the teacher's FLOPs that generated its corpus}} of the swept models that
+    record them (SeqKD's students): their points and savings count training FLOPs alone, as the
+    table's "train FLOPs" do, and the sentences say what was left out."""
+    out: dict = {}
+    for label in swept(labels):
+        g = models.get(label, {}).get("generation_flops")
+        if g:
+            method, size = method_and_size(label)
+            out.setdefault(method, {})[size] = g
     return out
 
 
@@ -88,7 +102,21 @@ def within_run(metrics_files: dict, baseline: str) -> dict:
 
 
 def _ratio(x: float) -> str:
+    """A saving in words: inf, the baseline's curve never reaches the loss; NaN, its curve does not
+    fall with compute, so no compute is needed for a loss and no saving is defined."""
+    if math.isnan(x):
+        return "undefined (the baseline's fitted loss does not fall with compute)"
     return "never (below the baseline's fitted floor)" if math.isinf(x) else f"{x:.3g}x"
+
+
+def _bound(x: float) -> str:
+    """An interval's end: inf where the draws run to it (never, or counted so)."""
+    return "inf" if math.isinf(x) else f"{x:.3g}x"
+
+
+def _uncounted(sweep: dict, method: str, size: str) -> str:
+    g = sweep.get("generation_flops", {}).get(method, {}).get(size)
+    return f"; training FLOPs only: the teacher's {g:.3g} FLOPs generating its corpus are not counted" if g else ""
 
 
 def lines(sweep: dict) -> list[str]:
@@ -105,15 +133,16 @@ def lines(sweep: dict) -> list[str]:
             how = ", the baseline's curve extrapolated by its fit" if s["extrapolated"] else ""
             how += ", at its first validation: less compute may do" if s.get("at_most") else ""
             bound = "at most " if s.get("at_most") else ""
+            needs = (f"needs {s['baseline_flops']:.3g} FLOPs to reach" if math.isfinite(s["baseline_flops"])
+                     else "does not reach")
             out.append(f"computation saving of {method}{at} from the validation curves: {bound}{_ratio(s['saving'])} "
-                       f"({base} needs {s['baseline_flops']:.3g} FLOPs to reach its {s['loss']:.4f} at "
-                       f"{s['flops']:.3g}{how})")
+                       f"({base} {needs} its {s['loss']:.4f} at {s['flops']:.3g}{how})" + _uncounted(sweep, method, size))
     if sweep.get("refused"):
         return out + [sweep["refused"]]
     if not sweep.get("fits"):
         return out
     out.append(f"fitted per method, loss against training FLOPs: {sweep['form']} ({level} bands: bootstrap over "
-               f"test documents and seeds, {sweep['samples']} refits)")
+               f"{sweep['covers']}, {sweep['samples']} refits)")
     for method, f in sweep["fits"].items():
         e = sweep["extrapolation"][method]
         out.append(f"  {method}: {f['sizes']} sizes, l_inf {f['l_inf']:.4f}, a {f['a']:.4f}, alpha {f['alpha']:.4f}, "
@@ -122,8 +151,11 @@ def lines(sweep: dict) -> list[str]:
                    + (f"; caution: {'; '.join(f['caveats'])}" if f.get("caveats") else ""))
     for method, by_size in sweep.get("saving", {}).items():
         for size, s in by_size.items():
+            undefined = (f"; in {s['undefined']} of {sweep['samples']} refits {base}'s curve does not fall "
+                         f"(counted at either end)" if s.get("undefined") else "")
             out.append(f"computation saving of {method} at {size} from the sweep's fit of {base}: "
-                       f"{_ratio(s['saving'])} [{_ratio(s['low'])}, {_ratio(s['high'])}] at {s['flops']:.3g} FLOPs")
+                       f"{_ratio(s['saving'])} [{_bound(s['low'])}, {_bound(s['high'])}] at {s['flops']:.3g} FLOPs"
+                       + undefined + _uncounted(sweep, method, size))
     return out
 
 

@@ -53,7 +53,7 @@ def check(graph: Graph) -> None:
     """Refuse a config that cannot run, naming every problem at once."""
     shape, teacher_tokenizer = _teacher_files(graph.teacher_source())
     problems = [*_data(graph), *_tokenizers(graph.cfg, teacher_tokenizer), *_selection(graph.cfg),
-                *_students(graph.cfg), *_layout(graph, shape)]
+                *_students(graph.cfg), *_saving_baseline(graph), *_layout(graph, shape)]
     if shape:
         positions = shape.get("max_position_embeddings")
         if positions is not None and positions < graph.cfg.seq_length:
@@ -162,6 +162,15 @@ def _students(cfg) -> list[str]:
             problems.append(f"seqkd.prompt_length {cfg.seqkd.prompt_length} leaves nothing to generate in "
                             f"sequences of seq_length + 1 = {cfg.seq_length + 1} tokens")
     return problems
+
+
+def _saving_baseline(graph: Graph) -> list[str]:
+    """The computation saving's baseline is one of the students' methods."""
+    baseline = graph.cfg.evaluation.saving_baseline
+    methods = list(dict.fromkeys(label.partition("@")[0] for _, label, _ in graph.students))
+    if baseline is None or baseline in methods:
+        return []
+    return [f"evaluation.saving_baseline {baseline!r}: not a student of this pipeline ({', '.join(methods)})"]
 
 
 def _layout(graph: Graph, teacher_shape: Optional[dict]) -> list[str]:

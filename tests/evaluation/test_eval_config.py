@@ -17,6 +17,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
     ({"data_path": "t", "metrics_file": ["m", "-", "-"]}, "metrics_file (--metrics-file) needs one file"),
     ({"data_path": "t", "confidence": 1.0}, "confidence (--confidence) must be in (0, 1)"),
     ({"data_path": "t", "bootstrap_samples": 0}, "bootstrap_samples (--bootstrap-samples) must be >= 1"),
+    # an unknown baseline left the saving unsaid after every checkpoint was scored
+    ({"data_path": "t", "name": ["m@1", "u@1"], "saving_baseline": "uniform"},
+     "saving_baseline (--saving-baseline) 'uniform' is not the method of any checkpoint's label (METHOD or "
+     "METHOD@SIZE): m, u"),
 ])
 def test_refusals_name_the_setting(kwargs, message):
     with pytest.raises(ValueError) as e:
@@ -28,6 +32,7 @@ def test_labels_and_tasks():
     cfg = EvalConfig(load=["runs/a/ckpt/", "runs/b"], tasks=" hellaswag, ,piqa")
     assert cfg.labels == ["ckpt", "b"] and cfg.task_names == ["hellaswag", "piqa"]
     assert EvalConfig(load=["x", "y"], name=["m", "m"], data_path="t").labels == ["m", "m"]
+    assert EvalConfig(load=["x", "y"], name=["m@1", "u@1"], data_path="t", saving_baseline="u").saving_baseline == "u"
 
 
 def test_the_tool_refuses_before_loading_anything(tmp_path):

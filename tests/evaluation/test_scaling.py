@@ -119,6 +119,18 @@ def test_the_sweep_refuses_to_extrapolate_from_two_sizes():
         scaling.fit_curve([1e14, 1e15], [3.0, 2.9])
 
 
+def test_three_sizes_of_two_computes_are_refused_not_fitted():
+    # two sizes of equal training FLOPs are one point of the curve: refused with the reason
+    # (before: fit_curve's TooFewPoints escaped the sweep, and the evaluation ended without output)
+    rng = np.random.default_rng(0)
+    documents = np.repeat(np.arange(20), 3)
+    points = _points("base", [1e14, 1e15, 1e15], 0.0, rng, documents)
+    points[2].size = "another"
+    points += _points("better", [1e14, 1e15, 1e16], -0.1, rng, documents)
+    out = scaling.sweep(points, documents, baseline="base", target_flops=None, samples=20)
+    assert "fits" not in out and "base (2)" in out["refused"] and "distinct training FLOPs" in out["refused"]
+
+
 def test_a_baseline_reaching_the_loss_at_its_first_validation_gives_a_bound():
     got = scaling.within_run_saving([(1e12, 3.0), (1e13, 2.5)], 2e12, 3.2)
     assert got["at_most"] and got["saving"] == pytest.approx(0.5)
@@ -139,3 +151,71 @@ def test_the_bootstrap_resamples_each_points_seeds():
     assert estimate[0] == pytest.approx(3.1)
     values, counts = np.unique(np.round(draws[:, 0], 9), return_counts=True)
     assert np.allclose(values, [3.0, 3.1, 3.2]) and np.allclose(counts / 4000, [0.25, 0.5, 0.25], atol=0.03)
+
+
+@pytest.mark.parametrize("base_losses", [[3.0, 3.0, 3.0], [3.0, 3.1, 3.2], [3.0, 3.3, 2.95]],
+                         ids=["flat", "rising", "not monotone"])
+def test_a_method_worse_than_a_baseline_that_does_not_fall_shows_no_saving(base_losses):
+    """A baseline whose fitted loss does not fall with compute needs no compute for any loss: a
+    method 0.3-0.5 nats worse at every size must not read as saving compute (before: inf, printed
+    'never (below the baseline's fitted floor)', though its loss is above the baseline's)."""
+    from megatron_miniplm.evaluation import sweep
+
+    flops = [1e12, 1e13, 1e14]
+    points = [scaling.Point(m, f"s{k}", c, [np.full(10, y), np.full(10, y)])
+              for m, ys in (("base", base_losses), ("worse", [3.6, 3.55, 3.5])) for k, (c, y) in
+              enumerate(zip(flops, ys))]
+    out = scaling.sweep(points, np.arange(10), baseline="base", target_flops=None, samples=20)
+    assert out["fits"]["base"]["a"] <= 0  # the fit's curve does not fall
+    for s in out["saving"]["worse"].values():
+        assert not s["saving"] > 1 and math.isnan(s["saving"]) and s["undefined"] == 20
+        assert s["low"] == 0 and s["high"] == math.inf  # undefined draws counted at either end
+    text = "\n".join(sweep.lines({**out, "baseline": "base"}))
+    assert "never" not in text and text.count("undefined (the baseline's fitted loss does not fall") == 3
+    assert math.isnan(scaling.Curve(a=-1.0, alpha=0.5, l_inf=4.0, c0=1.0).flops_for(3.5))
+
+
+def test_a_within_run_baseline_that_does_not_fall_is_extrapolated_to_no_saving():
+    # the baseline's validation curve ends above the method's 2.9 and its fit does not fall: no
+    # compute of the baseline's is defined for 2.9, so neither is a saving (before: 'never (below
+    # the baseline's fitted floor)', with a floor of 3.04 above nothing it was compared with)
+    from megatron_miniplm.evaluation import sweep
+
+    got = scaling.within_run_saving([(1e12, 3.0), (2e12, 3.1), (4e12, 3.0), (8e12, 3.05)], 8e12, 2.9)
+    assert got["extrapolated"] and math.isnan(got["saving"])
+    [line] = sweep.lines({"baseline": "b", "within_run": {"m": {"x": {"flops": 8e12, "loss": 2.9, **got}}}})
+    assert "undefined" in line and "never" not in line and "b does not reach its 2.9000" in line
+
+
+@pytest.mark.parametrize("seeds,documents,says", [
+    ((2, 2), True, "bootstrap over test documents and training seeds,"),
+    ((1, 1), True, "bootstrap over test documents only (one training seed per point"),
+    ((1, 3), False, "bootstrap over test instances, and training seeds only at the points with two or more"),
+])
+def test_the_sweep_says_what_its_bootstrap_resampled(seeds, documents, says):
+    # a point of one seed has no seed variation to resample: its interval covers the test set
+    # alone (before: 'bootstrap over test documents and seeds' whatever the seeds and documents)
+    from megatron_miniplm.evaluation import sweep
+
+    rng = np.random.default_rng(0)
+    points = [scaling.Point(m, f"s{k}", 10.0 ** (12 + k), [3 - 0.1 * k + rng.normal(0, 0.05, 12) for _ in range(n)])
+              for m, n in zip(("a", "b"), seeds) for k in range(3)]
+    out = scaling.sweep(points, np.arange(12) // 2 if documents else None, baseline="a", target_flops=None, samples=20)
+    assert says in "\n".join(sweep.lines(out))
+
+
+def test_a_seqkd_students_saving_says_its_corpus_generation_is_not_counted():
+    # SeqKD's points stand at their training FLOPs, as the table's "train FLOPs"; the teacher's
+    # generation of their corpus (the table's "gen FLOPs") is compute they cost too, and the
+    # saving's sentence must not read as if it were counted (before: it was not mentioned)
+    from megatron_miniplm.evaluation import sweep
+
+    labels = [f"{m}@s{k}" for m in ("student-uniform", "student-seqkd") for k in range(3)]
+    models = {label: {"train_flops": 10.0 ** (12 + int(label[-1]))} for label in labels}
+    for k in range(3):
+        models[f"student-seqkd@s{k}"]["generation_flops"] = 4e13
+    losses = {label: [np.full(8, 3.0 - 0.2 * int(label[-1]) - 0.05 * ("seqkd" in label))] for label in labels}
+    out = sweep.analyze(labels, models, losses, None, None, baseline="student-uniform", target_flops=None,
+                        samples=20, seed=0, level=0.95)
+    said = [line for line in sweep.lines(out) if line.startswith("computation saving of student-seqkd")]
+    assert len(said) == 3 and all("the teacher's 4e+13 FLOPs generating its corpus are not counted" in s for s in said)

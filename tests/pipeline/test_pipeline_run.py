@@ -293,6 +293,7 @@ def test_two_nodes_match_one_node(setting, one_node, tmp_path):
     ("student_tokenizer=/nonexistent/tok.json", "student_tokenizer: /nonexistent/tok.json does not exist"),
     ("student_tokenizer=/", "vanilla_kd.enabled with student_tokenizer: Vanilla KD needs the teacher's vocabulary"),
     ("corpus.train=[/nonexistent/*.jsonl]", "no file matches"),
+    ("evaluation.saving_baseline=student-unifrom", "evaluation.saving_baseline 'student-unifrom': not a student"),
 ])
 def test_invariants_refuse_naming_the_settings(setting, tmp_path, override, message):
     from megatron_miniplm.pipeline import config, invariants, stages
