@@ -28,13 +28,11 @@ points the form cannot pass through (falling faster with log compute, or not fal
 leave alpha at the search's bound, and the curve says so (``caveats``).
 
 Intervals come from a bootstrap over the two sources of chance the evaluation can see
-(compare.py's resampling units): the test documents (resampled once per draw and shared
-by every point: the points are paired on the test set) and the training seeds of each
-point (resampled per point). Each draw refits every curve; the band and the intervals
-are percentiles over the draws. With two or three seeds, the seed part is a crude
-estimate of the seed-to-seed variance (compare.py's note), and an interval may be
-narrower than the truth; with one seed there is no seed part at all, and ``covers``
-says so.
+(compare.py's units): the test documents (resampled once per draw and shared by every
+point: the points are paired on the test set) and the training seeds of each point (a
+Student-t draw per point from its seeds' spread, ``point_losses``; independent across
+points). Each draw refits every curve; the band and the intervals are percentiles over the
+draws. With one seed there is no seed part at all, and ``covers`` says so.
 """
 
 from __future__ import annotations
@@ -196,8 +194,12 @@ def point_losses(points: Sequence[Point], documents: Optional[np.ndarray], *, sa
                  seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Each point's loss (mean over the instances every run scores, of the mean over its seeds)
     and ``samples`` bootstrap draws of it ([samples, points]): test documents drawn once per
-    draw for every point (instances taken as independent without ``documents``), seeds drawn
-    per point."""
+    draw for every point (instances taken as independent without ``documents``); at a point of
+    k >= 2 seeds, each draw adds a seed deviation s / sqrt(k) * T, T a Student t with k - 1
+    degrees of freedom and s the seeds' standard deviation of their mean losses. That is the
+    t-interval compare.py takes for one model's seeds: resampling 2-5 seeds instead gives at
+    most k^k distinct means, a variance (k - 1) / k of theirs and normal tails, so the bands
+    came out too narrow (benchmarks/check_sweep_intervals.py)."""
     stacks = [np.stack([np.asarray(r, dtype=np.float64) for r in p.losses]) for p in points]
     usable = ~np.any([np.isnan(s).any(axis=0) for s in stacks], axis=0)
     if not usable.any():
@@ -212,9 +214,10 @@ def point_losses(points: Sequence[Point], documents: Optional[np.ndarray], *, sa
     for j, s in enumerate(stacks):
         sums = np.stack([np.bincount(groups, weights=run[usable], minlength=g) for run in s])  # [seeds, groups]
         estimate[j] = sums.mean(axis=0).sum() / counts.sum()
-        picked = rng.integers(0, len(s), size=(samples, len(s)))
-        seed_mean = sums[picked].mean(axis=1)  # [samples, groups]
-        draws[:, j] = (weights * seed_mean).sum(axis=1) / (weights @ counts)
+        draws[:, j] = (weights @ sums.mean(axis=0)) / (weights @ counts)
+        if len(s) >= 2:
+            spread = float(np.std(sums.sum(axis=1) / counts.sum(), ddof=1)) / math.sqrt(len(s))
+            draws[:, j] += spread * rng.standard_t(len(s) - 1, samples)
     return estimate, draws
 
 
