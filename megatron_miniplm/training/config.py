@@ -234,9 +234,11 @@ class TrainConfig:
         return self.lr_decay_iters or self.iterations
 
     @property
-    def warmup_iters(self) -> int:
+    def warmup_iters(self) -> float:
+        """Warm-up steps; with a fraction, a fraction of an iteration too (Megatron-LM counts
+        them in samples, fraction x decay samples, so the rate reaches its peak between steps)."""
         if self.lr_warmup_fraction is not None:
-            return int(self.lr_warmup_fraction * self.decay_iters)
+            return self.lr_warmup_fraction * self.decay_iters
         return self.lr_warmup_iters
 
     @property
