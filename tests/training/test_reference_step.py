@@ -135,3 +135,14 @@ def test_steps_match_plain_pytorch(run):
         assert got[it]["lr"] == pytest.approx(lr, rel=1e-9, abs=1e-15), it
     assert all(norm > CLIP for _, _, norm, _ in ref)  # clipping acted on every step
     assert ref[-1][0] < ref[0][0]
+
+
+def test_help_names_the_loss_rules_that_differ_from_megatron_lm():
+    """The two rules the reference implements that are not Megatron-LM's defaults are in --help,
+    under Megatron-LM's names for them."""
+    from megatron_miniplm.cli.pretrain_gpt import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "mean NLL per counted token of the global batch" in text
+    assert "--calculate-per-token-loss, always on" in text
+    assert "unless its input token is EOD" in text and "--eod-mask-loss, always on" in text
