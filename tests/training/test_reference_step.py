@@ -9,7 +9,9 @@ eps 1e-8 and decoupled weight decay 0.1 on every matrix but not on biases and no
 Megatron-LM); the gradient clipped by its global norm; Megatron-LM's linear warm-up from 0
 (with --lr-warmup-fraction, a fraction of an iteration too) then cosine decay to lr / 10.
 The scheduler steps after the optimizer, so step k trains at the rate of k - 1 completed
-steps and the logged rate is the next step's, as in Megatron-LM."""
+steps and the logged rate is the next step's, as in Megatron-LM. Under Vanilla KD each counted
+token's loss is (1 - r) LM + r T^2 KL(teacher || student) over the full vocabulary at
+temperature T, with the teacher's logits from its own transformers model."""
 
 import math
 
@@ -25,6 +27,7 @@ from trainer_helpers import metrics, train
 
 SEQ, VOCAB, MICRO, GLOBAL, ITERS = 32, 512, 2, 8, 10
 LR, DECAY, WARMUP_FRACTION, CLIP = 3e-3, 8, 0.3125, 0.5  # warm-up: 2.5 iterations
+KD_RATIO, KD_T = 0.5, 2.0
 
 
 def _instances(n=50, seed=7) -> list:
@@ -40,8 +43,8 @@ def _instances(n=50, seed=7) -> list:
     return out
 
 
-def _flags(data):
-    return [*model_flags("tiny"), "--data-path", data, "--data-order", "original", "--seq-length", str(SEQ),
+def _flags(data, model="tiny"):
+    return [*model_flags(model), "--data-path", data, "--data-order", "original", "--seq-length", str(SEQ),
             "--micro-batch-size", str(MICRO), "--global-batch-size", str(GLOBAL), "--lr", str(LR),
             "--lr-warmup-fraction", str(WARMUP_FRACTION), "--lr-decay-iters", str(DECAY),
             "--clip-grad", str(CLIP), "--seed", "5", "--log-interval", "1"]
@@ -81,60 +84,104 @@ def _adamw(params, state, step, lr, coeff):
             p.sub_(lr * (m / (1 - b1 ** step)) / ((v / (1 - b2 ** step)).sqrt() + eps))
 
 
-def _reference(hf_dir, instances) -> list:
-    """(loss, counted tokens, grad norm, logged lr) of each step of the hand-written loop."""
+def _micro_batch_losses(model, teacher, inputs, labels, mask, counted):
+    """The micro-batch's share of the global batch's mean loss per counted token: the LM loss and,
+    with a teacher, T^2 KL(teacher || student) at temperature T over the full vocabulary, mixed
+    (1 - r) LM + r KD. Returns (mixed, LM, KD)."""
+    logits = model(input_ids=inputs).logits.float()
+    nll = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), reduction="none")
+    lm = (nll * mask.reshape(-1)).sum() / counted
+    if teacher is None:
+        return lm, lm, torch.zeros(())
+    with torch.no_grad():
+        log_pt = F.log_softmax(teacher(input_ids=inputs).logits.float() / KD_T, dim=-1)
+    kl = (log_pt.exp() * (log_pt - F.log_softmax(logits / KD_T, dim=-1))).sum(-1) * KD_T ** 2
+    kd = (kl * mask).sum() / counted
+    return (1 - KD_RATIO) * lm + KD_RATIO * kd, lm, kd
+
+
+def _load_hf(path):
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
-                                                              attn_implementation="eager")
-    model.train()
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+
+
+def _reference(hf_dir, instances, teacher_dir=None) -> list:
+    """{loss, lm, kd, counted, grad_norm, lr (the logged one)} of each step of the hand-written loop."""
+    model = _load_hf(hf_dir).train()
+    teacher = _load_hf(teacher_dir).eval() if teacher_dir else None
     params, state, out = list(model.named_parameters()), {}, []
     for it in range(ITERS):
         samples = [instances[(it * GLOBAL + i) % len(instances)] for i in range(GLOBAL)]
         batches = [_micro_batch(samples[m:m + MICRO]) for m in range(0, GLOBAL, MICRO)]
         counted = sum(mask.sum() for _, _, mask in batches)
         model.zero_grad()
-        total = 0.0
+        totals = torch.zeros(3, dtype=torch.float64)
         for inputs, labels, mask in batches:
-            logits = model(input_ids=inputs).logits.float()
-            nll = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), reduction="none")
-            loss = (nll * mask.reshape(-1)).sum() / counted
-            loss.backward()
-            total += loss.item()
+            losses = _micro_batch_losses(model, teacher, inputs, labels, mask, counted)
+            losses[0].backward()
+            totals += torch.stack(losses).detach().double()
         norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for _, p in params)).item()
         _adamw(params, state, it + 1, _lr(it), min(1.0, CLIP / (norm + 1e-6)))
-        out.append((total, float(counted), norm, _lr(it + 1)))
+        loss, lm, kd = totals.tolist()
+        out.append({"loss": loss, "lm": lm, "kd": kd, "counted": float(counted), "grad_norm": norm,
+                    "lr": _lr(it + 1)})
     return out
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """The corpus, the step-0 checkpoint exported to transformers, and ten steps' metrics."""
-    from megatron_miniplm.cli import convert_checkpoint
-
+def start(tmp_path_factory):
+    """The corpus, its instances, and the step-0 checkpoint, also exported to transformers."""
     root = tmp_path_factory.mktemp("reference-step")
     instances = _instances()
     data = write_dataset(str(root / "train"), instances, VOCAB, SEQ)
     run_distributed(train, 1, [*_flags(data), "--train-iters", "0", "--save", str(root / "init")])
-    assert convert_checkpoint.main(["--direction", "megatron-to-hf", "--load", str(root / "init"),
-                                    "--save", str(root / "hf"), "--dtype", "fp32", "--no-model-card"]) == 0
-    m = root / "m.jsonl"
+    _export(root / "init", root / "hf")
+    return root, data, instances
+
+
+def _export(load, save):
+    from megatron_miniplm.cli import convert_checkpoint
+
+    assert convert_checkpoint.main(["--direction", "megatron-to-hf", "--load", str(load), "--save", str(save),
+                                    "--dtype", "fp32", "--no-model-card"]) == 0
+
+
+def _check(got: dict, ref: list, *losses) -> None:
+    assert len(got) == ITERS
+    for it, want in enumerate(ref, start=1):
+        assert got[it]["counted_tokens"] == want["counted"], it
+        for name, key in losses:
+            assert got[it][name] == pytest.approx(want[key], abs=2e-6), (name, it)
+        assert got[it]["grad_norm"] == pytest.approx(want["grad_norm"], rel=5e-6), it
+        assert got[it]["lr"] == pytest.approx(want["lr"], rel=1e-9, abs=1e-15), it
+    assert all(r["grad_norm"] > CLIP for r in ref)  # clipping acted on every step
+
+
+def test_steps_match_plain_pytorch(start, tmp_path):
+    root, data, instances = start
+    m = tmp_path / "m.jsonl"
     run_distributed(train, 1, [*_flags(data), "--train-iters", str(ITERS), "--load", str(root / "init"),
                                "--metrics-file", str(m)])
-    return instances, str(root / "hf"), metrics(m)
+    ref = _reference(str(root / "hf"), instances)
+    _check(metrics(m), ref, ("loss", "loss"))
+    assert ref[-1]["loss"] < ref[0]["loss"]
 
 
-def test_steps_match_plain_pytorch(run):
-    instances, hf_dir, got = run
-    ref = _reference(hf_dir, instances)
-    assert len(got) == ITERS
-    for it, (loss, counted, norm, lr) in enumerate(ref, start=1):
-        assert got[it]["counted_tokens"] == counted, it
-        assert got[it]["loss"] == pytest.approx(loss, abs=2e-6), it
-        assert got[it]["grad_norm"] == pytest.approx(norm, rel=5e-6), it
-        assert got[it]["lr"] == pytest.approx(lr, rel=1e-9, abs=1e-15), it
-    assert all(norm > CLIP for _, _, norm, _ in ref)  # clipping acted on every step
-    assert ref[-1][0] < ref[0][0]
+def test_vanilla_kd_steps_match_plain_pytorch(start, tmp_path):
+    """Vanilla KD from a teacher of another shape (GQA, no QKV bias) at ratio 0.5, temperature 2."""
+    root, data, instances = start
+    teacher = tmp_path / "teacher"
+    run_distributed(train, 1, [*_flags(data, "tiny-gqa"), "--seed", "9", "--train-iters", "0",
+                               "--save", str(teacher)])
+    _export(teacher, tmp_path / "hf-teacher")
+    m = tmp_path / "m.jsonl"
+    run_distributed(train, 1, [*_flags(data), "--train-iters", str(ITERS), "--load", str(root / "init"),
+                               "--metrics-file", str(m), "--kd-teacher-load", str(teacher),
+                               "--kd-ratio", str(KD_RATIO), "--kd-temperature", str(KD_T)])
+    ref = _reference(str(root / "hf"), instances, str(tmp_path / "hf-teacher"))
+    _check(metrics(m), ref, ("loss", "loss"), ("lm_loss", "lm"), ("kd_loss", "kd"))
+    assert all(r["kd"] > 0 for r in ref)
 
 
 def test_help_names_the_loss_rules_that_differ_from_megatron_lm():
