@@ -122,8 +122,10 @@ class TrainConfig:
     lr_warmup_fraction: Optional[float] = setting(
         None, group="optimizer", one_of="warm-up",
         help="or: warm-up steps as a fraction of the decay steps (as in Megatron-LM)")
-    lr_decay_iters: Optional[int] = setting(None, group="optimizer",
-                                            help="decay steps (default: the training iterations)")
+    lr_decay_iters: Optional[int] = setting(
+        None, group="optimizer",
+        help="decay steps (default: the training iterations). A warm-up as long as the decay or longer "
+             "(Megatron-LM refuses it) runs to its end, then the rate is --min-lr")
     lr_decay_style: str = setting("cosine", group="optimizer", choices=("cosine", "linear", "constant"),
                                   help="learning-rate decay after the warm-up")
     bf16: bool = setting(False, group=TRAINING,
