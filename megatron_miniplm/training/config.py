@@ -127,7 +127,8 @@ class TrainConfig:
         help="decay steps (default: the training iterations). A warm-up as long as the decay or longer "
              "(Megatron-LM refuses it) runs to its end, then the rate is --min-lr")
     lr_decay_style: str = setting("cosine", group="optimizer", choices=("cosine", "linear", "constant"),
-                                  help="learning-rate decay after the warm-up")
+                                  help="learning-rate decay after the warm-up (MiniPLM's recipe; Megatron-LM's "
+                                       "default is linear)")
     bf16: bool = setting(False, group=TRAINING,
                          help="bf16 parameters and activations, fp32 main parameters and gradient reduction")
     seed: int = setting(1234, group=TRAINING, help="Megatron-LM's seeding: + 100 x pipeline rank")

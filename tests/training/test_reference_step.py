@@ -186,7 +186,7 @@ def test_vanilla_kd_steps_match_plain_pytorch(start, tmp_path):
 
 def test_help_names_the_loss_rules_that_differ_from_megatron_lm():
     """The loss rules the reference implements that are not Megatron-LM's defaults are in --help,
-    under Megatron-LM's names for them, and so is the schedule Megatron-LM would refuse."""
+    under Megatron-LM's names for them, and so are the schedule's."""
     from megatron_miniplm.cli.pretrain_gpt import build_parser
 
     text = " ".join(build_parser().format_help().split())
@@ -194,3 +194,4 @@ def test_help_names_the_loss_rules_that_differ_from_megatron_lm():
     assert "--calculate-per-token-loss, always on" in text
     assert "unless its input token is EOD" in text and "--eod-mask-loss, always on" in text
     assert "A warm-up as long as the decay or longer (Megatron-LM refuses it)" in text
+    assert "decay after the warm-up (MiniPLM's recipe; Megatron-LM's default is linear)" in text
