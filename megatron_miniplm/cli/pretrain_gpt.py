@@ -8,6 +8,14 @@
 --data-path takes a dataset prefix, Megatron-style 'W1 P1 W2 P2' blends, or a
 sampled blend written by tools/difference_sample.py.
 
+The loss, where it differs from Megatron-LM's defaults: it is the mean NLL per
+counted token of the global batch, whatever the split into micro-batches and
+data-parallel ranks (Megatron-LM's --calculate-per-token-loss, always on; its
+default averages each micro-batch's own mean, which weighs the tokens of a
+micro-batch of short instances more). A prediction counts unless its input token
+is EOD, which also pads the variable-length instances to --seq-length
+(Megatron-LM's --eod-mask-loss, always on; its default counts every prediction).
+
 --bf16 means what it means in Megatron-LM, on a GPU and on the CPU alike: bf16
 parameters and activations, fp32 main parameters in the optimizer and fp32
 gradient reduction. Preemption: --exit-signal-handler saves a checkpoint and

@@ -122,10 +122,13 @@ class TrainConfig:
     lr_warmup_fraction: Optional[float] = setting(
         None, group="optimizer", one_of="warm-up",
         help="or: warm-up steps as a fraction of the decay steps (as in Megatron-LM)")
-    lr_decay_iters: Optional[int] = setting(None, group="optimizer",
-                                            help="decay steps (default: the training iterations)")
+    lr_decay_iters: Optional[int] = setting(
+        None, group="optimizer",
+        help="decay steps (default: the training iterations). A warm-up as long as the decay or longer "
+             "(Megatron-LM refuses it) runs to its end, then the rate is --min-lr")
     lr_decay_style: str = setting("cosine", group="optimizer", choices=("cosine", "linear", "constant"),
-                                  help="learning-rate decay after the warm-up")
+                                  help="learning-rate decay after the warm-up (MiniPLM's recipe; Megatron-LM's "
+                                       "default is linear)")
     bf16: bool = setting(False, group=TRAINING,
                          help="bf16 parameters and activations, fp32 main parameters and gradient reduction")
     seed: int = setting(1234, group=TRAINING, help="Megatron-LM's seeding: + 100 x pipeline rank")
@@ -234,9 +237,11 @@ class TrainConfig:
         return self.lr_decay_iters or self.iterations
 
     @property
-    def warmup_iters(self) -> int:
+    def warmup_iters(self) -> float:
+        """Warm-up steps; with a fraction, a fraction of an iteration too (Megatron-LM counts
+        them in samples, fraction x decay samples, so the rate reaches its peak between steps)."""
         if self.lr_warmup_fraction is not None:
-            return int(self.lr_warmup_fraction * self.decay_iters)
+            return self.lr_warmup_fraction * self.decay_iters
         return self.lr_warmup_iters
 
     @property
