@@ -49,7 +49,8 @@ MINIPLM_TARGET_AVX2 void score_keys_avx2(const double* scores, uint64_t* keys, i
         const __m256i negative = _mm256_cmpgt_epi64(zero, u);
         const __m256i k = _mm256_xor_si256(u, _mm256_or_si256(negative, sign));
         const __m256i ordered = _mm256_castpd_si256(_mm256_cmp_pd(x, x, _CMP_ORD_Q));  // 0 where NaN
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + j), _mm256_and_si256(_mm256_xor_si256(k, flip_all), ordered));
+        const __m256i key = _mm256_and_si256(_mm256_xor_si256(k, flip_all), ordered);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + j), key);
     }
     for (; j < m; ++j) keys[j] = rank_key(scores[j], ascending);
 }

@@ -220,11 +220,13 @@ def test_instances_without_a_counted_prediction_rank_last(corpus, tmp_path, meth
     ranking = ref_ranking(np.delete(score, gone))
     ranking = np.concatenate([np.delete(np.arange(score.size), gone)[ranking], gone])  # unscored last
     scored_tokens = int(corpus.lengths.sum() - corpus.lengths[gone].sum())
-    for i, budget in enumerate([{"alpha": 0.3}, {"alpha": 1.0}, {"keep_tokens": scored_tokens + int(corpus.lengths[gone[0]])}]):
+    budgets = [{"alpha": 0.3}, {"alpha": 1.0}, {"keep_tokens": scored_tokens + int(corpus.lengths[gone[0]])}]
+    for i, budget in enumerate(budgets):
         out = str(tmp_path / f"blend{i}")
         report = str(tmp_path / f"report{i}") if i == 0 else None
         run(SampleRequest(data_paths=corpus.prefixes, output=out, config=SelectionConfig(method=method, **budget),
-                          teacher_scores=prefixes["teacher"], reference_scores=prefixes["reference"], report_dir=report))
+                          teacher_scores=prefixes["teacher"], reference_scores=prefixes["reference"],
+                          report_dir=report))
         rows, _ = load_blend(out)
         k = instances_to_keep(budget["alpha"], score.size) if "alpha" in budget else score.size - len(gone) + 1
         np.testing.assert_array_equal(rows, to_pairs(np.sort(ranking[:k]), corpus.offsets))
