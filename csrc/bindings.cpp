@@ -301,8 +301,9 @@ PYBIND11_MODULE(_cpp, m) {
           py::arg("out"), py::arg("num_threads") = 0,
           "Writes per-instance scores into `out` ([N] float64): kind 'difference' (reference mean\n"
           "NLL - teacher mean NLL), 'teacher' or 'reference' (that model's mean NLL). Inputs are\n"
-          "[N, 2] float64 (nll_sum, token_count). Returns (number of unusable rows, first such\n"
-          "row or -1): a non-finite value, or a count <= 0.");
+          "[N, 2] float64 (nll_sum, token_count). A row (0, 0) (an instance with no counted\n"
+          "prediction; for 'difference' in both files) scores NaN: unscored, ranked last. Returns\n"
+          "(number of unusable rows, first such row or -1): any other non-finite value or count <= 0.");
     m.def("order_key", [](double x) { return miniplm::order_key(x); }, py::arg("x"),
           "The uint64 ranking key of a float (monotone; -0.0 == +0.0).");
     m.def("simd_kernels", [] { return std::string(miniplm::use_avx2() ? "avx2" : "portable"); },
@@ -337,7 +338,8 @@ PYBIND11_MODULE(_cpp, m) {
           "Ranks instances by score (descending, or ascending), ties by lower index, or by seeded\n"
           "uniform random keys (scores=None, random_seed, n), and keeps the longest prefix of the\n"
           "ranking whose weight fits `capacity`: a count of instances, or tokens when `weights`\n"
-          "([N] int32, e.g. sequence lengths) is given. Scores must be finite. bracket=False skips\n"
+          "([N] int32, e.g. sequence lengths) is given. NaN ranks last in either direction (an\n"
+          "unscored instance). bracket=False skips\n"
           "the sampled one-pass bracket (same result; for tests and benchmarks).");
     m.def("select_scored", &select_scored, py::arg("kind"), py::arg("teacher"), py::arg("reference"),
           py::arg("shard_offsets"), py::arg("out"), py::arg("capacity"), py::kw_only(),
@@ -346,7 +348,8 @@ PYBIND11_MODULE(_cpp, m) {
           "compute_scores over per-shard [n_s, 2] arrays (lists, None where unused) into out ([N]\n"
           "float64, or None to keep no scores) fused with select(out, capacity, ...): returns\n"
           "(Selection, 0, -1), or\n"
-          "(None, number of non-finite scores, first such global index) and plans nothing.");
+          "(None, number of unusable rows, first such global index) and plans nothing. Unscored\n"
+          "(0, 0) rows are not unusable: they rank last.");
     m.def("gather_bytes", &gather_bytes, py::arg("sources"), py::arg("shard"), py::arg("offset"),
           py::arg("nbytes"), py::arg("out"), py::arg("num_threads") = 0,
           "Copies sources[shard[r]][offset[r]:offset[r]+nbytes[r]] for every row r, back to back, into out.");

@@ -56,19 +56,24 @@ BadScores compute(const double* teacher, const double* reference, double* out, i
 
 BadScores score_rows(ScoreKind kind, const double* teacher, const double* reference, double* out, int64_t m,
                      int64_t index0) {
-    const int64_t count = with_score_kind(kind, [&](auto k) {
+    BadScores bad;
+    with_score_kind(kind, [&](auto k) {
         constexpr ScoreKind K = decltype(k)::value;
 #if MINIPLM_HAVE_AVX2_BUILD
-        if (use_avx2()) return score_rows_avx2<K>(teacher, reference, out, m);
+        const int64_t non_finite = use_avx2() ? score_rows_avx2<K>(teacher, reference, out, m)
+                                              : score_rows_portable<K>(teacher, reference, out, m);
+#else
+        const int64_t non_finite = score_rows_portable<K>(teacher, reference, out, m);
 #endif
-        return score_rows_portable<K>(teacher, reference, out, m);
+        // Rare: recount the block just written (in cache), unscored rows excepted, so that
+        // the hot loop above stays a plain count of non-finite scores.
+        for (int64_t j = 0; non_finite && j < m; ++j) {
+            if (std::isfinite(out[j]) || unscored<K>(teacher + 2 * j, reference + 2 * j)) continue;
+            if (bad.first < 0) bad.first = index0 + j;
+            ++bad.count;
+        }
+        return 0;
     });
-    BadScores bad;
-    if (count) {  // rare: find the first in the block just written (in cache)
-        bad.count = count;
-        for (int64_t j = 0; bad.first < 0; ++j)
-            if (!std::isfinite(out[j])) bad.first = index0 + j;
-    }
     return bad;
 }
 

@@ -13,8 +13,8 @@ namespace miniplm {
 // What a selection ranks instances by.
 enum class ScoreKind { Difference, TeacherMean, ReferenceMean };
 
-// Instances whose score is unusable: a non-finite sum or count, a count <= 0,
-// or a non-finite result. `first` is the lowest such index (-1 if none).
+// Instances whose score is unusable: a non-finite sum or count, a count <= 0 (but for
+// an unscored row, (0, 0)), or a non-finite result. `first` is the lowest such index (-1 if none).
 struct BadScores {
     int64_t count = 0;
     int64_t first = -1;
@@ -32,6 +32,17 @@ inline double mean_nll(const double* row) {
     const double sum = row[0], count = row[1];
     const bool usable = count > 0 && count <= DBL_MAX;
     return sum / (usable ? count : std::numeric_limits<double>::quiet_NaN());
+}
+
+// An instance with no counted prediction (one token, or only EOD inputs) has the row
+// (0, 0) from the scorer: it has no score. Its score is NaN (0 / 0), which ranks after
+// every scored instance (rank_key) and is not refused; any other non-finite score is.
+template <ScoreKind kind>
+inline bool unscored(const double* teacher_row, const double* reference_row) {
+    const auto none = [](const double* row) { return row[0] == 0.0 && row[1] == 0.0; };
+    if constexpr (kind == ScoreKind::Difference) return none(teacher_row) && none(reference_row);
+    else if constexpr (kind == ScoreKind::TeacherMean) return none(teacher_row);
+    else return none(reference_row);
 }
 
 template <ScoreKind kind>

@@ -10,8 +10,7 @@ namespace miniplm {
 namespace {
 
 void score_keys_portable(const double* scores, uint64_t* keys, int64_t m, bool ascending) {
-    const uint64_t flip = ascending ? ~0ULL : 0;
-    for (int64_t j = 0; j < m; ++j) keys[j] = order_key(scores[j]) ^ flip;
+    for (int64_t j = 0; j < m; ++j) keys[j] = rank_key(scores[j], ascending);
 }
 
 void classify_keys_portable(const uint64_t* keys, int64_t m, uint64_t lo, uint64_t width, uint64_t* above,
@@ -45,12 +44,15 @@ MINIPLM_TARGET_AVX2 void score_keys_avx2(const double* scores, uint64_t* keys, i
     const __m256i zero = _mm256_setzero_si256();
     int64_t j = 0;
     for (; j + 4 <= m; j += 4) {
-        const __m256i u = _mm256_castpd_si256(_mm256_add_pd(_mm256_loadu_pd(scores + j), _mm256_setzero_pd()));
+        const __m256d x = _mm256_add_pd(_mm256_loadu_pd(scores + j), _mm256_setzero_pd());
+        const __m256i u = _mm256_castpd_si256(x);
         const __m256i negative = _mm256_cmpgt_epi64(zero, u);
         const __m256i k = _mm256_xor_si256(u, _mm256_or_si256(negative, sign));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + j), _mm256_xor_si256(k, flip_all));
+        const __m256i ordered = _mm256_castpd_si256(_mm256_cmp_pd(x, x, _CMP_ORD_Q));  // 0 where NaN
+        const __m256i key = _mm256_and_si256(_mm256_xor_si256(k, flip_all), ordered);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + j), key);
     }
-    for (; j < m; ++j) keys[j] = order_key(scores[j]) ^ (ascending ? ~0ULL : 0);
+    for (; j < m; ++j) keys[j] = rank_key(scores[j], ascending);
 }
 
 MINIPLM_TARGET_AVX2 void classify_keys_avx2(const uint64_t* keys, int64_t m, uint64_t lo, uint64_t width,

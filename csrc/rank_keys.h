@@ -7,7 +7,7 @@
 namespace miniplm {
 
 // Monotone map of a double to uint64: a < b  <=>  order_key(a) < order_key(b),
-// with -0.0 ranked equal to +0.0. NaN must be rejected by the caller.
+// with -0.0 ranked equal to +0.0. NaN: see rank_key.
 inline uint64_t order_key(double x) {
     x += 0.0;  // -0.0 + 0.0 == +0.0
     uint64_t u;
@@ -16,7 +16,14 @@ inline uint64_t order_key(double x) {
     return u ^ flip;
 }
 
-// keys[j] = order_key(scores[j]), complemented when `ascending` (the lowest ranks first).
+// The ranking key of a score: order_key, complemented when `ascending` (the lowest ranks
+// first). NaN, an instance without a score (difference.h: unscored), gets key 0, which no
+// other double gets: it ranks after every scored instance in either direction.
+inline uint64_t rank_key(double x, bool ascending) {
+    return x == x ? order_key(x) ^ (ascending ? ~0ULL : 0) : 0;
+}
+
+// keys[j] = rank_key(scores[j], ascending).
 void score_keys(const double* scores, uint64_t* keys, int64_t m, bool ascending);
 
 // Sorts m keys against the bracket [lo, lo + width], hi = lo + width: bit j % 64 of

@@ -34,11 +34,11 @@ constexpr int64_t kKeyBlock = 512;         // keys made per block of a first pas
 // Key sources: the ranking key of instance i (larger ranks first).
 struct DescKeys {
     const double* s;
-    uint64_t operator()(int64_t i) const { return order_key(s[i]); }
+    uint64_t operator()(int64_t i) const { return rank_key(s[i], false); }
 };
 struct AscKeys {
     const double* s;
-    uint64_t operator()(int64_t i) const { return ~order_key(s[i]); }
+    uint64_t operator()(int64_t i) const { return rank_key(s[i], true); }
 };
 struct RandomKeys {
     uint64_t stream;
@@ -458,7 +458,8 @@ struct Bracket {
 };
 
 // The ranking key of instance i computed straight from the (sum, count) rows, for sampling
-// before the scores exist. A non-finite score gets any key: it fails the plan anyway.
+// before the scores exist. A non-finite score gets key 0: an unscored instance's (rank_key);
+// any other fails the plan anyway.
 struct ScoredSampleKey {
     const ScoredInput* in;
     bool ascending;
@@ -469,9 +470,7 @@ struct ScoredSampleKey {
         const double v = with_score_kind(in->kind, [&](auto kind) {
             return score_of<decltype(kind)::value>(in->teacher[s] + j, in->reference[s] + j);
         });
-        if (!std::isfinite(v)) return 0;
-        const uint64_t k = order_key(v);
-        return ascending ? ~k : k;
+        return std::isfinite(v) ? rank_key(v, ascending) : 0;
     }
 };
 

@@ -39,7 +39,9 @@ class ScoreConfig:
         help="ranks the experts of a mixture-of-experts teacher are split over, as in Megatron-LM: data-parallel "
              "ranks, each holding 1/EP of every layer's experts and scoring its own batches; the ranks of an "
              "expert-parallel group step together (a replica short of batches runs a dummy one)")
-    bf16: bool = setting(False, group="numerics and speed", help="bf16 weights and activations (fp32 softmax)")
+    bf16: bool = setting(False, group="numerics and speed",
+                         help="bf16 weights and activations, the logits rounded to bf16 (fp32 log-softmax; "
+                              "the official MiniPLM scores in fp16)")
     layers: LayerImpl = field(default_factory=LayerImpl)  # --transformer-impl, --attention-backend, ...
     logits_chunk_mb: Optional[float] = setting(
         None, group="numerics and speed",

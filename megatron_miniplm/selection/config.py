@@ -23,7 +23,8 @@ class SelectionConfig:
                           help="difference (MiniPLM), or a baseline: uniform random, teacher (lowest "
                                "teacher NLL), reference (highest reference NLL)")
     alpha: Optional[float] = setting(None, group="selection", one_of="budget",
-                                     help="fraction of instances to keep, in (0, 1]")
+                                     help="fraction of instances to keep, in (0, 1]: round(alpha x N), ties by the "
+                                          "lower index (the official script keeps int(alpha x N))")
     keep_tokens: Optional[int] = setting(None, group="selection", one_of="budget",
                                          help="or a token budget: the best instances whose total fits")
     order: str = setting("original", group="selection", flag="--data-order", choices=ORDERS,

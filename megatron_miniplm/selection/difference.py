@@ -3,7 +3,9 @@
 Every method is one ranking plus one capacity, run by the same C++ machinery
 (megatron_miniplm._cpp.select): instances are ranked by a score, ties by the lower
 global index, and the longest prefix of the ranking that fits the capacity is kept,
-the capacity being round(alpha * N) instances or a token budget.
+the capacity being round(alpha * N) instances or a token budget. An instance with no
+counted prediction (one token, or only EOD inputs: the scorer's row is (0, 0)) has no
+score: it ranks after every scored instance, ties by index, whatever the method.
 
     difference  reference mean NLL - teacher mean NLL, highest first (MiniPLM)
     teacher     teacher mean NLL, lowest first
@@ -32,7 +34,7 @@ def instances_to_keep(alpha: float, n: int) -> int:
 def compute_scores(kind: str, teacher: Optional[list[np.ndarray]], reference: Optional[list[np.ndarray]],
                    offsets: np.ndarray, names: list[str], num_threads: int = 0,
                    keep: bool = True) -> Optional[np.ndarray]:
-    """Per-instance scores of `kind` over all shards, float64 [N]; refuses any unusable row.
+    """Per-instance scores of `kind` over all shards, float64 [N] (NaN: unscored); refuses any unusable row.
 
     teacher / reference: per-shard [n_s, 2] (nll_sum, token_count) arrays, read in place.
     names[s]: how to name shard s's score files in an error. keep=False only checks (one
@@ -55,8 +57,9 @@ def _unusable(kind: str, name: str, how_many: str, first: int, t: Optional[np.nd
     """The refusal of unusable score rows: the files, the first row and its raw values."""
     rows = [f"{role} (nll_sum, token_count) = ({a[first, 0]!r}, {a[first, 1]!r})"
             for role, a in (("teacher", t), ("reference", r)) if a is not None]
-    return SelectionError(f"{name}: {how_many} without a finite {kind} score (NaN/infinite value or no "
-                          f"counted token); first: instance {first}, " + "; ".join(rows))
+    return SelectionError(f"{name}: {how_many} without a finite {kind} score (a NaN or infinite value, or a "
+                          f"count of 0 beside a nonzero sum or in one file only); first: instance {first}, "
+                          + "; ".join(rows))
 
 
 def _capacity(config: SelectionConfig, n: int) -> int:
@@ -69,7 +72,7 @@ def select(teacher: Optional[list[np.ndarray]], reference: Optional[list[np.ndar
     """Plans the selection (nothing is written yet): (selection, the scores ranked by).
 
     The scores are computed from the per-shard score arrays in the same C++ pass as the
-    first ranking pass; a non-finite score refuses the run. `names[s]` names shard s's
+    first ranking pass; an unusable row refuses the run. `names[s]` names shard s's
     score files in that error. Uniform needs no scores (and returns None for them); so does
     keep_scores=False (the selection then never writes the N scores out)."""
     n = int(offsets[-1])

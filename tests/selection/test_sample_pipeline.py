@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from selection_helpers import EOD, ref_budget, ref_difference, ref_top_k, to_pairs
+from selection_helpers import EOD, ref_budget, ref_difference, ref_ranking, ref_top_k, to_pairs
 
 from megatron_miniplm.selection.blend import BlendReader, dataset_prefixes, is_blend, load_blend
 from megatron_miniplm.selection.difference import instances_to_keep
@@ -191,3 +191,42 @@ def test_cli(corpus, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "alpha must be in (0, 1]" in bad.stderr
     assert not os.path.exists(str(tmp_path / "x.npy")) and not os.path.exists(str(tmp_path / "x.meta.json"))
+
+
+@pytest.mark.parametrize("method", ["difference", "teacher", "reference"])
+def test_instances_without_a_counted_prediction_rank_last(corpus, tmp_path, method):
+    """The scorer writes (0, 0) for an instance with no counted prediction (one token, or only
+    EOD inputs: the preprocessor emits [EOD] where a domain's last cut leaves its last EOD
+    alone). Such an instance has no score: it ranks after every scored one (ties by index),
+    in either direction, instead of refusing the run."""
+    from megatron_miniplm.scoring.score_file import save_scores
+
+    unscored = [(0, 5), (2, 0), (2, 899)]
+    prefixes = {}
+    for role in ("teacher", "reference"):
+        prefixes[role] = []
+        for s, arr in enumerate(getattr(corpus, f"{role}_arrays")):
+            arr = arr.copy()
+            for shard, i in unscored:
+                if shard == s:
+                    arr[i] = 0.0
+            prefixes[role].append(str(tmp_path / f"{role}_{s}"))
+            save_scores(prefixes[role][-1], arr, {"dataset_fingerprint": corpus.metas[s]["fingerprint"],
+                                                  "model": {"name": role}})
+    gone = np.array([corpus.offsets[s] + i for s, i in unscored])
+    score = {"difference": ref_difference(corpus.all_scores("teacher"), corpus.all_scores("reference")),
+             "teacher": -corpus.all_scores("teacher")[:, 0] / corpus.all_scores("teacher")[:, 1],
+             "reference": corpus.all_scores("reference")[:, 0] / corpus.all_scores("reference")[:, 1]}[method]
+    ranking = ref_ranking(np.delete(score, gone))
+    ranking = np.concatenate([np.delete(np.arange(score.size), gone)[ranking], gone])  # unscored last
+    scored_tokens = int(corpus.lengths.sum() - corpus.lengths[gone].sum())
+    budgets = [{"alpha": 0.3}, {"alpha": 1.0}, {"keep_tokens": scored_tokens + int(corpus.lengths[gone[0]])}]
+    for i, budget in enumerate(budgets):
+        out = str(tmp_path / f"blend{i}")
+        report = str(tmp_path / f"report{i}") if i == 0 else None
+        run(SampleRequest(data_paths=corpus.prefixes, output=out, config=SelectionConfig(method=method, **budget),
+                          teacher_scores=prefixes["teacher"], reference_scores=prefixes["reference"],
+                          report_dir=report))
+        rows, _ = load_blend(out)
+        k = instances_to_keep(budget["alpha"], score.size) if "alpha" in budget else score.size - len(gone) + 1
+        np.testing.assert_array_equal(rows, to_pairs(np.sort(ranking[:k]), corpus.offsets))

@@ -296,6 +296,46 @@ def test_select_scored_equals_compute_then_select(n, kind, ascending):
     assert sel is None and (bad, first) == expect
 
 
+@pytest.mark.parametrize("n", [1000, 700_001])  # the small path scores first; the large one fuses
+@pytest.mark.parametrize("kind,ascending", [("difference", False), ("difference", True), ("teacher", True),
+                                            ("reference", False)])
+def test_unscored_rows_rank_last_and_other_bad_rows_are_refused(n, kind, ascending):
+    """A (0, 0) row (an instance with no counted prediction) scores NaN and ranks after every
+    scored instance in either direction, ties by index, on the bracket and histogram paths,
+    by count and by tokens; a count of 0 beside a nonzero sum, or in one file only, is refused."""
+    rng = np.random.default_rng(n + len(kind))
+    offs = np.array([0, n // 2, n], np.int64)
+    count = rng.integers(1, 1025, n).astype(np.float64)
+    t = np.stack([rng.choice([1.0, 2.0, 3.0], n) * count, count], 1)
+    r = np.stack([rng.choice([2.0, 2.5, 3.0, 4.0], n) * count, count], 1)
+    none = np.sort(rng.choice(n, n // 10, replace=False))
+    t[none] = r[none] = 0.0
+    ts, rs = [t[:n // 2], t[n // 2:]], [r[:n // 2], r[n // 2:]]
+    want = np.empty(n)
+    assert _cpp.compute_scores(kind, t, r, want) == (0, -1)
+    assert np.isnan(want[none]).all() and np.isfinite(np.delete(want, none)).all()
+    scored = np.delete(np.arange(n), none)
+    order = np.concatenate([scored[ref_ranking(want[scored], ascending)], none])  # unscored last, by index
+    w = rng.integers(1, 1025, n).astype(np.int32)
+    past = int(w[scored].sum()) + int(w[none[:3]].sum())  # a budget reaching 3 unscored instances in
+    for weights, cap, k in ((None, n // 4, n // 4), (None, n - len(none) // 2, n - len(none) // 2),
+                            (w, past, scored.size + 3)):
+        for bracket in (True, False):
+            for out in (np.empty(n), None):
+                sel, bad, _ = _cpp.select_scored(kind, ts, rs, offs, out, cap, weights=weights, ascending=ascending,
+                                                 num_threads=2, bracket=bracket)
+                assert bad == 0
+                np.testing.assert_array_equal(kept(sel), np.sort(order[:k]))
+            plain = _cpp.select(want, cap, weights=weights, ascending=ascending, num_threads=2, bracket=bracket)
+            np.testing.assert_array_equal(kept(plain), np.sort(order[:k]))
+    read = r if kind == "reference" else t
+    read[none[1], 0] = 1.0  # a count of 0 with a nonzero sum
+    if kind == "difference":
+        r[none[0]] = [2.0, 1.0]  # (0, 0) in the teacher's file only
+    sel, bad, first = _cpp.select_scored(kind, ts, rs, offs, None, n // 4, ascending=ascending)
+    assert sel is None and (bad, first) == ((2, none[0]) if kind == "difference" else (1, none[1]))
+
+
 # --- the sampled bracket (one pass) and its fallback to histogram passes -----------------
 
 @pytest.mark.parametrize("n,distinct", [(5000, None), (300_000, None), (300_000, 40), (600_001, 3)])

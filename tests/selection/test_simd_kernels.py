@@ -53,6 +53,17 @@ WORKLOAD = textwrap.dedent("""
         idx = np.empty(sel.count, np.int64)
         sel.write_indices(idx)
         add(idx, sel.boundary_key, sel.boundary_index)
+    # Unscored (0, 0) rows rank last (NaN scores, key 0), here and from a score array with NaNs.
+    t0, r0 = t.copy(), r.copy()
+    t0[::13], r0[::13] = 0.0, 0.0
+    for ascending in (False, True):
+        out = np.empty(n)
+        sel, bad, first = _cpp.select_scored("difference", shards(t0), shards(r0), offs, out, n - n // 20,
+                                             ascending=ascending, num_threads=2)
+        idx = np.empty(sel.count, np.int64)
+        sel.write_indices(idx)
+        plain = _cpp.select(out, n - n // 20, ascending=ascending, num_threads=2)
+        add(out, bad, first, idx, sel.boundary_key, sel.boundary_index, plain.boundary_key, plain.boundary_index)
     # Unusable rows: zero, negative, NaN and infinite counts and sums.
     for row, col, value in ((5, 1, 0.0), (70_000, 1, -2.0), (300_001, 0, np.nan), (n - 1, 1, np.inf)):
         t[row, col] = value
