@@ -31,7 +31,7 @@ from megatron_miniplm.selection.shards import DatasetError, domain_table, open_s
 log = logging.getLogger(__name__)
 
 CONTEXT_TOKENS = 16  # more than the bytes of one character, and a word's leading space
-_SCAN = 4096  # instances searched per step for a neighbour of the same domain
+_SCAN, _MAX_SCAN = 64, 1 << 16  # instances searched per step for a neighbour of the same domain (growing)
 
 
 class _Stream:
@@ -50,13 +50,13 @@ class _Stream:
 
     def neighbour(self, g: int, step: int) -> Optional[int]:
         """The nearest instance before (step -1) or after (step +1) instance g with its domain."""
-        d, at = self.domains[g], g + step
+        d, at, size = self.domains[g], g + step, _SCAN
         while 0 <= at < len(self.domains):
-            lo, hi = (at, min(at + _SCAN, len(self.domains))) if step > 0 else (max(at - _SCAN + 1, 0), at + 1)
+            lo, hi = (at, min(at + size, len(self.domains))) if step > 0 else (max(at - size + 1, 0), at + 1)
             hits = np.flatnonzero(self.domains[lo:hi] == d)
             if hits.size:
                 return lo + int(hits[0] if step > 0 else hits[-1])
-            at = hi if step > 0 else lo - 1
+            at, size = (hi if step > 0 else lo - 1), min(size * 8, _MAX_SCAN)
         return None
 
 
@@ -116,29 +116,38 @@ def _open_source(prefix: str, fingerprint: Optional[str], part: str) -> Optional
 
 
 def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    k = next((k for k in range(n) if a[k] != b[k]), n)
-    return k
+    """Length of the longest common prefix (a binary search over `startswith`)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a.startswith(b[:mid]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def edge_texts(decode_batch, pieces: Sequence[np.ndarray], lefts: Sequence[Optional[np.ndarray]],
                rights: Sequence[Optional[np.ndarray]]) -> list[str]:
     """The text of each piece, decoded with its neighbouring tokens (None: a document edge).
 
-    A piece's text is what decoding it after its left context adds, up to what decoding
-    its right context after it no longer changes: a character cut by an instance edge
-    belongs wholly to the piece holding its last byte, and a leading space to the piece
-    of its word, so the texts of a document's pieces join to the document's text."""
+    A piece's text is what decoding it after its left context adds, less the end that
+    decoding its right context after it changes: a character cut by an instance edge
+    belongs wholly to the piece holding its last byte, and a leading space to the piece of
+    its word, so the texts of a document's pieces join to the document's text. The right
+    edge is found on the piece's last tokens, so that each piece is decoded whole once."""
     joined = [np.concatenate([x for x in (l, p) if x is not None]) for l, p in zip(lefts, pieces)]
     texts = decode_batch(joined)
     with_left = [k for k, l in enumerate(lefts) if l is not None]
     with_right = [k for k, r in enumerate(rights) if r is not None and len(r)]
     before = decode_batch([lefts[k] for k in with_left]) if with_left else []
-    after = decode_batch([np.concatenate([joined[k], rights[k]]) for k in with_right]) if with_right else []
+    tails = [pieces[k][-CONTEXT_TOKENS:] for k in with_right]
+    alone = decode_batch(tails) if with_right else []
+    after = decode_batch([np.concatenate([t, rights[k]]) for t, k in zip(tails, with_right)]) if with_right else []
     start = [0] * len(texts)
     end = [len(t) for t in texts]
     for k, t in zip(with_left, before):
         start[k] = _common_prefix(t, texts[k])
-    for k, t in zip(with_right, after):
-        end[k] = _common_prefix(t, texts[k])
+    for k, a, t in zip(with_right, alone, after):
+        end[k] -= len(a) - _common_prefix(a, t)
     return [t[a:b] for t, a, b in zip(texts, start, end)]
