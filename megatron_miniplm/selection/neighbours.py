@@ -15,7 +15,8 @@ dataset order (every domain's stream ends with an EOD, so the search never cross
 another dataset's instances); for a part of a D_ref split (tools/split_dataset.py), the
 same in the split's source dataset, found through the part's source indices. A neighbour
 that cannot be read (a split's source moved or rewritten) gives no context, and that
-edge is decoded alone.
+edge is decoded alone, as are those of instances that were not cut in dataset order (a
+materialized selection, generated sequences).
 """
 from __future__ import annotations
 
@@ -67,13 +68,16 @@ class Neighbours:
     def __init__(self, shards: list, eod: int):
         self.eod = eod
         self._where: list[tuple[Optional[_Stream], Optional[np.ndarray], int]] = []
-        plain = [s for s in shards if not s.meta.get("split")]
+        plain = [s for s in shards if _cut_here(s.meta)]
         plain_stream, at, sources = _Stream(plain), 0, {}
         for s in shards:
             split = s.meta.get("split")
-            if not split:
+            if _cut_here(s.meta):
                 self._where.append((plain_stream, None, at))
                 at += s.num_instances
+                continue
+            if not split:
+                self._where.append((None, None, 0))
                 continue
             source = split.get("source_prefix", "")
             if source not in sources:
@@ -103,15 +107,23 @@ class Neighbours:
         return left, right
 
 
+def _cut_here(meta: dict) -> bool:
+    """Whether a dataset's instances were cut by preprocessing in this order: not a split's
+    part (see its source), a selection's materialized subset or generated sequences."""
+    return not any(meta.get(k) for k in ("split", "selection", "generation"))
+
+
 def _open_source(prefix: str, fingerprint: Optional[str], part: str) -> Optional[_Stream]:
-    """The split's source dataset, or None (logged) where it is gone or was rewritten."""
+    """The split's source dataset, or None (logged) where it is gone, was rewritten or was
+    not cut by preprocessing."""
     try:
-        if os.path.exists(prefix + ".meta.json") and read_dataset_meta(prefix)["fingerprint"] == fingerprint:
+        meta = read_dataset_meta(prefix) if os.path.exists(prefix + ".meta.json") else {}
+        if meta.get("fingerprint") == fingerprint and _cut_here(meta):
             return _Stream(open_shards(dataset_prefixes(prefix)))
     except (DatasetError, FileNotFoundError, ValueError):
         pass
-    log.warning("%s: the split's source %s is missing or was rewritten: instance edges inside a document are "
-                "decoded without their neighbours", part, prefix)
+    log.warning("%s: the split's source %s is missing, was rewritten or is not a preprocessed dataset: instance "
+                "edges inside a document are decoded without their neighbours", part, prefix)
     return None
 
 

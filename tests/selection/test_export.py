@@ -350,3 +350,6 @@ def test_the_records_join_to_the_documents_text_when_instances_cut_words_and_cha
     rest = export(_scored_blend(prefix, str(tmp_path / "rest"), 1.0, "original", split=str(tmp_path / "split")))
     for r in half + rest:
         assert "\ufffd" not in r["text"] and r["text"] in source[r["meta"]["pile_set_name"]], r
+    os.rename(prefix + ".meta.json", prefix + ".gone")  # the split's source is gone: edges decoded alone
+    os.remove(str(tmp_path / "rest.jsonl.export.json"))
+    assert [r["meta"] for r in export(str(tmp_path / "rest"))] == [r["meta"] for r in rest]
