@@ -10,9 +10,8 @@ it with a few tokens of the neighbouring instance gives the text exactly
 (`edge_texts`).
 
 The neighbours are those of the stream the instances were cut from: for a dataset
-written by tools/preprocess_data.py, the previous or next instance of the same domain in
-dataset order (every domain's stream ends with an EOD, so the search never crosses into
-another dataset's instances); for a part of a D_ref split (tools/split_dataset.py), the
+written by tools/preprocess_data.py (its shards, consecutive in the blend), the previous
+or next instance of the same domain in dataset order; for a part of a D_ref split (tools/split_dataset.py), the
 same in the split's source dataset, found through the part's source indices. A neighbour
 that cannot be read (a split's source moved or rewritten) gives no context, and that
 edge is decoded alone, as are those of instances that were not cut in dataset order (a
@@ -20,6 +19,8 @@ materialized selection, generated sequences).
 """
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import os
 from typing import Optional, Sequence
@@ -68,22 +69,27 @@ class Neighbours:
     def __init__(self, shards: list, eod: int):
         self.eod = eod
         self._where: list[tuple[Optional[_Stream], Optional[np.ndarray], int]] = []
-        plain = [s for s in shards if _cut_here(s.meta)]
-        plain_stream, at, sources = _Stream(plain), 0, {}
-        for s in shards:
-            split = s.meta.get("split")
-            if _cut_here(s.meta):
-                self._where.append((plain_stream, None, at))
-                at += s.num_instances
+        sources: dict = {}
+        for run, group in itertools.groupby(shards, key=lambda s: _run_of(s.meta)):
+            group = list(group)
+            if run is not None:  # the shards of one preprocessing run: one stream
+                stream = _Stream(group)
+                self._where += [(stream, None, int(at)) for at in stream.offsets[:-1]]
                 continue
-            if not split:
-                self._where.append((None, None, 0))
-                continue
-            source = split.get("source_prefix", "")
-            if source not in sources:
-                sources[source] = _open_source(source, split.get("source_fingerprint"), s.prefix)
-            index = np.load(s.prefix + ".source_index.npy", mmap_mode="r") if sources[source] else None
-            self._where.append((sources[source], index, 0))
+            for s in group:
+                self._place(s, sources)
+
+    def _place(self, s, sources: dict) -> None:
+        """A shard that preprocessing did not write: a split's part reads its source's stream."""
+        split = s.meta.get("split")
+        if not split:
+            self._where.append((None, None, 0))
+            return
+        source = split.get("source_prefix", "")
+        if source not in sources:
+            sources[source] = _open_source(source, split.get("source_fingerprint"), s.prefix)
+        index = np.load(s.prefix + ".source_index.npy", mmap_mode="r") if sources[source] else None
+        self._where.append((sources[source], index, 0))
 
     def around(self, s: int, i: int, tokens: np.ndarray) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
         """(the last tokens of the document before instance i of shard s, or None where the
@@ -111,6 +117,15 @@ def _cut_here(meta: dict) -> bool:
     """Whether a dataset's instances were cut by preprocessing in this order: not a split's
     part (see its source), a selection's materialized subset or generated sequences."""
     return not any(meta.get(k) for k in ("split", "selection", "generation"))
+
+
+def _run_of(meta: dict) -> Optional[str]:
+    """What the shards of one preprocessing run share (None: not cut by preprocessing), so
+    that consecutive shards of one run form one stream and two datasets never do."""
+    if not _cut_here(meta):
+        return None
+    return json.dumps([meta.get(k) for k in ("inputs", "tokenizer", "seq_length", "instance_mode", "json_key",
+                                            "domain_key")], sort_keys=True)
 
 
 def _open_source(prefix: str, fingerprint: Optional[str], part: str) -> Optional[_Stream]:
