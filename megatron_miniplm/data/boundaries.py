@@ -1,10 +1,11 @@
 """Sentence-boundary tokens, derived from the tokenizer's own vocabulary.
 
 MiniPLM cuts an instance after the last sentence boundary it contains: an EOD, a token
-containing a newline, or a sentence-final punctuation token followed by a token that
-begins with a space. Which ids are which depends on the tokenizer, so the three sets are
-computed once from every token's decoded text and then applied as lookup tables, which
-turns boundary detection into two vectorized gathers per document.
+containing a newline (line feed, carriage return, U+2028 or U+2029), or a sentence-final
+punctuation token followed by a token that begins with a space (or a tab). Which ids are
+which depends on the tokenizer, so the three sets are computed once from every token's
+decoded text and then applied as lookup tables, which turns boundary detection into two
+vectorized gathers per document.
 """
 from __future__ import annotations
 

@@ -7,8 +7,11 @@ packed    the same per-domain buffers, cut at exactly seq_length + 1 tokens.
 document  one instance per document (classic Megatron).
 
 In the buffered modes, the instances of a domain, concatenated, are exactly that domain's
-token stream: nothing is dropped or padded, and the last instance of each domain (emitted
-by `flush`) may be shorter.
+token stream: nothing is padded, and the last instance of each domain (emitted by `flush`)
+may be shorter. With the EOD id known, every instance holds a prediction that counts (a
+token other than EOD before its last one), which scoring and training need: a cut is not
+taken where it would leave an instance without one, and a domain's stream that ends in a
+lone carried-over EOD drops it (the last document then ends with its instance).
 """
 from __future__ import annotations
 
@@ -24,13 +27,15 @@ class InstanceMode(str, Enum):
     DOCUMENT = "document"
 
 
-def cut_length(flags: np.ndarray, max_len: int) -> int:
+def cut_length(flags: np.ndarray, max_len: int, earliest: int = 1) -> int:
     """Length of the next instance given the boundary flags of a full window of
-    `max_len` tokens: up to and including the last boundary at position >= 1 (a cut
-    after the first token would leave an instance with nothing to predict), else all."""
-    window = flags[1:max_len]
-    last = len(window) - 1 - int(np.argmax(window[::-1]))
-    return last + 2 if window[last] else max_len
+    `max_len` tokens: up to and including the last boundary at position >= `earliest`
+    (an earlier cut would leave an instance with nothing to predict: position 1 past the
+    window's first token other than EOD), else all."""
+    window = flags[earliest:max_len]
+    if not window.any():
+        return max_len
+    return earliest + len(window) - int(np.argmax(window[::-1]))
 
 
 @dataclass
@@ -61,8 +66,9 @@ class Instances:
 class InstanceBuilder:
     """Feed documents in input order with `add`; collect instances as they complete."""
 
-    def __init__(self, mode: InstanceMode | str, seq_length: int):
+    def __init__(self, mode: InstanceMode | str, seq_length: int, eod_id: int | None = None):
         self.mode = InstanceMode(mode)
+        self.eod_id = eod_id
         if seq_length < 1:
             raise ValueError(f"seq_length must be >= 1, got {seq_length}")
         self.max_len = seq_length + 1
@@ -92,13 +98,22 @@ class InstanceBuilder:
             flags = np.concatenate(buf.flags) if len(buf.flags) > 1 else buf.flags[0]
         start, n = 0, len(tokens)
         while n - start >= self.max_len:
-            length = self.max_len if flags is None else cut_length(flags[start:start + self.max_len], self.max_len)
+            length = self.max_len if flags is None else cut_length(
+                flags[start:start + self.max_len], self.max_len, self._earliest_cut(tokens, start))
             self._emit(tokens[start:start + length], domain)
             start += length
         # Copy the carry-over so a long document's array is not kept alive by a view.
         buf.tokens = [tokens[start:].copy()] if start < n else []
         buf.flags = [flags[start:].copy()] if flags is not None and start < n else []
         buf.size = n - start
+
+    def _earliest_cut(self, tokens: np.ndarray, start: int) -> int:
+        """1 past the first token from `start` that is not EOD (1 where EOD is unknown)."""
+        first = start
+        if self.eod_id is not None:
+            while first < len(tokens) - 1 and tokens[first] == self.eod_id:
+                first += 1
+        return first - start + 1
 
     def _emit(self, tokens: np.ndarray, domain: int) -> None:
         self._out_tokens.append(tokens)
@@ -112,10 +127,11 @@ class InstanceBuilder:
 
     def flush(self) -> Instances:
         """End of input: each domain's remainder becomes a last (short) instance, in
-        domain id order."""
+        domain id order (but a remainder without a prediction that counts: EODs only)."""
         for domain in sorted(self._buffers):
             buf = self._buffers[domain]
-            if buf.size:
-                self._emit(np.concatenate(buf.tokens), domain)
+            rest = np.concatenate(buf.tokens) if buf.size else None
+            if rest is not None and (self.eod_id is None or np.any(rest[:-1] != self.eod_id)):
+                self._emit(rest, domain)
         self._buffers.clear()
         return self.take()

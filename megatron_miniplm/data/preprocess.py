@@ -186,7 +186,7 @@ class Preprocessor:
             tables=self.tables,
         )
         self.tokenize = BlockTokenizer(self.worker_config, self.tokenizer)
-        self.builder = InstanceBuilder(self.mode, config.seq_length)
+        self.builder = InstanceBuilder(self.mode, config.seq_length, self.tokenizer.eod_id)
         self.inputs = [InputStats(os.path.abspath(p)) for p in self.paths]
         self.skipped: Counter = Counter()
         self.domains: dict[str, int] = {}

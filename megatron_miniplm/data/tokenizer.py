@@ -261,6 +261,15 @@ class SentencePieceTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._sp.encode(list(texts), out_type=int, num_threads=self._threads)
 
+    def token_surfaces(self) -> list[str]:
+        """As for any tokenizer, but "" for the unknown piece: it decodes as " ⁇ ", which
+        stands for characters the model lacks, not for a space and a question mark."""
+        out = super().token_surfaces()
+        for i in range(self.vocab_size):
+            if self._sp.is_unknown(i) or self._sp.is_control(i):
+                out[i] = ""
+        return out
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(_ints(ids))
 

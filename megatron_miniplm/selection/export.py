@@ -11,11 +11,17 @@ tokenizer and becomes one record, in blend order:
                            "teacher_nll": ..., "reference_nll": ..., "difference_score": ...}}
 
 (NLLs are mean nats per counted token of the whole instance, as the selection used them;
-a score the blend does not reference is null). The output is valid input to
-tools/preprocess_data.py: with the same tokenizer, each record encodes back to its
-piece's tokens (for a lossless tokenizer, and pieces that do not start or end inside a
-multi-byte character), and with another tokenizer it is a student corpus of another
-model family.
+a score the blend does not reference is null). A piece that starts or ends inside a
+document is decoded with the tokens on the other side of the cut (selection/neighbours.py),
+so that, for a lossless tokenizer, the records of a document's pieces joined in order are
+the document's text exactly: a character cut by an instance edge goes whole to the piece
+holding its last byte, a word's leading space stays with its word (a sentencepiece decoder
+drops it at the start of a text), and a piece never holds U+FFFD that its document does not.
+The output is valid input to tools/preprocess_data.py: with another tokenizer it is a
+student corpus of another model family. Each piece becomes a document of its own there,
+so a document cut by an instance edge is as many documents. With the same tokenizer a record
+encodes back to its piece's tokens where the piece is a whole document; a piece cut out of
+one may tokenize differently (a word cut in two, a leading space).
 
 Files appear whole or not at all (temporary name, renamed when complete). With a shard
 size, every finished shard is recorded in OUTPUT.export.json, and a rerun with the same
@@ -35,6 +41,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from megatron_miniplm.atomic_io import close_quietly, disk_space, publish, remove_quietly, temp_name, write_json_atomic
+from megatron_miniplm.selection.neighbours import Neighbours, edge_texts
 from megatron_miniplm.settings import setting
 from megatron_miniplm.errors import UserError
 
@@ -107,6 +114,7 @@ class _Source:
             raise ExportError(str(e)) from None
         self.meta = self.reader.meta
         shards = open_shards(self.reader.prefixes)
+        self.shards = shards
         names, maps = domain_table(shards)
         self.domain_names = names
         self.domains = [s.mapped_domains(m) for s, m in zip(shards, maps)]
@@ -120,6 +128,7 @@ class _Source:
                               f"{tok['sha256'][:16]}...)")
         self.tokenizer = load_tokenizer(path, tok.get("eod_token"))
         self.eod = int(tok.get("eod_id", self.tokenizer.eod_id))
+        self.neighbours = Neighbours(shards, self.eod)
         self.nll = {role: self._nll(blend, role) for role in ("teacher", "reference")}
 
     def _nll(self, blend: str, role: str) -> Optional[list]:
@@ -146,7 +155,7 @@ class _Source:
 
     def records(self, lo: int, hi: int) -> tuple[list[dict], int]:
         """The records of blend rows [lo, hi) and how many tokens their pieces hold."""
-        pieces, metas = [], []
+        pieces, lefts, rights, metas = [], [], [], []
         for j in range(lo, hi):
             s, i = (int(v) for v in self.reader.rows[j])
             tokens = self.reader[j]
@@ -156,14 +165,17 @@ class _Source:
             scores = {f"{role}_nll": _float(v[s][i]) if v is not None else None for role, v in self.nll.items()}
             t, r = scores["teacher_nll"], scores["reference_nll"]
             scores["difference_score"] = r - t if t is not None and r is not None else None
+            left, right = self.neighbours.around(s, i, tokens)
             k = 0
             for a, b in zip(starts, ends):
                 if b > a:
                     pieces.append(tokens[a:b])
+                    lefts.append(left if a == 0 else None)
+                    rights.append(right if b == len(tokens) else None)
                     metas.append({"pile_set_name": self.domain_names[int(self.domains[s][i])], "blend_row": j,
                                   "piece": k, **scores})
                     k += 1
-        texts = self.tokenizer.decode_batch(pieces) if pieces else []
+        texts = edge_texts(self.tokenizer.decode_batch, pieces, lefts, rights) if pieces else []
         return [{"text": t, "meta": m} for t, m in zip(texts, metas)], int(sum(len(p) for p in pieces))
 
 

@@ -126,3 +126,23 @@ def test_miniplm_needs_flags():
         InstanceBuilder("miniplm", 8).add(np.array([1, 0]), 0)
     with pytest.raises(ValueError):
         InstanceBuilder("bogus", 8)
+
+
+def test_every_instance_has_a_prediction_that_counts():
+    """Predictions from EOD do not count (pad = EOD), and scoring and training need one that
+    does: a cut after a carried-over EOD and the next token is not taken, and a domain's
+    stream that ends with a carried-over EOD alone drops it."""
+    nl = 9  # a newline token: always a boundary
+    doc = np.array([1, 2, 3, 4, 5, 6, 7, 8, nl, EOD])  # the window of 9 ends at its newline: EOD carries over
+    flags = np.isin(doc, [nl, EOD])
+    long_line = np.concatenate([[nl], np.full(20, 3), [EOD]])  # a newline, then no boundary for 20 tokens
+    b = InstanceBuilder("miniplm", 8, eod_id=EOD)
+    b.add(doc, 0, flags)
+    b.add(long_line, 0, np.isin(long_line, [nl, EOD]))
+    b.add(doc, 1, flags)  # domain 1 ends with the carried-over EOD
+    batch = b.flush()
+    insts = np.split(batch.tokens, np.cumsum(batch.lengths)[:-1])
+    assert [x.tolist() for x in insts] == [doc[:9].tolist(), [EOD, nl] + [3] * 7, [3] * 9, doc[:9].tolist(),
+                                           [3] * 4 + [EOD]]
+    assert batch.domains.tolist() == [0, 0, 0, 1, 0]
+    assert all(np.any(x[:-1] != EOD) for x in insts)

@@ -292,3 +292,24 @@ def test_progress_bar_and_single_domain(tmp_path, run_preprocess, bpe_tokenizer,
     meta = read_dataset_meta(prefix)
     assert meta["domains"] == ["default"] and set(read_domains(prefix).tolist()) == {0}
     assert meta["domain_stats"]["default"]["documents"] == 30
+
+
+def test_every_instance_gives_a_prediction_that_counts(tmp_path, run_preprocess, bpe_tokenizer):
+    """A document whose newline ends a full window carries its EOD over: into an instance with
+    the next document of its domain (not [EOD, newline] with nothing to count), or, at the
+    end of the input, nowhere (an [EOD] instance would stop scoring and training)."""
+    from megatron_miniplm.data.samples import collate_instances
+
+    seq_length = 8
+    tok = load_tokenizer(bpe_tokenizer)
+    fill = next(t for t in (" ".join(["the"] * k) + "\n" for k in range(1, 40))
+                if len(raw_encode(bpe_tokenizer, [t])[0]) == seq_length + 1)
+    records = [{"text": fill, "meta": {"pile_set_name": "a"}},
+               {"text": "\n" + "the" * 60, "meta": {"pile_set_name": "a"}},
+               {"text": fill, "meta": {"pile_set_name": "b"}}]
+    _, prefix = run_preprocess([write_jsonl(str(tmp_path / "in.jsonl"), records)], bpe_tokenizer,
+                               seq_length=seq_length)
+    insts = read_instances(prefix)
+    assert len(insts) >= 4
+    for inst in insts:
+        assert collate_instances([inst], tok.pad_id)["loss_mask"].sum() > 0, inst

@@ -96,3 +96,16 @@ def test_token_surfaces_keep_leading_spaces(bpe_tokenizer, sp_tokenizer):
     surf = sp.token_surfaces()
     ids = sp.encode_batch(["x the"])[0]  # "▁the" is decoded without its space at text start
     assert surf[ids[-1]].startswith(" ") and surf[ids[-1]].strip() in "the"
+
+
+def test_the_unknown_piece_is_no_sentence_boundary(sp_tokenizer):
+    """sentencepiece decodes <unk> as " ⁇ ": not a sentence end, nor a space before a word."""
+    import sentencepiece as spm
+
+    from megatron_miniplm.data.boundaries import BoundaryTables
+
+    unk = spm.SentencePieceProcessor(model_file=sp_tokenizer).unk_id()
+    tok = load_tokenizer(sp_tokenizer)
+    assert tok.decode([unk]).strip() == "⁇"
+    tables = BoundaryTables.from_tokenizer(tok)
+    assert not tables.final_punct[unk] and not tables.space_start[unk] and not tables.ends[unk]

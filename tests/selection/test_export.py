@@ -272,3 +272,84 @@ def test_a_gzip_export_is_the_same_bytes_every_run(blend, tmp_path):
     data = (tmp_path / "a" / "r.jsonl.gz").read_bytes()
     assert data == (tmp_path / "b" / "r.jsonl.gz").read_bytes()
     assert b"r.jsonl\0" in data[:32] and b".tmp-" not in data[:64]
+
+
+def _sentencepiece(path, texts):
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=400, model_type="bpe", byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, hard_vocab_limit=False, minloglevel=2)
+    with open(path, "wb") as f:
+        f.write(model.getvalue())
+    return path
+
+
+def _scored_blend(prefix, out, alpha, order, split=None):
+    """Scores of the instances' lengths, and a blend of `prefix` (or of a D_ref split's rest)."""
+    from megatron_miniplm.data.meta import dataset_prefixes
+    from megatron_miniplm.scoring.score_file import save_scores
+    from megatron_miniplm.selection.config import SelectionConfig
+    from megatron_miniplm.selection.sample import SampleRequest, run
+    from megatron_miniplm.selection.shards import open_shard
+
+    if split is not None:
+        from megatron_miniplm.data.config import SplitConfig
+        from megatron_miniplm.data.split import split_dataset
+
+        split_dataset(SplitConfig(input_prefix=prefix, ref_prefix=split + "_ref", rest_prefix=split, ref_fraction=0.3))
+        prefix = split
+    rng, scores = np.random.default_rng(1), {"teacher": [], "reference": []}
+    for s in dataset_prefixes(prefix):
+        shard = open_shard(s)
+        count = np.maximum(shard.index.lengths.astype(np.float64) - 1, 1)
+        for role, files in scores.items():
+            save_scores(f"{s}.{role}", np.stack([rng.uniform(1, 4, len(count)) * count, count], 1),
+                        {"dataset_fingerprint": shard.fingerprint, "model": {"name": role}})
+            files.append(f"{s}.{role}")
+    run(SampleRequest(data_paths=[prefix], output=out, config=SelectionConfig(alpha=alpha, order=order),
+                      teacher_scores=scores["teacher"], reference_scores=scores["reference"]))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["byte-level BPE", "sentencepiece"])
+def test_the_records_join_to_the_documents_text_when_instances_cut_words_and_characters(tmp_path, kind):
+    """All instances kept, in dataset order: each domain's records joined are its documents'
+    text, although short instances cut documents inside words, after sentence ends (where a
+    sentencepiece decoder drops a leading space) and inside multi-byte characters. Some
+    instances dropped, or a split's rest: every record is text of its domain, never U+FFFD."""
+    from megatron_miniplm.data.config import PreprocessConfig
+    from megatron_miniplm.data.preprocess import preprocess
+    from megatron_miniplm.selection.export import ExportConfig, export_selection, iter_records
+
+    records = make_records(40, seed=3)
+    texts = [r["text"] for r in records]  # the emoji, Greek and Cyrillic below are then bytes to sentencepiece
+    records += [{"text": "🎉" * 90 + " 数据模型" * 40, "meta": {"pile_set_name": "E"}},
+                {"text": "Été. Über! 数据。 Ωμέγα? Да. " * 20, "meta": {"pile_set_name": "E"}}]
+    tokenizer = (_bpe(str(tmp_path), texts) if kind == "byte-level BPE"
+                 else _sentencepiece(str(tmp_path / "sp.model"), texts))
+    prefix = str(tmp_path / "data")
+    preprocess(PreprocessConfig(inputs=[write_jsonl(str(tmp_path / "c.jsonl"), records)], output_prefix=prefix,
+                                tokenizer=tokenizer, seq_length=12, progress=False))
+    source: dict = {}
+    for r in records:
+        source[r["meta"]["pile_set_name"]] = source.get(r["meta"]["pile_set_name"], "") + r["text"]
+
+    def export(blend):
+        export_selection(ExportConfig(blend=blend, output=blend + ".jsonl", progress=False))
+        return list(iter_records(blend + ".jsonl"))
+
+    joined: dict = {}
+    for r in export(_scored_blend(prefix, str(tmp_path / "all"), 1.0, "original")):
+        joined[r["meta"]["pile_set_name"]] = joined.get(r["meta"]["pile_set_name"], "") + r["text"]
+    assert joined == source
+    half = export(_scored_blend(prefix, str(tmp_path / "half"), 0.5, "shuffled"))
+    rest = export(_scored_blend(prefix, str(tmp_path / "rest"), 1.0, "original", split=str(tmp_path / "split")))
+    for r in half + rest:
+        assert "\ufffd" not in r["text"] and r["text"] in source[r["meta"]["pile_set_name"]], r
+    os.rename(prefix + ".meta.json", prefix + ".gone")  # the split's source is gone: edges decoded alone
+    os.remove(str(tmp_path / "rest.jsonl.export.json"))
+    assert [r["meta"] for r in export(str(tmp_path / "rest"))] == [r["meta"] for r in rest]
