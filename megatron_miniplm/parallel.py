@@ -14,7 +14,6 @@ import datetime
 import logging
 import os
 import random
-import re
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -83,14 +82,23 @@ _HOW_TO_LAUNCH = ("launch with torchrun (torchrun --nnodes N --nproc-per-node P 
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a Slurm node list: 'gpu[003-004,9],cpu1' -> 'gpu003'."""
-    match = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", nodelist.strip())
-    if not match or not match.group(0):
+    """The first host of a Slurm node list, as ``scontrol show hostnames`` lists it first: the
+    list's first name with each bracket replaced by the first number of its ranges
+    ('gpu[003-004,9],cpu1' -> 'gpu003'; 'rack[1-2]-node[01-04]' -> 'rack1-node01')."""
+    text, parts, i = nodelist.strip(), [], 0
+    while i < len(text) and text[i] != ",":
+        if text[i] == "[":
+            end = text.find("]", i)
+            if end < 0:
+                raise LaunchError(f"cannot read the Slurm node list '{nodelist}': '[' without ']'")
+            parts.append(text[i + 1:end].split(",")[0].split("-")[0])
+            i = end + 1
+        else:
+            parts.append(text[i])
+            i += 1
+    if not parts:
         raise LaunchError(f"cannot read the Slurm node list '{nodelist}'")
-    prefix, ranges = match.group(1), match.group(2)
-    if ranges is None:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    return "".join(parts)
 
 
 def _slurm_port(environ: Mapping[str, str]) -> int:

@@ -93,9 +93,16 @@ def test_seed_must_be_positive():
 @pytest.mark.parametrize("nodelist,host", [
     ("gpu[003-004,009],cpu1", "gpu003"), ("nid[00012-00015]", "nid00012"),
     ("node7", "node7"), ("a,b", "a"), ("dgx-a100-[7,9]", "dgx-a100-7"),
+    ("node[01-04]-ib", "node01-ib"), ("rack[1-2]-node[01-04],login", "rack1-node01"),
 ])
 def test_first_host_of_a_slurm_node_list(nodelist, host):
     assert parallel.first_host(nodelist) == host
+
+
+@pytest.mark.parametrize("nodelist", ["", "gpu[003-004"])
+def test_an_unreadable_slurm_node_list_is_refused(nodelist):
+    with pytest.raises(parallel.LaunchError, match="Slurm node list"):
+        parallel.first_host(nodelist)
 
 
 SLURM = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1",
