@@ -244,6 +244,25 @@ def test_sampling_inverts_transformers_warped_distribution(temperature, top_p):
         assert float((got - want[row]).abs().max()) <= 1.0 / n + 1e-12
 
 
+@pytest.mark.parametrize("top_p", [1e-3, 0.3, 0.6])
+def test_top_p_keeps_the_tied_tokens_transformers_keeps(top_p):
+    """Equal logits across the nucleus cut (frequent with bf16 logits): the same tokens kept
+    as transformers' TopPLogitsWarper keeps, each as often."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from megatron_miniplm.generation.sampling import sample_tokens
+
+    logits = torch.tensor([[1.0, 1.0, 1.0, 1.0, -1.0], [2.0, 0.0, 2.0, 2.0, 1.0]])
+    want = torch.softmax(TopPLogitsWarper(top_p)(None, logits.clone()).double(), dim=-1)
+    n = 12000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    for row in range(logits.shape[0]):
+        tokens = sample_tokens(logits[row].expand(n, -1), u, 1.0, top_p)
+        got = torch.bincount(tokens, minlength=logits.shape[1]).double() / n
+        assert torch.equal(got > 0, want[row] > 0), (row, got, want[row])
+        assert float((got - want[row]).abs().max()) <= 1.0 / n + 1e-12
+
+
 def test_greedy_takes_the_first_most_likely_token():
     from megatron_miniplm.generation.sampling import sample_tokens
 
