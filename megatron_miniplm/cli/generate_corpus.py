@@ -7,17 +7,20 @@
 Each instance's first --prompt-length tokens are the prompt; the teacher continues it,
 sampling, until it samples EOD (kept) or the sequence holds --max-length tokens (default:
 the dataset's instance length). The defaults are the official MiniPLM code's generation
-settings (thu-coai/MiniPLM: arguments.py's --temperature 1, --top-p and --top-k unset,
---max-prompt-length 512; pretrain/inferer.py's PretrainGenInferer), which its SeqKD
-students are trained on. Output: OUT.bin/.idx/.domains.npy/.meta.json, one sequence per
-prompt, each with its instance's domain; the meta's "generation" records the teacher, the
-settings and the teacher's forward FLOPs.
+settings under its --do-sample (thu-coai/MiniPLM: arguments.py's --temperature 1, --top-p
+and --top-k unset, --max-prompt-length 512; pretrain/inferer.py's PretrainGenInferer);
+without --do-sample, its default, the official code decodes greedily (--temperature 0
+here). Output: OUT.bin/.idx/.domains.npy/.meta.json, one sequence per prompt, each with
+its instance's domain; the meta's "generation" records the teacher, the settings and the
+teacher's forward FLOPs.
 
 Batched with megatron-core's KV cache (prompts of one length per batch, no padding);
 replicas (world size / T) take batches round robin. A sequence depends only on the
-teacher, the settings, the seed and its instance: not on batching across replicas or
-sessions. Progress is kept in OUT.progress/: after a kill, rerun the same command; the
-result is byte-identical to an uninterrupted run. On SIGTERM it keeps its progress and
+teacher, the settings, the seed and its instance: not on the number of replicas or the
+session. (--micro-batch-size and T change the batch's arithmetic: on a GPU its logits can
+differ in the last bits, and so, rarely, a token; on a CPU in fp32 they do not.) Progress
+is kept in OUT.progress/: after a kill, rerun the same command; the result is
+byte-identical to an uninterrupted run. On SIGTERM it keeps its progress and
 exits 0 without the dataset. Refuses a teacher whose tokenizer differs from the dataset's,
 and OUT.progress/ of another run. Unlike Megatron-LM's text generation server, no
 pipeline parallelism (--pipeline-model-parallel-size is not a flag).

@@ -5,7 +5,10 @@ SeqKD corpus comes from ``pretrain/inferer.py`` (PretrainGenInferer) with the de
 ``arguments.py``: ``--temperature 1``, ``--top-p`` unset (no nucleus cut), ``--top-k`` unset,
 ``--max-prompt-length 512`` (the prompt is the first 512 tokens of an instance) and
 generation up to ``--max-length`` tokens in all (its training length). The repository ships
-no generation script, so these defaults are what its generation path runs with.
+no generation script. Its ``--do-sample`` is off by default, and transformers' ``generate``
+then decodes greedily and ignores the temperature. This tool samples by default (temperature
+1, the official default under ``--do-sample``); ``--temperature 0`` is the official
+default's greedy decoding.
 """
 
 from __future__ import annotations
@@ -40,13 +43,16 @@ class GenerateConfig:
              "dataset's instance length (seq_length + 1), as the official --max-length is its training length")
     temperature: float = setting(
         1.0, group="sampling",
-        help=f"softmax temperature; 0 is greedy decoding; the default is the official --temperature ({OFFICIAL_SOURCE})")
+        help=f"softmax temperature; 0 is greedy decoding; the default is the official --temperature ({OFFICIAL_SOURCE}), "
+             "which applies under its --do-sample: without that flag the official code decodes greedily")
     top_p: float = setting(
         1.0, group="sampling",
         help="nucleus sampling: sample among the most likely tokens whose probabilities sum to top-p; "
              "the default, 1.0, keeps the whole vocabulary, as the official --top-p, which is unset")
     seed: int = setting(1234, group="sampling",
-                        help="samples are a function of (seed, instance): neither batching nor the layout changes them")
+                        help="each instance's random numbers are a function of (seed, instance) alone; its tokens "
+                             "also of the teacher's logits, which on a GPU another --micro-batch-size or "
+                             "--tensor-model-parallel-size can change in their last bits (and so, rarely, a token)")
     max_instances: Optional[int] = setting(
         None, group="sampling", help="prompt only the first this many instances (default: all)")
     micro_batch_size: int = setting(8, group="parallelism and batching",

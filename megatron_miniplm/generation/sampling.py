@@ -42,14 +42,18 @@ def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: flo
     Temperature 0 is greedy: the first most likely token (as torch and transformers take it).
     Otherwise softmax(logits / temperature); with ``top_p`` < 1 only the most likely tokens
     are kept, in decreasing probability, while the mass of the tokens before them is below
-    ``top_p`` (the first is always kept), as transformers' TopPLogitsWarper keeps them.
+    ``top_p`` (the first is always kept), as transformers' TopPLogitsWarper keeps them. Of
+    equal probabilities across the cut the larger ids are kept: the warper's ascending sort
+    leaves ties in id order where it is stable (short rows); over a whole vocabulary torch's
+    sort is not stable, and the warper may keep other ids of the same probabilities.
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.double() / temperature, dim=-1)
     order = None
     if top_p < 1:
-        probs, order = probs.sort(dim=-1, descending=True, stable=True)
+        probs, order = probs.sort(dim=-1, stable=True)
+        probs, order = probs.flip(-1), order.flip(-1)
         before = probs.cumsum(dim=-1) - probs
         probs = probs * (before < top_p)
     cdf = probs.cumsum(dim=-1)

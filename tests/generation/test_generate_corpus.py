@@ -4,8 +4,9 @@
   ``generate`` of the same weights from the same prompt (Qwen2 untied GQA with QKV bias,
   Llama tied MHA), prompts of several lengths (instances shorter than the prompt length
   included), stopping at EOD;
-- sampled: TP=2 and DP=2 write the same files as TP=1; a run SIGKILLed twice and rerun
-  writes the same bytes as an uninterrupted one; domains follow their prompt's instance;
+- sampled: TP=2, DP=2 and another micro-batch size write the same files as TP=1 (fp32, on a
+  CPU); a run SIGKILLed twice and rerun writes the same bytes as an uninterrupted one;
+  domains follow their prompt's instance;
 - the sampling rule: temperature and top-p against transformers' warpers, by inverting the
   CDF on a grid of uniforms.
 """
@@ -69,6 +70,7 @@ def _world1(root: str) -> None:
     for model in MODELS:
         _generate(_argv(root, model, f"greedy-{model}-tp1", "--temperature", "0"))
     _generate(_argv(root, "qwen2-untied-gqa", "sampled-tp1", *SAMPLED))
+    _generate(_argv(root, "qwen2-untied-gqa", "sampled-mbs5", *SAMPLED, "--micro-batch-size", "5"))
     _generate(_argv(root, "qwen2-untied-gqa", "big-uninterrupted", *SAMPLED, data="big"))
 
 
@@ -167,7 +169,7 @@ def test_samples_continue_their_prompts(runs):
     assert sum(not np.array_equal(got[j], greedy[i]) for j, i in enumerate(order)) > len(order) // 2
 
 
-@pytest.mark.parametrize("layout", ["tp2", "dp2"])
+@pytest.mark.parametrize("layout", ["tp2", "dp2", "mbs5"])
 def test_layout_does_not_change_the_files(runs, layout):
     root, _, _ = runs
     for suffix in SUFFIXES[:3]:
@@ -241,6 +243,25 @@ def test_sampling_inverts_transformers_warped_distribution(temperature, top_p):
         tokens = sample_tokens(logits[row].expand(n, -1), u, temperature, top_p)
         got = torch.bincount(tokens, minlength=logits.shape[1]).double() / n
         assert set(torch.nonzero(got).flatten().tolist()) <= set(torch.nonzero(want[row]).flatten().tolist())
+        assert float((got - want[row]).abs().max()) <= 1.0 / n + 1e-12
+
+
+@pytest.mark.parametrize("top_p", [1e-3, 0.3, 0.6])
+def test_top_p_keeps_the_tied_tokens_transformers_keeps(top_p):
+    """Equal logits across the nucleus cut (frequent with bf16 logits): the same tokens kept
+    as transformers' TopPLogitsWarper keeps, each as often."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from megatron_miniplm.generation.sampling import sample_tokens
+
+    logits = torch.tensor([[1.0, 1.0, 1.0, 1.0, -1.0], [2.0, 0.0, 2.0, 2.0, 1.0]])
+    want = torch.softmax(TopPLogitsWarper(top_p)(None, logits.clone()).double(), dim=-1)
+    n = 12000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    for row in range(logits.shape[0]):
+        tokens = sample_tokens(logits[row].expand(n, -1), u, 1.0, top_p)
+        got = torch.bincount(tokens, minlength=logits.shape[1]).double() / n
+        assert torch.equal(got > 0, want[row] > 0), (row, got, want[row])
         assert float((got - want[row]).abs().max()) <= 1.0 / n + 1e-12
 
 
