@@ -239,3 +239,21 @@ def test_expert_parallelism_divides_the_ranks_and_the_teacher_s_experts():
     assert _experts(4, 6, {"num_experts": 8}) == [
         "parallel.expert_model_parallel_size 4 does not divide the 6 data-parallel ranks (nodes x processes / "
         "(tensor x pipeline parallel sizes))"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("student.train.micro_batch_size=0", "student.train.micro_batch_size 0: must be at least 1"),
+    ("parallel.tensor_model_parallel_size=0", "parallel.tensor_model_parallel_size 0: must be at least 1"),
+    ("parallel.nproc_per_node=0", "parallel.nproc_per_node 0: must be at least 1"),
+    ("reference.train.global_batch_size=-16", "reference.train.global_batch_size -16: must be at least 1"),
+    ("scoring.micro_batch_size=0", "scoring.micro_batch_size 0: must be at least 1"),
+    ("preprocess.workers=0", "preprocess.workers 0: must be at least 1"),
+    ("corpus.demo_chars_per_domain=-1", "corpus.demo_chars_per_domain -1: must be at least 1"),
+    ("parallel.master_port=99999", "parallel.master_port 99999: a TCP port, 1 to 65535"),
+])
+def test_zero_and_negative_sizes_are_refused_before_the_layout_divides_by_them(override, message, tmp_path):
+    from megatron_miniplm.pipeline import invariants, stages
+
+    cfg, _ = config.load(None, [override, f"teacher.load={tmp_path}"], environ={})
+    with pytest.raises(ConfigError, match=message):
+        invariants.check(stages.Graph(cfg))
