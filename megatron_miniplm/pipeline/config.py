@@ -278,8 +278,12 @@ def _model_flags(text: str) -> dict:
 def _env_value(name: str, text: str) -> Any:
     if name in ("REF_MODEL", "STUDENT_MODEL"):
         return _model_flags(text)
-    if name == "BF16":  # "--bf16" or "" as the script took it, or a boolean
-        return text.strip() in ("--bf16", "1", "true", "True", "yes")
+    if name == "BF16":  # "--bf16" or "" as the script took it, a boolean, or auto
+        for value, spellings in ((True, ("--bf16", "1", "true", "yes")), (False, ("", "0", "false", "no")),
+                                 ("auto", ("auto",))):
+            if text.strip().lower() in spellings:
+                return value
+        raise ConfigError(f"$BF16 {text!r}: --bf16, true or 1; empty, false or 0; or auto")
     if name in ("CORPUS_TRAIN", "CORPUS_TEST"):
         return shlex.split(text) or None
     return _parse_scalar(text)

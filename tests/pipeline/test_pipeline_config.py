@@ -257,3 +257,12 @@ def test_zero_and_negative_sizes_are_refused_before_the_layout_divides_by_them(o
     cfg, _ = config.load(None, [override, f"teacher.load={tmp_path}"], environ={})
     with pytest.raises(ConfigError, match=message):
         invariants.check(stages.Graph(cfg))
+
+
+@pytest.mark.parametrize("text,value", [("--bf16", True), ("true", True), ("1", True), ("", False),
+                                        ("false", False), ("0", False), ("auto", "auto")])
+def test_bf16_from_the_environment(text, value):
+    cfg, _ = config.load(None, environ={"BF16": text})
+    assert cfg.bf16 == value
+    with pytest.raises(ConfigError, match=r"\$BF16 'garbage': --bf16, true or 1; empty, false or 0; or auto"):
+        config.load(None, environ={"BF16": "garbage"})
