@@ -36,7 +36,7 @@ from megatron_miniplm.evaluation.config import EvalConfig
 from megatron_miniplm.generation.config import GenerateConfig
 from megatron_miniplm.scoring.config import ScoreConfig
 from megatron_miniplm.selection.config import SelectionConfig
-from megatron_miniplm.settings import Section, from_mapping, section_of, setting
+from megatron_miniplm.settings import Section, from_mapping, section_of, setting, unknown_setting
 from megatron_miniplm.training.config import KDSettings, TrainConfig
 from megatron_miniplm.errors import UserError
 
@@ -438,8 +438,7 @@ def _refuse_pipeline_settings(data: Mapping, path: tuple = ()) -> None:
                                and name in {f.name for f in dataclasses.fields(parent)} else "")
                     raise ConfigError(f"{where}.{name}: set by the pipeline itself{instead}")
                 else:
-                    raise ConfigError(f"{where}.{name}: not a setting of {tp.stage.__name__}; known: "
-                                      f"{', '.join(sorted(known))}")
+                    raise ConfigError(unknown_setting(where, name, sorted(known), tp.stage.__name__))
         elif dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
             _refuse_pipeline_settings(value, (*path, key))
 
@@ -471,7 +470,7 @@ def _check_model_spec(where: str, spec: Any) -> None:
     hints = typing.get_type_hints(ModelConfig)
     unknown = sorted(set(spec) - set(hints) - {"preset"})
     if unknown:
-        raise ConfigError(f"{where}: unknown model setting(s) {', '.join(unknown)}")
+        raise ConfigError(unknown_setting(where, unknown[0], ["preset", *hints], "ModelConfig"))
     try:
         for name, value in spec.items():
             checked(value, Optional[str] if name == "preset" else hints[name], f"{where}.{name}")

@@ -77,10 +77,17 @@ def test_the_launchers_environment_variables_still_work():
     ("reference.train.data_path=[x]", "reference.train.data_path: set by the pipeline itself"),
     ("student.train.train_iters=9", "student.train.train_iters: set by the pipeline itself; give student.train_iters"),
     ("vanilla_kd.match=tokens", "vanilla_kd.match: 'tokens' is not one of flops, steps"),
-    ("colour=red", "unknown setting(s) colour"),
-    ("student.model.depth=3", "student.model: unknown model setting(s) depth"),
+    ("colour=red", "colour: not a setting of PipelineConfig (known: work_dir,"),
+    ("seq_lenght=3", "seq_lenght: not a setting of PipelineConfig; did you mean seq_length?"),
+    ("parallel.nnode=2", "parallel.nnode: not a setting of Parallel; did you mean nnodes?"),
+    ("selection.alpah=0.3", "selection.alpah: not a setting of SelectionConfig; did you mean alpha?"),
+    ("student.train.lr_warmup_fractoin=0.1", "student.train.lr_warmup_fractoin: not a setting of TrainConfig; "
+                                             "did you mean lr_warmup_fraction?"),
+    ("student.model.depth=3", "student.model.depth: not a setting of ModelConfig"),
+    ("student.model.num_layer=3", "student.model.num_layer: not a setting of ModelConfig; did you mean num_layers?"),
     ("vanilla_kd.kd_teacher_load=x", "vanilla_kd.kd_teacher_load: set by the pipeline itself"),
-    ("vanilla_kd.kd_ratios=x", "vanilla_kd.kd_ratios: not a setting of KDSettings; known: enabled, kd_ratio, "
+    ("vanilla_kd.kd_ratios=x", "vanilla_kd.kd_ratios: not a setting of KDSettings; did you mean kd_ratio? "
+                               "(known: enabled, kd_ratio, "
                                "kd_temperature"),
     ("student.train.lr=fast", "student.train.lr: expected a number, got 'fast'"),
     ("scoring.micro_batch_size=1.5", "scoring.micro_batch_size: expected an integer, got 1.5"),
@@ -95,11 +102,11 @@ def test_the_launchers_environment_variables_still_work():
     ("alpha", "expected key=value"),
     ("reference.sizes=[qwen-104M]", "reference.sizes: only the students"),
     ("student.sizes=[{num_layers: two}]", "student.sizes[0].num_layers: expected an integer, got 'two'"),
-    ("student.sizes=[{depth: 2}]", "student.sizes[0]: unknown model setting(s) depth"),
+    ("student.sizes=[{depth: 2}]", "student.sizes[0].depth: not a setting of ModelConfig"),
 ])
 def test_refusals_name_the_setting(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
-                       .replace("[", r"\[")):
+                       .replace("[", r"\[").replace("?", r"\?")):
         config.load(None, [override], environ={})
 
 
