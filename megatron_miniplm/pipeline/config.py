@@ -359,15 +359,9 @@ def load(path: Optional[str] = None, overrides: list[str] = (),
     data = to_data(PipelineConfig())
     sources: dict[str, str] = {}
     if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                loaded = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the config must be a mapping of sections")
+        loaded, lines = read_yaml(path)
         data = _overlay(data, loaded)
-        sources.update({k: path for k in _flat_keys(loaded)})
+        sources.update({k: f"{path}:{lines[k]}" if k in lines else path for k in _flat_keys(loaded)})
     for name, keys in ENV_KEYS.items():
         if name in environ:
             for key in (keys if isinstance(keys, tuple) else (keys,)):
@@ -379,7 +373,57 @@ def load(path: Optional[str] = None, overrides: list[str] = (),
             raise ConfigError(f"{item!r}: expected key=value (e.g. selection.alpha=0.3)")
         _set_single(data, key.strip(), _parse_scalar(text))
         sources[key.strip()] = "command line"
-    return from_data(data), sources
+    try:
+        return from_data(data), sources
+    except ConfigError as e:
+        raise ConfigError(located(str(e), sources)) from None
+
+
+def read_yaml(path: str) -> tuple[dict, dict[str, int]]:
+    """A config file's mapping and the line of each of its keys (dotted paths). A file that is
+    empty or not a mapping, and a key given twice in one mapping (YAML keeps the last one
+    silently), are refused with the file and line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        loaded = yaml.safe_load(text)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file (an override is key=value)") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if node is None:
+        raise ConfigError(f"{path}: the config file is empty (without a config file the demo runs)")
+    if not isinstance(loaded, dict):
+        line = node.start_mark.line + 1
+        raise ConfigError(f"{path}:{line}: the config must be a mapping of sections, got {type(loaded).__name__}")
+    lines: dict[str, int] = {}
+    _key_lines(path, node, "", lines)
+    return loaded, lines
+
+
+def _key_lines(path: str, node, prefix: str, lines: dict[str, int]) -> None:
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor": its keys may be set again
+            continue
+        key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+        if key in first:
+            raise ConfigError(f"{path}:{line}: {key} is given twice (first at line {first[key]})")
+        first[key] = lines[key] = line
+        _key_lines(path, value_node, f"{key}.", lines)
+
+
+def located(message: str, sources: Mapping[str, str]) -> str:
+    """A refusal that begins with a key path, prefixed with where that key (or the section
+    holding it, or a key inside it) was set: FILE:LINE, $VARIABLE or the command line."""
+    key = message.partition(":")[0].split(" ")[0]
+    matches = [k for k in sources if key == k or key.startswith((f"{k}.", f"{k}[")) or k.startswith(f"{key}.")]
+    if not matches:
+        return message
+    return f"{sources[max(matches, key=len)]}: {message}"
 
 
 def _flat_keys(data: Mapping, prefix: str = "") -> list[str]:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 
 import pytest
 import yaml
@@ -273,3 +274,35 @@ def test_bf16_from_the_environment(text, value):
     assert cfg.bf16 == value
     with pytest.raises(ConfigError, match=r"\$BF16 'garbage': --bf16, true or 1; empty, false or 0; or auto"):
         config.load(None, environ={"BF16": "garbage"})
+
+
+@pytest.mark.parametrize("text,message", [
+    ("seed: 1\nseed: 2\n", "c.yaml:2: seed is given twice (first at line 1)"),
+    ("selection:\n  alpha: 0.3\n  alpha: 0.4\n", "c.yaml:3: selection.alpha is given twice (first at line 2)"),
+    ("", "c.yaml: the config file is empty"),
+    ("# nothing but a comment\n", "c.yaml: the config file is empty"),
+    ("- seed\n", "c.yaml:1: the config must be a mapping of sections, got list"),
+    ("seed: 3\nselection:\n  alpah: 0.3\n", "c.yaml:3: selection.alpah: not a setting of SelectionConfig"),
+    ("seed: 3\nstudent:\n  train: {lr: fast}\n", "c.yaml:3: student.train.lr: expected a number, got 'fast'"),
+    ("parallel: 4\n", "c.yaml:1: parallel: expected a mapping of Parallel settings, got 4"),
+])
+def test_a_config_file_s_refusals_name_its_line(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"{path.parent}/{message}")):
+        config.load(str(path), environ={})
+
+
+def test_overrides_and_environment_variables_are_named_in_refusals(tmp_path):
+    with pytest.raises(ConfigError, match=r"^\$ALPHA: selection.alpha: expected a number, got 'abc'"):
+        config.load(None, environ={"ALPHA": "abc"})
+    with pytest.raises(ConfigError, match=r"^command line: selection: expected a mapping of SelectionConfig"):
+        config.load(None, ["selection=3"], environ={})
+    with pytest.raises(ConfigError, match="selection.alpha: no such config file \\(an override is key=value\\)"):
+        config.load("selection.alpha", environ={})
+    anchors = tmp_path / "a.yaml"  # a merge key's settings may be given again beside it
+    anchors.write_text("reference:\n  train: &t {lr: 0.01, micro_batch_size: 2}\n"
+                       "student:\n  train:\n    <<: *t\n    lr: 0.02\n")
+    cfg, sources = config.load(str(anchors), environ={})
+    assert (cfg.student.train.lr, cfg.student.train.micro_batch_size) == (0.02, 2)
+    assert sources["student.train.lr"] == f"{anchors}:6"
