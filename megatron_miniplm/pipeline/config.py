@@ -262,12 +262,16 @@ def _model_flags(text: str) -> dict:
     from megatron_miniplm.models.config import ModelConfig
     from megatron_miniplm.settings import add_arguments, given
 
-    parser = argparse.ArgumentParser(prog="model flags", add_help=False, exit_on_error=False)
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, not argparse's usage and exit
+            raise ConfigError(f"model flags {text!r}: {message}")
+
+    parser = Parser(prog="model flags", add_help=False, exit_on_error=False, allow_abbrev=False)
     parser.add_argument("--model-preset")
     add_arguments(parser, ModelConfig, overrides=True)
     try:
         ns = parser.parse_args(shlex.split(text))
-    except (argparse.ArgumentError, SystemExit) as e:
+    except argparse.ArgumentError as e:
         raise ConfigError(f"model flags {text!r}: {e}") from None
     spec = given(ns, ModelConfig)
     if ns.model_preset:
@@ -283,7 +287,7 @@ def _env_value(name: str, text: str) -> Any:
                                  ("auto", ("auto",))):
             if text.strip().lower() in spellings:
                 return value
-        raise ConfigError(f"$BF16 {text!r}: --bf16, true or 1; empty, false or 0; or auto")
+        raise ConfigError(f"{text!r}: --bf16, true or 1; empty, false or 0; or auto")
     if name in ("CORPUS_TRAIN", "CORPUS_TEST"):
         return shlex.split(text) or None
     return _parse_scalar(text)
@@ -364,8 +368,12 @@ def load(path: Optional[str] = None, overrides: list[str] = (),
         sources.update({k: f"{path}:{lines[k]}" if k in lines else path for k in _flat_keys(loaded)})
     for name, keys in ENV_KEYS.items():
         if name in environ:
+            try:
+                value = _env_value(name, environ[name])
+            except ConfigError as e:
+                raise ConfigError(f"${name}: {e}") from None
             for key in (keys if isinstance(keys, tuple) else (keys,)):
-                _set_single(data, key, _env_value(name, environ[name]))
+                _set_single(data, key, copy.deepcopy(value))
                 sources[key] = f"${name}"
     for item in overrides:
         key, sep, text = item.partition("=")

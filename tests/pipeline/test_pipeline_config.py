@@ -272,7 +272,7 @@ def test_zero_and_negative_sizes_are_refused_before_the_layout_divides_by_them(o
 def test_bf16_from_the_environment(text, value):
     cfg, _ = config.load(None, environ={"BF16": text})
     assert cfg.bf16 == value
-    with pytest.raises(ConfigError, match=r"\$BF16 'garbage': --bf16, true or 1; empty, false or 0; or auto"):
+    with pytest.raises(ConfigError, match=r"^\$BF16: 'garbage': --bf16, true or 1; empty, false or 0; or auto"):
         config.load(None, environ={"BF16": "garbage"})
 
 
@@ -298,6 +298,12 @@ def test_overrides_and_environment_variables_are_named_in_refusals(tmp_path):
         config.load(None, environ={"ALPHA": "abc"})
     with pytest.raises(ConfigError, match=r"^command line: selection: expected a mapping of SelectionConfig"):
         config.load(None, ["selection=3"], environ={})
+    with pytest.raises(ConfigError, match=r"^\$REF_MODEL: model flags '--num-layrs 2': unrecognized arguments: "
+                                          r"--num-layrs 2$"):
+        config.load(None, environ={"REF_MODEL": "--num-layrs 2"})
+    with pytest.raises(ConfigError, match=r"^\$STUDENT_MODEL: model flags '--num-layers two': argument --num-layers: "
+                                          r"invalid int value: 'two'$"):
+        config.load(None, environ={"STUDENT_MODEL": "--num-layers two"})
     with pytest.raises(ConfigError, match="selection.alpha: no such config file \\(an override is key=value\\)"):
         config.load("selection.alpha", environ={})
     anchors = tmp_path / "a.yaml"  # a merge key's settings may be given again beside it
