@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Optional
+from typing import Mapping, Optional
 
 from megatron_miniplm.models.config import model_from_spec
-from megatron_miniplm.pipeline.config import ConfigError
+from megatron_miniplm.pipeline.config import ConfigError, located
 from megatron_miniplm.pipeline.config import size_label
 from megatron_miniplm.pipeline.stages import ALL, Graph, expand
 
@@ -49,8 +49,9 @@ def _teacher_files(source: str) -> tuple[Optional[dict], Optional[str]]:
     return shape, None
 
 
-def check(graph: Graph) -> None:
-    """Refuse a config that cannot run, naming every problem at once."""
+def check(graph: Graph, sources: Optional[Mapping[str, str]] = None) -> None:
+    """Refuse a config that cannot run, naming every problem at once, each with where its
+    setting was given (``sources``: key -> FILE:LINE, $VARIABLE or command line)."""
     shape, teacher_tokenizer = _teacher_files(graph.teacher_source())
     sizes = _sizes(graph.cfg)
     problems = [*sizes, *_data(graph), *_tokenizers(graph.cfg, teacher_tokenizer), *_selection(graph.cfg),
@@ -63,6 +64,7 @@ def check(graph: Graph) -> None:
             problems.append(f"seq_length {graph.cfg.seq_length} exceeds the teacher's {positions} positions "
                             f"(teacher.load)")
     if problems:
+        problems = [located(problem, sources or {}) for problem in problems]
         raise ConfigError("the pipeline config cannot run:\n  - " + "\n  - ".join(problems))
 
 

@@ -312,3 +312,19 @@ def test_overrides_and_environment_variables_are_named_in_refusals(tmp_path):
     cfg, sources = config.load(str(anchors), environ={})
     assert (cfg.student.train.lr, cfg.student.train.micro_batch_size) == (0.02, 2)
     assert sources["student.train.lr"] == f"{anchors}:6"
+
+
+def test_a_config_that_cannot_run_names_where_each_setting_was_given(tmp_path):
+    from megatron_miniplm.pipeline import invariants, stages
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"teacher: {{load: {tmp_path}}}\nselection:\n  alpha: 1.5\nstudent:\n  epochs: 0\n")
+    cfg, sources = config.load(str(path), ["parallel.tensor_model_parallel_size=3"], environ={"SEQ_LENGTH": "1"})
+    with pytest.raises(ConfigError) as e:
+        invariants.check(stages.Graph(cfg), sources)
+    problems = str(e.value).splitlines()[1:]
+    assert f"  - {path}:3: selection: alpha must be in (0, 1], got 1.5" in problems
+    assert f"  - {path}:5: student.epochs 0: must be positive" in problems
+    assert "  - $SEQ_LENGTH: seq_length 1: needs at least 2" in problems
+    assert ("  - command line: parallel.tensor_model_parallel_size 3 does not divide the 4 attention heads / 4 "
+            "key-value heads of student.model") in problems
