@@ -168,7 +168,8 @@ def test_how_a_run_is_watched_is_not_what_it_makes():
 
     base = Graph(config.load(None, ["bf16=false"], environ={})[0])
     watched = Graph(config.load(None, ["bf16=false", "wandb.project=p", "wandb.mode=offline",
-                                       "student.train.tensorboard_dir=/tb"], environ={})[0])
+                                       "student.train.tensorboard_dir=/tb", "reference.train.log_interval=1",
+                                       "student.train.log_interval=7", "preprocess.log_skipped=0"], environ={})[0])
     changed = Graph(config.load(None, ["bf16=false", "student.train.lr=0.0005"], environ={})[0])
     prints = lambda g: {s.name: s.fingerprint for s in g.stages}  # noqa: E731
     assert prints(watched) == prints(base)
