@@ -398,6 +398,8 @@ def read_yaml(path: str) -> tuple[dict, dict[str, int]]:
         loaded = yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file (an override is key=value)") from None
+    except yaml.MarkedYAMLError as e:
+        raise ConfigError(_yaml_error(path, e)) from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: {e}") from None
     if node is None:
@@ -408,6 +410,15 @@ def read_yaml(path: str) -> tuple[dict, dict[str, int]]:
     lines: dict[str, int] = {}
     _key_lines(path, node, "", lines)
     return loaded, lines
+
+
+def _yaml_error(path: str, e: yaml.MarkedYAMLError) -> str:
+    """A YAML syntax error on one line: FILE:LINE:COLUMN, the problem and its context."""
+    mark = e.problem_mark or e.context_mark
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+    context = f" ({e.context}, line {e.context_mark.line + 1})" if e.context and e.context_mark else ""
+    tab = " (YAML indents with spaces, not tabs)" if "'\\t'" in str(e.problem) else ""
+    return f"{where}: YAML syntax: {e.problem}{context}{tab}"
 
 
 def _key_lines(path: str, node, prefix: str, lines: dict[str, int]) -> None:

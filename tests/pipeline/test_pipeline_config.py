@@ -329,3 +329,17 @@ def test_a_config_that_cannot_run_names_where_each_setting_was_given(tmp_path):
     assert "  - $SEQ_LENGTH: seq_length 1: needs at least 2" in problems
     assert ("  - command line: parallel.tensor_model_parallel_size 3 does not divide the 4 attention heads / 4 "
             "key-value heads of student.model") in problems
+
+
+@pytest.mark.parametrize("text,message", [
+    ("selection: {alpha: 0.3\nseed: 1\n", "c.yaml:2:5: YAML syntax: expected ',' or '}', but got ':' "
+                                         "(while parsing a flow mapping, line 1)"),
+    ("selection:\n\talpha: 0.3\n", "c.yaml:2:1: YAML syntax: found character '\\t' that cannot start any token "
+                                   "(YAML indents with spaces, not tabs)"),
+])
+def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        config.load(str(path), environ={})
+    assert str(e.value) == f"{path.parent}/{message}"
