@@ -377,7 +377,7 @@ def load(path: Optional[str] = None, overrides: list[str] = (),
                 sources[key] = f"${name}"
     for item in overrides:
         key, sep, text = item.partition("=")
-        if not sep or not key:
+        if not sep or not all(key.strip().split(".")):
             raise ConfigError(f"{item!r}: expected key=value (e.g. selection.alpha=0.3)")
         _set_single(data, key.strip(), _parse_scalar(text))
         sources[key.strip()] = "command line"
