@@ -245,7 +245,9 @@ def checked(value: Any, tp, where: str, choices: Optional[tuple] = None) -> Any:
             return None
         raise ValueError(f"{where}: a value is required, got null")
     if choices and base in (str, int) and value not in choices:
-        raise ValueError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+        # YAML 1.1 reads on/off/yes/no as booleans: a choice written bare arrives as one
+        quote = " (YAML reads on, off, yes and no as true or false: quote the value)" if isinstance(value, bool) else ""
+        raise ValueError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}{quote}")
     if _is_config(base):
         if isinstance(value, base):
             return value

@@ -101,6 +101,8 @@ def test_the_launchers_environment_variables_still_work():
     ("evaluation.bootstrap_seed=3", "evaluation.bootstrap_seed: set by the pipeline itself"),
     ("evaluation.bf16=true", "evaluation.bf16: set bf16 once, at the top"),
     ("alpha", "expected key=value"),
+    ("wandb.mode=on", "wandb.mode: True is not one of online, offline (YAML reads on, off, yes and no as true or "
+                      "false: quote the value)"),
     ("selection..alpha=0.3", "'selection..alpha=0.3': expected key=value"),
     ("selection.=0.3", "'selection.=0.3': expected key=value"),
     ("reference.sizes=[qwen-104M]", "reference.sizes: only the students"),
