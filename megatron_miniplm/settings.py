@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import types
 import typing
 from typing import Any, Iterable, Mapping, Optional
@@ -213,7 +214,7 @@ def from_mapping(cls, data: Mapping[str, Any], where: str = "config", **given):
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        raise ValueError(unknown_setting(where, unknown[0], known, cls.__name__))
     kwargs = dict(given)
     for name, value in data.items():
         tp, _ = _unwrap_optional(hints[name])
@@ -223,6 +224,15 @@ def from_mapping(cls, data: Mapping[str, Any], where: str = "config", **given):
             value = checked(value, hints[name], f"{where}.{name}", known[name].metadata.get("choices"))
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def unknown_setting(where: str, name: Any, known: Iterable[str], of: str) -> str:
+    """The refusal of an unknown key ``name`` under ``where``: its path, the closest known
+    name (a typo's likely meaning), then every known one."""
+    known = list(known)
+    close = difflib.get_close_matches(str(name), known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"{where}.{name}: not a setting of {of}{hint} (known: {', '.join(known)})"
 
 
 def checked(value: Any, tp, where: str, choices: Optional[tuple] = None) -> Any:
@@ -235,7 +245,9 @@ def checked(value: Any, tp, where: str, choices: Optional[tuple] = None) -> Any:
             return None
         raise ValueError(f"{where}: a value is required, got null")
     if choices and base in (str, int) and value not in choices:
-        raise ValueError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+        # YAML 1.1 reads on/off/yes/no as booleans: a choice written bare arrives as one
+        quote = " (YAML reads on, off, yes and no as true or false: quote the value)" if isinstance(value, bool) else ""
+        raise ValueError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}{quote}")
     if _is_config(base):
         if isinstance(value, base):
             return value

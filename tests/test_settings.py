@@ -85,6 +85,6 @@ def test_model_flags_override_a_preset():
 
 
 def test_from_mapping_refuses_unknown_keys():
-    with pytest.raises(ValueError, match="here: unknown setting\\(s\\) colour"):
+    with pytest.raises(ValueError, match="here.colour: not a setting of SplitConfig \\(known: input_prefix,"):
         settings.from_mapping(SplitConfig, {"input_prefix": "a", "colour": 1}, where="here")
     assert dataclasses.asdict(settings.from_mapping(SelectionConfig, {"alpha": 0.5}))["alpha"] == 0.5

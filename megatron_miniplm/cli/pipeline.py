@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     if ns.status:  # also where the config can no longer run (e.g. outside the Slurm job that ran it)
         print(status_report(graph))
         return 0
-    invariants.check(graph)
+    invariants.check(graph, sources)
     decisions = runner.plan(graph)
     if ns.dry_run:
         print(runner.describe(graph, decisions, sources))

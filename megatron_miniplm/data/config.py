@@ -50,7 +50,8 @@ class PreprocessConfig:
                                help="bytes of JSONL (Parquet/datasets: of text) handed to a worker at a time")
     max_domains: int = setting(4096, group="input", help="guard against a wrong --domain-key")
     progress: bool = setting(True, group="runtime", flag="--no-progress", help="no progress bar")
-    log_skipped: int = setting(10, group="runtime", help="log the first N skipped records with file:line")
+    log_skipped: int = setting(10, group="runtime", fingerprinted=False,
+                               help="log the first N skipped records with file:line")
 
     def validate(self) -> None:
         if self.instance_mode not in INSTANCE_MODES:

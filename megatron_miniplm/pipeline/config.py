@@ -36,7 +36,7 @@ from megatron_miniplm.evaluation.config import EvalConfig
 from megatron_miniplm.generation.config import GenerateConfig
 from megatron_miniplm.scoring.config import ScoreConfig
 from megatron_miniplm.selection.config import SelectionConfig
-from megatron_miniplm.settings import Section, from_mapping, section_of, setting
+from megatron_miniplm.settings import Section, from_mapping, section_of, setting, unknown_setting
 from megatron_miniplm.training.config import KDSettings, TrainConfig
 from megatron_miniplm.errors import UserError
 
@@ -262,12 +262,16 @@ def _model_flags(text: str) -> dict:
     from megatron_miniplm.models.config import ModelConfig
     from megatron_miniplm.settings import add_arguments, given
 
-    parser = argparse.ArgumentParser(prog="model flags", add_help=False, exit_on_error=False)
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, not argparse's usage and exit
+            raise ConfigError(f"model flags {text!r}: {message}")
+
+    parser = Parser(prog="model flags", add_help=False, exit_on_error=False, allow_abbrev=False)
     parser.add_argument("--model-preset")
     add_arguments(parser, ModelConfig, overrides=True)
     try:
         ns = parser.parse_args(shlex.split(text))
-    except (argparse.ArgumentError, SystemExit) as e:
+    except argparse.ArgumentError as e:
         raise ConfigError(f"model flags {text!r}: {e}") from None
     spec = given(ns, ModelConfig)
     if ns.model_preset:
@@ -278,8 +282,12 @@ def _model_flags(text: str) -> dict:
 def _env_value(name: str, text: str) -> Any:
     if name in ("REF_MODEL", "STUDENT_MODEL"):
         return _model_flags(text)
-    if name == "BF16":  # "--bf16" or "" as the script took it, or a boolean
-        return text.strip() in ("--bf16", "1", "true", "True", "yes")
+    if name == "BF16":  # "--bf16" or "" as the script took it, a boolean, or auto
+        for value, spellings in ((True, ("--bf16", "1", "true", "yes")), (False, ("", "0", "false", "no")),
+                                 ("auto", ("auto",))):
+            if text.strip().lower() in spellings:
+                return value
+        raise ConfigError(f"{text!r}: --bf16, true or 1; empty, false or 0; or auto")
     if name in ("CORPUS_TRAIN", "CORPUS_TEST"):
         return shlex.split(text) or None
     return _parse_scalar(text)
@@ -355,27 +363,86 @@ def load(path: Optional[str] = None, overrides: list[str] = (),
     data = to_data(PipelineConfig())
     sources: dict[str, str] = {}
     if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                loaded = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the config must be a mapping of sections")
+        loaded, lines = read_yaml(path)
         data = _overlay(data, loaded)
-        sources.update({k: path for k in _flat_keys(loaded)})
+        sources.update({k: f"{path}:{lines[k]}" if k in lines else path for k in _flat_keys(loaded)})
     for name, keys in ENV_KEYS.items():
         if name in environ:
+            try:
+                value = _env_value(name, environ[name])
+            except ConfigError as e:
+                raise ConfigError(f"${name}: {e}") from None
             for key in (keys if isinstance(keys, tuple) else (keys,)):
-                _set_single(data, key, _env_value(name, environ[name]))
+                _set_single(data, key, copy.deepcopy(value))
                 sources[key] = f"${name}"
     for item in overrides:
         key, sep, text = item.partition("=")
-        if not sep or not key:
+        if not sep or not all(key.strip().split(".")):
             raise ConfigError(f"{item!r}: expected key=value (e.g. selection.alpha=0.3)")
         _set_single(data, key.strip(), _parse_scalar(text))
         sources[key.strip()] = "command line"
-    return from_data(data), sources
+    try:
+        return from_data(data), sources
+    except ConfigError as e:
+        raise ConfigError(located(str(e), sources)) from None
+
+
+def read_yaml(path: str) -> tuple[dict, dict[str, int]]:
+    """A config file's mapping and the line of each of its keys (dotted paths). A file that is
+    empty or not a mapping, and a key given twice in one mapping (YAML keeps the last one
+    silently), are refused with the file and line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        loaded = yaml.safe_load(text)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file (an override is key=value)") from None
+    except yaml.MarkedYAMLError as e:
+        raise ConfigError(_yaml_error(path, e)) from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if node is None:
+        raise ConfigError(f"{path}: the config file is empty (without a config file the demo runs)")
+    if not isinstance(loaded, dict):
+        line = node.start_mark.line + 1
+        raise ConfigError(f"{path}:{line}: the config must be a mapping of sections, got {type(loaded).__name__}")
+    lines: dict[str, int] = {}
+    _key_lines(path, node, "", lines)
+    return loaded, lines
+
+
+def _yaml_error(path: str, e: yaml.MarkedYAMLError) -> str:
+    """A YAML syntax error on one line: FILE:LINE:COLUMN, the problem and its context."""
+    mark = e.problem_mark or e.context_mark
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+    context = f" ({e.context}, line {e.context_mark.line + 1})" if e.context and e.context_mark else ""
+    tab = " (YAML indents with spaces, not tabs)" if "'\\t'" in str(e.problem) else ""
+    return f"{where}: YAML syntax: {e.problem}{context}{tab}"
+
+
+def _key_lines(path: str, node, prefix: str, lines: dict[str, int]) -> None:
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor": its keys may be set again
+            continue
+        key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+        if key in first:
+            raise ConfigError(f"{path}:{line}: {key} is given twice (first at line {first[key]})")
+        first[key] = lines[key] = line
+        _key_lines(path, value_node, f"{key}.", lines)
+
+
+def located(message: str, sources: Mapping[str, str]) -> str:
+    """A refusal that begins with a key path, prefixed with where that key (or the section
+    holding it, or a key inside it) was set: FILE:LINE, $VARIABLE or the command line."""
+    key = message.partition(":")[0].split(" ")[0]
+    matches = [k for k in sources if key == k or key.startswith((f"{k}.", f"{k}[")) or k.startswith(f"{key}.")]
+    if not matches:
+        return message
+    return f"{sources[max(matches, key=len)]}: {message}"
 
 
 def _flat_keys(data: Mapping, prefix: str = "") -> list[str]:
@@ -434,8 +501,7 @@ def _refuse_pipeline_settings(data: Mapping, path: tuple = ()) -> None:
                                and name in {f.name for f in dataclasses.fields(parent)} else "")
                     raise ConfigError(f"{where}.{name}: set by the pipeline itself{instead}")
                 else:
-                    raise ConfigError(f"{where}.{name}: not a setting of {tp.stage.__name__}; known: "
-                                      f"{', '.join(sorted(known))}")
+                    raise ConfigError(unknown_setting(where, name, sorted(known), tp.stage.__name__))
         elif dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
             _refuse_pipeline_settings(value, (*path, key))
 
@@ -467,7 +533,7 @@ def _check_model_spec(where: str, spec: Any) -> None:
     hints = typing.get_type_hints(ModelConfig)
     unknown = sorted(set(spec) - set(hints) - {"preset"})
     if unknown:
-        raise ConfigError(f"{where}: unknown model setting(s) {', '.join(unknown)}")
+        raise ConfigError(unknown_setting(where, unknown[0], ["preset", *hints], "ModelConfig"))
     try:
         for name, value in spec.items():
             checked(value, Optional[str] if name == "preset" else hints[name], f"{where}.{name}")

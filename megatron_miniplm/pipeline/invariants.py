@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Optional
+from typing import Mapping, Optional
 
 from megatron_miniplm.models.config import model_from_spec
-from megatron_miniplm.pipeline.config import ConfigError
+from megatron_miniplm.pipeline.config import ConfigError, located
 from megatron_miniplm.pipeline.config import size_label
 from megatron_miniplm.pipeline.stages import ALL, Graph, expand
 
@@ -49,18 +49,43 @@ def _teacher_files(source: str) -> tuple[Optional[dict], Optional[str]]:
     return shape, None
 
 
-def check(graph: Graph) -> None:
-    """Refuse a config that cannot run, naming every problem at once."""
+def check(graph: Graph, sources: Optional[Mapping[str, str]] = None) -> None:
+    """Refuse a config that cannot run, naming every problem at once, each with where its
+    setting was given (``sources``: key -> FILE:LINE, $VARIABLE or command line)."""
     shape, teacher_tokenizer = _teacher_files(graph.teacher_source())
-    problems = [*_data(graph), *_tokenizers(graph.cfg, teacher_tokenizer), *_selection(graph.cfg),
-                *_students(graph.cfg), *_saving_baseline(graph), *_layout(graph, shape)]
+    sizes = _sizes(graph.cfg)
+    problems = [*sizes, *_data(graph), *_tokenizers(graph.cfg, teacher_tokenizer), *_selection(graph.cfg),
+                *_students(graph.cfg), *_saving_baseline(graph)]
+    if not sizes:  # the layout's checks divide by these sizes
+        problems += _layout(graph, shape)
     if shape:
         positions = shape.get("max_position_embeddings")
         if positions is not None and positions < graph.cfg.seq_length:
             problems.append(f"seq_length {graph.cfg.seq_length} exceeds the teacher's {positions} positions "
                             f"(teacher.load)")
     if problems:
+        problems = [located(problem, sources or {}) for problem in problems]
         raise ConfigError("the pipeline config cannot run:\n  - " + "\n  - ".join(problems))
+
+
+def _sizes(cfg) -> list[str]:
+    """Counts and sizes that must be at least 1 (the layout and the batches divide by them)."""
+    par = cfg.parallel
+    counts = {f"parallel.{name}": getattr(par, name) for name in (
+        "nnodes", "nproc_per_node", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+        "expert_model_parallel_size")}
+    for where, spec in (("reference", cfg.reference), ("student", cfg.student)):
+        counts[f"{where}.train.micro_batch_size"] = spec.train.micro_batch_size
+        counts[f"{where}.train.global_batch_size"] = spec.train.global_batch_size
+    counts.update({"scoring.micro_batch_size": cfg.scoring.micro_batch_size,
+                   "evaluation.micro_batch_size": cfg.evaluation.micro_batch_size,
+                   "preprocess.workers": cfg.preprocess.workers,
+                   "corpus.demo_chars_per_domain": cfg.corpus.demo_chars_per_domain})
+    problems = [f"{key} {value}: must be at least 1" for key, value in counts.items()
+                if value is not None and value < 1]
+    if not 1 <= par.master_port <= 65535:
+        problems.append(f"parallel.master_port {par.master_port}: a TCP port, 1 to 65535")
+    return problems
 
 
 def _data(graph: Graph) -> list[str]:

@@ -177,7 +177,7 @@ class TrainConfig:
     keep_freed_memory: bool = host_memory.keep_freed_memory_setting(TRAINING)
     eval_interval: int = setting(0, group=LOGGING, help="validate every this many iterations (and at the end)")
     eval_iters: int = setting(10, group=LOGGING, help="validation global batches")
-    log_interval: int = setting(10, group=LOGGING, help="iterations per log line")
+    log_interval: int = setting(10, group=LOGGING, fingerprinted=False, help="iterations per log line")
     tensorboard_dir: Optional[str] = _sink(help="write tensorboard events here")
     metrics_file: Optional[str] = setting(None, group=LOGGING, help="JSON lines, one per iteration (rank 0)")
     wandb_project: Optional[str] = _sink(

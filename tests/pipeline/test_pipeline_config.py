@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 
 import pytest
 import yaml
@@ -77,10 +78,17 @@ def test_the_launchers_environment_variables_still_work():
     ("reference.train.data_path=[x]", "reference.train.data_path: set by the pipeline itself"),
     ("student.train.train_iters=9", "student.train.train_iters: set by the pipeline itself; give student.train_iters"),
     ("vanilla_kd.match=tokens", "vanilla_kd.match: 'tokens' is not one of flops, steps"),
-    ("colour=red", "unknown setting(s) colour"),
-    ("student.model.depth=3", "student.model: unknown model setting(s) depth"),
+    ("colour=red", "colour: not a setting of PipelineConfig (known: work_dir,"),
+    ("seq_lenght=3", "seq_lenght: not a setting of PipelineConfig; did you mean seq_length?"),
+    ("parallel.nnode=2", "parallel.nnode: not a setting of Parallel; did you mean nnodes?"),
+    ("selection.alpah=0.3", "selection.alpah: not a setting of SelectionConfig; did you mean alpha?"),
+    ("student.train.lr_warmup_fractoin=0.1", "student.train.lr_warmup_fractoin: not a setting of TrainConfig; "
+                                             "did you mean lr_warmup_fraction?"),
+    ("student.model.depth=3", "student.model.depth: not a setting of ModelConfig"),
+    ("student.model.num_layer=3", "student.model.num_layer: not a setting of ModelConfig; did you mean num_layers?"),
     ("vanilla_kd.kd_teacher_load=x", "vanilla_kd.kd_teacher_load: set by the pipeline itself"),
-    ("vanilla_kd.kd_ratios=x", "vanilla_kd.kd_ratios: not a setting of KDSettings; known: enabled, kd_ratio, "
+    ("vanilla_kd.kd_ratios=x", "vanilla_kd.kd_ratios: not a setting of KDSettings; did you mean kd_ratio? "
+                               "(known: enabled, kd_ratio, "
                                "kd_temperature"),
     ("student.train.lr=fast", "student.train.lr: expected a number, got 'fast'"),
     ("scoring.micro_batch_size=1.5", "scoring.micro_batch_size: expected an integer, got 1.5"),
@@ -93,13 +101,17 @@ def test_the_launchers_environment_variables_still_work():
     ("evaluation.bootstrap_seed=3", "evaluation.bootstrap_seed: set by the pipeline itself"),
     ("evaluation.bf16=true", "evaluation.bf16: set bf16 once, at the top"),
     ("alpha", "expected key=value"),
+    ("wandb.mode=on", "wandb.mode: True is not one of online, offline (YAML reads on, off, yes and no as true or "
+                      "false: quote the value)"),
+    ("selection..alpha=0.3", "'selection..alpha=0.3': expected key=value"),
+    ("selection.=0.3", "'selection.=0.3': expected key=value"),
     ("reference.sizes=[qwen-104M]", "reference.sizes: only the students"),
     ("student.sizes=[{num_layers: two}]", "student.sizes[0].num_layers: expected an integer, got 'two'"),
-    ("student.sizes=[{depth: 2}]", "student.sizes[0]: unknown model setting(s) depth"),
+    ("student.sizes=[{depth: 2}]", "student.sizes[0].depth: not a setting of ModelConfig"),
 ])
 def test_refusals_name_the_setting(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
-                       .replace("[", r"\[")):
+                       .replace("[", r"\[").replace("?", r"\?")):
         config.load(None, [override], environ={})
 
 
@@ -160,7 +172,8 @@ def test_how_a_run_is_watched_is_not_what_it_makes():
 
     base = Graph(config.load(None, ["bf16=false"], environ={})[0])
     watched = Graph(config.load(None, ["bf16=false", "wandb.project=p", "wandb.mode=offline",
-                                       "student.train.tensorboard_dir=/tb"], environ={})[0])
+                                       "student.train.tensorboard_dir=/tb", "reference.train.log_interval=1",
+                                       "student.train.log_interval=7", "preprocess.log_skipped=0"], environ={})[0])
     changed = Graph(config.load(None, ["bf16=false", "student.train.lr=0.0005"], environ={})[0])
     prints = lambda g: {s.name: s.fingerprint for s in g.stages}  # noqa: E731
     assert prints(watched) == prints(base)
@@ -239,3 +252,98 @@ def test_expert_parallelism_divides_the_ranks_and_the_teacher_s_experts():
     assert _experts(4, 6, {"num_experts": 8}) == [
         "parallel.expert_model_parallel_size 4 does not divide the 6 data-parallel ranks (nodes x processes / "
         "(tensor x pipeline parallel sizes))"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("student.train.micro_batch_size=0", "student.train.micro_batch_size 0: must be at least 1"),
+    ("parallel.tensor_model_parallel_size=0", "parallel.tensor_model_parallel_size 0: must be at least 1"),
+    ("parallel.nproc_per_node=0", "parallel.nproc_per_node 0: must be at least 1"),
+    ("reference.train.global_batch_size=-16", "reference.train.global_batch_size -16: must be at least 1"),
+    ("scoring.micro_batch_size=0", "scoring.micro_batch_size 0: must be at least 1"),
+    ("preprocess.workers=0", "preprocess.workers 0: must be at least 1"),
+    ("corpus.demo_chars_per_domain=-1", "corpus.demo_chars_per_domain -1: must be at least 1"),
+    ("parallel.master_port=99999", "parallel.master_port 99999: a TCP port, 1 to 65535"),
+])
+def test_zero_and_negative_sizes_are_refused_before_the_layout_divides_by_them(override, message, tmp_path):
+    from megatron_miniplm.pipeline import invariants, stages
+
+    cfg, _ = config.load(None, [override, f"teacher.load={tmp_path}"], environ={})
+    with pytest.raises(ConfigError, match=message):
+        invariants.check(stages.Graph(cfg))
+
+
+@pytest.mark.parametrize("text,value", [("--bf16", True), ("true", True), ("1", True), ("", False),
+                                        ("false", False), ("0", False), ("auto", "auto")])
+def test_bf16_from_the_environment(text, value):
+    cfg, _ = config.load(None, environ={"BF16": text})
+    assert cfg.bf16 == value
+    with pytest.raises(ConfigError, match=r"^\$BF16: 'garbage': --bf16, true or 1; empty, false or 0; or auto"):
+        config.load(None, environ={"BF16": "garbage"})
+
+
+@pytest.mark.parametrize("text,message", [
+    ("seed: 1\nseed: 2\n", "c.yaml:2: seed is given twice (first at line 1)"),
+    ("selection:\n  alpha: 0.3\n  alpha: 0.4\n", "c.yaml:3: selection.alpha is given twice (first at line 2)"),
+    ("", "c.yaml: the config file is empty"),
+    ("# nothing but a comment\n", "c.yaml: the config file is empty"),
+    ("- seed\n", "c.yaml:1: the config must be a mapping of sections, got list"),
+    ("seed: 3\nselection:\n  alpah: 0.3\n", "c.yaml:3: selection.alpah: not a setting of SelectionConfig"),
+    ("seed: 3\nstudent:\n  train: {lr: fast}\n", "c.yaml:3: student.train.lr: expected a number, got 'fast'"),
+    ("parallel: 4\n", "c.yaml:1: parallel: expected a mapping of Parallel settings, got 4"),
+])
+def test_a_config_file_s_refusals_name_its_line(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"{path.parent}/{message}")):
+        config.load(str(path), environ={})
+
+
+def test_overrides_and_environment_variables_are_named_in_refusals(tmp_path):
+    with pytest.raises(ConfigError, match=r"^\$ALPHA: selection.alpha: expected a number, got 'abc'"):
+        config.load(None, environ={"ALPHA": "abc"})
+    with pytest.raises(ConfigError, match=r"^command line: selection: expected a mapping of SelectionConfig"):
+        config.load(None, ["selection=3"], environ={})
+    with pytest.raises(ConfigError, match=r"^\$REF_MODEL: model flags '--num-layrs 2': unrecognized arguments: "
+                                          r"--num-layrs 2$"):
+        config.load(None, environ={"REF_MODEL": "--num-layrs 2"})
+    with pytest.raises(ConfigError, match=r"^\$STUDENT_MODEL: model flags '--num-layers two': argument --num-layers: "
+                                          r"invalid int value: 'two'$"):
+        config.load(None, environ={"STUDENT_MODEL": "--num-layers two"})
+    with pytest.raises(ConfigError, match="selection.alpha: no such config file \\(an override is key=value\\)"):
+        config.load("selection.alpha", environ={})
+    anchors = tmp_path / "a.yaml"  # a merge key's settings may be given again beside it
+    anchors.write_text("reference:\n  train: &t {lr: 0.01, micro_batch_size: 2}\n"
+                       "student:\n  train:\n    <<: *t\n    lr: 0.02\n")
+    cfg, sources = config.load(str(anchors), environ={})
+    assert (cfg.student.train.lr, cfg.student.train.micro_batch_size) == (0.02, 2)
+    assert sources["student.train.lr"] == f"{anchors}:6"
+
+
+def test_a_config_that_cannot_run_names_where_each_setting_was_given(tmp_path):
+    from megatron_miniplm.pipeline import invariants, stages
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"teacher: {{load: {tmp_path}}}\nselection:\n  alpha: 1.5\nstudent:\n  epochs: 0\n")
+    cfg, sources = config.load(str(path), ["parallel.tensor_model_parallel_size=3"], environ={"SEQ_LENGTH": "1"})
+    with pytest.raises(ConfigError) as e:
+        invariants.check(stages.Graph(cfg), sources)
+    problems = str(e.value).splitlines()[1:]
+    assert f"  - {path}:3: selection: alpha must be in (0, 1], got 1.5" in problems
+    assert f"  - {path}:5: student.epochs 0: must be positive" in problems
+    assert "  - $SEQ_LENGTH: seq_length 1: needs at least 2" in problems
+    assert ("  - command line: parallel.tensor_model_parallel_size 3 does not divide the 4 attention heads / 4 "
+            "key-value heads of student.model") in problems
+
+
+@pytest.mark.parametrize("text,message", [
+    ("selection: {alpha: 0.3\nseed: 1\n", "c.yaml:2:5: YAML syntax: expected ',' or '}', but got ':' "
+                                         "(while parsing a flow mapping, line 1)"),
+    ("selection:\n\talpha: 0.3\n", "c.yaml:2:1: YAML syntax: found character '\\t' that cannot start any token "
+                                   "(YAML indents with spaces, not tabs)"),
+])
+def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        config.load(str(path), environ={})
+    assert str(e.value) == f"{path.parent}/{message}"

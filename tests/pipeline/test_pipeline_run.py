@@ -107,6 +107,8 @@ def test_dry_run_changes_nothing(one_node):
     ("student_seeds=[1234,7]", ["student-miniplm-seed7", "student-uniform-seed7", "student-vanilla-kd-seed7",
                                 "evaluate"]),
     ("teacher.name=another", ["evaluate"]),
+    ("reference.train.log_interval=1", []),  # how a run is logged is not what it makes
+    ("preprocess.log_skipped=0", []),
     ("scoring.micro_batch_size=4", ["score-teacher", "score-reference", "select", "student-miniplm",
                                     "student-uniform", "student-vanilla-kd", "evaluate"]),
     ("seed=99", ["split", "reference", "score-teacher", "score-reference", "select", "student-miniplm",
