@@ -37,9 +37,10 @@ def setting(default: Any = _NO_DEFAULT, *, help: str, flag: Optional[str] = None
     (set by the tool or the pipeline itself). ``group``: its section in ``--help``.
     ``one_of``: the name of a choice this setting is one way of making; the settings of a
     class that share it are alternatives, and setting one drops the others (``alternatives``).
-    ``fingerprinted=False``: how a run is watched (a logging sink) or how it keeps its host
-    memory, not what it makes: left out of the pipeline's stage fingerprints, so that changing
-    it reruns nothing."""
+    ``fingerprinted=False``: how a run is watched (a logging sink), how it keeps its host
+    memory, how often it saves or syncs its progress, or how many threads compute a result
+    that does not depend on them: not what it makes; left out of the pipeline's stage
+    fingerprints, so that changing it reruns nothing."""
     metadata = {"help": help, "flag": flag, "choices": tuple(choices) if choices else None,
                 "metavar": metavar, "cli": cli, "group": group, "one_of": one_of, "fingerprinted": fingerprinted}
     if default_factory is not _NO_DEFAULT:

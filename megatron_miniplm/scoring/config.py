@@ -52,9 +52,9 @@ class ScoreConfig:
         help="batches per pipeline-schedule call and per progress save (default 1, or 4 x pipeline size)")
     verify_fingerprint: bool = setting(True, group="run", flag="--no-verify-fingerprint",
                                        help="skip re-hashing the dataset's .idx files against their meta")
-    fsync: bool = setting(True, group="run", flag="--no-fsync", help="do not fsync progress records")
+    fsync: bool = setting(True, group="run", flag="--no-fsync", fingerprinted=False, help="do not fsync progress records")
     fsync_interval_s: float = setting(
-        5.0, group="run", help="fsync progress records at most every this many seconds (and at the end); each "
+        5.0, group="run", fingerprinted=False, help="fsync progress records at most every this many seconds (and at the end); each "
                                "record is written to its file at once, which is what survives a killed process")
     progress: bool = setting(True, group="run", flag="--no-progress", help="no tqdm progress bar")
     keep_freed_memory: bool = host_memory.keep_freed_memory_setting("run")

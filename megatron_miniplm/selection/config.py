@@ -30,7 +30,7 @@ class SelectionConfig:
     order: str = setting("original", group="selection", flag="--data-order", choices=ORDERS,
                          help="order of the blend's instances")
     seed: int = setting(1234, group="selection", help="seed of the shuffled order and the uniform baseline")
-    num_threads: int = setting(0, group="selection", help="C++ worker threads (0: all cores)")
+    num_threads: int = setting(0, group="selection", fingerprinted=False, help="C++ worker threads (0: all cores)")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -158,7 +158,7 @@ class TrainConfig:
     no_load_rng: bool = setting(False, group=CHECKPOINTING,
                                 help="do not restore the RNG states saved with the checkpoint: they keep "
                                      "what --seed gave them (as Megatron-LM's --no-load-rng)")
-    save_interval: int = setting(0, group=CHECKPOINTING, help="save every this many iterations (and at the end)")
+    save_interval: int = setting(0, group=CHECKPOINTING, fingerprinted=False, help="save every this many iterations (and at the end)")
     dist_ckpt_optim_fully_reshardable: bool = setting(
         False, group=CHECKPOINTING,
         help="save the distributed optimizer's state so that it reloads at any TP/PP/DP (default: each "

@@ -109,6 +109,9 @@ def test_dry_run_changes_nothing(one_node):
     ("teacher.name=another", ["evaluate"]),
     ("reference.train.log_interval=1", []),  # how a run is logged is not what it makes
     ("preprocess.log_skipped=0", []),
+    ("student.train.save_interval=5", []),  # when a run saves or syncs is not what it makes
+    ("scoring.fsync=false", []),
+    ("selection.num_threads=1", []),  # the selection is the same at any thread count
     ("scoring.micro_batch_size=4", ["score-teacher", "score-reference", "select", "student-miniplm",
                                     "student-uniform", "student-vanilla-kd", "evaluate"]),
     ("seed=99", ["split", "reference", "score-teacher", "score-reference", "select", "student-miniplm",
