@@ -62,7 +62,20 @@ def test_a_second_writer_of_an_output_is_refused_naming_the_holder(tmp_path, fla
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    after = _tool(tmp_path, argv)  # the holder's lock went with it: the tool goes on, to its next refusal
+
+
+def test_a_killed_holders_lock_goes_with_it(tmp_path):
+    """The lock is the holder's open file: killed, it holds nothing, and the tool goes on to its
+    next refusal (the same for every writer above: one tool shows it)."""
+    output = str(tmp_path / "out" / "x")
+    argv = ["preprocess_data.py", "--input", str(tmp_path / "IN.jsonl"), "--tokenizer", str(tmp_path / "TOK"),
+            "--output-prefix", output]
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, output], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    assert "in use by another tool" in _tool(tmp_path, argv).stderr
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    after = _tool(tmp_path, argv)
     assert after.returncode in (1, 2) and "in use" not in after.stderr, after.stderr[-2000:]
     assert "not found" in after.stderr or "no such file" in after.stderr, after.stderr[-2000:]
 

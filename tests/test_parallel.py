@@ -5,7 +5,7 @@ import os
 import pytest
 
 from distributed import run_distributed
-from megatron_miniplm import parallel
+from megatron_miniplm import launch, parallel
 
 
 def test_world_of_one_on_gloo():
@@ -96,13 +96,13 @@ def test_seed_must_be_positive():
     ("node[01-04]-ib", "node01-ib"), ("rack[1-2]-node[01-04],login", "rack1-node01"),
 ])
 def test_first_host_of_a_slurm_node_list(nodelist, host):
-    assert parallel.first_host(nodelist) == host
+    assert launch.first_host(nodelist) == host
 
 
 @pytest.mark.parametrize("nodelist", ["", "gpu[003-004"])
 def test_an_unreadable_slurm_node_list_is_refused(nodelist):
-    with pytest.raises(parallel.LaunchError, match="Slurm node list"):
-        parallel.first_host(nodelist)
+    with pytest.raises(launch.LaunchError, match="Slurm node list"):
+        launch.first_host(nodelist)
 
 
 SLURM = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1",
@@ -111,39 +111,39 @@ SLURM = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "4", 
 
 
 def test_srun_without_torchrun_reads_slurm():
-    env = parallel.launch_env(SLURM)
+    env = launch.launch_env(SLURM)
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.launcher) == (
         3, 4, 1, "gpu004", "slurm")
-    again = parallel.launch_env(dict(SLURM, SLURM_PROCID="0"))
+    again = launch.launch_env(dict(SLURM, SLURM_PROCID="0"))
     assert again.master_port == env.master_port and 20000 <= env.master_port < 40000
-    assert parallel.launch_env(dict(SLURM, SLURM_STEP_ID="3")).master_port != env.master_port
-    assert parallel.launch_env(dict(SLURM, MASTER_ADDR="h", MASTER_PORT="7")).master_port == 7
+    assert launch.launch_env(dict(SLURM, SLURM_STEP_ID="3")).master_port != env.master_port
+    assert launch.launch_env(dict(SLURM, MASTER_ADDR="h", MASTER_PORT="7")).master_port == 7
 
 
 def test_torchrun_variables_win_over_slurm():
     """srun starting torchrun (one agent per node): torchrun's variables describe the worker."""
-    env = parallel.launch_env(dict(SLURM, RANK="5", WORLD_SIZE="16", LOCAL_RANK="5",
+    env = launch.launch_env(dict(SLURM, RANK="5", WORLD_SIZE="16", LOCAL_RANK="5",
                                    MASTER_ADDR="n0", MASTER_PORT="29500"))
     assert (env.rank, env.world_size, env.local_rank, env.launcher) == (5, 16, 5, "torchrun")
 
 
 def test_a_single_slurm_task_is_a_world_of_one():
-    env = parallel.launch_env({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_JOB_ID": "9"})
+    env = launch.launch_env({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_JOB_ID": "9"})
     assert (env.world_size, env.launcher) == (1, "single")
 
 
 def test_the_batch_script_itself_is_a_world_of_one():
     """A tool run in the sbatch script (not through srun): SLURM_NTASKS describes the
     allocation, not this process."""
-    env = parallel.launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_ID": "9",
+    env = launch.launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_ID": "9",
                                "SLURM_JOB_NODELIST": "gpu[1-2]"})
     assert (env.world_size, env.launcher) == (1, "single")
 
 
 def test_slurm_world_without_a_node_list_is_refused():
     env = {k: v for k, v in SLURM.items() if "NODELIST" not in k}
-    with pytest.raises(parallel.LaunchError, match="srun"):
-        parallel.launch_env(env)
+    with pytest.raises(launch.LaunchError, match="srun"):
+        launch.launch_env(env)
 
 
 def test_srun_tasks_form_one_world(tmp_path):
@@ -244,7 +244,7 @@ def test_a_cuda_context_made_before_initialize_is_told_it_is_too_late(gpu, caplo
 def test_the_cpu_path_leaves_the_variable_alone(monkeypatch):
     monkeypatch.setenv(CONNECTIONS, "unset by the test")
     monkeypatch.delenv(CONNECTIONS)
-    parallel.order_cuda_connections(2, parallel.LaunchEnv(0, 2, 0, None, None, "torchrun"))
+    parallel.order_cuda_connections(2, launch.LaunchEnv(0, 2, 0, None, None, "torchrun"))
     assert CONNECTIONS not in os.environ
 
 

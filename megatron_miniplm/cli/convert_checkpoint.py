@@ -80,11 +80,12 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_card_flags(parser, args)
-    from megatron_miniplm.conversion.hf_to_megatron import convert_hf_to_megatron
-    from megatron_miniplm.conversion.megatron_to_hf import convert_megatron_to_hf
     from megatron_miniplm.locking import hold_output
 
-    hold_output(args.save, f"--save {args.save}")
+    hold_output(args.save, f"--save {args.save}")  # at once: before torch and megatron-core load
+    from megatron_miniplm.conversion.hf_to_megatron import convert_hf_to_megatron
+    from megatron_miniplm.conversion.megatron_to_hf import convert_megatron_to_hf
+
     start = time.time()
     if args.direction == "hf-to-megatron":
         r = convert_hf_to_megatron(

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     from megatron_miniplm.evaluation.run import evaluate, outputs
     from megatron_miniplm.evaluation.table import format_table
     from megatron_miniplm.locking import hold_output
-    from megatron_miniplm.parallel import launch_env
+    from megatron_miniplm.launch import launch_env
 
     rank = launch_env().rank
     for path, what in outputs(cfg):

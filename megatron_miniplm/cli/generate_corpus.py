@@ -46,13 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    from megatron_miniplm.launch import launch_env
+    from megatron_miniplm.locking import hold_output
+
+    hold_output(args.output_prefix, f"--output-prefix {args.output_prefix}", rank=launch_env().rank)
     from megatron_miniplm import parallel
     from megatron_miniplm.generation.config import GenerateConfig
     from megatron_miniplm.generation.generator import generate
-    from megatron_miniplm.locking import hold_output
     from megatron_miniplm.settings import from_args
 
-    hold_output(args.output_prefix, f"--output-prefix {args.output_prefix}", rank=parallel.launch_env().rank)
     try:
         generate(from_args(GenerateConfig, args))
     finally:

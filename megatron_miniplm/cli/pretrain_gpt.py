@@ -80,12 +80,14 @@ def model_config_from_args(args, data_vocab: int):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from megatron_miniplm import parallel
+    from megatron_miniplm.launch import launch_env
     from megatron_miniplm.locking import hold_output
-    from megatron_miniplm.settings import from_args
 
     if args.save:
-        hold_output(args.save, f"--save {args.save}", rank=parallel.launch_env().rank)
+        hold_output(args.save, f"--save {args.save}", rank=launch_env().rank)
+    from megatron_miniplm import parallel
+    from megatron_miniplm.settings import from_args
+
     from megatron_miniplm.training.trainer import Trainer
     from megatron_miniplm.training.config import TrainConfig
 

@@ -49,14 +49,15 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         stream=sys.stderr)
     logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
+    from megatron_miniplm.launch import launch_env
+    from megatron_miniplm.locking import hold_output
+
+    hold_output(args.output_prefix, f"--output-prefix {args.output_prefix}", rank=launch_env().rank)
     from megatron_miniplm import parallel
     from megatron_miniplm.scoring.scorer import score
     from megatron_miniplm.scoring.config import ScoreConfig
     from megatron_miniplm.settings import from_args
 
-    from megatron_miniplm.locking import hold_output
-
-    hold_output(args.output_prefix, f"--output-prefix {args.output_prefix}", rank=parallel.launch_env().rank)
     try:
         score(from_args(ScoreConfig, args))  # a refused run (ScoringError): status 1
     finally:
