@@ -12,3 +12,4 @@ run benchmarks/bench_score.py --rounds 3
 run benchmarks/bench_select.py --instances 100000000 --shards 8 --repeat 3
 run benchmarks/bench_select_tool.py --instances 20000000 --shards 8 --rounds 3
 run benchmarks/bench_preprocess.py --rounds 3
+run benchmarks/bench_import.py --rounds 5

@@ -36,15 +36,18 @@ class _ProbeTransformerEngineFirst:
     just before megatron-core is first imported, wherever that import comes from (a data
     module, a tool's first step), and then steps aside. megatron-core imports TE guarded
     against ImportError only, so a TE whose PyTorch part fails otherwise must be hidden before
-    that; this module itself imports no torch, so the hook costs nothing until then."""
+    that; this module itself imports no torch, so the hook costs nothing until then. It also
+    has megatron-core's fused functions compiled at their first call rather than wrapped at
+    import (``megatron_compat.compile_fusions_at_first_call``)."""
 
     @classmethod
     def find_spec(cls, fullname, path=None, target=None):
         if fullname == "megatron" or fullname.startswith("megatron."):
             _sys.meta_path.remove(cls)
-            from megatron_miniplm import platform
+            from megatron_miniplm import megatron_compat, platform
 
             platform.transformer_engine()
+            megatron_compat.compile_fusions_at_first_call()
         return None  # the import itself is left to the other finders
 
 

@@ -32,10 +32,13 @@ GPU run is never touched. What it patches, checked against megatron-core 0.16.1:
   NumPy where they are host tensors already (megatron-core converts only CUDA tensors, and
   ``all_to_all_single`` refuses a tensor of split sizes): expert parallelism on the host.
 
-On every machine (``use_in_process_write_results``, ``moe_router_without_te``):
+On every machine (``use_in_process_write_results``, ``moe_router_without_te``,
+``compile_fusions_at_first_call``):
 
 - ``megatron.core.dist_checkpointing.strategies.filesystem_async._results_queue``: a queue of
-  this process instead of one made in a spawned multiprocessing Manager (see there).
+  this process instead of one made in a spawned multiprocessing Manager (see there);
+- ``megatron.core.jit.jit_fuser``: ``torch.compile`` called at a fused function's first call,
+  not at its module's import (see there).
 """
 
 from __future__ import annotations
@@ -289,3 +292,53 @@ def use_in_process_write_results() -> None:
 
     if getattr(filesystem_async, "_results_queue", None) is None:
         filesystem_async._results_queue = queue.Queue()
+
+
+def _compile_at_first_call(fn):
+    """``torch.compile(fn)``, made when the function is first called."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(fn)
+        return compiled(*args, **kwargs)
+
+    return call
+
+
+class _FusionsCompiledAtFirstCall(importlib.abc.MetaPathFinder):
+    """Gives ``megatron.core.jit`` a ``jit_fuser`` that calls ``torch.compile`` at a fused
+    function's first call instead of when its module is imported (``compile_fusions_at_first_call``)."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "megatron.core.jit":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def patched_exec(module):
+            exec_module(module)
+            if getattr(module, "jit_fuser", None) is torch.compile:
+                module.jit_fuser = _compile_at_first_call
+
+        spec.loader.exec_module = patched_exec
+        return spec
+
+
+def compile_fusions_at_first_call() -> None:
+    """megatron-core decorates its fused functions (bias-GELU, bias-SwiGLU, bias-dropout-add,
+    ...) with ``torch.compile`` when their modules are imported, and ``torch.compile`` imports
+    TorchInductor to make its wrapper: about half of megatron-core's import time (figures in
+    benchmarks/RESULTS.md), paid by every rank of every tool, also where no fused function
+    runs (the CPU path, a model without biases). torch.compile compiles at the first call
+    either way; this makes the wrapper there too, so the compiled kernels and when they are
+    built are the same. Call it before megatron-core is imported (``megatron_miniplm`` does,
+    from its import hook); afterwards it changes nothing."""
+    if "megatron.core.jit" not in sys.modules and not any(
+            isinstance(f, _FusionsCompiledAtFirstCall) for f in sys.meta_path):
+        sys.meta_path.insert(0, _FusionsCompiledAtFirstCall())

@@ -23,7 +23,7 @@ def free_port() -> int:
 
 
 # Imported once by the forkserver; what the processes import beyond these costs them as before.
-PRELOAD = ("torch", "numpy", "megatron.core", "megatron.core.models.gpt", "megatron.core.optimizer",
+PRELOAD = ("megatron_miniplm", "torch", "numpy", "megatron.core", "megatron.core.models.gpt", "megatron.core.optimizer",
            "megatron.core.distributed", "megatron.core.dist_checkpointing", "megatron.core.datasets.indexed_dataset")
 
 

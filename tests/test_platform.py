@@ -105,3 +105,35 @@ def test_bf16_auto_on_a_cpu_measures_where_the_flags_cannot_tell(monkeypatch, fl
     finally:
         platform.bf16_is_fast.cache_clear()
     assert got is fast and why in reason
+
+
+FUSED_AT_FIRST_CALL = """
+import sys
+import megatron_miniplm
+import megatron.core.models.gpt
+import torch
+
+assert "torch._inductor.compile_fx" not in sys.modules, "TorchInductor imported with megatron-core"
+from megatron.core.fusions import fused_bias_swiglu
+
+made = []
+torch.compile = lambda fn: made.append(fn) or fn  # what the first call compiles, recorded
+x = torch.randn(3, 8)
+got = fused_bias_swiglu.swiglu(x)
+fused_bias_swiglu.swiglu(x)
+assert made == [fused_bias_swiglu.swiglu.__wrapped__], made  # compiled once, at the first call
+a, b = torch.chunk(x, 2, -1)
+assert torch.equal(got, torch.nn.functional.silu(a) * b)
+print("ok")
+"""
+
+
+def test_megatron_cores_fused_functions_are_compiled_at_their_first_call():
+    """megatron-core wraps its fused functions with torch.compile at import, which imports
+    TorchInductor into every process; they are compiled at their first call instead (a fresh
+    interpreter: this one has megatron-core already)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FUSED_AT_FIRST_CALL], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
