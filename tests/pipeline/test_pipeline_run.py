@@ -1,5 +1,5 @@
-"""The whole pipeline on a tiny setting: one node with two processes; an unchanged rerun skips
-everything; a changed alpha reruns exactly the selection, the students and the evaluation;
+"""The whole pipeline on a tiny setting: one node with two processes, every kind of student
+(MiniPLM's, the uniform baseline, Vanilla KD, SeqKD); an unchanged rerun skips everything; a changed alpha reruns exactly the selection, the students and the evaluation;
 two launchers as two nodes give the one-node results; --dry-run writes nothing; the
 invariants refuse before anything runs."""
 
@@ -39,9 +39,10 @@ def _stages(output, what):
 
 @pytest.fixture(scope="module")
 def one_node(setting, tmp_path_factory):
-    """The pipeline on one node with two processes (DP=2)."""
+    """The pipeline on one node with two processes (DP=2), with a SeqKD student."""
     root = tmp_path_factory.mktemp("one-node")
-    config = write_config(root / "tiny.yaml", tiny_config(setting, root / "work"))
+    config = write_config(root / "tiny.yaml", tiny_config(
+        setting, root / "work", seqkd={"enabled": True, "prompt_length": 8, "micro_batch_size": 16}))
     out = run_pipeline(config, "parallel.nproc_per_node=2", f"parallel.master_port={free_port()}")
     assert out.returncode == 0, out.stdout[-4000:]
     return root, config, out.stdout
@@ -50,8 +51,8 @@ def one_node(setting, tmp_path_factory):
 def test_it_runs_and_reports(one_node):
     root, _, output = one_node
     results = _results(root / "work")
-    assert set(results) == {"student-miniplm", "student-uniform", "student-vanilla-kd", "reference",
-                            "teacher (tiny-qwen2)"}
+    assert set(results) == {"student-miniplm", "student-uniform", "student-vanilla-kd", "student-seqkd",
+                            "reference", "teacher (tiny-qwen2)"}
     assert all(r["instances"] > 0 for r in results.values())
     # same steps for the students of a selection; the Vanilla KD student's steps give it their
     # training FLOPs, its teacher's forward counted: equal to the nearest whole step
@@ -64,12 +65,13 @@ def test_it_runs_and_reports(one_node):
     assert "train FLOPs" in output
     # MiniPLM against each other model, overall and per domain, with the sentence it supports
     ev = _evaluation(root / "work")
-    assert list(ev["comparisons"]) == ["student-uniform", "student-vanilla-kd", "reference", "teacher (tiny-qwen2)"]
+    assert list(ev["comparisons"]) == ["student-uniform", "student-vanilla-kd", "student-seqkd", "reference",
+                                       "teacher (tiny-qwen2)"]
     assert set(ev["models"]["student-miniplm"]["domains"]) == {"pattern", "noise"}
     assert set(ev["comparisons"]["student-uniform"]["domains"]) == {"pattern", "noise"}
-    assert len(ev["verdicts"]) == 4 and all(v in output for v in ev["verdicts"])
+    assert len(ev["verdicts"]) == 5 and all(v in output for v in ev["verdicts"])
     assert "student-vanilla-kd trained with" in ev["verdicts"][1] or "at equal training FLOPs" in ev["verdicts"][1]
-    assert "FLOPs" not in ev["verdicts"][3]  # the teacher's training cost is not known
+    assert "FLOPs" not in ev["verdicts"][4]  # the teacher's training cost is not known
     assert "LM loss per domain" in output and "Evaluation report: " in output
     assert os.path.exists(ev["report"]) and open(ev["curves"], "rb").read(4) == b"\x89PNG"
     assert "Selection: kept fraction per domain" in output and "| noise |" in output
@@ -87,7 +89,7 @@ def test_an_unchanged_rerun_skips_everything(one_node):
     out = run_pipeline(config, "parallel.nproc_per_node=2")
     assert out.returncode == 0, out.stdout[-3000:]
     assert _stages(out.stdout, "RUN") == [], out.stdout.split("\n=== stage", 1)[0][-3000:]
-    assert len(_stages(out.stdout, "skip")) == 11
+    assert len(_stages(out.stdout, "skip")) == 13
     assert "student-miniplm" in out.stdout  # the table is printed again
 
 
@@ -102,20 +104,23 @@ def test_dry_run_changes_nothing(one_node):
 
 
 @pytest.mark.parametrize("override,reruns", [
-    ("student.model.num_layers=4", ["student-miniplm", "student-uniform", "student-vanilla-kd", "evaluate"]),
+    ("student.model.num_layers=4", ["student-miniplm", "student-uniform", "student-vanilla-kd", "student-seqkd",
+                                    "evaluate"]),
     ("vanilla_kd.kd_ratio=0.9", ["student-vanilla-kd", "evaluate"]),
     ("student_seeds=[1234,7]", ["student-miniplm-seed7", "student-uniform-seed7", "student-vanilla-kd-seed7",
-                                "evaluate"]),
+                                "student-seqkd-seed7", "evaluate"]),
     ("teacher.name=another", ["evaluate"]),
     ("reference.train.log_interval=1", []),  # how a run is logged is not what it makes
     ("preprocess.log_skipped=0", []),
     ("student.train.save_interval=5", []),  # when a run saves or syncs is not what it makes
     ("scoring.fsync=false", []),
     ("selection.num_threads=1", []),  # the selection is the same at any thread count
+    # SeqKD's student trains to the selection's token budget: it reads the selection too
     ("scoring.micro_batch_size=4", ["score-teacher", "score-reference", "select", "student-miniplm",
-                                    "student-uniform", "student-vanilla-kd", "evaluate"]),
-    ("seed=99", ["split", "reference", "score-teacher", "score-reference", "select", "student-miniplm",
-                 "student-uniform", "student-vanilla-kd", "evaluate"]),
+                                    "student-uniform", "student-vanilla-kd", "student-seqkd", "evaluate"]),
+    ("seqkd.temperature=0.5", ["generate-seqkd", "student-seqkd", "evaluate"]),
+    ("seed=99", ["split", "reference", "score-teacher", "score-reference", "select", "generate-seqkd",
+                 "student-miniplm", "student-uniform", "student-vanilla-kd", "student-seqkd", "evaluate"]),
 ])
 def test_a_change_reruns_exactly_the_stages_that_depend_on_it(one_node, override, reruns):
     _, config, _ = one_node
@@ -142,13 +147,14 @@ def _copy_of_the_run(root, config, name):
 
 
 def test_a_changed_alpha_reruns_exactly_what_reads_it(one_node):
+    """(Without the distilled students, whose reruns the planning tests above cover.)"""
     root, config, _ = one_node
     copy, config2 = _copy_of_the_run(root, config, "alpha")
     before = _results(copy)
-    out = run_pipeline(config2, "selection.alpha=0.3", "parallel.nproc_per_node=2", f"parallel.master_port={free_port()}")
+    out = run_pipeline(config2, "selection.alpha=0.3", "vanilla_kd.enabled=false", "seqkd.enabled=false",
+                       "parallel.nproc_per_node=2", f"parallel.master_port={free_port()}")
     assert out.returncode == 0, out.stdout[-3000:]
-    assert _stages(out.stdout, "RUN") == ["select", "student-miniplm", "student-uniform", "student-vanilla-kd",
-                                           "evaluate"]
+    assert _stages(out.stdout, "RUN") == ["select", "student-miniplm", "student-uniform", "evaluate"]
     after = _results(copy)
     assert after["reference"]["lm_loss"] == before["reference"]["lm_loss"]  # the same reference model
     assert after["student-miniplm"]["lm_loss"] != before["student-miniplm"]["lm_loss"]
@@ -184,13 +190,14 @@ def _flip_last_byte(path):
         f.write(bytes([last[0] ^ 0xFF]))
 
 
-STUDENTS = ["student-miniplm", "student-uniform", "student-vanilla-kd"]
+STUDENTS = ["student-miniplm", "student-uniform", "student-vanilla-kd", "student-seqkd"]
 
 
 @pytest.mark.parametrize("pattern,damage,override,why,reruns", [
     # a truncated dataset: its size no longer matches the record, whatever runs
     ("data/*/train.bin", _truncate, None, "bytes, ", ["data", "split", "reference", "score-teacher",
-                                                      "score-reference", "select", *STUDENTS, "evaluate"]),
+                                                      "score-reference", "select", "generate-seqkd", *STUDENTS,
+                                                      "evaluate"]),
     # flipped bytes in a score file: found before the selection that reads it runs
     ("score-teacher/*/scores.npy", _flip_last_byte, "selection.alpha=0.3", "changed since it was made",
      ["score-teacher", "select", *STUDENTS, "evaluate"]),
@@ -238,7 +245,7 @@ def test_students_with_another_tokenizer(setting, one_node):
     student_tokenizer.mkdir()
     tok.save(str(student_tokenizer / "tokenizer.json"))
     out = run_pipeline(config2, f"student_tokenizer={student_tokenizer}", "vanilla_kd.enabled=false",
-                       "parallel.nproc_per_node=2", f"parallel.master_port={free_port()}")
+                       "seqkd.enabled=false", "parallel.nproc_per_node=2", f"parallel.master_port={free_port()}")
     assert out.returncode == 0, out.stdout[-3000:]
     assert _stages(out.stdout, "RUN") == ["retokenize", "student-miniplm", "student-uniform", "evaluate"]
     results = _results(copy)
@@ -255,7 +262,7 @@ def test_students_with_another_tokenizer(setting, one_node):
 def test_two_nodes_match_one_node(setting, one_node, tmp_path):
     """Two launcher processes as two nodes (one process each, one shared work directory):
     each single-process stage runs once, on node 0, and the results are the one-node run's
-    (without the Vanilla KD student, which the one-node run covers)."""
+    (without the distilled students, which the one-node run covers)."""
     root, _, _ = one_node
     config = write_config(tmp_path / "tiny.yaml", tiny_config(setting, tmp_path / "work",
                                                               vanilla_kd={"enabled": False}))
@@ -272,7 +279,7 @@ def test_two_nodes_match_one_node(setting, one_node, tmp_path):
         assert tool in logs[0] and tool not in logs[1], tool  # single-process stages: node 0 only
     assert logs[1].count("done by node 0") == len(SINGLE_STAGES)
     want, got = _results(root / "work"), _results(tmp_path / "work")
-    assert got.keys() == want.keys() - {"student-vanilla-kd"}
+    assert got.keys() == want.keys() - {"student-vanilla-kd", "student-seqkd"}
     for name in got:
         assert got[name]["lm_loss"] == pytest.approx(want[name]["lm_loss"], abs=1e-4), name
 
@@ -296,7 +303,7 @@ def test_two_nodes_match_one_node(setting, one_node, tmp_path):
     ("vanilla_kd.kd_ratio=2", "vanilla_kd: kd_ratio (--kd-ratio) must be in [0, 1]"),
     ("student_seeds=[3,3]", "student_seeds [3, 3]: a non-empty list of distinct integers"),
     ("student_tokenizer=/nonexistent/tok.json", "student_tokenizer: /nonexistent/tok.json does not exist"),
-    ("student_tokenizer=/", "vanilla_kd.enabled with student_tokenizer: Vanilla KD needs the teacher's vocabulary"),
+    ("student_tokenizer=DIR", "vanilla_kd.enabled with student_tokenizer: Vanilla KD needs the teacher's vocabulary"),
     ("corpus.train=[/nonexistent/*.jsonl]", "no file matches"),
     ("evaluation.saving_baseline=student-unifrom", "evaluation.saving_baseline 'student-unifrom': not a student"),
 ])
@@ -307,6 +314,8 @@ def test_invariants_refuse_naming_the_settings(setting, tmp_path, override, mess
         other = tmp_path / "other.json"
         other.write_text('{"model": {"type": "WordLevel", "vocab": {"a": 0}}}')
         override = f"tokenizer={other}"
+    if override == "student_tokenizer=DIR":  # a directory that exists (its files are fingerprinted: keep it small)
+        override = f"student_tokenizer={tmp_path}"
     path = write_config(tmp_path / "tiny.yaml", tiny_config(setting, tmp_path / "work"))
     cfg, _ = config.load(path, [override], environ={})
     with pytest.raises(config.ConfigError) as refused:
@@ -357,3 +366,30 @@ def test_a_new_scores_version_redoes_the_stages_that_read_logits(setting, tmp_pa
     changed = {name for name in before if before[name] != after[name]}
     assert changed == {"score-teacher", "score-reference", "select", "student-miniplm", "student-uniform",
                        "student-vanilla-kd", "evaluate"}, changed
+
+
+def _output(work_dir, stage):
+    with open(os.path.join(work_dir, "records", f"{stage}.json")) as f:
+        return json.load(f)["output"]
+
+
+def test_a_seqkd_student_is_trained_and_reported(one_node):
+    """SeqKD (seqkd.enabled): the teacher generates a corpus from prompts of the split's rest,
+    data-parallel; the student trains on it for the steps of the other students, and the table
+    shows the teacher's forward FLOPs that generated it."""
+    root, _, output = one_node
+    work = root / "work"
+    models = _results(work)
+    generated = os.path.join(_output(work, "generate-seqkd"), "seqkd")
+    meta = json.load(open(generated + ".meta.json"))
+    rest = json.load(open(os.path.join(_output(work, "split"), "rest.meta.json")))
+    assert meta["num_instances"] == rest["num_instances"]  # one sequence per prompt instance
+    assert meta["seq_length"] == 32 and meta["domains"] == rest["domains"]
+    assert models["student-seqkd"]["generation_flops"] == meta["generation"]["teacher_forward_flops"] > 0
+    assert "generation_flops" not in models["student-uniform"]
+    # same steps, and so the same training FLOPs, as the students of a selection
+    steps = {s: open(os.path.join(_output(work, s), "ckpt", "latest_checkpointed_iteration.txt")).read()
+             for s in ("student-seqkd", "student-uniform")}
+    assert steps["student-seqkd"] == steps["student-uniform"]
+    assert models["student-seqkd"]["train_flops"] == models["student-uniform"]["train_flops"]
+    assert "gen FLOPs" in output and "student-seqkd" in output

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from distributed import run_distributed
-from trainer_helpers import TOOL, args, metrics, train
+from trainer_helpers import TOOL, args, metrics, refuses, train
 
 V, REAL, H, N = 48, 45, 16, 13  # vocabulary rows (3 of them padding), hidden size, rows
 
@@ -326,9 +326,5 @@ def test_refusals(corpus, teacher_checkpoint, tmp_path, extra, message, code):
         info["tokenizer"]["sha256"] = "f" * 64
         json.dump(info, open(info_path, "w"))
         extra = []
-    cmd = [sys.executable, TOOL, *args(corpus, *_kd(teacher), *extra, iters=1)]
-    if "--pipeline-model-parallel-size" in extra:
-        cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc-per-node", "2",
-               *cmd[1:]]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode == code and message in out.stderr, out.stderr[-3000:]
+    ranks = 2 if "--pipeline-model-parallel-size" in extra else 1
+    run_distributed(refuses, ranks, args(corpus, *_kd(teacher), *extra, iters=1), message, code)

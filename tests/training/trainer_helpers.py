@@ -31,6 +31,24 @@ def train(argv):
     assert pretrain_gpt.main(argv) == 0
 
 
+def refuses(argv, message, code=None):
+    """tools/pretrain_gpt.py's main in this process (run it under tests/distributed.py) refuses
+    ``argv``: a non-zero status (``code`` where given) and ``message`` on stderr."""
+    import contextlib
+    import io
+
+    from megatron_miniplm.cli import pretrain_gpt
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            status = pretrain_gpt.main(argv)
+        except SystemExit as e:  # argparse's usage errors
+            status = e.code
+    assert status != 0 and code in (None, status), (status, err.getvalue()[-3000:])
+    assert message in err.getvalue(), err.getvalue()[-3000:]
+
+
 def parameters_at_tp1(checkpoints, leading=None):
     """Every tensor of each checkpoint, read at TP=1/PP=1 in fp32 and saved: ``checkpoints``
     maps a checkpoint (or save) directory to the file to write, name -> values (the first
