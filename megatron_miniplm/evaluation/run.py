@@ -4,6 +4,7 @@ written from them (report, curves, JSON with the config that made it)."""
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -49,7 +50,7 @@ def is_job_rank0() -> bool:
     RANK, else srun's SLURM_PROCID; a process with neither is a world of one). Read from the
     launch environment: the job's process group is gone after the LM loss, and never started
     for tasks alone."""
-    from megatron_miniplm.parallel import launch_env
+    from megatron_miniplm.launch import launch_env
 
     return launch_env().rank == 0
 
@@ -174,7 +175,20 @@ def write_outputs(cfg: EvalConfig, results: dict) -> None:
     if cfg.json:
         from megatron_miniplm.atomic_io import write_json_atomic
 
-        write_json_atomic(cfg.json, dict(results, config=to_mapping(cfg)))
+        write_json_atomic(cfg.json, finite_or_null(dict(results, config=to_mapping(cfg))), allow_nan=False)
+
+
+def finite_or_null(value):
+    """``value`` with every float that is not finite replaced by None: JSON has no NaN or
+    infinity (Python writes them, other readers refuse the file), and null is what the
+    results mean by them: an undefined saving, an interval end without a bound."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 def training_seed(checkpoint: str) -> Optional[int]:

@@ -41,3 +41,25 @@ def test_the_tool_refuses_before_loading_anything(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "name (--name) needs one label per checkpoint of --load: 1 for 2" in out.stderr
+
+
+def test_the_json_is_strict_json_with_null_for_what_is_not_finite(tmp_path):
+    """An undefined saving (NaN) and an interval end without a bound (inf) are written as null:
+    JSON has no NaN or Infinity, and readers other than Python's refuse a file that has them."""
+    import json
+    import math
+
+    from megatron_miniplm.evaluation.run import write_outputs
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    path = tmp_path / "results.json"
+    results = {"models": {}, "scaling": {"saving": {"m": {"1": {"saving": math.nan, "low": 0.5, "high": math.inf,
+                                                                  "undefined": 3}}}},
+               "extrapolation": [1.0, -math.inf]}
+    write_outputs(EvalConfig(load=["a"], data_path="t", json=str(path)), results)
+    got = json.loads(path.read_text(), parse_constant=refuse)
+    assert got["scaling"]["saving"]["m"]["1"] == {"saving": None, "low": 0.5, "high": None, "undefined": 3}
+    assert got["extrapolation"] == [1.0, None] and got["config"]["json"] == str(path)
+    assert math.isnan(results["scaling"]["saving"]["m"]["1"]["saving"])  # the caller's results are left as they are
