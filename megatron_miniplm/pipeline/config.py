@@ -90,7 +90,7 @@ class Corpus:
     train: Optional[list[str]] = setting(None, help="Pile-style JSONL files or globs (.gz/.zst); "
                                                    "unset: the demo corpus built from this machine's Python")
     test: Optional[list[str]] = setting(None, help="held-out JSONL for the comparison (required with train)")
-    demo_chars_per_domain: int = setting(400_000, help="size of the demo corpus, per domain")
+    demo_chars_per_domain: int = setting(100_000, help="size of the demo corpus, per domain")
 
 
 @dataclass
@@ -151,7 +151,7 @@ class Parallel:
 def _demo_reference() -> LanguageModel:
     return LanguageModel(
         model={"num_layers": 2, "hidden_size": 128, "ffn_hidden_size": 352, "num_attention_heads": 4},
-        epochs=2, train=TrainSection(lr=3e-3, lr_warmup_fraction=0.05, micro_batch_size=4, global_batch_size=16,
+        epochs=2, train=TrainSection(lr=3e-3, lr_warmup_fraction=0.05, micro_batch_size=4, global_batch_size=8,
                                      eval_iters=4, save_interval=200, log_interval=25))
 
 
@@ -162,7 +162,7 @@ def _demo_student() -> LanguageModel:
     # within the demo's time on the slowest CPU seen.
     return LanguageModel(
         model={"num_layers": 4, "hidden_size": 256, "ffn_hidden_size": 704, "num_attention_heads": 4},
-        epochs=1, train=TrainSection(lr=1e-3, lr_warmup_fraction=0.05, micro_batch_size=4, global_batch_size=16,
+        epochs=1, train=TrainSection(lr=1e-3, lr_warmup_fraction=0.05, micro_batch_size=4, global_batch_size=8,
                                      eval_iters=4, eval_interval=25, save_interval=200, log_interval=25))
 
 
