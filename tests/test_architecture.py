@@ -13,7 +13,7 @@ PACKAGE = "megatron_miniplm"
 
 # Lowest first: a module may import from its own layer and the layers below it only.
 LAYERS = [
-    {"errors", "settings", "atomic_io", "locking", "progress_log", "host_memory"},  # plain Python: the vocabulary every layer uses
+    {"errors", "settings", "atomic_io", "locking", "progress_log", "host_memory", "launch"},  # plain Python: the vocabulary every layer uses
     {"platform"},  # the device's facts
     {"megatron_compat", "signals"},  # the one library patcher; signal handling
     {"parallel"},  # process groups
